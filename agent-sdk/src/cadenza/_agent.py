@@ -1,0 +1,283 @@
+"""`Agent`: a handler decorator and a worker that takes tasks from JetStream.
+
+The worker keeps `concurrency` tasks in flight from the Agent's durable pull consumer,
+publishes each result durably before acknowledging the task, heartbeats long tasks so
+JetStream does not redeliver them, and on SIGTERM stops taking work and finishes (or
+returns) what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from . import _payloads
+from ._context import KVContext
+from ._errors import TaskError
+from ._logging import configure_logging
+from ._protocol import (
+    CONTEXT_BUCKET,
+    TASKS_STREAM,
+    cancel_subject,
+    consumer_name,
+    dumps,
+    event_subject,
+    loads,
+    task_subject,
+)
+from ._pull import PullConsumer
+from ._task import Task
+
+Handler = Callable[[Task], Any]
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Where the worker connects and how much it takes on. Read from the environment."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    """CADENZA_NATS_URL: the NATS server with JetStream."""
+    nats_creds: str | None = None
+    """CADENZA_NATS_CREDS: path to a NATS credentials file, when the server wants one."""
+    namespace: str = "default"
+    """CADENZA_NAMESPACE: the Kubernetes namespace (or local namespace) of the Agent."""
+    agent: str | None = None
+    """CADENZA_AGENT: the Agent resource's name; must match Agent(name) when both are set."""
+    concurrency: int | None = None
+    """CADENZA_CONCURRENCY: tasks in flight in this process (the Agent spec's concurrency)."""
+    ack_wait: float = 30.0
+    """CADENZA_ACK_WAIT: seconds JetStream waits before redelivering an unacknowledged task."""
+    drain_timeout: float = 25.0
+    """CADENZA_DRAIN_TIMEOUT: on SIGTERM, seconds to finish in-flight tasks before returning them."""
+    log_format: str | None = None
+    """CADENZA_LOG_FORMAT: json or console (default: console on a terminal, json otherwise)."""
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> AgentSettings:
+        env = os.environ if environ is None else environ
+
+        def number(name: str, default: float | None) -> float | None:
+            raw = env.get(name)
+            if raw is None or raw == "":
+                return default
+            try:
+                return float(raw)
+            except ValueError:
+                raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+
+        concurrency = number("CADENZA_CONCURRENCY", None)
+        return cls(
+            nats_url=env.get("CADENZA_NATS_URL", cls.nats_url),
+            nats_creds=env.get("CADENZA_NATS_CREDS") or None,
+            namespace=env.get("CADENZA_NAMESPACE", cls.namespace),
+            agent=env.get("CADENZA_AGENT") or None,
+            concurrency=int(concurrency) if concurrency else None,
+            ack_wait=number("CADENZA_ACK_WAIT", cls.ack_wait) or cls.ack_wait,
+            drain_timeout=number("CADENZA_DRAIN_TIMEOUT", cls.drain_timeout) or cls.drain_timeout,
+            log_format=env.get("CADENZA_LOG_FORMAT") or None,
+        )
+
+
+@dataclass
+class _InFlight:
+    task: Task
+    msg: Any
+
+
+class Agent:
+    """An agent process. `@agent.handler` marks the function that executes its tasks."""
+
+    def __init__(self, name: str, *, concurrency: int = 4) -> None:
+        self.name = name
+        self.concurrency = concurrency
+        self._handler: Handler | None = None
+        self._inflight: dict[str, _InFlight] = {}
+        self.log = structlog.get_logger("cadenza.agent").bind(agent=name)
+
+    # ----------------------------------------------------------------- declaring
+    def handler(self, fn: Handler) -> Handler:
+        """Register the task handler (async or sync). It returns a JSON-serialisable output."""
+        if self._handler is not None:
+            raise ValueError(f"agent {self.name!r} already has a handler ({self._handler.__name__})")
+        self._handler = fn
+        return fn
+
+    async def call(self, task: Task) -> Any:
+        """Invoke the handler for one task: sync handlers run in a thread, off the event loop."""
+        if self._handler is None:
+            raise RuntimeError(f"agent {self.name!r} has no handler: decorate one with @agent.handler")
+        if inspect.iscoroutinefunction(self._handler):
+            return await self._handler(task)
+        result = await asyncio.to_thread(self._handler, task)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    # ------------------------------------------------------------------- running
+    def run(self, settings: AgentSettings | None = None) -> None:
+        """Connect with settings from the environment and work until SIGTERM/SIGINT."""
+        settings = settings or AgentSettings.from_env()
+        configure_logging(settings.log_format)
+        asyncio.run(self.serve(settings))
+
+    async def serve(self, settings: AgentSettings, stop: asyncio.Event | None = None) -> None:
+        """Work until `stop` is set (or SIGTERM/SIGINT arrive when no `stop` is given)."""
+        import nats
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        if settings.agent and settings.agent != self.name:
+            raise ValueError(
+                f"CADENZA_AGENT={settings.agent!r} but this process defines Agent({self.name!r})"
+            )
+        concurrency = settings.concurrency or self.concurrency
+        stop = stop or self._stop_on_signals()
+        loop = asyncio.get_running_loop()
+        options: dict[str, Any] = {"name": f"agent:{self.name}:{socket.gethostname()}:{os.getpid()}"}
+        if settings.nats_creds:
+            options["user_credentials"] = settings.nats_creds
+        nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, **options)
+        js = nc.jetstream()
+        ns = settings.namespace
+        durable = consumer_name(ns, self.name)
+        with contextlib.suppress(Exception):
+            # The engine or operator usually creates it; creating it here too makes an agent
+            # that starts first still work. add_consumer is idempotent for equal configs.
+            await js.add_consumer(
+                TASKS_STREAM,
+                ConsumerConfig(
+                    durable_name=durable,
+                    filter_subject=task_subject(ns, self.name),
+                    ack_policy=AckPolicy.EXPLICIT,
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_wait=settings.ack_wait,
+                    max_deliver=-1,
+                    max_ack_pending=-1,
+                    max_waiting=512,
+                ),
+            )
+        context_kv = await js.key_value(CONTEXT_BUCKET)
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        heartbeat_every = max(0.2, settings.ack_wait / 3)
+
+        async def on_cancel(msg: Any) -> None:
+            data = loads(msg.data)
+            for held in list(self._inflight.values()):
+                if held.task.run_id == data.get("run") and data.get("step") in (None, held.task.step):
+                    held.task.cancel()
+
+        cancel_sub = await nc.subscribe(cancel_subject(ns, "*"), cb=on_cancel)
+
+        async def execute(msg: Any) -> None:
+            if stop.is_set():
+                await msg.nak()  # hand it straight back: another replica takes it now
+                return
+            body = loads(msg.data)
+            task = Task(
+                input=None, run_id=body["run"], step=body["step"], attempt=body["attempt"],
+                item=body.get("item"), workflow=body.get("workflow", ""), namespace=ns, agent=self.name,
+                timeout=body.get("timeout"),
+                context=KVContext(context_kv, body.get("scope") or body["run"], loop),
+            )
+            key = f"{task.run_id}.{task.step}.{task.item}.{task.attempt}"
+            held = _InFlight(task=task, msg=msg)
+            self._inflight[key] = held
+            base = {"run": task.run_id, "step": task.step, "item": task.item, "attempt": task.attempt,
+                    "queuedAt": body.get("queuedAt")}
+            subject = event_subject(ns, task.run_id)
+            started = time.time()
+            beat = loop.create_task(self._heartbeat(js, msg, subject, base, heartbeat_every, body))
+            try:
+                if body.get("notifyStart"):
+                    await js.publish(subject, dumps({"type": "started", **base, "at": started}))
+                task.input = await _payloads.resolve(js, body.get("input"))
+                try:
+                    coro = self.call(task)
+                    output = await (asyncio.wait_for(coro, task.timeout) if task.timeout else coro)
+                    output = await _payloads.offload(js, f"{key}.output", output)
+                    event: dict[str, Any] = {"type": "result", **base, "output": output}
+                except TimeoutError:
+                    task.cancel()
+                    event = {"type": "failed", **base, "error": {
+                        "type": "Timeout", "message": f"attempt exceeded its timeout of {task.timeout}s",
+                        "retryable": True, "timeout": True}}
+                except TaskError as exc:
+                    event = {"type": "failed", **base, "error": {
+                        "type": type(exc).__name__, "message": exc.message, "retryable": exc.retryable,
+                        "details": exc.details}}
+                except Exception as exc:
+                    # An unexpected exception is a bug in the handler, not a passing condition:
+                    # it fails the attempt as non-retryable, with the traceback for the author.
+                    task.log.exception("handler raised")
+                    event = {"type": "failed", **base, "error": {
+                        "type": type(exc).__name__, "message": str(exc) or type(exc).__name__,
+                        "retryable": False, "traceback": traceback.format_exc(limit=8)[-4000:]}}
+                event.update(startedAt=started, finishedAt=time.time(), worker=worker)
+                msg_id = f"{event['type']}:{task.run_id}.{task.step}.{task.item}.{task.attempt}"
+                # Durable first, then the ack: a crash in between redelivers the task and
+                # the duplicate result is dropped by Nats-Msg-Id and by the engine.
+                await js.publish(subject, dumps(event), headers={"Nats-Msg-Id": msg_id})
+                await msg.ack()
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+                raise
+            finally:
+                beat.cancel()
+                self._inflight.pop(key, None)
+
+        consumer = PullConsumer(nc, TASKS_STREAM, durable, execute, concurrency=concurrency)
+        await consumer.start()
+        self.log.info("agent ready", namespace=ns, concurrency=concurrency, nats=settings.nats_url)
+        try:
+            await stop.wait()
+        finally:
+            self.log.info("agent stopping", in_flight=len(self._inflight))
+            await consumer.pause()
+            await self._drain(settings.drain_timeout)
+            await consumer.stop()
+            await cancel_sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await nc.drain()
+
+    async def _heartbeat(
+        self, js: Any, msg: Any, subject: str, base: dict[str, Any], every: float, body: dict[str, Any]
+    ) -> None:
+        """Keep a long task from being redelivered, and tell the engine it is alive."""
+        report = body.get("heartbeat")
+        interval = min(every, report / 3) if report else every
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+                if report:
+                    await js.publish(subject, dumps({"type": "heartbeat", **base, "at": time.time()}))
+
+    async def _drain(self, timeout: float) -> None:
+        pending = [t for t in asyncio.all_tasks() if t.get_name().startswith(PullConsumer.TASK_PREFIX)]
+        if not pending:
+            return
+        _, still = await asyncio.wait(pending, timeout=timeout)
+        for job in still:
+            job.cancel()  # execute() naks on cancellation: JetStream redelivers at once
+        if still:
+            await asyncio.wait(still, timeout=5)
+
+    def _stop_on_signals(self) -> asyncio.Event:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        return stop
+

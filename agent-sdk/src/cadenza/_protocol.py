@@ -1,0 +1,69 @@
+"""The wire contract between agents and the engine: stream, subject and bucket names,
+message shapes and the payload offloading rule.
+
+Both sides import this module; it has no dependency on the operator. Messages are JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# Streams (JetStream, file storage)
+TASKS_STREAM = "CADENZA_TASKS"  # work-queue: one durable pull consumer per Agent
+EVENTS_STREAM = "CADENZA_EVENTS"  # work-queue: results, timers, approvals, signals -> engine
+AUDIT_STREAM = "CADENZA_AUDIT"  # limits: one record per decision, kept for replay
+
+TASK_SUBJECTS = "cadenza.task.>"
+EVENT_SUBJECTS = "cadenza.event.>"
+AUDIT_SUBJECTS = "cadenza.audit.>"
+
+# Key-value buckets and the object store
+RUNS_BUCKET = "cadenza_runs"  # execution state, one key per run, written with CAS
+OUTPUTS_BUCKET = "cadenza_outputs"  # forEach item outputs and large step outputs, apart from the run record
+CONTEXT_BUCKET = "cadenza_context"  # shared context agents read and write, apart from execution state
+DEFINITIONS_BUCKET = "cadenza_definitions"  # compiled workflow and agent definitions
+PAYLOADS_STORE = "cadenza_payloads"  # inputs/outputs larger than OFFLOAD_BYTES
+
+OFFLOAD_BYTES = 512 * 1024
+REF_KEY = "$cadenzaRef"
+
+
+def task_subject(namespace: str, agent: str) -> str:
+    return f"cadenza.task.{namespace}.{agent}"
+
+
+def event_subject(namespace: str, run: str) -> str:
+    return f"cadenza.event.{namespace}.{run}"
+
+
+def audit_subject(namespace: str, run: str) -> str:
+    return f"cadenza.audit.{namespace}.{run}"
+
+
+def cancel_subject(namespace: str, run: str) -> str:
+    """Core NATS (not stored): tells running tasks of a run that it was cancelled."""
+    return f"cadenza.cancel.{namespace}.{run}"
+
+
+def consumer_name(namespace: str, agent: str) -> str:
+    """Durable consumer of one Agent; Kubernetes names hold no '_' so this is unambiguous."""
+    return f"agent_{namespace}_{agent}"
+
+
+def task_id(run: str, step: str, item: int | None, attempt: int) -> str:
+    """Deterministic id of one attempt: JetStream de-duplicates re-dispatches by it."""
+    suffix = "" if item is None else f".{item}"
+    return f"{run}.{step}{suffix}.{attempt}"
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), default=str).encode()
+
+
+def loads(data: bytes) -> Any:
+    return json.loads(data)
+
+
+def is_ref(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and REF_KEY in value

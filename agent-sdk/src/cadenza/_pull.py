@@ -1,0 +1,116 @@
+"""Continuous consumption from a durable JetStream pull consumer.
+
+nats-py's `fetch(batch=N)` returns only after N messages or its expiry, which would add
+that wait to every hop. This keeps a budget of outstanding pull requests
+($JS.API.CONSUMER.MSG.NEXT with batch and expires) on a private inbox instead, as the
+Go and JavaScript clients' `Consume()` do: at most `concurrency` messages are requested
+or being handled at any time, and each is handed to `handler` the moment it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+class PullConsumer:
+    TASK_PREFIX = "cadenza-task:"
+
+    def __init__(
+        self,
+        nc: Any,
+        stream: str,
+        durable: str,
+        handler: Callable[[Any], Awaitable[None]],
+        *,
+        concurrency: int = 256,
+        expires: float = 30.0,
+    ) -> None:
+        self.nc = nc
+        self.stream = stream
+        self.durable = durable
+        self.handler = handler
+        self.concurrency = concurrency
+        self.expires = expires
+        self.requested = 0  # asked for, not yet delivered or expired
+        self.jobs: set[asyncio.Task[None]] = set()
+        self._sub: Any = None
+        self._inbox = ""
+        self._paused = False
+        self._watchdog: asyncio.Task[None] | None = None
+        self._ids = itertools.count()
+        self._seen_status = False
+
+    async def start(self) -> None:
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(
+            self._inbox, cb=self._on_message, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+        await self._top_up()
+        self._watchdog = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _top_up(self) -> None:
+        if self._paused:
+            return
+        want = self.concurrency - len(self.jobs) - self.requested
+        # Ask in chunks of at least a quarter of the budget: fewer requests under load,
+        # and still an immediate request when a single slot frees up on small budgets.
+        if want <= 0 or (want < max(1, self.concurrency // 4) and self.requested > 0):
+            return
+        self.requested += want
+        body = json.dumps({"batch": want, "expires": int(self.expires * 1e9)}).encode()
+        await self.nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}", body, reply=self._inbox
+        )
+
+    async def _on_message(self, msg: Any) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status:
+            if status == "100":  # idle heartbeat / flow control
+                return
+            # 404/408/409: a request ended (no messages, expired, limits): reclaim what it left.
+            self._seen_status = True
+            left = msg.headers.get("Nats-Pending-Messages")
+            self.requested = max(0, self.requested - int(left)) if left else 0
+        else:
+            self.requested = max(0, self.requested - 1)
+            job = asyncio.get_running_loop().create_task(
+                self._run(msg), name=f"{self.TASK_PREFIX}{next(self._ids)}"
+            )
+            self.jobs.add(job)
+        await self._top_up()
+
+    async def _run(self, msg: Any) -> None:
+        try:
+            await self.handler(msg)
+        finally:
+            self.jobs.discard(asyncio.current_task())  # type: ignore[arg-type]
+            with contextlib.suppress(Exception):
+                await self._top_up()
+
+    async def _renew(self) -> None:
+        """Requests can vanish without a status (server restart): re-ask after each expiry."""
+        while True:
+            self._seen_status = False
+            await asyncio.sleep(self.expires + 1)
+            if not self._seen_status:
+                self.requested = 0
+            with contextlib.suppress(Exception):
+                await self._top_up()
+
+    async def pause(self) -> None:
+        """Stop asking for messages; those already requested are returned by the handler."""
+        self._paused = True
+        if self._watchdog:
+            self._watchdog.cancel()
+
+    async def stop(self) -> None:
+        await self.pause()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None

@@ -1,0 +1,132 @@
+{{/* Names ------------------------------------------------------------------------ */}}
+
+{{- define "cadenza.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* `<release>-cadenza`, or just the release name when it already contains the chart name. */}}
+{{- define "cadenza.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "cadenza.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels --------------------------------------------------------------------------- */}}
+
+{{- define "cadenza.labels" -}}
+helm.sh/chart: {{ include "cadenza.chart" . }}
+app.kubernetes.io/name: {{ include "cadenza.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: cadenza
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of one component; call with (dict "root" $ "component" "operator"). */}}
+{{- define "cadenza.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "cadenza.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Full labels of one component; call with (dict "root" $ "component" "operator"). */}}
+{{- define "cadenza.componentLabels" -}}
+{{ include "cadenza.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Operator ------------------------------------------------------------------------- */}}
+
+{{- define "cadenza.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "cadenza.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "cadenza.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{- define "cadenza.watchNamespaces" -}}
+{{- join "," .Values.watchNamespaces }}
+{{- end }}
+
+{{/* NATS ----------------------------------------------------------------------------- */}}
+
+{{- define "cadenza.nats.fullname" -}}
+{{- printf "%s-nats" (include "cadenza.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "cadenza.nats.headless" -}}
+{{- printf "%s-nats-headless" (include "cadenza.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The NATS URL the operator and the test pod use: the bundled server or `nats.url`. */}}
+{{- define "cadenza.nats.url" -}}
+{{- if .Values.nats.enabled }}
+{{- printf "nats://%s.%s.svc.%s:4222" (include "cadenza.nats.fullname" .) .Release.Namespace .Values.clusterDomain }}
+{{- else }}
+{{- .Values.nats.url }}
+{{- end }}
+{{- end }}
+
+{{- define "cadenza.nats.credsDir" -}}
+/etc/cadenza/nats
+{{- end }}
+
+{{/* Env vars and volume mount for the NATS credentials Secret (empty when not set). */}}
+{{- define "cadenza.nats.credsEnv" -}}
+{{- with .Values.nats.credentialsSecret.name }}
+- name: CADENZA_NATS_CREDS
+  value: {{ printf "%s/%s" (include "cadenza.nats.credsDir" $) $.Values.nats.credentialsSecret.key | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "cadenza.nats.credsVolumeMount" -}}
+{{- if .Values.nats.credentialsSecret.name }}
+- name: nats-creds
+  mountPath: {{ include "cadenza.nats.credsDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "cadenza.nats.credsVolume" -}}
+{{- with .Values.nats.credentialsSecret.name }}
+- name: nats-creds
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+    items:
+      - key: {{ $.Values.nats.credentialsSecret.key }}
+        path: {{ $.Values.nats.credentialsSecret.key }}
+{{- end }}
+{{- end }}
+
+{{/* Checks that values.schema.json cannot express; included by the operator Deployment. */}}
+{{- define "cadenza.validate" -}}
+{{- if and (not .Values.nats.enabled) (not .Values.nats.url) }}
+{{- fail "nats.url is required when nats.enabled is false: set nats.url to your NATS server (nats://host:4222) or set nats.enabled=true for the bundled NATS with JetStream" }}
+{{- end }}
+{{- if and .Values.nats.enabled .Values.nats.url }}
+{{- fail "nats.url and nats.enabled=true are mutually exclusive: set nats.enabled=false to use the NATS at nats.url, or clear nats.url to use the bundled NATS" }}
+{{- end }}
+{{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.peering.enabled) }}
+{{- fail "operator.replicas > 1 requires operator.peering.enabled=true: without kopf peering every replica would handle every resource" }}
+{{- end }}
+{{- end }}

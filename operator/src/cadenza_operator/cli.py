@@ -1,0 +1,280 @@
+"""The `cadenza` command line.
+
+Exit codes: 0 the run Succeeded (or the command worked); 1 the run Failed or was
+Cancelled; 2 invalid manifests or input, with a message naming file, object and field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def _parse_input(raw: str | None, paths: list[str]) -> Any:
+    """--input JSON or @FILE (relative to the working directory, else to the first PATH); default {}."""
+    if raw is None:
+        return {}
+    if raw.startswith("@"):
+        name = Path(raw[1:])
+        candidates = [name] + ([Path(paths[0]) / name] if paths and Path(paths[0]).is_dir() else [])
+        for candidate in candidates:
+            if candidate.is_file():
+                try:
+                    return json.loads(candidate.read_text())
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{candidate}: invalid JSON: {exc}") from None
+        raise ValueError(f"--input: no such file {raw[1:]!r}")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--input: invalid JSON: {exc}") from None
+
+
+def _load(paths: list[str], err: Console) -> Any:
+    from .manifests import InvalidManifests, load
+
+    try:
+        return load(paths)
+    except InvalidManifests as exc:
+        for e in exc.errors:
+            err.print(f"[red]error[/red]: {e}", highlight=False, markup=True, soft_wrap=True)
+        return None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    bundle = _load(args.paths, err)
+    if bundle is None:
+        return EXIT_INVALID
+    print(f"ok: {len(bundle.agents)} agent(s), {len(bundle.workflows)} workflow(s) valid")
+    return EXIT_OK
+
+
+def _pick_workflow(bundle: Any, name: str | None, err: Console) -> Any:
+    if name:
+        if name not in bundle.compiled:
+            err.print(f"[red]error[/red]: no Workflow named {name!r} (found: {', '.join(sorted(bundle.compiled)) or 'none'})")
+            return None
+        return bundle.compiled[name]
+    if len(bundle.compiled) == 1:
+        return next(iter(bundle.compiled.values()))
+    # Several workflows: the one no other workflow uses as a sub-workflow, if unique.
+    used = {s.workflow for wf in bundle.compiled.values() for s in wf.steps.values() if s.workflow}
+    roots = [wf for n, wf in bundle.compiled.items() if n not in used]
+    if len(roots) == 1:
+        return roots[0]
+    names = ", ".join(sorted(bundle.compiled)) or "none"
+    err.print(f"[red]error[/red]: choose a workflow with --workflow (found: {names})")
+    return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .engine.runtime import InputError, validate_input
+    from .local.progress import Progress, step_table
+    from .local.runner import RunOptions, dump_json, execute
+
+    err = Console(stderr=True)
+    bundle = _load(args.paths, err)
+    if bundle is None:
+        return EXIT_INVALID
+    wf = _pick_workflow(bundle, args.workflow, err)
+    if wf is None:
+        return EXIT_INVALID
+    try:
+        value = _parse_input(args.input, args.paths)
+        validate_input(wf, value)
+    except (ValueError, InputError) as exc:
+        err.print(f"[red]error[/red]: Workflow/{wf.name}: {exc}", highlight=False)
+        return EXIT_INVALID
+    for name in [*args.approve, *args.reject]:
+        if name not in wf.steps or wf.steps[name].kind != "approval":
+            err.print(f"[red]error[/red]: Workflow/{wf.name}: --approve/--reject {name!r}: not an approval step")
+            return EXIT_INVALID
+    tty = sys.stderr.isatty()
+    opts = RunOptions(
+        workflow=wf, bundle=bundle, input=value, approve=args.approve, reject=args.reject,
+        nats_url=args.nats, timeout=args.timeout, metrics_port=args.metrics_port,
+        interactive=sys.stdin.isatty() and tty, approver=args.by,
+    )
+    progress = Progress(err, wf.name) if tty else None
+    try:
+        if progress is not None:
+            with progress:
+                summary, code = asyncio.run(execute(opts, progress))
+        else:
+            summary, code = asyncio.run(execute(opts, None))
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: agents and server stopped")
+        return 130
+    if args.output == "json":
+        print(dump_json(summary))
+    else:
+        from .engine.state import RunState  # noqa: F401 - for the summary table
+
+        out = Console()
+        state = progress.state if progress is not None else None
+        if state is not None:
+            out.print(step_table(state, f"{wf.name} {summary['run']}"))
+        else:
+            for name, st in summary["steps"].items():
+                out.print(f"  {name:<24} {st['phase']:<16} attempts={st['attempts']}", highlight=False)
+        color = "green" if summary["phase"] == "Succeeded" else "red"
+        duration = summary.get("durationSeconds")
+        out.print(f"[bold {color}]{summary['phase']}[/bold {color}] run {summary['run']}"
+                  + (f" in {duration:.2f}s" if duration else "")
+                  + (f": {summary['message']}" if summary.get("message") else ""))
+        out.print("outputs: " + json.dumps(summary["outputs"], indent=2, default=str), highlight=False)
+        if code != EXIT_OK and summary.get("agentLogs"):
+            err.print(summary["agentLogs"], highlight=False, markup=False)
+    return code
+
+
+async def _with_js(url: str, fn: Any) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await fn(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from .engine.client import send_approval
+
+    asyncio.run(_with_js(args.nats, lambda js: send_approval(
+        js, args.namespace, args.run, args.step, not args.reject, by=args.by, comment=args.comment)))
+    print(f"{'rejected' if args.reject else 'approved'} {args.run}/{args.step} as {args.by}")
+    return EXIT_OK
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    from .engine.client import send_signal
+
+    payload = json.loads(args.payload) if args.payload else None
+    asyncio.run(_with_js(args.nats, lambda js: send_signal(js, args.namespace, args.run, args.name, payload,
+                                                           by=args.by)))
+    print(f"signal {args.name} sent to {args.run}")
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .engine.client import send_cancel
+
+    asyncio.run(_with_js(args.nats, lambda js: send_cancel(js, args.namespace, args.run, by=args.by,
+                                                           reason=args.reason)))
+    print(f"cancellation of {args.run} requested")
+    return EXIT_OK
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from .crds import write_crds
+
+    for path in write_crds(Path(args.output_dir), chart_dir=None if args.output_dir != "crds" else Path("charts/cadenza/files/crds")):
+        print(path)
+    return EXIT_OK
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from .kube.main import run_operator
+
+    return run_operator()
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from .local.dev import dev
+
+    err = Console(stderr=True)
+    bundle = _load(args.paths, err)
+    if bundle is None:
+        return EXIT_INVALID
+    try:
+        return asyncio.run(dev(bundle, nats_url=args.nats, metrics_port=args.metrics_port, console=err))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cadenza", description="Multi-agent workflows on NATS JetStream and Kubernetes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one workflow locally, with an embedded nats-server")
+    run.add_argument("paths", nargs="+", help="manifest files or folders")
+    run.add_argument("--workflow", help="workflow to run when the paths define several")
+    run.add_argument("--input", help="run input: JSON, or @FILE")
+    run.add_argument("--output", choices=["text", "json"], default="text")
+    run.add_argument("--approve", action="append", default=[], metavar="STEP", help="approve this step when it waits")
+    run.add_argument("--reject", action="append", default=[], metavar="STEP", help="reject this step when it waits")
+    run.add_argument("--by", default="cli", help="name recorded as the approver")
+    run.add_argument("--nats", help="use this NATS server instead of an embedded one")
+    run.add_argument("--timeout", type=float, help="cancel the run after this many seconds")
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    run.set_defaults(fn=cmd_run)
+
+    val = sub.add_parser("validate", help="validate manifests offline")
+    val.add_argument("paths", nargs="+")
+    val.set_defaults(fn=cmd_validate)
+
+    dev = sub.add_parser("dev", help="keep NATS, the engine and agents running: triggers, approvals, signals")
+    dev.add_argument("paths", nargs="+")
+    dev.add_argument("--nats", help="use this NATS server instead of an embedded one")
+    dev.add_argument("--metrics-port", type=int, default=9090)
+    dev.set_defaults(fn=cmd_dev)
+
+    for name, fn, helptext in (("approve", cmd_approve, "approve (or --reject) a waiting step of a run"),):
+        ap = sub.add_parser(name, help=helptext)
+        ap.add_argument("run")
+        ap.add_argument("step")
+        ap.add_argument("--reject", action="store_true")
+        ap.add_argument("--by", default="cli")
+        ap.add_argument("--comment")
+        ap.add_argument("--nats", required=True)
+        ap.add_argument("--namespace", default="default")
+        ap.set_defaults(fn=fn)
+
+    sig = sub.add_parser("signal", help="send a named signal to a run")
+    sig.add_argument("run")
+    sig.add_argument("name")
+    sig.add_argument("--payload", help="JSON payload")
+    sig.add_argument("--by", default="cli")
+    sig.add_argument("--nats", required=True)
+    sig.add_argument("--namespace", default="default")
+    sig.set_defaults(fn=cmd_signal)
+
+    can = sub.add_parser("cancel", help="cancel a run")
+    can.add_argument("run")
+    can.add_argument("--reason", default="")
+    can.add_argument("--by", default="cli")
+    can.add_argument("--nats", required=True)
+    can.add_argument("--namespace", default="default")
+    can.set_defaults(fn=cmd_cancel)
+
+    crds = sub.add_parser("crds", help="regenerate the CRDs from the models")
+    crds.add_argument("--output-dir", default="crds")
+    crds.set_defaults(fn=cmd_crds)
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator (kopf + engine)")
+    op.set_defaults(fn=cmd_operator)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cadenza import configure_logging
+
+    args = build_parser().parse_args(argv)
+    # Logs go to stderr; the CLI's own output (and --output json) alone to stdout.
+    configure_logging(level="INFO" if args.command in ("operator", "dev") else "WARNING")
+    code: int = args.fn(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,813 @@
+"""The pure heart of the engine: `decide(state, event, workflow) -> Decision`.
+
+No I/O and no clock: time comes in the event (`event["at"]`, the JetStream timestamp of
+the message, so a redelivered event carries the same time). Every event is idempotent:
+a result for an attempt that is no longer running, a timer that is no longer armed, an
+approval for a step that no longer waits, change nothing. That is what makes
+redelivery after a crash safe.
+
+Semantics, in one place:
+
+* A step is ready when each dependency is *satisfied*: Succeeded, Skipped, Failed with
+  `onFailure: continue`, or Failed and recovered by its fallback step.
+* Skip propagation: a step whose dependencies were all Skipped is Skipped too, unless it
+  says `ifDependenciesSkipped: run`. A `when` that is false skips the step.
+* A step whose dependency failed for good never runs: the run fails fast, running steps
+  are cancelled, pending ones skipped; `onExit` then runs; the run ends Failed.
+* A fallback step (named by some step's `onFailure`) runs only when that step fails.
+* Retries: only retryable failures (RetryableError, timeouts, heartbeat loss) are retried,
+  up to `retry.limit` more attempts, after exponential backoff with deterministic jitter.
+* forEach: items run up to `maxParallel` at once; the output is the ordered list of item
+  outputs; a failed item fails the step (`onFailure: continue` lets dependents go on).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cadenza._protocol import audit_subject, cancel_subject, event_subject, task_id, task_subject
+
+from ..expressions import ExpressionError
+from .definition import CompiledStep, CompiledWorkflow
+from .state import (
+    MAX_ATTEMPT_RECORDS,
+    MAX_FAILED_ITEMS,
+    TERMINAL_STEP,
+    Attempt,
+    ForEachState,
+    RunState,
+    Slot,
+    StepState,
+    Timer,
+)
+
+INLINE_OUTPUT_BYTES = 32 * 1024
+"""Step outputs larger than this go to the outputs bucket, keeping the run record small."""
+
+
+class MissingOutputs(Exception):  # noqa: N818 - a request, not an error
+    """decide needs outputs stored outside the record; the runtime loads them and calls again."""
+
+    def __init__(self, keys: set[str]) -> None:
+        super().__init__(", ".join(sorted(keys)))
+        self.keys = keys
+
+
+@dataclass
+class Decision:
+    state: RunState
+    commands: list[dict[str, Any]] = field(default_factory=list)
+    stores: dict[str, Any] = field(default_factory=dict)  # outputs to store *before* the state write
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    changed: bool = False
+
+
+def decide(
+    state: RunState,
+    event: Mapping[str, Any],
+    wf: CompiledWorkflow,
+    outputs: Mapping[str, Any] | None = None,
+    *,
+    memo: dict[str, Any] | None = None,
+    copy: bool = True,
+    size_of: Callable[[Any], int] | None = None,
+) -> Decision:
+    """Apply one event to a copy of `state`; return the new state and what to do.
+
+    `outputs` holds values stored outside the record (outputs-bucket keys -> values) that
+    the runtime has loaded; when one is needed and missing, MissingOutputs is raised.
+    `memo` caches values that cannot change once computed (a started forEach's list);
+    `copy=False` lets a caller that parsed `state` for this call skip the deep copy.
+    """
+    d = _Decider(state.model_copy(deep=True) if copy else state, wf, event, outputs or {},
+                 size_of or _json_size, memo if memo is not None else {})
+    d.apply()
+    return d.decision
+
+
+def _json_size(value: Any) -> int:
+    import json
+
+    return len(json.dumps(value, default=str))
+
+
+class _Decider:
+    def __init__(
+        self, state: RunState, wf: CompiledWorkflow, event: Mapping[str, Any],
+        outputs: Mapping[str, Any], size_of: Callable[[Any], int], memo: dict[str, Any],
+    ) -> None:
+        self.memo = memo
+        self.s = state
+        self.wf = wf
+        self.ev = event
+        self.now = float(event.get("at", 0.0))
+        self.outputs = outputs
+        self.size_of = size_of
+        self.decision = Decision(state=state)
+        self.actor = str(event.get("by") or event.get("worker") or "engine")
+
+    # ------------------------------------------------------------------ helpers
+    def changed(self) -> None:
+        self.decision.changed = True
+
+    def audit(self, step: str | None, old: str | None, new: str | None, reason: str, **extra: Any) -> None:
+        self.s.auditSeq += 1
+        record = {
+            "seq": self.s.auditSeq, "run": self.s.run, "workflow": self.s.workflow,
+            "namespace": self.s.namespace, "step": step, "event": self.ev.get("type"),
+            "from": old, "to": new, "reason": reason, "actor": self.actor, "at": self.now,
+        }
+        record.update({k: v for k, v in extra.items() if v is not None})
+        self.decision.audit.append(record)
+        self.changed()
+
+    def command(self, **cmd: Any) -> None:
+        self.decision.commands.append(cmd)
+        self.changed()
+
+    def step_def(self, name: str) -> CompiledStep:
+        if self.wf.on_exit is not None and name == self.wf.on_exit.name:
+            return self.wf.on_exit
+        return self.wf.steps[name]
+
+    def st(self, name: str) -> StepState:
+        st = self.s.steps.get(name)
+        if st is None:
+            st = self.s.steps[name] = StepState()
+        return st
+
+    def set_phase(self, name: str, phase: str, reason: str, **extra: Any) -> None:
+        st = self.st(name)
+        old = st.phase
+        if old == phase:
+            return
+        st.phase = phase  # type: ignore[assignment]
+        if phase in TERMINAL_STEP:
+            st.finishedAt = self.now
+            st.running = False
+        self.audit(name, old, phase, reason, **extra)
+
+    # -------------------------------------------------------------- expressions
+    def env(self, item: Any = None, index: int | None = None) -> dict[str, Any]:
+        steps: dict[str, Any] = {}
+        for name, st in self.s.steps.items():
+            steps[name] = {"phase": st.phase, "output": self._output_of(name, st), "error": st.error,
+                           "attempts": st.attempt}
+        env: dict[str, Any] = {
+            "input": self.s.input, "steps": steps,
+            "run": {"id": self.s.run, "workflow": self.s.workflow, "namespace": self.s.namespace,
+                    "phase": self.s.exitPhase or self.s.phase, "message": self.s.message},
+        }
+        if index is not None:
+            env["item"] = item
+            env["index"] = index
+        return env
+
+    def _output_of(self, name: str, st: StepState) -> Any:
+        if st.outputRef is None:
+            return st.output
+        return _Lazy(self, name, st)
+
+    def resolve_lazy(self, env: dict[str, Any], needed: frozenset[str]) -> dict[str, Any]:
+        """Load outputs stored outside the record where an expression reads them (else null)."""
+        missing: set[str] = set()
+        for name, entry in env["steps"].items():
+            out = entry["output"]
+            if isinstance(out, _Lazy):
+                if name not in needed:
+                    entry["output"] = None
+                    continue
+                try:
+                    entry["output"] = out.value()
+                except MissingOutputs as exc:
+                    missing |= exc.keys
+        if missing:
+            raise MissingOutputs(missing)
+        return env
+
+    # ------------------------------------------------------------------- events
+    def apply(self) -> None:
+        kind = self.ev.get("type")
+        if self.s.terminal and kind != "start":
+            return
+        handler = getattr(self, f"on_{kind}", None)
+        if handler is None:
+            return
+        handler()
+        if self.s.phase == "Running":
+            self.advance()
+
+    def on_start(self) -> None:
+        if self.s.phase != "Pending":
+            return
+        self.s.phase = "Running"
+        self.s.startedAt = self.now
+        self.audit(None, "Pending", "Running", "run started")
+        if self.wf.deadline is not None:
+            self.arm("deadline", Timer(at=self.now + self.wf.deadline, kind="deadline"))
+        for name in self.wf.order:
+            self.st(name)
+
+    def on_cancel(self) -> None:
+        if self.s.failing == "cancelled" or self.s.phase != "Running":
+            return
+        self.s.cancelledBy = self.actor
+        self.wind_down("cancelled", f"cancelled by {self.actor}" + (
+            f": {self.ev['reason']}" if self.ev.get("reason") else ""))
+
+    def on_signal(self) -> None:
+        name = str(self.ev.get("name"))
+        if name in self.s.signals:
+            return
+        self.s.signals[name] = self.ev.get("payload")
+        self.audit(None, None, None, f"signal {name} received")
+        for step_name, st in self.s.steps.items():
+            cs = self.wf.steps.get(step_name)
+            if cs and cs.kind == "signal" and st.phase == "Running" and cs.spec.waitFor.signal == name:  # type: ignore[union-attr]
+                self.disarm(f"signal:{step_name}")
+                self.succeed_step(step_name, self.ev.get("payload"), f"signal {name} received")
+
+    def on_approval(self) -> None:
+        name = str(self.ev.get("step"))
+        st = self.s.steps.get(name)
+        cs = self.wf.steps.get(name)
+        if st is None or cs is None or st.phase != "WaitingApproval" or cs.spec.approval is None:  # type: ignore[union-attr]
+            return
+        approvers = cs.spec.approval.approvers  # type: ignore[union-attr]
+        by = str(self.ev.get("by") or "unknown")
+        if approvers and by not in approvers:
+            self.audit(name, st.phase, st.phase, f"decision by {by!r} ignored: not an approver")
+            return
+        self.decide_approval(name, bool(self.ev.get("approved")), by, self.ev.get("comment"))
+
+    def decide_approval(self, name: str, approved: bool, by: str, comment: Any) -> None:
+        st = self.st(name)
+        self.disarm(f"approval:{name}")
+        st.approval = {"decision": "approved" if approved else "rejected", "by": by, "at": self.now,
+                       "comment": comment}
+        if approved:
+            self.succeed_step(name, dict(st.approval), f"approved by {by}")
+        else:
+            st.error = {"type": "Rejected", "message": f"rejected by {by}" + (f": {comment}" if comment else "")}
+            self.fail_step(name, st.error["message"])
+
+    def on_started(self) -> None:
+        slot, name, item = self.find_slot()
+        if slot is None or slot.startedAt is not None:
+            return
+        slot.startedAt = float(self.ev.get("at", self.now))
+        self.record_attempt(name, item, startedAt=slot.startedAt, worker=self.ev.get("worker"))
+        self.arm_attempt_timers(name, item, slot)
+        self.changed()
+
+    def on_heartbeat(self) -> None:
+        slot, _, _ = self.find_slot()
+        if slot is None:
+            return
+        slot.lastHeartbeat = self.now
+        self.changed()
+
+    def on_result(self) -> None:
+        slot, name, item = self.find_slot()
+        if slot is None:
+            return
+        self.finish_attempt(name, item, slot, "Succeeded", None)
+        output = self.ev.get("output")
+        if item is None:
+            self.succeed_step(name, output, "attempt succeeded")
+        else:
+            self.item_done(name, item, output, failed=False)
+
+    def on_failed(self) -> None:
+        slot, name, item = self.find_slot()
+        if slot is None:
+            return
+        error = dict(self.ev.get("error") or {})
+        self.attempt_failed(name, item, slot, error, "TimedOut" if error.get("timeout") else "Failed")
+
+    def on_timer(self) -> None:
+        timer_id = str(self.ev.get("timer"))
+        timer = self.s.timers.pop(timer_id, None)
+        if timer is None:
+            return
+        self.changed()
+        if timer.kind == "deadline":
+            self.wind_down("deadline", f"deadline of {self.wf.spec.deadline} exceeded")
+        elif timer.kind == "approval":
+            cs = self.wf.steps[timer.step or ""]
+            on_timeout = cs.spec.approval.onTimeout  # type: ignore[union-attr]
+            if self.st(cs.name).phase == "WaitingApproval":
+                self.decide_approval(cs.name, on_timeout == "approve", "timeout", f"no decision within {cs.spec.approval.timeout}")  # type: ignore[union-attr]
+        elif timer.kind == "signal":
+            name = timer.step or ""
+            if self.st(name).phase == "Running":
+                self.st(name).error = {"type": "Timeout", "message": "no signal in time"}
+                self.fail_step(name, "timed out waiting for a signal")
+        elif timer.kind == "retry":
+            self.dispatch(timer.step or "", timer.item, retry=True)
+        elif timer.kind in ("timeout", "heartbeat"):
+            slot = self.slot(timer.step or "", timer.item)
+            if slot is None or not slot.running or slot.attempt != timer.attempt:
+                return
+            if timer.kind == "heartbeat":
+                cs = self.step_def(timer.step or "")
+                last = slot.lastHeartbeat or slot.startedAt or self.now
+                assert cs.heartbeat is not None
+                if last + cs.heartbeat > timer.at + 1e-6:  # a heartbeat came since: look again later
+                    self.arm(self.timer_id("heartbeat", timer.step or "", timer.item, slot.attempt),
+                             Timer(at=last + cs.heartbeat, kind="heartbeat", step=timer.step,
+                                   item=timer.item, attempt=slot.attempt))
+                    return
+                error = {"type": "HeartbeatTimeout", "message": f"no heartbeat for {cs.heartbeat:g}s",
+                         "retryable": True, "timeout": True}
+            else:
+                cs = self.step_def(timer.step or "")
+                error = {"type": "Timeout", "message": f"attempt exceeded its timeout of {cs.timeout:g}s",
+                         "retryable": True, "timeout": True}
+            self.command(op="cancelTasks", subject=cancel_subject(self.s.namespace, self.s.run),
+                         body={"run": self.s.run, "step": timer.step, "item": timer.item})
+            self.attempt_failed(timer.step or "", timer.item, slot, error, "TimedOut")
+
+    # ------------------------------------------------------------------ slots
+    def slot(self, name: str, item: int | None) -> Slot | None:
+        st = self.s.steps.get(name)
+        if st is None:
+            return None
+        if item is None:
+            return st if st.forEach is None else None
+        if st.forEach is None:
+            return None
+        return st.forEach.running.get(str(item))
+
+    def find_slot(self) -> tuple[Slot | None, str, int | None]:
+        name = str(self.ev.get("step"))
+        item = self.ev.get("item")
+        slot = self.slot(name, item)
+        if slot is None or not slot.running or slot.attempt != self.ev.get("attempt"):
+            return None, name, item
+        if self.st(name).phase != "Running":
+            return None, name, item
+        return slot, name, item
+
+    @staticmethod
+    def timer_id(kind: str, name: str, item: int | None, attempt: int | None = None) -> str:
+        parts = [kind, name] + ([str(item)] if item is not None else []) + ([str(attempt)] if attempt else [])
+        return ":".join(parts)
+
+    def arm(self, timer_id: str, timer: Timer) -> None:
+        self.s.timers[timer_id] = timer
+        self.changed()
+
+    def disarm(self, timer_id: str) -> None:
+        if self.s.timers.pop(timer_id, None) is not None:
+            self.changed()
+
+    def disarm_slot(self, name: str, item: int | None, attempt: int) -> None:
+        for kind in ("timeout", "heartbeat"):
+            self.disarm(self.timer_id(kind, name, item, attempt))
+
+    def arm_attempt_timers(self, name: str, item: int | None, slot: Slot) -> None:
+        cs = self.step_def(name)
+        start = slot.startedAt or self.now
+        if cs.timeout is not None:
+            # The agent enforces the timeout itself; this timer is the backstop for one
+            # that died or hangs, with a little grace so the agent's own report wins.
+            self.arm(self.timer_id("timeout", name, item, slot.attempt),
+                     Timer(at=start + cs.timeout + 1.0, kind="timeout", step=name, item=item, attempt=slot.attempt))
+        if cs.heartbeat is not None:
+            self.arm(self.timer_id("heartbeat", name, item, slot.attempt),
+                     Timer(at=start + cs.heartbeat, kind="heartbeat", step=name, item=item, attempt=slot.attempt))
+
+    def record_attempt(self, name: str, item: int | None, **fields: Any) -> None:
+        if item is not None:
+            return  # items keep counts only: the record stays bounded for 10,000 items
+        st = self.st(name)
+        for rec in reversed(st.attempts):
+            if rec.n == st.attempt:
+                for k, v in fields.items():
+                    if v is not None:
+                        setattr(rec, k, v)
+                return
+
+    def finish_attempt(self, name: str, item: int | None, slot: Slot, outcome: str,
+                       error: dict[str, Any] | None) -> None:
+        self.disarm_slot(name, item, slot.attempt)
+        started = self.ev.get("startedAt") or slot.startedAt
+        self.record_attempt(name, item, outcome=outcome, error=error, finishedAt=self.ev.get("finishedAt") or self.now,
+                            startedAt=started, worker=self.ev.get("worker"))
+        slot.running = False
+        if started is not None:
+            slot.startedAt = started
+
+    # ----------------------------------------------------------------- failures
+    def attempt_failed(self, name: str, item: int | None, slot: Slot, error: dict[str, Any], outcome: str) -> None:
+        cs = self.step_def(name)
+        self.finish_attempt(name, item, slot, outcome, error)
+        st = self.st(name)
+        retryable = bool(error.get("retryable"))
+        if retryable and slot.attempt < cs.retry_limit + 1 and not self.s.failing:
+            delay = self.backoff(cs, name, item, slot.attempt)
+            slot.retryAt = self.now + delay
+            st.retries += 1
+            if st.forEach is not None:
+                st.forEach.retries += 1
+            self.arm(self.timer_id("retry", name, item),
+                     Timer(at=self.now + delay, kind="retry", step=name, item=item, attempt=slot.attempt + 1))
+            where = name if item is None else f"{name}[{item}]"
+            self.audit(name, "Running", "Running",
+                       f"attempt {slot.attempt} of {where} failed ({error.get('type')}: {error.get('message')}); "
+                       f"retry in {delay:.2f}s", item=item, attempt=slot.attempt, retry=True)
+            if item is None:
+                st.message = f"retrying after {error.get('type')}: {error.get('message')}"
+            return
+        if retryable and slot.attempt >= cs.retry_limit + 1 and cs.retry_limit > 0:
+            error = {**error, "retriesExhausted": True}
+        if item is None:
+            st.error = error
+            self.fail_step(name, f"{error.get('type', 'Error')}: {error.get('message', '')}",
+                           exhausted=bool(error.get("retriesExhausted")))
+        else:
+            self.item_done(name, item, None, failed=True, error=error)
+
+    def backoff(self, cs: CompiledStep, name: str, item: int | None, attempt: int) -> float:
+        base = min(cs.backoff_max, cs.backoff_initial * cs.backoff_factor ** (attempt - 1))
+        # Jitter without a random source: a hash of the attempt's identity, so decide stays
+        # pure and a replay computes the same delay.
+        seed = zlib.crc32(f"{self.s.run}/{name}/{item}/{attempt}".encode()) / 0xFFFFFFFF
+        return max(0.0, base * (1 - cs.backoff_jitter * seed))
+
+    def fail_step(self, name: str, message: str, exhausted: bool = False) -> None:
+        st = self.st(name)
+        st.message = message
+        self.set_phase(name, "Failed", message, retriesExhausted=exhausted or None)
+        cs = self.step_def(name)
+        if cs.on_failure not in ("fail", "continue") and not self.s.failing:
+            fallback = self.st(cs.on_failure)
+            if not fallback.activated:
+                fallback.activated = True
+                self.audit(cs.on_failure, fallback.phase, fallback.phase, f"fallback for failed step {name}")
+
+    def succeed_step(self, name: str, output: Any, reason: str) -> None:
+        st = self.st(name)
+        if self.size_of(output) > INLINE_OUTPUT_BYTES:
+            key = f"{self.s.run}.{name}"
+            self.decision.stores[key] = output
+            st.outputRef = key
+            st.output = None
+        else:
+            st.output = output
+        st.message = ""
+        self.set_phase(name, "Succeeded", reason)
+
+    # ------------------------------------------------------------------ forEach
+    def item_done(self, name: str, item: int, output: Any, *, failed: bool,
+                  error: dict[str, Any] | None = None) -> None:
+        st = self.st(name)
+        fe = st.forEach
+        assert fe is not None
+        fe.running.pop(str(item), None)
+        outcome = "Failed" if failed else "Succeeded"
+        fe.counts[outcome] = fe.counts.get(outcome, 0) + 1
+        self.decision.stores[f"{self.s.run}.{name}.{item}"] = output
+        self.changed()
+        if failed:
+            if len(fe.failed) < MAX_FAILED_ITEMS:
+                fe.failed.append(item)
+            st.error = {**(error or {}), "item": item}
+            self.audit(name, "Running", "Running", f"item {item} failed: {(error or {}).get('message')}", item=item)
+            if self.step_def(name).on_failure != "continue":
+                self.cancel_items(name)
+                self.fail_step(name, f"item {item} failed: {(error or {}).get('type')}: {(error or {}).get('message')}",
+                               exhausted=bool((error or {}).get("retriesExhausted")))
+                return
+        self.fill_window(name)
+        if not fe.running and fe.next >= fe.total:
+            st.outputRef = f"{self.s.run}.{name}.*"
+            n_failed = fe.counts.get("Failed", 0)
+            if n_failed:
+                st.message = f"{n_failed} of {fe.total} items failed"
+                self.set_phase(name, "Failed", st.message)
+            else:
+                self.set_phase(name, "Succeeded", f"{fe.total} items succeeded")
+
+    def cancel_items(self, name: str) -> None:
+        st = self.st(name)
+        if st.forEach is None:
+            return
+        for key, slot in list(st.forEach.running.items()):
+            self.disarm_slot(name, int(key), slot.attempt)
+            self.disarm(self.timer_id("retry", name, int(key)))
+        st.forEach.running.clear()
+        self.command(op="cancelTasks", subject=cancel_subject(self.s.namespace, self.s.run),
+                     body={"run": self.s.run, "step": name})
+
+    def fill_window(self, name: str) -> None:
+        cs = self.step_def(name)
+        fe = self.st(name).forEach
+        assert fe is not None
+        if self.s.failing:
+            return
+        while len(fe.running) < cs.window and fe.next < fe.total:
+            index = fe.next
+            fe.next += 1
+            fe.running[str(index)] = Slot()
+            self.dispatch(name, index)
+
+    # ----------------------------------------------------------------- dispatch
+    def dispatch(self, name: str, item: int | None, retry: bool = False) -> None:
+        """Send attempt N+1 of a step or item: a task for an agent, or a child run."""
+        cs = self.step_def(name)
+        st = self.st(name)
+        slot = st if item is None else (st.forEach.running.get(str(item)) if st.forEach else None)
+        if slot is None or (retry and slot.running):
+            return
+        if retry and st.phase != "Running":
+            return
+        try:
+            if item is None:
+                payload = cs.input.render(self.resolve_lazy(self.env(), cs.input.steps))
+            else:
+                items = self.foreach_items(name)
+                payload = cs.input.render(self.resolve_lazy(self.env(items[item], item), cs.input.steps))
+        except ExpressionError as exc:
+            if item is None:
+                st.error = {"type": "ExpressionError", "message": str(exc)}
+                self.fail_step(name, f"input: {exc}")
+            else:
+                slot.running = True
+                slot.attempt += 1
+                self.item_done(name, item, None, failed=True,
+                               error={"type": "ExpressionError", "message": str(exc)})
+            return
+        slot.attempt += 1
+        slot.running = True
+        slot.queuedAt = self.now
+        slot.startedAt = None
+        slot.lastHeartbeat = None
+        slot.retryAt = None
+        if item is None:
+            st.attempt = slot.attempt
+            st.firstQueuedAt = st.firstQueuedAt or self.now
+            st.attempts.append(Attempt(n=slot.attempt, queuedAt=self.now))
+            del st.attempts[:-MAX_ATTEMPT_RECORDS]
+        if cs.kind == "workflow":
+            child = task_id(self.s.run, name, item, slot.attempt).replace(".", "-")
+            st.child = child if item is None else st.child
+            self.command(op="startChild", run=child, workflow=cs.workflow, namespace=self.s.namespace,
+                         input=payload, scope=self.s.scope or self.s.run,
+                         parent={"run": self.s.run, "namespace": self.s.namespace, "step": name,
+                                 "item": item, "attempt": slot.attempt})
+            slot.startedAt = self.now
+        else:
+            body = {
+                "run": self.s.run, "workflow": self.s.workflow, "step": name, "item": item,
+                "attempt": slot.attempt, "input": payload, "scope": self.s.scope or self.s.run,
+                "timeout": cs.timeout, "heartbeat": cs.heartbeat, "queuedAt": self.now,
+                "notifyStart": bool(cs.timeout or cs.heartbeat),
+            }
+            self.command(op="dispatch", subject=task_subject(self.s.namespace, cs.agent or ""),
+                         msgId=task_id(self.s.run, name, item, slot.attempt), body=body, agent=cs.agent)
+            if cs.timeout or cs.heartbeat:
+                # Until the agent reports the start, the timers count from the dispatch.
+                self.arm_attempt_timers(name, item, slot)
+        self.changed()
+
+    def foreach_items(self, name: str) -> list[Any]:
+        # What a forEach reads is final once the step starts, so its list is computed once
+        # per engine and run, not once per item dispatched.
+        key = f"{self.s.run}/{name}/items"
+        if key in self.memo:
+            return self.memo[key]  # type: ignore[no-any-return]
+        cs = self.step_def(name)
+        assert cs.for_each is not None
+        value = cs.for_each.evaluate(self.resolve_lazy(self.env(), cs.for_each.steps))
+        if not isinstance(value, list):
+            raise ExpressionError(f"forEach {cs.for_each.source!r} gave {type(value).__name__}, not a list")
+        self.memo[key] = value
+        return value
+
+    # ------------------------------------------------------------------ advance
+    def dep_state(self, dep: str) -> str:
+        """ok | skipped | wait | blocked."""
+        st = self.st(dep)
+        if st.phase == "Succeeded":
+            return "ok"
+        if st.phase == "Skipped":
+            return "skipped"
+        if st.phase == "Failed":
+            cs = self.step_def(dep)
+            if cs.on_failure == "continue":
+                return "ok"
+            if cs.on_failure == "fail":
+                return "blocked"
+            fallback = self.dep_state(cs.on_failure)
+            if fallback == "ok":
+                st.recoveredBy = cs.on_failure
+            return fallback
+        if st.phase == "Cancelled":
+            return "blocked"
+        return "wait"
+
+    def start_step(self, name: str) -> None:
+        cs = self.wf.steps[name]
+        st = self.st(name)
+        env: dict[str, Any] | None = None
+        if cs.when is not None:
+            try:
+                env = self.resolve_lazy(self.env(), cs.when.steps)
+                go = cs.when.evaluate(env)
+            except ExpressionError as exc:
+                st.error = {"type": "ExpressionError", "message": str(exc)}
+                self.fail_step(name, f"when: {exc}")
+                return
+            if go is not True:
+                self.set_phase(name, "Skipped", f"when {cs.when.source!r} is {str(go).lower()}")
+                return
+        st.phase = "Running"
+        st.startedAt = self.now
+        if cs.kind == "approval":
+            st.phase = "WaitingApproval"
+            self.audit(name, "Pending", "WaitingApproval", cs.spec.approval.message or "waiting for approval")  # type: ignore[union-attr]
+            if cs.approval_timeout is not None:
+                self.arm(f"approval:{name}", Timer(at=self.now + cs.approval_timeout, kind="approval", step=name))
+            st.message = cs.spec.approval.message or "waiting for approval"  # type: ignore[union-attr]
+            return
+        self.audit(name, "Pending", "Running", "dependencies satisfied")
+        if cs.kind == "signal":
+            signal = cs.spec.waitFor.signal  # type: ignore[union-attr]
+            if signal in self.s.signals:
+                self.succeed_step(name, self.s.signals[signal], f"signal {signal} already received")
+                return
+            st.message = f"waiting for signal {signal}"
+            if cs.signal_timeout is not None:
+                self.arm(f"signal:{name}", Timer(at=self.now + cs.signal_timeout, kind="signal", step=name))
+            return
+        if cs.for_each is not None:
+            try:
+                items = self.foreach_items(name)
+            except ExpressionError as exc:
+                st.error = {"type": "ExpressionError", "message": str(exc)}
+                self.fail_step(name, f"forEach: {exc}")
+                return
+            st.forEach = ForEachState(total=len(items))
+            if not items:
+                st.outputRef = f"{self.s.run}.{name}.*"
+                self.set_phase(name, "Succeeded", "forEach over an empty list")
+                return
+            self.fill_window(name)
+            return
+        self.dispatch(name, None)
+
+    def advance(self) -> None:
+        progress = True
+        while progress and self.s.phase == "Running":
+            progress = False
+            if not self.s.failing:
+                for name in self.wf.order:
+                    st = self.st(name)
+                    if st.phase != "Pending":
+                        continue
+                    cs = self.wf.steps[name]
+                    if name in self.wf.fallbacks and not st.activated:
+                        continue
+                    states = [self.dep_state(d) for d in cs.deps]
+                    if "wait" in states or "blocked" in states:
+                        continue
+                    if states and all(x == "skipped" for x in states) and cs.spec.ifDependenciesSkipped == "skip":  # type: ignore[union-attr]
+                        self.set_phase(name, "Skipped", "all dependencies were skipped")
+                    else:
+                        self.start_step(name)
+                    progress = True
+                blocked = [n for n in self.wf.order if self.st(n).phase == "Failed" and self.dep_state(n) == "blocked"]
+                if blocked:
+                    self.wind_down("failed", f"step {blocked[0]} failed: {self.st(blocked[0]).message}")
+                    progress = True
+            if not progress:
+                self.maybe_finish()
+
+    def active(self) -> bool:
+        for name, st in self.s.steps.items():
+            if st.phase in ("Running", "WaitingApproval"):
+                return True
+            if st.phase == "Pending" and not self.s.failing and name in self.wf.steps:
+                cs = self.wf.steps[name]
+                if name in self.wf.fallbacks and not st.activated:
+                    continue
+                if "blocked" not in [self.dep_state(d) for d in cs.deps]:
+                    return True
+        return False
+
+    def wind_down(self, why: str, message: str) -> None:
+        """Stop the graph: cancel what runs, skip what waits; onExit and the end follow."""
+        if self.s.failing:
+            return
+        self.s.failing = why
+        self.s.message = message
+        self.audit(None, "Running", "Running", f"winding down: {message}")
+        any_running = False
+        for name, st in self.s.steps.items():
+            if self.wf.on_exit is not None and name == self.wf.on_exit.name:
+                continue
+            if st.phase in ("Running", "WaitingApproval"):
+                any_running = True
+                if st.forEach is not None:
+                    self.cancel_items(name)
+                for tid in [t for t, tm in self.s.timers.items() if tm.step == name]:
+                    self.disarm(tid)
+                if st.child:
+                    self.command(op="publish", subject=event_subject(self.s.namespace, st.child),
+                                 msgId=f"cancel:{st.child}", body={"type": "cancel", "run": st.child,
+                                                                    "by": self.actor, "reason": message})
+                self.set_phase(name, "Cancelled", message)
+        if any_running:
+            self.command(op="cancelTasks", subject=cancel_subject(self.s.namespace, self.s.run),
+                         body={"run": self.s.run})
+        self.disarm("deadline")
+        self.maybe_finish()
+
+    def maybe_finish(self) -> None:
+        if self.s.phase != "Running" or self.active():
+            return
+        exit_def = self.wf.on_exit
+        if self.s.exitPhase is None:
+            phase = {"cancelled": "Cancelled", "failed": "Failed", "deadline": "Failed"}.get(self.s.failing or "")
+            if phase is None:
+                phase = "Succeeded"
+                try:
+                    self.s.outputs = self.wf.output.render(self.resolve_lazy(self.env(), self.wf.output.steps))
+                except ExpressionError as exc:
+                    phase = "Failed"
+                    self.s.message = f"output: {exc}"
+            self.s.exitPhase = phase  # type: ignore[assignment]
+            for name in self.wf.order:
+                st = self.st(name)
+                if st.phase == "Pending":
+                    why = ("not needed: no step failed over to it" if name in self.wf.fallbacks
+                           else "not run: the run stopped before it")
+                    self.set_phase(name, "Skipped", why)
+            if exit_def is not None:
+                self.st(exit_def.name).phase = "Running"
+                self.st(exit_def.name).startedAt = self.now
+                self.audit(exit_def.name, "Pending", "Running", f"onExit (run {phase})")
+                self.dispatch(exit_def.name, None)
+                if self.st(exit_def.name).phase == "Running":
+                    return
+        if exit_def is not None and self.st(exit_def.name).phase not in TERMINAL_STEP:
+            return
+        self.finish(self.s.exitPhase or "Succeeded")
+
+    def finish(self, phase: str) -> None:
+        old = self.s.phase
+        self.s.phase = phase  # type: ignore[assignment]
+        self.s.finishedAt = self.now
+        self.s.timers.clear()
+        if phase == "Succeeded":
+            self.s.message = ""
+        self.audit(None, old, phase, self.s.message or "all steps finished")
+        parent = self.s.parent
+        if parent:
+            base = {"run": parent["run"], "step": parent["step"], "item": parent.get("item"),
+                    "attempt": parent["attempt"], "worker": f"run:{self.s.run}"}
+            if phase == "Succeeded":
+                body = {"type": "result", **base, "output": self.s.outputs}
+            else:
+                body = {"type": "failed", **base, "error": {
+                    "type": f"Child{phase}", "message": f"sub-workflow {self.s.workflow} {phase.lower()}: "
+                    f"{self.s.message}", "retryable": False, "child": self.s.run}}
+            self.command(op="publish", subject=event_subject(parent.get("namespace", self.s.namespace), parent["run"]),
+                         msgId=f"child:{self.s.run}", body=body)
+
+
+class _Lazy:
+    """An output stored outside the record, loaded only when an expression reads it."""
+
+    __slots__ = ("d", "name", "st")
+
+    def __init__(self, d: _Decider, name: str, st: StepState) -> None:
+        self.d = d
+        self.name = name
+        self.st = st
+
+    def value(self) -> Any:
+        ref = self.st.outputRef or ""
+        if ref.endswith(".*"):
+            fe = self.st.forEach
+            total = fe.total if fe else 0
+            keys = [f"{ref[:-2]}.{i}" for i in range(total)]
+            missing = {k for k in keys if k not in self.d.outputs and k not in self.d.decision.stores}
+            if missing:
+                raise MissingOutputs({ref})
+            return [self.d.decision.stores.get(k, self.d.outputs.get(k)) for k in keys]
+        if ref in self.d.decision.stores:
+            return self.d.decision.stores[ref]
+        if ref not in self.d.outputs:
+            raise MissingOutputs({ref})
+        return self.d.outputs[ref]
+
+
+def audit_command(record: dict[str, Any]) -> dict[str, Any]:
+    return {"op": "audit", "subject": audit_subject(record["namespace"], record["run"]),
+            "msgId": f"audit:{record['run']}:{record['seq']}", "body": record}

@@ -1,0 +1,287 @@
+"""A Workflow compiled for the engine: expressions compiled, the graph checked and ordered.
+
+Compiling is also validation: every problem found here is raised as a `DefinitionError`
+naming the field path, so `cadenza validate`, the operator's Valid condition and the
+engine all report the same message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..expressions import Expr, ExpressionError, Template, compile_expr, compile_template
+from ..models import OnExitStep, Step, WorkflowSpec, parse_duration
+
+DEFAULT_FOREACH_WINDOW = 1000
+"""Items of a forEach in flight when maxParallel is unset: bounds the run record and memory."""
+
+
+class DefinitionError(ValueError):
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+@dataclass(frozen=True)
+class CompiledStep:
+    name: str
+    spec: Step | OnExitStep
+    kind: str  # agent | workflow | approval | signal
+    deps: tuple[str, ...]
+    when: Expr | None
+    for_each: Expr | None
+    input: Template
+    window: int
+    timeout: float | None
+    heartbeat: float | None
+    retry_limit: int
+    backoff_initial: float
+    backoff_factor: float
+    backoff_max: float
+    backoff_jitter: float
+    on_failure: str  # fail | continue | <fallback step>
+    approval_timeout: float | None = None
+    signal_timeout: float | None = None
+    is_exit: bool = False
+
+    @property
+    def agent(self) -> str | None:
+        return getattr(self.spec, "agent", None)
+
+    @property
+    def workflow(self) -> str | None:
+        return getattr(self.spec, "workflow", None)
+
+
+@dataclass
+class CompiledWorkflow:
+    name: str
+    namespace: str
+    spec: WorkflowSpec
+    steps: dict[str, CompiledStep]
+    order: tuple[str, ...]  # topological
+    dependents: dict[str, tuple[str, ...]]
+    fallbacks: frozenset[str]  # steps that run only as some step's onFailure
+    output: Template
+    deadline: float | None
+    on_exit: CompiledStep | None
+    digest: str = ""
+    agents: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def key(self) -> str:
+        """Definition key in the definitions bucket: immutable per content."""
+        return f"{self.namespace}.{self.name}.{self.digest}"
+
+
+def spec_digest(spec: WorkflowSpec) -> str:
+    raw = json.dumps(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=True).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _seconds(value: str | None, path: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise DefinitionError(path, str(exc)) from None
+
+
+def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) -> CompiledStep:
+    item_vars = frozenset({"input", "steps", "run", "item", "index"})
+    try:
+        when = compile_expr(step.when, f"{path}.when") if isinstance(step, Step) and step.when else None
+        for_each = (
+            compile_expr(step.forEach, f"{path}.forEach") if isinstance(step, Step) and step.forEach else None
+        )
+        template = compile_template(step.input, f"{path}.input", item_vars)
+    except ExpressionError as exc:
+        raise DefinitionError(exc.path, str(exc)) from None
+    if for_each is None and template.variables & {"item", "index"}:
+        raise DefinitionError(f"{path}.input", "uses `item`/`index` but the step has no forEach")
+    retry = step.retry
+    backoff = retry.backoff if retry else None
+    if isinstance(step, Step):
+        kind = step.kind
+        declared = [k for k in ("agent", "workflow", "approval", "waitFor") if getattr(step, k) is not None]
+        if len(declared) != 1:
+            what = "none" if not declared else " and ".join(declared)
+            raise DefinitionError(path, f"a step needs exactly one of agent, workflow, approval, waitFor (has {what})")
+        if step.forEach and kind not in ("agent", "workflow"):
+            raise DefinitionError(f"{path}.forEach", f"forEach needs an agent or workflow step, not {kind}")
+        window = step.maxParallel or DEFAULT_FOREACH_WINDOW
+        deps = tuple(step.dependsOn)
+        on_failure = step.onFailure
+        heartbeat = _seconds(step.heartbeatTimeout, f"{path}.heartbeatTimeout")
+        approval_timeout = _seconds(step.approval.timeout, f"{path}.approval.timeout") if step.approval else None
+        signal_timeout = _seconds(step.waitFor.timeout, f"{path}.waitFor.timeout") if step.waitFor else None
+    else:
+        kind, window, deps, on_failure, heartbeat = "agent", 1, (), "fail", None
+        approval_timeout = signal_timeout = None
+    return CompiledStep(
+        name=step.name, spec=step, kind=kind, deps=deps, when=when, for_each=for_each, input=template,
+        window=window, timeout=_seconds(step.timeout, f"{path}.timeout"), heartbeat=heartbeat,
+        retry_limit=retry.limit if retry else 0,
+        backoff_initial=_seconds(backoff.initial, f"{path}.retry.backoff.initial") or 1.0 if backoff else 1.0,
+        backoff_factor=backoff.factor if backoff else 2.0,
+        backoff_max=_seconds(backoff.max, f"{path}.retry.backoff.max") or 300.0 if backoff else 300.0,
+        backoff_jitter=backoff.jitter if backoff else 0.2,
+        on_failure=on_failure, approval_timeout=approval_timeout, signal_timeout=signal_timeout,
+        is_exit=is_exit,
+    )
+
+
+def compile_workflow(
+    name: str, spec: WorkflowSpec, namespace: str = "default", known_agents: set[str] | None = None,
+    known_workflows: set[str] | None = None,
+) -> CompiledWorkflow:
+    """Compile and check a workflow. `known_*`, when given, are checked for references."""
+    steps: dict[str, CompiledStep] = {}
+    index = {s.name: i for i, s in enumerate(spec.steps)}
+    for i, step in enumerate(spec.steps):
+        steps[step.name] = _compile_step(step, f"spec.steps[{i}]")
+
+    fallbacks: set[str] = set()
+    for i, step in enumerate(spec.steps):
+        path = f"spec.steps[{i}]"
+        for j, dep in enumerate(step.dependsOn):
+            if dep not in steps:
+                raise DefinitionError(f"{path}.dependsOn[{j}]", f"unknown step {dep!r}")
+            if dep == step.name:
+                raise DefinitionError(f"{path}.dependsOn[{j}]", "a step cannot depend on itself")
+            if any(other.onFailure == dep for other in spec.steps):
+                raise DefinitionError(
+                    f"{path}.dependsOn[{j}]",
+                    f"{dep!r} is a fallback step; depend on the step it stands in for instead",
+                )
+        if step.onFailure not in ("fail", "continue"):
+            if step.onFailure not in steps:
+                raise DefinitionError(
+                    f"{path}.onFailure", f"must be fail, continue or a step name; unknown step {step.onFailure!r}"
+                )
+            if step.onFailure == step.name:
+                raise DefinitionError(f"{path}.onFailure", "a step cannot be its own fallback")
+            fallbacks.add(step.onFailure)
+        if known_agents is not None and step.agent and step.agent not in known_agents:
+            raise DefinitionError(f"{path}.agent", f"unknown agent {step.agent!r}")
+        if known_workflows is not None and step.workflow and step.workflow not in known_workflows:
+            raise DefinitionError(f"{path}.workflow", f"unknown workflow {step.workflow!r}")
+
+    order = _topological(spec, index)
+
+    # Expressions may only read steps that surely finished first: their (transitive) dependencies.
+    upstream: dict[str, set[str]] = {}
+    for step_name in order:
+        ups: set[str] = set()
+        for dep in steps[step_name].deps:
+            ups |= {dep} | upstream[dep]
+        upstream[step_name] = ups
+    for step_name in order:
+        cs = steps[step_name]
+        refs = set(cs.input.steps)
+        for expr in (cs.when, cs.for_each):
+            if expr is not None:
+                refs |= expr.steps
+        for ref in sorted(refs):
+            path = f"spec.steps[{index[step_name]}]"
+            if ref not in steps:
+                raise DefinitionError(path, f"expression refers to unknown step {ref!r}")
+            allowed = upstream[step_name] | _fallback_sources(spec, step_name)
+            if ref not in allowed:
+                raise DefinitionError(
+                    path, f"expression reads steps.{ref} but {ref!r} is not among the step's dependencies"
+                )
+
+    try:
+        output = compile_template(spec.output, "spec.output")
+    except ExpressionError as exc:
+        raise DefinitionError(exc.path, str(exc)) from None
+    for ref in sorted(output.steps):
+        if ref not in steps:
+            raise DefinitionError("spec.output", f"expression refers to unknown step {ref!r}")
+
+    on_exit = None
+    if spec.onExit is not None:
+        if spec.onExit.name in steps:
+            raise DefinitionError("spec.onExit.name", f"{spec.onExit.name!r} is also the name of a step")
+        on_exit = _compile_step(spec.onExit, "spec.onExit", is_exit=True)
+        if known_agents is not None and spec.onExit.agent not in known_agents:
+            raise DefinitionError("spec.onExit.agent", f"unknown agent {spec.onExit.agent!r}")
+        for ref in sorted(on_exit.input.steps):
+            if ref not in steps:
+                raise DefinitionError("spec.onExit.input", f"expression refers to unknown step {ref!r}")
+
+    for i, trigger in enumerate(spec.triggers):
+        if (trigger.nats is None) == (trigger.schedule is None):
+            raise DefinitionError(f"spec.triggers[{i}]", "a trigger needs exactly one of nats, schedule")
+        if trigger.nats and trigger.nats.dedupKey:
+            try:
+                compile_expr(trigger.nats.dedupKey, f"spec.triggers[{i}].nats.dedupKey", frozenset({"event"}))
+            except ExpressionError as exc:
+                raise DefinitionError(exc.path, str(exc)) from None
+        if trigger.schedule:
+            from croniter import croniter
+
+            if not croniter.is_valid(trigger.schedule.cron):
+                raise DefinitionError(f"spec.triggers[{i}].schedule.cron", f"invalid cron {trigger.schedule.cron!r}")
+    if spec.inputSchema is not None:
+        import jsonschema
+
+        try:
+            jsonschema.Draft202012Validator.check_schema(spec.inputSchema)
+        except jsonschema.SchemaError as exc:
+            raise DefinitionError("spec.inputSchema", f"not a valid JSON Schema: {exc.message}") from None
+
+    dependents: dict[str, list[str]] = {n: [] for n in steps}
+    for step_name, cs in steps.items():
+        for dep in cs.deps:
+            dependents[dep].append(step_name)
+    agents = {cs.agent for cs in steps.values() if cs.agent}
+    if on_exit is not None and on_exit.agent:
+        agents.add(on_exit.agent)
+    return CompiledWorkflow(
+        name=name, namespace=namespace, spec=spec, steps=steps, order=order,
+        dependents={k: tuple(v) for k, v in dependents.items()}, fallbacks=frozenset(fallbacks),
+        output=output, deadline=_seconds(spec.deadline, "spec.deadline"), on_exit=on_exit,
+        digest=spec_digest(spec), agents=frozenset(agents),
+    )
+
+
+def _fallback_sources(spec: WorkflowSpec, name: str) -> set[str]:
+    """A fallback step may read the step it stands in for (its error, typically)."""
+    return {s.name for s in spec.steps if s.onFailure == name}
+
+
+def _topological(spec: WorkflowSpec, index: dict[str, int]) -> tuple[str, ...]:
+    """Kahn's algorithm in declaration order; a cycle is reported with its path."""
+    deps = {s.name: list(s.dependsOn) for s in spec.steps}
+    state: dict[str, int] = {}
+    order: list[str] = []
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = [*trail[trail.index(name) :], name]
+            raise DefinitionError(
+                f"spec.steps[{index[name]}].dependsOn", f"dependency cycle: {' -> '.join(cycle)}"
+            )
+        state[name] = 1
+        for dep in deps[name]:
+            visit(dep, [*trail, name])
+        state[name] = 2
+        order.append(name)
+
+    for step in spec.steps:
+        visit(step.name, [])
+    return tuple(order)
+
+
+def definition_document(wf: CompiledWorkflow) -> dict[str, Any]:
+    """What the definitions bucket stores: enough to recompile the workflow anywhere."""
+    return {"name": wf.name, "namespace": wf.namespace, "spec": wf.spec.model_dump(mode="json", exclude_none=True)}

@@ -1,0 +1,80 @@
+"""JetStream streams, buckets and consumers the engine and agents use; created idempotently."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from cadenza._protocol import (
+    AUDIT_STREAM,
+    AUDIT_SUBJECTS,
+    CONTEXT_BUCKET,
+    DEFINITIONS_BUCKET,
+    EVENT_SUBJECTS,
+    EVENTS_STREAM,
+    OUTPUTS_BUCKET,
+    PAYLOADS_STORE,
+    RUNS_BUCKET,
+    TASK_SUBJECTS,
+    TASKS_STREAM,
+    consumer_name,
+    task_subject,
+)
+
+TIMERS_BUCKET = "cadenza_timers"  # run -> armed timers, watched by every engine
+TRIGGERS_BUCKET = "cadenza_triggers"  # trigger de-duplication keys and schedule cursors
+ENGINE_CONSUMER = "engine"
+AUDIT_MAX_AGE = 30 * 86400.0
+DUPLICATE_WINDOW = 600.0  # seconds JetStream remembers a Nats-Msg-Id
+
+
+async def ensure_infrastructure(js: Any, replicas: int = 1) -> None:
+    """Create (or bring up to date) every stream, bucket and the engine's consumer."""
+    from nats.js.api import (
+        AckPolicy,
+        ConsumerConfig,
+        DeliverPolicy,
+        KeyValueConfig,
+        ObjectStoreConfig,
+        RetentionPolicy,
+        StorageType,
+        StreamConfig,
+    )
+
+    streams = [
+        StreamConfig(name=TASKS_STREAM, subjects=[TASK_SUBJECTS], retention=RetentionPolicy.WORK_QUEUE,
+                     storage=StorageType.FILE, duplicate_window=DUPLICATE_WINDOW, num_replicas=replicas),
+        StreamConfig(name=EVENTS_STREAM, subjects=[EVENT_SUBJECTS], retention=RetentionPolicy.WORK_QUEUE,
+                     storage=StorageType.FILE, duplicate_window=DUPLICATE_WINDOW, num_replicas=replicas),
+        StreamConfig(name=AUDIT_STREAM, subjects=[AUDIT_SUBJECTS], retention=RetentionPolicy.LIMITS,
+                     storage=StorageType.FILE, duplicate_window=DUPLICATE_WINDOW, max_age=AUDIT_MAX_AGE,
+                     num_replicas=replicas),
+    ]
+    for cfg in streams:
+        try:
+            await js.add_stream(cfg)
+        except Exception:
+            await js.update_stream(cfg)
+    for bucket, history in ((RUNS_BUCKET, 1), (OUTPUTS_BUCKET, 1), (CONTEXT_BUCKET, 1),
+                            (DEFINITIONS_BUCKET, 1), (TIMERS_BUCKET, 1), (TRIGGERS_BUCKET, 1)):
+        with contextlib.suppress(Exception):
+            await js.create_key_value(KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE,
+                                                     replicas=replicas))
+    with contextlib.suppress(Exception):
+        await js.create_object_store(PAYLOADS_STORE, config=ObjectStoreConfig(bucket=PAYLOADS_STORE,
+                                                                               storage=StorageType.FILE))
+    await js.add_consumer(EVENTS_STREAM, ConsumerConfig(
+        durable_name=ENGINE_CONSUMER, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+        ack_wait=30, max_deliver=-1, max_ack_pending=-1, max_waiting=512,
+    ))
+
+
+async def ensure_agent_consumer(js: Any, namespace: str, agent: str, ack_wait: float = 30.0) -> None:
+    """The durable pull consumer an Agent's replicas share (competing consumers)."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    await js.add_consumer(TASKS_STREAM, ConsumerConfig(
+        durable_name=consumer_name(namespace, agent), filter_subject=task_subject(namespace, agent),
+        ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait,
+        max_deliver=-1, max_ack_pending=-1, max_waiting=512,
+    ))

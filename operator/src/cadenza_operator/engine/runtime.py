@@ -1,0 +1,478 @@
+"""The engine's I/O edge: the event loop of DESIGN.md around the pure `decide`.
+
+For each event: load the run (JetStream KV, with its revision) -> decide -> store large
+outputs -> write the run with compare-and-swap -> carry out the commands (tasks with a
+deterministic Nats-Msg-Id, audit records, child runs, cancellations, timers) -> ack.
+
+Crash safety: the commands of a decision are written *in* the run record (its outbox)
+by the same CAS write. Whoever loads a run it did not write itself carries out that
+outbox again before deciding anything new; every command is idempotent (Nats-Msg-Id),
+so a crash anywhere between the write and the ack loses nothing and doubles nothing.
+
+Throughput: events of one run are handled by one task at a time and batched: results
+that arrive together (a fan-in) cost one load and one write, not one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from cadenza import _payloads
+from cadenza._protocol import (
+    DEFINITIONS_BUCKET,
+    EVENTS_STREAM,
+    OFFLOAD_BYTES,
+    OUTPUTS_BUCKET,
+    RUNS_BUCKET,
+    dumps,
+    event_subject,
+    loads,
+)
+from cadenza._pull import PullConsumer
+
+from .. import metrics
+from ..models import WorkflowSpec
+from .decide import Decision, MissingOutputs, audit_command, decide
+from .definition import CompiledWorkflow, compile_workflow, definition_document
+from .infra import ENGINE_CONSUMER, TIMERS_BUCKET, ensure_infrastructure
+from .state import RunState
+
+log = structlog.get_logger("cadenza.engine")
+
+StateListener = Callable[[RunState], Awaitable[None] | None]
+
+
+class InputError(ValueError):
+    """A run input rejected before the run starts; `path` names the failing field."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"input{path}: {message}" if path else f"input: {message}")
+        self.path = path
+
+
+def validate_input(wf: CompiledWorkflow, value: Any) -> None:
+    schema = wf.spec.inputSchema
+    if schema is None:
+        return
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+        raise InputError(path, err.message)
+
+
+def new_run_id(workflow: str) -> str:
+    return f"{workflow}-{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class _Cached:
+    data: bytes
+    revision: int
+    executed: bool  # this engine carried out the record's outbox
+    memo: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineSettings:
+    name: str = "engine"
+    """Identifies this engine in logs and as the actor of its own decisions."""
+    concurrency: int = 1024
+    """Events in flight at once across all runs."""
+    cache_size: int = 10_000
+    """Run records kept in memory between events (a cache hit skips one KV read)."""
+
+
+class Engine:
+    """Executes workflow runs. Several engines may share one NATS: CAS keeps them apart."""
+
+    def __init__(self, nc: Any, settings: EngineSettings | None = None) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.settings = settings or EngineSettings()
+        self._definitions: dict[str, CompiledWorkflow] = {}
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._queues: dict[str, list[Any]] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._listeners: list[StateListener] = []
+        self._consumer: PullConsumer | None = None
+        self._timer_watch: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self.kv: Any = None
+        self.outputs_kv: Any = None
+        self.defs_kv: Any = None
+        self.timers_kv: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await ensure_infrastructure(self.js)
+        self.kv = await self.js.key_value(RUNS_BUCKET)
+        self.outputs_kv = await self.js.key_value(OUTPUTS_BUCKET)
+        self.defs_kv = await self.js.key_value(DEFINITIONS_BUCKET)
+        self.timers_kv = await self.js.key_value(TIMERS_BUCKET)
+        self._timer_watch = asyncio.get_running_loop().create_task(self._watch_timers())
+        self._consumer = PullConsumer(self.nc, EVENTS_STREAM, ENGINE_CONSUMER, self._on_event,
+                                      concurrency=self.settings.concurrency)
+        await self._consumer.start()
+        log.info("engine started", engine=self.settings.name)
+
+    async def stop(self) -> None:
+        if self._consumer:
+            await self._consumer.stop()
+        if self._timer_watch:
+            self._timer_watch.cancel()
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        workers = list(self._workers.values()) + list(self._background)
+        for w in workers:
+            w.cancel()
+        if workers:
+            await asyncio.wait(workers, timeout=5)
+
+    def on_state(self, listener: StateListener) -> None:
+        """Call `listener` with every run state this engine writes."""
+        self._listeners.append(listener)
+
+    # --------------------------------------------------------------- definitions
+    async def publish_definition(self, wf: CompiledWorkflow) -> str:
+        """Store a compiled workflow so any engine can execute (and resume) its runs."""
+        self._definitions[wf.key] = wf
+        doc = dumps(definition_document(wf))
+        await self.defs_kv.put(f"wf.{wf.key}", doc)
+        await self.defs_kv.put(f"latest.{wf.namespace}.{wf.name}", wf.key.encode())
+        return wf.key
+
+    async def definition(self, key: str) -> CompiledWorkflow:
+        wf = self._definitions.get(key)
+        if wf is None:
+            entry = await self.defs_kv.get(f"wf.{key}")
+            doc = loads(entry.value)
+            wf = compile_workflow(doc["name"], WorkflowSpec.model_validate(doc["spec"]), doc["namespace"])
+            self._definitions[key] = wf
+        return wf
+
+    async def latest_definition(self, namespace: str, name: str) -> CompiledWorkflow:
+        entry = await self.defs_kv.get(f"latest.{namespace}.{name}")
+        return await self.definition(entry.value.decode())
+
+    # ----------------------------------------------------------------- client API
+    async def start_run(
+        self, wf: CompiledWorkflow, input: Any = None, *, run_id: str | None = None,
+        labels: dict[str, str] | None = None, parent: dict[str, Any] | None = None, scope: str | None = None,
+    ) -> str:
+        """Validate the input, then start the run. Idempotent for a given run_id."""
+        validate_input(wf, input)
+        if wf.key not in self._definitions:
+            await self.publish_definition(wf)
+        run = run_id or new_run_id(wf.name)
+        body = {"type": "start", "run": run, "workflow": wf.name, "namespace": wf.namespace,
+                "definition": wf.key, "input": input, "labels": labels or {}, "parent": parent,
+                "scope": scope or run}
+        if len(dumps(input)) > OFFLOAD_BYTES:
+            body["input"] = await _payloads.offload(self.js, f"{run}.input", input)
+        await self.js.publish(event_subject(wf.namespace, run), dumps(body), headers={"Nats-Msg-Id": f"start:{run}"})
+        return run
+
+    async def get_run(self, run: str) -> RunState | None:
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            entry = await self.kv.get(run)
+        except KeyNotFoundError:
+            return None
+        return RunState.from_bytes(entry.value) if entry.value else None
+
+    # -------------------------------------------------------------------- events
+    async def _on_event(self, msg: Any) -> None:
+        try:
+            run = loads(msg.data)["run"]
+        except Exception:
+            log.warning("dropping malformed event", subject=msg.subject)
+            await msg.term()
+            return
+        queue = self._queues.setdefault(run, [])
+        queue.append(msg)
+        if run not in self._workers:
+            self._workers[run] = asyncio.get_running_loop().create_task(self._run_worker(run))
+
+    async def _run_worker(self, run: str) -> None:
+        try:
+            while self._queues.get(run):
+                batch = self._queues.pop(run)
+                try:
+                    await self._process(run, batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("event processing failed; will be redelivered", run=run)
+                    self._cache.pop(run, None)
+                    for msg in batch:
+                        with contextlib.suppress(Exception):
+                            await msg.nak(delay=1)
+        finally:
+            self._workers.pop(run, None)
+            if self._queues.get(run):  # arrived while finishing: start again
+                self._workers[run] = asyncio.get_running_loop().create_task(self._run_worker(run))
+
+    async def _load(self, run: str) -> _Cached | None:
+        from nats.js.errors import KeyNotFoundError
+
+        cached = self._cache.get(run)
+        if cached is not None:
+            self._cache.move_to_end(run)
+            return cached
+        try:
+            entry = await self.kv.get(run)
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        cached = _Cached(entry.value, entry.revision or 0, executed=False)
+        return cached
+
+    async def _process(self, run: str, msgs: list[Any]) -> None:
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        events = []
+        now = time.time()
+        for msg in msgs:
+            ev = loads(msg.data)
+            try:
+                ev["at"] = msg.metadata.timestamp.timestamp()
+            except Exception:
+                ev["at"] = now
+            metrics.ENGINE_EVENT_LAG.observe(max(0.0, now - ev["at"]))
+            events.append(ev)
+        for _ in range(50):  # CAS conflicts: another engine advanced the run, load and redo
+            cached = await self._load(run)
+            if cached is None:
+                cached = await self._initial(events)
+                if cached is None:
+                    log.warning("events for an unknown run dropped", run=run, types=[e.get("type") for e in events])
+                    for msg in msgs:
+                        await msg.ack()
+                    return
+            state = RunState.from_bytes(cached.data)
+            if not cached.executed and state.outbox:
+                await self._execute(state, state.outbox)  # a previous writer may have died before this
+                cached.executed = True
+            wf = await self.definition(state.definition)
+            decision = await self._decide_all(state, events, wf, cached)
+            if not decision.changed:
+                self._remember(run, cached, state.terminal)
+                break
+            new = decision.state
+            new.outbox = decision.commands + [audit_command(a) for a in decision.audit]
+            if decision.stores:
+                await asyncio.gather(*(self.outputs_kv.put(k, dumps(v)) for k, v in decision.stores.items()))
+                cached.outputs.update(decision.stores)
+            data = new.to_bytes()
+            try:
+                if cached.revision == 0:
+                    revision = await self.kv.create(run, data)
+                else:
+                    revision = await self.kv.update(run, data, last=cached.revision)
+            except KeyWrongLastSequenceError:
+                self._cache.pop(run, None)
+                continue
+            fresh = _Cached(data, revision, executed=False, memo=cached.memo, outputs=cached.outputs)
+            await self._execute(new, new.outbox)
+            fresh.executed = True
+            self._remember(run, fresh, new.terminal)
+            await self._sync_timers(new)
+            self._observe(new, events, decision)
+            for listener in self._listeners:
+                result = listener(new)
+                if asyncio.iscoroutine(result):
+                    await result
+            break
+        else:
+            raise RuntimeError(f"run {run}: too many concurrent writers")
+        for msg in msgs:
+            await msg.ack()
+
+    async def _initial(self, events: list[dict[str, Any]]) -> _Cached | None:
+        start = next((e for e in events if e.get("type") == "start"), None)
+        if start is None:
+            return None
+        state = RunState(
+            run=start["run"], namespace=start.get("namespace", "default"), workflow=start["workflow"],
+            definition=start["definition"], input=await _payloads.resolve(self.js, start.get("input")),
+            createdAt=start["at"], parent=start.get("parent"), scope=start.get("scope") or start["run"],
+            labels=start.get("labels") or {},
+        )
+        return _Cached(state.to_bytes(), 0, executed=True)
+
+    async def _decide_all(
+        self, state: RunState, events: list[dict[str, Any]], wf: CompiledWorkflow, cached: _Cached
+    ) -> Decision:
+        """Apply a batch of events; load outputs stored apart from the record when asked to."""
+        for _ in range(10):
+            current = state if _ == 0 else RunState.from_bytes(cached.data)
+            total = Decision(state=current)
+            try:
+                for ev in events:
+                    d = decide(current, ev, wf, cached.outputs, memo=cached.memo, copy=False)
+                    total.commands += d.commands
+                    total.audit += d.audit
+                    total.stores.update(d.stores)
+                    total.changed |= d.changed
+                    cached.outputs.update(d.stores)
+                return total
+            except MissingOutputs as missing:
+                await self._load_outputs(missing.keys, cached.outputs)
+        raise RuntimeError("outputs could not be loaded")
+
+    async def _load_outputs(self, keys: set[str], into: dict[str, Any]) -> None:
+        from nats.js.errors import KeyNotFoundError
+
+        for key in keys:
+            if key.endswith(".*"):
+                watcher = await self.outputs_kv.watch(key)
+                async for entry in watcher:
+                    if entry is None:
+                        break
+                    if entry.value is not None:
+                        into[entry.key] = loads(entry.value)
+                await watcher.stop()
+            else:
+                try:
+                    entry = await self.outputs_kv.get(key)
+                    into[key] = loads(entry.value)
+                except KeyNotFoundError:
+                    into[key] = None
+
+    def _remember(self, run: str, cached: _Cached, terminal: bool) -> None:
+        self._cache[run] = cached
+        self._cache.move_to_end(run)
+        if terminal:  # nothing will read these again: keep engine memory bounded
+            cached.memo.clear()
+            cached.outputs.clear()
+        while len(self._cache) > self.settings.cache_size:
+            self._cache.popitem(last=False)
+
+    # ------------------------------------------------------------------ commands
+    async def _execute(self, state: RunState, commands: list[dict[str, Any]]) -> None:
+        jobs = []
+        for cmd in commands:
+            op = cmd["op"]
+            if op in ("dispatch", "publish", "audit"):
+                jobs.append(self._publish(cmd))
+            elif op == "cancelTasks":
+                jobs.append(self.nc.publish(cmd["subject"], dumps(cmd["body"])))
+            elif op == "startChild":
+                jobs.append(self._start_child(cmd))
+        if jobs:
+            await asyncio.gather(*jobs)
+
+    async def _publish(self, cmd: dict[str, Any]) -> None:
+        body = cmd["body"]
+        data = dumps(body)
+        if cmd["op"] == "dispatch" and len(data) > OFFLOAD_BYTES:
+            body = {**body, "input": await _payloads.offload(self.js, f"{cmd['msgId']}.input", body["input"])}
+            data = dumps(body)
+        await self.js.publish(cmd["subject"], data, headers={"Nats-Msg-Id": cmd["msgId"]})
+
+    async def _start_child(self, cmd: dict[str, Any]) -> None:
+        parent = cmd["parent"]
+        try:
+            wf = await self.latest_definition(cmd["namespace"], cmd["workflow"])
+            await self.start_run(wf, cmd["input"], run_id=cmd["run"], parent=parent, scope=cmd["scope"])
+        except Exception as exc:
+            body = {"type": "failed", "run": parent["run"], "step": parent["step"], "item": parent.get("item"),
+                    "attempt": parent["attempt"],
+                    "error": {"type": "ChildStartError", "message": str(exc), "retryable": False}}
+            await self.js.publish(event_subject(parent["namespace"], parent["run"]), dumps(body),
+                                  headers={"Nats-Msg-Id": f"child:{cmd['run']}"})
+
+    # -------------------------------------------------------------------- timers
+    async def _sync_timers(self, state: RunState) -> None:
+        """Mirror the run's armed timers into the timers bucket, which every engine watches."""
+        wanted = {tid: t.at for tid, t in state.timers.items()}
+        if not wanted and not any(k[0] == state.run for k in self._timers):
+            return  # nothing armed now or before: the common case costs no write
+        await self.timers_kv.put(state.run, dumps({"ns": state.namespace, "timers": wanted}))
+        self._schedule(state.run, state.namespace, wanted)
+
+    def _schedule(self, run: str, namespace: str, wanted: dict[str, float]) -> None:
+        loop = asyncio.get_running_loop()
+        for key in [k for k in self._timers if k[0] == run and k[1] not in wanted]:
+            self._timers.pop(key).cancel()
+        for tid, at in wanted.items():
+            key = (run, tid)
+            if key in self._timers:
+                continue
+            delay = max(0.0, at - time.time())
+            self._timers[key] = loop.call_later(delay, self._fire, run, namespace, tid, at)
+
+    def _fire(self, run: str, namespace: str, tid: str, at: float) -> None:
+        self._timers.pop((run, tid), None)
+        body = {"type": "timer", "run": run, "timer": tid}
+        # Every engine fires every timer; the Nats-Msg-Id lets JetStream keep one.
+        job = asyncio.get_running_loop().create_task(self.js.publish(
+            event_subject(namespace, run), dumps(body), headers={"Nats-Msg-Id": f"timer:{run}:{tid}:{at:.3f}"}))
+        self._background.add(job)
+        job.add_done_callback(self._background.discard)
+
+    async def _watch_timers(self) -> None:
+        while True:
+            try:
+                watcher = await self.timers_kv.watch(">")
+                async for entry in watcher:
+                    if entry is None or entry.value is None:
+                        if entry is not None and entry.operation in ("DEL", "PURGE"):
+                            self._schedule(entry.key, "default", {})
+                        continue
+                    doc = loads(entry.value)
+                    self._schedule(entry.key, doc.get("ns", "default"), doc.get("timers", {}))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("timer watch interrupted; restarting", exc_info=True)
+                await asyncio.sleep(1)
+
+    # ------------------------------------------------------------------- metrics
+    def _observe(self, state: RunState, events: list[dict[str, Any]], decision: Decision) -> None:
+        wf = state.workflow
+        for rec in decision.audit:
+            step, old, new = rec.get("step"), rec.get("from"), rec.get("to")
+            if step is None:
+                if new == "Running" and old == "Pending":
+                    metrics.RUNS_STARTED.labels(wf).inc()
+                    metrics.ACTIVE_RUNS.labels(wf).inc()
+                elif new in ("Succeeded", "Failed", "Cancelled") and old != new:
+                    metrics.RUNS_FINISHED.labels(wf, new).inc()
+                    metrics.ACTIVE_RUNS.labels(wf).dec()
+                    if state.startedAt and state.finishedAt:
+                        metrics.RUN_DURATION.labels(wf).observe(state.finishedAt - state.startedAt)
+                continue
+            if rec.get("retry"):
+                metrics.STEP_RETRIES.labels(wf, step).inc()
+            if new == "WaitingApproval":
+                metrics.PENDING_APPROVALS.labels(wf).inc()
+            elif old == "WaitingApproval" and new != old:
+                metrics.PENDING_APPROVALS.labels(wf).dec()
+        for ev in events:
+            if ev.get("type") in ("result", "failed") and ev.get("startedAt") and ev.get("finishedAt"):
+                step = str(ev.get("step"))
+                if ev.get("queuedAt"):
+                    metrics.STEP_QUEUE.labels(wf, step).observe(max(0.0, ev["startedAt"] - ev["queuedAt"]))
+                metrics.STEP_EXECUTION.labels(wf, step).observe(max(0.0, ev["finishedAt"] - ev["startedAt"]))
+            if ev.get("type") in ("failed", "timer") and (ev.get("error") or {}).get("timeout"):
+                metrics.STEP_TIMEOUTS.labels(wf, str(ev.get("step"))).inc()
+            if ev.get("type") == "timer" and str(ev.get("timer", "")).startswith(("timeout:", "heartbeat:")):
+                metrics.STEP_TIMEOUTS.labels(wf, str(ev["timer"]).split(":")[1]).inc()

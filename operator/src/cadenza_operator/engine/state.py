@@ -1,0 +1,114 @@
+"""The run record: execution state of one run, stored in JetStream KV under the run id.
+
+Kept bounded whatever the workload: forEach item outputs live in the outputs bucket, a
+forEach keeps only its in-flight items and counts, attempts are capped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RunPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"]
+StepPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled", "Skipped", "WaitingApproval"]
+
+TERMINAL_RUN = frozenset({"Succeeded", "Failed", "Cancelled"})
+TERMINAL_STEP = frozenset({"Succeeded", "Failed", "Cancelled", "Skipped"})
+MAX_ATTEMPT_RECORDS = 20
+MAX_FAILED_ITEMS = 20
+
+
+class _State(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Attempt(_State):
+    n: int
+    queuedAt: float
+    startedAt: float | None = None
+    finishedAt: float | None = None
+    outcome: str | None = None  # Succeeded | Failed | TimedOut | Cancelled
+    error: dict[str, Any] | None = None
+    worker: str | None = None
+
+
+class Slot(_State):
+    """One dispatchable unit: a step, or one item of a forEach step."""
+
+    attempt: int = 0
+    running: bool = False
+    queuedAt: float | None = None
+    startedAt: float | None = None
+    lastHeartbeat: float | None = None
+    retryAt: float | None = None
+
+
+class ForEachState(_State):
+    total: int = 0
+    next: int = 0
+    running: dict[str, Slot] = Field(default_factory=dict)  # str(index) -> slot, bounded by the window
+    counts: dict[str, int] = Field(default_factory=dict)  # Succeeded / Failed
+    failed: list[int] = Field(default_factory=list)  # first MAX_FAILED_ITEMS failed indexes
+    retries: int = 0
+
+
+class StepState(Slot):
+    phase: StepPhase = "Pending"
+    attempts: list[Attempt] = Field(default_factory=list)
+    output: Any = None
+    outputRef: str | None = None  # key in the outputs bucket (forEach and large outputs)
+    error: dict[str, Any] | None = None
+    message: str = ""
+    firstQueuedAt: float | None = None
+    finishedAt: float | None = None
+    activated: bool = False  # a fallback step called in by a failure
+    recoveredBy: str | None = None
+    approval: dict[str, Any] | None = None
+    forEach: ForEachState | None = None
+    child: str | None = None
+    retries: int = 0
+
+
+class Timer(_State):
+    at: float
+    kind: Literal["retry", "timeout", "heartbeat", "approval", "signal", "deadline"]
+    step: str | None = None
+    item: int | None = None
+    attempt: int | None = None
+
+
+class RunState(_State):
+    run: str
+    namespace: str = "default"
+    workflow: str
+    definition: str  # key of the compiled definition
+    phase: RunPhase = "Pending"
+    input: Any = None
+    createdAt: float
+    startedAt: float | None = None
+    finishedAt: float | None = None
+    steps: dict[str, StepState] = Field(default_factory=dict)
+    outputs: Any = None
+    message: str = ""
+    timers: dict[str, Timer] = Field(default_factory=dict)
+    signals: dict[str, Any] = Field(default_factory=dict)
+    parent: dict[str, Any] | None = None  # {run, namespace, step, item, attempt}
+    scope: str = ""  # shared-context scope: the root run's id
+    failing: str | None = None  # why the run is winding down (a failure, a deadline, a cancel)
+    exitPhase: RunPhase | None = None  # the phase to finish with once onExit is done
+    cancelledBy: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    auditSeq: int = 0
+    outbox: list[dict[str, Any]] = Field(default_factory=list)  # commands of the last decision
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL_RUN
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_defaults=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RunState:
+        return cls.model_validate_json(data)

@@ -1,0 +1,166 @@
+"""`${{ }}` templates and bare CEL expressions, compiled once and evaluated many times.
+
+CEL comes from `common-expression-language` (Rust bindings): it implements the CEL spec
+(the same language the Kubernetes API server uses for validation rules) and evaluates a
+compiled program in about 15 µs, far faster than a pure-Python interpreter.
+
+A string that is exactly `${{ expr }}` yields the typed value; `${{ }}` inside a longer
+string is interpolated (strings as they are, other values as JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cel
+
+_WHOLE = re.compile(r"^\$\{\{\s*(.+?)\s*\}\}$", re.S)
+_PART = re.compile(r"\$\{\{\s*(.+?)\s*\}\}", re.S)
+_STEP_REF = re.compile(r"\bsteps\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
+
+VARIABLES = frozenset({"input", "steps", "item", "index", "run", "event"})
+
+
+class ExpressionError(ValueError):
+    """An expression that does not compile or cannot be evaluated; `path` says where it is."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+@dataclass(frozen=True)
+class Expr:
+    """A compiled CEL expression."""
+
+    source: str
+    program: Any
+    variables: frozenset[str]
+    steps: frozenset[str]
+
+    def evaluate(self, env: Mapping[str, Any]) -> Any:
+        try:
+            return _plain(self.program.execute(dict(env)))
+        except Exception as exc:  # the library raises KeyError, ValueError, ZeroDivisionError...
+            detail = f"no such key {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise ExpressionError(f"{self.source!r}: {detail}") from None
+
+
+def compile_expr(source: str, path: str = "", allowed: frozenset[str] = VARIABLES) -> Expr:
+    """Compile a bare CEL expression, checking that it only names known variables."""
+    try:
+        program = cel.compile(source)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ExpressionError(f"expression {source!r} does not compile: {first}", path) from None
+    names = frozenset(program.variables())
+    unknown = sorted(names - allowed)
+    if unknown:
+        raise ExpressionError(
+            f"expression {source!r} uses unknown variable {unknown[0]!r} (known: {', '.join(sorted(allowed))})",
+            path,
+        )
+    return Expr(source, program, names, frozenset(_STEP_REF.findall(source)))
+
+
+@dataclass(frozen=True)
+class Template:
+    """A JSON value whose strings may hold `${{ }}` expressions."""
+
+    tree: Any
+    exprs: tuple[Expr, ...]
+
+    @property
+    def steps(self) -> frozenset[str]:
+        return frozenset().union(*(e.steps for e in self.exprs)) if self.exprs else frozenset()
+
+    @property
+    def variables(self) -> frozenset[str]:
+        return frozenset().union(*(e.variables for e in self.exprs)) if self.exprs else frozenset()
+
+    def render(self, env: Mapping[str, Any]) -> Any:
+        return _render(self.tree, env)
+
+
+class _Whole:
+    __slots__ = ("expr",)
+
+    def __init__(self, expr: Expr) -> None:
+        self.expr = expr
+
+
+class _Interp:
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[str | Expr]) -> None:
+        self.parts = parts
+
+
+def compile_template(value: Any, path: str = "", allowed: frozenset[str] = VARIABLES) -> Template:
+    exprs: list[Expr] = []
+
+    def walk(node: Any, where: str) -> Any:
+        if isinstance(node, str):
+            whole = _WHOLE.match(node)
+            if whole and "${{" not in whole.group(1):
+                expr = compile_expr(whole.group(1), where, allowed)
+                exprs.append(expr)
+                return _Whole(expr)
+            if "${{" not in node:
+                return node
+            parts: list[str | Expr] = []
+            last = 0
+            for match in _PART.finditer(node):
+                parts.append(node[last : match.start()])
+                expr = compile_expr(match.group(1), where, allowed)
+                exprs.append(expr)
+                parts.append(expr)
+                last = match.end()
+            parts.append(node[last:])
+            return _Interp([p for p in parts if p != ""])
+        if isinstance(node, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        return node
+
+    tree = walk(value, path)
+    return Template(tree, tuple(exprs))
+
+
+def _render(node: Any, env: Mapping[str, Any]) -> Any:
+    if isinstance(node, _Whole):
+        return node.expr.evaluate(env)
+    if isinstance(node, _Interp):
+        out = []
+        for part in node.parts:
+            if isinstance(part, str):
+                out.append(part)
+            else:
+                value = part.evaluate(env)
+                out.append(value if isinstance(value, str) else json.dumps(value, default=str))
+        return "".join(out)
+    if isinstance(node, dict):
+        return {k: _render(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_render(v, env) for v in node]
+    return node
+
+
+def _plain(value: Any) -> Any:
+    """CEL values as JSON-ready Python values (timestamps and bytes become strings)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)

