@@ -61,7 +61,8 @@ def compile_expr(source: str, path: str = "", allowed: frozenset[str] = VARIABLE
     unknown = sorted(names - allowed)
     if unknown:
         raise ExpressionError(
-            f"expression {source!r} uses unknown variable {unknown[0]!r} (known: {', '.join(sorted(allowed))})",
+            f"expression {source!r} uses unknown variable {unknown[0]!r} "
+            f"(known: {', '.join(sorted(allowed))})",
             path,
         )
     return Expr(source, program, names, frozenset(_STEP_REF.findall(source)))

@@ -48,7 +48,7 @@ INLINE_OUTPUT_BYTES = 32 * 1024
 """Step outputs larger than this go to the outputs bucket, keeping the run record small."""
 
 
-class MissingOutputs(Exception):  # noqa: N818 - a request, not an error
+class MissingOutputs(Exception):
     """decide needs outputs stored outside the record; the runtime loads them and calls again."""
 
     def __init__(self, keys: set[str]) -> None:
@@ -82,8 +82,14 @@ def decide(
     `memo` caches values that cannot change once computed (a started forEach's list);
     `copy=False` lets a caller that parsed `state` for this call skip the deep copy.
     """
-    d = _Decider(state.model_copy(deep=True) if copy else state, wf, event, outputs or {},
-                 size_of or _json_size, memo if memo is not None else {})
+    d = _Decider(
+        state.model_copy(deep=True) if copy else state,
+        wf,
+        event,
+        outputs=outputs or {},
+        size_of=size_of or _json_size,
+        memo=memo if memo is not None else {},
+    )
     d.apply()
     return d.decision
 
@@ -96,8 +102,14 @@ def _json_size(value: Any) -> int:
 
 class _Decider:
     def __init__(
-        self, state: RunState, wf: CompiledWorkflow, event: Mapping[str, Any],
-        outputs: Mapping[str, Any], size_of: Callable[[Any], int], memo: dict[str, Any],
+        self,
+        state: RunState,
+        wf: CompiledWorkflow,
+        event: Mapping[str, Any],
+        *,
+        outputs: Mapping[str, Any],
+        size_of: Callable[[Any], int],
+        memo: dict[str, Any],
     ) -> None:
         self.memo = memo
         self.s = state
@@ -116,9 +128,17 @@ class _Decider:
     def audit(self, step: str | None, old: str | None, new: str | None, reason: str, **extra: Any) -> None:
         self.s.auditSeq += 1
         record = {
-            "seq": self.s.auditSeq, "run": self.s.run, "workflow": self.s.workflow,
-            "namespace": self.s.namespace, "step": step, "event": self.ev.get("type"),
-            "from": old, "to": new, "reason": reason, "actor": self.actor, "at": self.now,
+            "seq": self.s.auditSeq,
+            "run": self.s.run,
+            "workflow": self.s.workflow,
+            "namespace": self.s.namespace,
+            "step": step,
+            "event": self.ev.get("type"),
+            "from": old,
+            "to": new,
+            "reason": reason,
+            "actor": self.actor,
+            "at": self.now,
         }
         record.update({k: v for k, v in extra.items() if v is not None})
         self.decision.audit.append(record)
@@ -154,12 +174,22 @@ class _Decider:
     def env(self, item: Any = None, index: int | None = None) -> dict[str, Any]:
         steps: dict[str, Any] = {}
         for name, st in self.s.steps.items():
-            steps[name] = {"phase": st.phase, "output": self._output_of(name, st), "error": st.error,
-                           "attempts": st.attempt}
+            steps[name] = {
+                "phase": st.phase,
+                "output": self._output_of(name, st),
+                "error": st.error,
+                "attempts": st.attempt,
+            }
         env: dict[str, Any] = {
-            "input": self.s.input, "steps": steps,
-            "run": {"id": self.s.run, "workflow": self.s.workflow, "namespace": self.s.namespace,
-                    "phase": self.s.exitPhase or self.s.phase, "message": self.s.message},
+            "input": self.s.input,
+            "steps": steps,
+            "run": {
+                "id": self.s.run,
+                "workflow": self.s.workflow,
+                "namespace": self.s.namespace,
+                "phase": self.s.exitPhase or self.s.phase,
+                "message": self.s.message,
+            },
         }
         if index is not None:
             env["item"] = item
@@ -215,8 +245,10 @@ class _Decider:
         if self.s.failing == "cancelled" or self.s.phase != "Running":
             return
         self.s.cancelledBy = self.actor
-        self.wind_down("cancelled", f"cancelled by {self.actor}" + (
-            f": {self.ev['reason']}" if self.ev.get("reason") else ""))
+        self.wind_down(
+            "cancelled",
+            f"cancelled by {self.actor}" + (f": {self.ev['reason']}" if self.ev.get("reason") else ""),
+        )
 
     def on_signal(self) -> None:
         name = str(self.ev.get("name"))
@@ -246,12 +278,19 @@ class _Decider:
     def decide_approval(self, name: str, approved: bool, by: str, comment: Any) -> None:
         st = self.st(name)
         self.disarm(f"approval:{name}")
-        st.approval = {"decision": "approved" if approved else "rejected", "by": by, "at": self.now,
-                       "comment": comment}
+        st.approval = {
+            "decision": "approved" if approved else "rejected",
+            "by": by,
+            "at": self.now,
+            "comment": comment,
+        }
         if approved:
             self.succeed_step(name, dict(st.approval), f"approved by {by}")
         else:
-            st.error = {"type": "Rejected", "message": f"rejected by {by}" + (f": {comment}" if comment else "")}
+            st.error = {
+                "type": "Rejected",
+                "message": f"rejected by {by}" + (f": {comment}" if comment else ""),
+            }
             self.fail_step(name, st.error["message"])
 
     def on_started(self) -> None:
@@ -300,7 +339,12 @@ class _Decider:
             cs = self.wf.steps[timer.step or ""]
             on_timeout = cs.spec.approval.onTimeout  # type: ignore[union-attr]
             if self.st(cs.name).phase == "WaitingApproval":
-                self.decide_approval(cs.name, on_timeout == "approve", "timeout", f"no decision within {cs.spec.approval.timeout}")  # type: ignore[union-attr]
+                self.decide_approval(
+                    cs.name,
+                    on_timeout == "approve",
+                    "timeout",
+                    f"no decision within {cs.spec.approval.timeout}",  # type: ignore[union-attr]
+                )
         elif timer.kind == "signal":
             name = timer.step or ""
             if self.st(name).phase == "Running":
@@ -317,18 +361,36 @@ class _Decider:
                 last = slot.lastHeartbeat or slot.startedAt or self.now
                 assert cs.heartbeat is not None
                 if last + cs.heartbeat > timer.at + 1e-6:  # a heartbeat came since: look again later
-                    self.arm(self.timer_id("heartbeat", timer.step or "", timer.item, slot.attempt),
-                             Timer(at=last + cs.heartbeat, kind="heartbeat", step=timer.step,
-                                   item=timer.item, attempt=slot.attempt))
+                    self.arm(
+                        self.timer_id("heartbeat", timer.step or "", timer.item, slot.attempt),
+                        Timer(
+                            at=last + cs.heartbeat,
+                            kind="heartbeat",
+                            step=timer.step,
+                            item=timer.item,
+                            attempt=slot.attempt,
+                        ),
+                    )
                     return
-                error = {"type": "HeartbeatTimeout", "message": f"no heartbeat for {cs.heartbeat:g}s",
-                         "retryable": True, "timeout": True}
+                error = {
+                    "type": "HeartbeatTimeout",
+                    "message": f"no heartbeat for {cs.heartbeat:g}s",
+                    "retryable": True,
+                    "timeout": True,
+                }
             else:
                 cs = self.step_def(timer.step or "")
-                error = {"type": "Timeout", "message": f"attempt exceeded its timeout of {cs.timeout:g}s",
-                         "retryable": True, "timeout": True}
-            self.command(op="cancelTasks", subject=cancel_subject(self.s.namespace, self.s.run),
-                         body={"run": self.s.run, "step": timer.step, "item": timer.item})
+                error = {
+                    "type": "Timeout",
+                    "message": f"attempt exceeded its timeout of {cs.timeout:g}s",
+                    "retryable": True,
+                    "timeout": True,
+                }
+            self.command(
+                op="cancelTasks",
+                subject=cancel_subject(self.s.namespace, self.s.run),
+                body={"run": self.s.run, "step": timer.step, "item": timer.item},
+            )
             self.attempt_failed(timer.step or "", timer.item, slot, error, "TimedOut")
 
     # ------------------------------------------------------------------ slots
@@ -375,11 +437,17 @@ class _Decider:
         if cs.timeout is not None:
             # The agent enforces the timeout itself; this timer is the backstop for one
             # that died or hangs, with a little grace so the agent's own report wins.
-            self.arm(self.timer_id("timeout", name, item, slot.attempt),
-                     Timer(at=start + cs.timeout + 1.0, kind="timeout", step=name, item=item, attempt=slot.attempt))
+            self.arm(
+                self.timer_id("timeout", name, item, slot.attempt),
+                Timer(
+                    at=start + cs.timeout + 1.0, kind="timeout", step=name, item=item, attempt=slot.attempt
+                ),
+            )
         if cs.heartbeat is not None:
-            self.arm(self.timer_id("heartbeat", name, item, slot.attempt),
-                     Timer(at=start + cs.heartbeat, kind="heartbeat", step=name, item=item, attempt=slot.attempt))
+            self.arm(
+                self.timer_id("heartbeat", name, item, slot.attempt),
+                Timer(at=start + cs.heartbeat, kind="heartbeat", step=name, item=item, attempt=slot.attempt),
+            )
 
     def record_attempt(self, name: str, item: int | None, **fields: Any) -> None:
         if item is not None:
@@ -392,18 +460,28 @@ class _Decider:
                         setattr(rec, k, v)
                 return
 
-    def finish_attempt(self, name: str, item: int | None, slot: Slot, outcome: str,
-                       error: dict[str, Any] | None) -> None:
+    def finish_attempt(
+        self, name: str, item: int | None, slot: Slot, outcome: str, error: dict[str, Any] | None
+    ) -> None:
         self.disarm_slot(name, item, slot.attempt)
         started = self.ev.get("startedAt") or slot.startedAt
-        self.record_attempt(name, item, outcome=outcome, error=error, finishedAt=self.ev.get("finishedAt") or self.now,
-                            startedAt=started, worker=self.ev.get("worker"))
+        self.record_attempt(
+            name,
+            item,
+            outcome=outcome,
+            error=error,
+            finishedAt=self.ev.get("finishedAt") or self.now,
+            startedAt=started,
+            worker=self.ev.get("worker"),
+        )
         slot.running = False
         if started is not None:
             slot.startedAt = started
 
     # ----------------------------------------------------------------- failures
-    def attempt_failed(self, name: str, item: int | None, slot: Slot, error: dict[str, Any], outcome: str) -> None:
+    def attempt_failed(
+        self, name: str, item: int | None, slot: Slot, error: dict[str, Any], outcome: str
+    ) -> None:
         cs = self.step_def(name)
         self.finish_attempt(name, item, slot, outcome, error)
         st = self.st(name)
@@ -414,12 +492,21 @@ class _Decider:
             st.retries += 1
             if st.forEach is not None:
                 st.forEach.retries += 1
-            self.arm(self.timer_id("retry", name, item),
-                     Timer(at=self.now + delay, kind="retry", step=name, item=item, attempt=slot.attempt + 1))
+            self.arm(
+                self.timer_id("retry", name, item),
+                Timer(at=self.now + delay, kind="retry", step=name, item=item, attempt=slot.attempt + 1),
+            )
             where = name if item is None else f"{name}[{item}]"
-            self.audit(name, "Running", "Running",
-                       f"attempt {slot.attempt} of {where} failed ({error.get('type')}: {error.get('message')}); "
-                       f"retry in {delay:.2f}s", item=item, attempt=slot.attempt, retry=True)
+            self.audit(
+                name,
+                "Running",
+                "Running",
+                f"attempt {slot.attempt} of {where} failed ({error.get('type')}: {error.get('message')}); "
+                f"retry in {delay:.2f}s",
+                item=item,
+                attempt=slot.attempt,
+                retry=True,
+            )
             if item is None:
                 st.message = f"retrying after {error.get('type')}: {error.get('message')}"
             return
@@ -427,8 +514,11 @@ class _Decider:
             error = {**error, "retriesExhausted": True}
         if item is None:
             st.error = error
-            self.fail_step(name, f"{error.get('type', 'Error')}: {error.get('message', '')}",
-                           exhausted=bool(error.get("retriesExhausted")))
+            self.fail_step(
+                name,
+                f"{error.get('type', 'Error')}: {error.get('message', '')}",
+                exhausted=bool(error.get("retriesExhausted")),
+            )
         else:
             self.item_done(name, item, None, failed=True, error=error)
 
@@ -463,8 +553,9 @@ class _Decider:
         self.set_phase(name, "Succeeded", reason)
 
     # ------------------------------------------------------------------ forEach
-    def item_done(self, name: str, item: int, output: Any, *, failed: bool,
-                  error: dict[str, Any] | None = None) -> None:
+    def item_done(
+        self, name: str, item: int, output: Any, *, failed: bool, error: dict[str, Any] | None = None
+    ) -> None:
         st = self.st(name)
         fe = st.forEach
         assert fe is not None
@@ -477,11 +568,16 @@ class _Decider:
             if len(fe.failed) < MAX_FAILED_ITEMS:
                 fe.failed.append(item)
             st.error = {**(error or {}), "item": item}
-            self.audit(name, "Running", "Running", f"item {item} failed: {(error or {}).get('message')}", item=item)
+            self.audit(
+                name, "Running", "Running", f"item {item} failed: {(error or {}).get('message')}", item=item
+            )
             if self.step_def(name).on_failure != "continue":
                 self.cancel_items(name)
-                self.fail_step(name, f"item {item} failed: {(error or {}).get('type')}: {(error or {}).get('message')}",
-                               exhausted=bool((error or {}).get("retriesExhausted")))
+                self.fail_step(
+                    name,
+                    f"item {item} failed: {(error or {}).get('type')}: {(error or {}).get('message')}",
+                    exhausted=bool((error or {}).get("retriesExhausted")),
+                )
                 return
         self.fill_window(name)
         if not fe.running and fe.next >= fe.total:
@@ -501,8 +597,11 @@ class _Decider:
             self.disarm_slot(name, int(key), slot.attempt)
             self.disarm(self.timer_id("retry", name, int(key)))
         st.forEach.running.clear()
-        self.command(op="cancelTasks", subject=cancel_subject(self.s.namespace, self.s.run),
-                     body={"run": self.s.run, "step": name})
+        self.command(
+            op="cancelTasks",
+            subject=cancel_subject(self.s.namespace, self.s.run),
+            body={"run": self.s.run, "step": name},
+        )
 
     def fill_window(self, name: str) -> None:
         cs = self.step_def(name)
@@ -539,8 +638,9 @@ class _Decider:
             else:
                 slot.running = True
                 slot.attempt += 1
-                self.item_done(name, item, None, failed=True,
-                               error={"type": "ExpressionError", "message": str(exc)})
+                self.item_done(
+                    name, item, None, failed=True, error={"type": "ExpressionError", "message": str(exc)}
+                )
             return
         slot.attempt += 1
         slot.running = True
@@ -556,20 +656,43 @@ class _Decider:
         if cs.kind == "workflow":
             child = task_id(self.s.run, name, item, slot.attempt).replace(".", "-")
             st.child = child if item is None else st.child
-            self.command(op="startChild", run=child, workflow=cs.workflow, namespace=self.s.namespace,
-                         input=payload, scope=self.s.scope or self.s.run,
-                         parent={"run": self.s.run, "namespace": self.s.namespace, "step": name,
-                                 "item": item, "attempt": slot.attempt})
+            self.command(
+                op="startChild",
+                run=child,
+                workflow=cs.workflow,
+                namespace=self.s.namespace,
+                input=payload,
+                scope=self.s.scope or self.s.run,
+                parent={
+                    "run": self.s.run,
+                    "namespace": self.s.namespace,
+                    "step": name,
+                    "item": item,
+                    "attempt": slot.attempt,
+                },
+            )
             slot.startedAt = self.now
         else:
             body = {
-                "run": self.s.run, "workflow": self.s.workflow, "step": name, "item": item,
-                "attempt": slot.attempt, "input": payload, "scope": self.s.scope or self.s.run,
-                "timeout": cs.timeout, "heartbeat": cs.heartbeat, "queuedAt": self.now,
+                "run": self.s.run,
+                "workflow": self.s.workflow,
+                "step": name,
+                "item": item,
+                "attempt": slot.attempt,
+                "input": payload,
+                "scope": self.s.scope or self.s.run,
+                "timeout": cs.timeout,
+                "heartbeat": cs.heartbeat,
+                "queuedAt": self.now,
                 "notifyStart": bool(cs.timeout or cs.heartbeat),
             }
-            self.command(op="dispatch", subject=task_subject(self.s.namespace, cs.agent or ""),
-                         msgId=task_id(self.s.run, name, item, slot.attempt), body=body, agent=cs.agent)
+            self.command(
+                op="dispatch",
+                subject=task_subject(self.s.namespace, cs.agent or ""),
+                msgId=task_id(self.s.run, name, item, slot.attempt),
+                body=body,
+                agent=cs.agent,
+            )
             if cs.timeout or cs.heartbeat:
                 # Until the agent reports the start, the timers count from the dispatch.
                 self.arm_attempt_timers(name, item, slot)
@@ -632,7 +755,9 @@ class _Decider:
             st.phase = "WaitingApproval"
             self.audit(name, "Pending", "WaitingApproval", cs.spec.approval.message or "waiting for approval")  # type: ignore[union-attr]
             if cs.approval_timeout is not None:
-                self.arm(f"approval:{name}", Timer(at=self.now + cs.approval_timeout, kind="approval", step=name))
+                self.arm(
+                    f"approval:{name}", Timer(at=self.now + cs.approval_timeout, kind="approval", step=name)
+                )
             st.message = cs.spec.approval.message or "waiting for approval"  # type: ignore[union-attr]
             return
         self.audit(name, "Pending", "Running", "dependencies satisfied")
@@ -676,12 +801,20 @@ class _Decider:
                     states = [self.dep_state(d) for d in cs.deps]
                     if "wait" in states or "blocked" in states:
                         continue
-                    if states and all(x == "skipped" for x in states) and cs.spec.ifDependenciesSkipped == "skip":  # type: ignore[union-attr]
+                    if (
+                        states
+                        and all(x == "skipped" for x in states)
+                        and cs.spec.ifDependenciesSkipped == "skip"  # type: ignore[union-attr]
+                    ):
                         self.set_phase(name, "Skipped", "all dependencies were skipped")
                     else:
                         self.start_step(name)
                     progress = True
-                blocked = [n for n in self.wf.order if self.st(n).phase == "Failed" and self.dep_state(n) == "blocked"]
+                blocked = [
+                    n
+                    for n in self.wf.order
+                    if self.st(n).phase == "Failed" and self.dep_state(n) == "blocked"
+                ]
                 if blocked:
                     self.wind_down("failed", f"step {blocked[0]} failed: {self.st(blocked[0]).message}")
                     progress = True
@@ -718,13 +851,19 @@ class _Decider:
                 for tid in [t for t, tm in self.s.timers.items() if tm.step == name]:
                     self.disarm(tid)
                 if st.child:
-                    self.command(op="publish", subject=event_subject(self.s.namespace, st.child),
-                                 msgId=f"cancel:{st.child}", body={"type": "cancel", "run": st.child,
-                                                                    "by": self.actor, "reason": message})
+                    self.command(
+                        op="publish",
+                        subject=event_subject(self.s.namespace, st.child),
+                        msgId=f"cancel:{st.child}",
+                        body={"type": "cancel", "run": st.child, "by": self.actor, "reason": message},
+                    )
                 self.set_phase(name, "Cancelled", message)
         if any_running:
-            self.command(op="cancelTasks", subject=cancel_subject(self.s.namespace, self.s.run),
-                         body={"run": self.s.run})
+            self.command(
+                op="cancelTasks",
+                subject=cancel_subject(self.s.namespace, self.s.run),
+                body={"run": self.s.run},
+            )
         self.disarm("deadline")
         self.maybe_finish()
 
@@ -733,11 +872,15 @@ class _Decider:
             return
         exit_def = self.wf.on_exit
         if self.s.exitPhase is None:
-            phase = {"cancelled": "Cancelled", "failed": "Failed", "deadline": "Failed"}.get(self.s.failing or "")
+            phase = {"cancelled": "Cancelled", "failed": "Failed", "deadline": "Failed"}.get(
+                self.s.failing or ""
+            )
             if phase is None:
                 phase = "Succeeded"
                 try:
-                    self.s.outputs = self.wf.output.render(self.resolve_lazy(self.env(), self.wf.output.steps))
+                    self.s.outputs = self.wf.output.render(
+                        self.resolve_lazy(self.env(), self.wf.output.steps)
+                    )
                 except ExpressionError as exc:
                     phase = "Failed"
                     self.s.message = f"output: {exc}"
@@ -745,8 +888,11 @@ class _Decider:
             for name in self.wf.order:
                 st = self.st(name)
                 if st.phase == "Pending":
-                    why = ("not needed: no step failed over to it" if name in self.wf.fallbacks
-                           else "not run: the run stopped before it")
+                    why = (
+                        "not needed: no step failed over to it"
+                        if name in self.wf.fallbacks
+                        else "not run: the run stopped before it"
+                    )
                     self.set_phase(name, "Skipped", why)
             if exit_def is not None:
                 self.st(exit_def.name).phase = "Running"
@@ -769,16 +915,32 @@ class _Decider:
         self.audit(None, old, phase, self.s.message or "all steps finished")
         parent = self.s.parent
         if parent:
-            base = {"run": parent["run"], "step": parent["step"], "item": parent.get("item"),
-                    "attempt": parent["attempt"], "worker": f"run:{self.s.run}"}
+            base = {
+                "run": parent["run"],
+                "step": parent["step"],
+                "item": parent.get("item"),
+                "attempt": parent["attempt"],
+                "worker": f"run:{self.s.run}",
+            }
             if phase == "Succeeded":
                 body = {"type": "result", **base, "output": self.s.outputs}
             else:
-                body = {"type": "failed", **base, "error": {
-                    "type": f"Child{phase}", "message": f"sub-workflow {self.s.workflow} {phase.lower()}: "
-                    f"{self.s.message}", "retryable": False, "child": self.s.run}}
-            self.command(op="publish", subject=event_subject(parent.get("namespace", self.s.namespace), parent["run"]),
-                         msgId=f"child:{self.s.run}", body=body)
+                body = {
+                    "type": "failed",
+                    **base,
+                    "error": {
+                        "type": f"Child{phase}",
+                        "message": f"sub-workflow {self.s.workflow} {phase.lower()}: {self.s.message}",
+                        "retryable": False,
+                        "child": self.s.run,
+                    },
+                }
+            self.command(
+                op="publish",
+                subject=event_subject(parent.get("namespace", self.s.namespace), parent["run"]),
+                msgId=f"child:{self.s.run}",
+                body=body,
+            )
 
 
 class _Lazy:
@@ -809,5 +971,9 @@ class _Lazy:
 
 
 def audit_command(record: dict[str, Any]) -> dict[str, Any]:
-    return {"op": "audit", "subject": audit_subject(record["namespace"], record["run"]),
-            "msgId": f"audit:{record['run']}:{record['seq']}", "body": record}
+    return {
+        "op": "audit",
+        "subject": audit_subject(record["namespace"], record["run"]),
+        "msgId": f"audit:{record['run']}:{record['seq']}",
+        "body": record,
+    }

@@ -111,33 +111,50 @@ def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) 
         declared = [k for k in ("agent", "workflow", "approval", "waitFor") if getattr(step, k) is not None]
         if len(declared) != 1:
             what = "none" if not declared else " and ".join(declared)
-            raise DefinitionError(path, f"a step needs exactly one of agent, workflow, approval, waitFor (has {what})")
+            raise DefinitionError(
+                path, f"a step needs exactly one of agent, workflow, approval, waitFor (has {what})"
+            )
         if step.forEach and kind not in ("agent", "workflow"):
             raise DefinitionError(f"{path}.forEach", f"forEach needs an agent or workflow step, not {kind}")
         window = step.maxParallel or DEFAULT_FOREACH_WINDOW
         deps = tuple(step.dependsOn)
         on_failure = step.onFailure
         heartbeat = _seconds(step.heartbeatTimeout, f"{path}.heartbeatTimeout")
-        approval_timeout = _seconds(step.approval.timeout, f"{path}.approval.timeout") if step.approval else None
+        approval_timeout = (
+            _seconds(step.approval.timeout, f"{path}.approval.timeout") if step.approval else None
+        )
         signal_timeout = _seconds(step.waitFor.timeout, f"{path}.waitFor.timeout") if step.waitFor else None
     else:
         kind, window, deps, on_failure, heartbeat = "agent", 1, (), "fail", None
         approval_timeout = signal_timeout = None
     return CompiledStep(
-        name=step.name, spec=step, kind=kind, deps=deps, when=when, for_each=for_each, input=template,
-        window=window, timeout=_seconds(step.timeout, f"{path}.timeout"), heartbeat=heartbeat,
+        name=step.name,
+        spec=step,
+        kind=kind,
+        deps=deps,
+        when=when,
+        for_each=for_each,
+        input=template,
+        window=window,
+        timeout=_seconds(step.timeout, f"{path}.timeout"),
+        heartbeat=heartbeat,
         retry_limit=retry.limit if retry else 0,
         backoff_initial=_seconds(backoff.initial, f"{path}.retry.backoff.initial") or 1.0 if backoff else 1.0,
         backoff_factor=backoff.factor if backoff else 2.0,
         backoff_max=_seconds(backoff.max, f"{path}.retry.backoff.max") or 300.0 if backoff else 300.0,
         backoff_jitter=backoff.jitter if backoff else 0.2,
-        on_failure=on_failure, approval_timeout=approval_timeout, signal_timeout=signal_timeout,
+        on_failure=on_failure,
+        approval_timeout=approval_timeout,
+        signal_timeout=signal_timeout,
         is_exit=is_exit,
     )
 
 
 def compile_workflow(
-    name: str, spec: WorkflowSpec, namespace: str = "default", known_agents: set[str] | None = None,
+    name: str,
+    spec: WorkflowSpec,
+    namespace: str = "default",
+    known_agents: set[str] | None = None,
     known_workflows: set[str] | None = None,
 ) -> CompiledWorkflow:
     """Compile and check a workflow. `known_*`, when given, are checked for references."""
@@ -162,7 +179,8 @@ def compile_workflow(
         if step.onFailure not in ("fail", "continue"):
             if step.onFailure not in steps:
                 raise DefinitionError(
-                    f"{path}.onFailure", f"must be fail, continue or a step name; unknown step {step.onFailure!r}"
+                    f"{path}.onFailure",
+                    f"must be fail, continue or a step name; unknown step {step.onFailure!r}",
                 )
             if step.onFailure == step.name:
                 raise DefinitionError(f"{path}.onFailure", "a step cannot be its own fallback")
@@ -228,7 +246,9 @@ def compile_workflow(
             from croniter import croniter
 
             if not croniter.is_valid(trigger.schedule.cron):
-                raise DefinitionError(f"spec.triggers[{i}].schedule.cron", f"invalid cron {trigger.schedule.cron!r}")
+                raise DefinitionError(
+                    f"spec.triggers[{i}].schedule.cron", f"invalid cron {trigger.schedule.cron!r}"
+                )
     if spec.inputSchema is not None:
         import jsonschema
 
@@ -245,10 +265,18 @@ def compile_workflow(
     if on_exit is not None and on_exit.agent:
         agents.add(on_exit.agent)
     return CompiledWorkflow(
-        name=name, namespace=namespace, spec=spec, steps=steps, order=order,
-        dependents={k: tuple(v) for k, v in dependents.items()}, fallbacks=frozenset(fallbacks),
-        output=output, deadline=_seconds(spec.deadline, "spec.deadline"), on_exit=on_exit,
-        digest=spec_digest(spec), agents=frozenset(agents),
+        name=name,
+        namespace=namespace,
+        spec=spec,
+        steps=steps,
+        order=order,
+        dependents={k: tuple(v) for k, v in dependents.items()},
+        fallbacks=frozenset(fallbacks),
+        output=output,
+        deadline=_seconds(spec.deadline, "spec.deadline"),
+        on_exit=on_exit,
+        digest=spec_digest(spec),
+        agents=frozenset(agents),
     )
 
 
@@ -284,4 +312,8 @@ def _topological(spec: WorkflowSpec, index: dict[str, int]) -> tuple[str, ...]:
 
 def definition_document(wf: CompiledWorkflow) -> dict[str, Any]:
     """What the definitions bucket stores: enough to recompile the workflow anywhere."""
-    return {"name": wf.name, "namespace": wf.namespace, "spec": wf.spec.model_dump(mode="json", exclude_none=True)}
+    return {
+        "name": wf.name,
+        "namespace": wf.namespace,
+        "spec": wf.spec.model_dump(mode="json", exclude_none=True),
+    }
