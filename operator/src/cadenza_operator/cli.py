@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         interactive=sys.stdin.isatty() and tty, approver=args.by,
     )
     progress = Progress(err, wf.name) if tty else None
+    # SIGTERM stops the run like Ctrl-C does: agents and the embedded server go with it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if progress is not None:
             with progress:

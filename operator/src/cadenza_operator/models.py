@@ -354,7 +354,7 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
-    namespace: str = "default"
+    namespace: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 

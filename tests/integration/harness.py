@@ -1,0 +1,50 @@
+"""Build small projects (agents + manifests) in a temp folder and run them on a real nats-server."""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any
+
+from cadenza_operator.local.runner import RunOptions, execute
+from cadenza_operator.manifests import load
+
+
+def unique_namespace() -> str:
+    """Each test gets its own namespace: subjects and consumers never mix across tests."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def write_project(root: Path, agents_py: str, manifests: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "agents.py").write_text(textwrap.dedent(agents_py))
+    (root / "manifests.yaml").write_text(textwrap.dedent(manifests))
+    return root
+
+
+async def run_project(
+    root: Path, nats_url: str, *, input: Any = None, namespace: str | None = None, workflow: str | None = None,
+    timeout: float = 60, approve: list[str] | None = None, reject: list[str] | None = None,
+) -> tuple[dict[str, Any], int]:
+    bundle = load([root], namespace=namespace or unique_namespace())
+    wf = bundle.compiled[workflow] if workflow else next(iter(bundle.compiled.values()))
+    opts = RunOptions(workflow=wf, bundle=bundle, input=input if input is not None else {}, nats_url=nats_url,
+                      timeout=timeout, approve=approve or [], reject=reject or [])
+    return await execute(opts)
+
+
+AGENT = """
+apiVersion: cadenza.dev/v1alpha1
+kind: Agent
+metadata: {{name: {name}}}
+spec:
+  command: ["python", "agents.py", "{name}"]
+  replicas: {replicas}
+  concurrency: {concurrency}
+  ackWait: {ack_wait}
+"""
+
+
+def agent_manifest(name: str, replicas: int = 1, concurrency: int = 4, ack_wait: str = "30s") -> str:
+    return AGENT.format(name=name, replicas=replicas, concurrency=concurrency, ack_wait=ack_wait)
