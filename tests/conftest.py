@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from cadenza_operator.local.nats_server import NatsServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,15 +16,21 @@ EXAMPLES = ROOT / "examples"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--with-e2e", action="store_true", default=False,
-                     help="run the end-to-end tests on a kind cluster (needs Docker, kind, kubectl, helm)")
+    parser.addoption(
+        "--with-e2e",
+        action="store_true",
+        default=False,
+        help="run the end-to-end tests on a kind cluster (needs Docker, kind, kubectl, helm)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--with-e2e"):
         return
-    skip = pytest.mark.skip(reason="end-to-end on kind: opt in with --with-e2e (needs a container engine, "
-                                   "which this machine does not have)")
+    skip = pytest.mark.skip(
+        reason="end-to-end on kind: opt in with --with-e2e (needs a container engine, "
+        "which this machine does not have)"
+    )
     for item in items:
         if "e2e" in item.keywords:
             item.add_marker(skip)
@@ -48,5 +53,12 @@ def fresh_nats() -> Iterator[NatsServer]:
 def cadenza(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user would, in a subprocess."""
     env = {**os.environ, "CADENZA_LOG_FORMAT": "json"}
-    return subprocess.run([sys.executable, "-m", "cadenza_operator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd or ROOT, env=env, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "cadenza_operator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )

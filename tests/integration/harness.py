@@ -24,13 +24,27 @@ def write_project(root: Path, agents_py: str, manifests: str) -> Path:
 
 
 async def run_project(
-    root: Path, nats_url: str, *, input: Any = None, namespace: str | None = None, workflow: str | None = None,
-    timeout: float = 60, approve: list[str] | None = None, reject: list[str] | None = None,
+    root: Path,
+    nats_url: str,
+    *,
+    input: Any = None,
+    namespace: str | None = None,
+    workflow: str | None = None,
+    timeout: float = 60,
+    approve: list[str] | None = None,
+    reject: list[str] | None = None,
 ) -> tuple[dict[str, Any], int]:
     bundle = load([root], namespace=namespace or unique_namespace())
     wf = bundle.compiled[workflow] if workflow else next(iter(bundle.compiled.values()))
-    opts = RunOptions(workflow=wf, bundle=bundle, input=input if input is not None else {}, nats_url=nats_url,
-                      timeout=timeout, approve=approve or [], reject=reject or [])
+    opts = RunOptions(
+        workflow=wf,
+        bundle=bundle,
+        input=input if input is not None else {},
+        nats_url=nats_url,
+        timeout=timeout,
+        approve=approve or [],
+        reject=reject or [],
+    )
     return await execute(opts)
 
 

@@ -72,7 +72,8 @@ spec: {command: ["python", "agents.py"]}
 @pytest.mark.parametrize(
     ("workflow", "expected"),
     [
-        ("""
+        (
+            """
          apiVersion: cadenza.dev/v1alpha1
          kind: Workflow
          metadata: {name: triage}
@@ -81,8 +82,11 @@ spec: {command: ["python", "agents.py"]}
              - {name: classify, agent: classifier}
              - {name: lookup, agent: classifier, dependsOn: [classify]}
              - {name: route, agent: classifier, dependsOn: [lokup]}
-         """, "workflow.yaml: Workflow/triage: spec.steps[2].dependsOn[0]: unknown step 'lokup'"),
-        ("""
+         """,
+            "workflow.yaml: Workflow/triage: spec.steps[2].dependsOn[0]: unknown step 'lokup'",
+        ),
+        (
+            """
          apiVersion: cadenza.dev/v1alpha1
          kind: Workflow
          metadata: {name: triage}
@@ -90,16 +94,22 @@ spec: {command: ["python", "agents.py"]}
            steps:
              - {name: a, agent: classifier, dependsOn: [b]}
              - {name: b, agent: classifier, dependsOn: [a]}
-         """, "Workflow/triage: spec.steps[0].dependsOn: dependency cycle: a -> b -> a"),
-        ("""
+         """,
+            "Workflow/triage: spec.steps[0].dependsOn: dependency cycle: a -> b -> a",
+        ),
+        (
+            """
          apiVersion: cadenza.dev/v1alpha1
          kind: Workflow
          metadata: {name: triage}
          spec:
            steps:
              - {name: classify, agent: clasifier}
-         """, "Workflow/triage: spec.steps[0].agent: unknown agent 'clasifier'"),
-        ("""
+         """,
+            "Workflow/triage: spec.steps[0].agent: unknown agent 'clasifier'",
+        ),
+        (
+            """
          apiVersion: cadenza.dev/v1alpha1
          kind: Workflow
          metadata: {name: triage}
@@ -107,48 +117,67 @@ spec: {command: ["python", "agents.py"]}
            steps:
              - {name: classify, agent: classifier}
              - {name: classify, agent: classifier}
-         """, "Workflow/triage: spec.steps: Value error, duplicate step name 'classify' at steps[1]"),
-        ("""
+         """,
+            "Workflow/triage: spec.steps: Value error, duplicate step name 'classify' at steps[1]",
+        ),
+        (
+            """
          apiVersion: cadenza.dev/v1alpha1
          kind: Workflow
          metadata: {name: triage}
          spec:
            steps:
              - {name: Classify-1, agent: classifier}
-         """, "Workflow/triage: spec.steps[0].name: String should match pattern"),
-        ("""
+         """,
+            "Workflow/triage: spec.steps[0].name: String should match pattern",
+        ),
+        (
+            """
          apiVersion: cadenza.dev/v1alpha1
          kind: Workflow
          metadata: {name: triage}
          spec:
            steps:
              - {name: classify, agent: classifier, when: "input.x =="}
-         """, "Workflow/triage: spec.steps[0].when: expression 'input.x ==' does not compile"),
-        ("""
+         """,
+            "Workflow/triage: spec.steps[0].when: expression 'input.x ==' does not compile",
+        ),
+        (
+            """
          apiVersion: cadenza.dev/v1alpha1
          kind: Workflow
          metadata: {name: triage}
          spec:
            steps:
              - {name: classify, agent: classifier, input: {x: "${{ inptu.x }}"}}
-         """, "Workflow/triage: spec.steps[0].input.x: expression 'inptu.x' uses unknown variable 'inptu'"),
-        ("""
+         """,
+            "Workflow/triage: spec.steps[0].input.x: expression 'inptu.x' uses unknown variable 'inptu'",
+        ),
+        (
+            """
          apiVersion: cadenza.dev/v1alpha1
          kind: Gizmo
          metadata: {name: triage}
          spec: {}
-         """, "workflow.yaml: Gizmo/triage: kind: unknown kind 'Gizmo'"),
-        ("""
+         """,
+            "workflow.yaml: Gizmo/triage: kind: unknown kind 'Gizmo'",
+        ),
+        (
+            """
          apiVersion: cadenza.dev/v1alpha1
          kind: Workflow
          metadata: {name: triage}
          spec:
            steps: [{name: a, agent: classifier, retyr: {limit: 2}}]
-         """, "Workflow/triage: spec.steps[0].retyr: unknown field"),
+         """,
+            "Workflow/triage: spec.steps[0].retyr: unknown field",
+        ),
         ("kind: Workflow\nmetadata: {name: x\n", "workflow.yaml: line"),
     ],
 )
-def test_invalid_manifests_exit_2_naming_file_object_and_field(tmp_path: Path, workflow: str, expected: str) -> None:
+def test_invalid_manifests_exit_2_naming_file_object_and_field(
+    tmp_path: Path, workflow: str, expected: str
+) -> None:
     write(tmp_path, "agent.yaml", AGENT)
     write(tmp_path, "workflow.yaml", workflow)
     for command in ("validate", "run"):
@@ -171,7 +200,10 @@ def test_validate_accepts_the_examples() -> None:
 
 def test_ctrl_c_stops_agents_and_server(tmp_path: Path) -> None:
     marker = f"sleeper-{os.getpid()}-{time.monotonic_ns()}"
-    write(tmp_path, "agents.py", f"""
+    write(
+        tmp_path,
+        "agents.py",
+        f"""
         import asyncio
         from cadenza import Agent
         agent = Agent("sleeper")
@@ -183,8 +215,12 @@ def test_ctrl_c_stops_agents_and_server(tmp_path: Path) -> None:
 
         if __name__ == "__main__":
             agent.run()  # {marker}
-        """)
-    write(tmp_path, "manifests.yaml", f"""
+        """,
+    )
+    write(
+        tmp_path,
+        "manifests.yaml",
+        f"""
         apiVersion: cadenza.dev/v1alpha1
         kind: Agent
         metadata: {{name: sleeper}}
@@ -195,10 +231,16 @@ def test_ctrl_c_stops_agents_and_server(tmp_path: Path) -> None:
         metadata: {{name: slow}}
         spec:
           steps: [{{name: nap, agent: sleeper}}]
-        """)
+        """,
+    )
     before = nats_servers()
-    proc = subprocess.Popen([sys.executable, "-m", "cadenza_operator.cli", "run", str(tmp_path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cadenza_operator.cli", "run", str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         for _ in range(200):
             if processes_mentioning(marker):

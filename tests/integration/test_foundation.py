@@ -48,7 +48,10 @@ spec:
   steps:
     - name: first
       agent: worker
-      input: {{mode: "${{{{ input.mode }}}}", value: "${{{{ input.value }}}}", marker: "${{{{ input.marker }}}}"}}
+      input:
+        mode: "${{{{ input.mode }}}}"
+        value: "${{{{ input.value }}}}"
+        marker: "${{{{ input.marker }}}}"
       retry: {{limit: 3, backoff: {{initial: 50ms, factor: 2, max: 1s}}}}
     - name: left
       agent: worker
@@ -63,24 +66,34 @@ spec:
 
 
 def project(tmp_path: Path, replicas: int = 1, ack_wait: str = "30s") -> Path:
-    return write_project(tmp_path / "proj", AGENTS, agent_manifest("worker", replicas, 4, ack_wait) + WORKFLOW.format())
+    return write_project(
+        tmp_path / "proj", AGENTS, agent_manifest("worker", replicas, 4, ack_wait) + WORKFLOW.format()
+    )
 
 
 async def test_run_succeeds_with_parallel_steps_and_outputs(tmp_path: Path, nats_server: NatsServer) -> None:
-    summary, code = await run_project(project(tmp_path), nats_server.url,
-                                      input={"mode": "echo", "value": "hi", "marker": ""})
+    summary, code = await run_project(
+        project(tmp_path), nats_server.url, input={"mode": "echo", "value": "hi", "marker": ""}
+    )
     assert code == 0, summary
     assert summary["phase"] == "Succeeded"
     assert summary["outputs"] == {"first": {"echo": "hi", "attempt": 1}, "right": 2}
     steps = summary["steps"]
-    assert {n: s["phase"] for n, s in steps.items()} == {"first": "Succeeded", "left": "Succeeded",
-                                                         "right": "Succeeded"}
+    assert {n: s["phase"] for n, s in steps.items()} == {
+        "first": "Succeeded",
+        "left": "Succeeded",
+        "right": "Succeeded",
+    }
     # left and right were both queued when first finished: dispatched together
     assert steps["left"]["queuedAt"] == steps["right"]["queuedAt"] >= steps["first"]["finishedAt"] - 1
 
 
-async def test_fatal_error_fails_the_run_with_the_error_in_step_status(tmp_path: Path, nats_server: NatsServer) -> None:
-    summary, code = await run_project(project(tmp_path), nats_server.url, input={"mode": "fatal", "value": 0, "marker": ""})
+async def test_fatal_error_fails_the_run_with_the_error_in_step_status(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    summary, code = await run_project(
+        project(tmp_path), nats_server.url, input={"mode": "fatal", "value": 0, "marker": ""}
+    )
     assert code == 1
     assert summary["phase"] == "Failed"
     first = summary["steps"]["first"]
@@ -94,7 +107,9 @@ async def test_fatal_error_fails_the_run_with_the_error_in_step_status(tmp_path:
 
 
 async def test_retryable_error_is_retried_until_success(tmp_path: Path, nats_server: NatsServer) -> None:
-    summary, code = await run_project(project(tmp_path), nats_server.url, input={"mode": "flaky", "value": 0, "marker": ""})
+    summary, code = await run_project(
+        project(tmp_path), nats_server.url, input={"mode": "flaky", "value": 0, "marker": ""}
+    )
     assert code == 0, summary
     first = summary["steps"]["first"]
     assert first["attempts"] == 3
@@ -103,13 +118,21 @@ async def test_retryable_error_is_retried_until_success(tmp_path: Path, nats_ser
     assert summary["outputs"]["first"]["attempt"] == 3
 
 
-async def test_sigkilled_agent_task_is_redelivered_and_applied_once(tmp_path: Path, fresh_nats: NatsServer) -> None:
+async def test_sigkilled_agent_task_is_redelivered_and_applied_once(
+    tmp_path: Path, fresh_nats: NatsServer
+) -> None:
     import nats
 
     marker = tmp_path / "marker"
     namespace = unique_namespace()
-    run = asyncio.create_task(run_project(project(tmp_path, replicas=2, ack_wait="2s"), fresh_nats.url,
-                                          input={"mode": "crash-once", "value": 0, "marker": str(marker)}, namespace=namespace))
+    run = asyncio.create_task(
+        run_project(
+            project(tmp_path, replicas=2, ack_wait="2s"),
+            fresh_nats.url,
+            input={"mode": "crash-once", "value": 0, "marker": str(marker)},
+            namespace=namespace,
+        )
+    )
     for _ in range(300):
         if marker.exists() and marker.read_text():
             break
@@ -126,8 +149,9 @@ async def test_sigkilled_agent_task_is_redelivered_and_applied_once(tmp_path: Pa
     nc = await nats.connect(fresh_nats.url)
     try:
         js = nc.jetstream()
-        sub = await js.subscribe(f"cadenza.audit.{namespace}.{summary['run']}", stream=AUDIT_STREAM,
-                                 ordered_consumer=True)
+        sub = await js.subscribe(
+            f"cadenza.audit.{namespace}.{summary['run']}", stream=AUDIT_STREAM, ordered_consumer=True
+        )
         records = []
         while True:
             try:

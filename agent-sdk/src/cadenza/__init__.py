@@ -1,15 +1,15 @@
 """Cadenza agent SDK: write an agent as one decorated function.
 
-    from cadenza import Agent, Task
+from cadenza import Agent, Task
 
-    agent = Agent("classifier")
+agent = Agent("classifier")
 
-    @agent.handler
-    async def classify(task: Task) -> dict:
-        return {"category": "billing"}
+@agent.handler
+async def classify(task: Task) -> dict:
+    return {"category": "billing"}
 
-    if __name__ == "__main__":
-        agent.run()   # settings from CADENZA_* environment variables
+if __name__ == "__main__":
+    agent.run()   # settings from CADENZA_* environment variables
 """
 
 from ._agent import Agent, AgentSettings

@@ -184,16 +184,27 @@ class Agent:
                 return
             body = loads(msg.data)
             task = Task(
-                input=None, run_id=body["run"], step=body["step"], attempt=body["attempt"],
-                item=body.get("item"), workflow=body.get("workflow", ""), namespace=ns, agent=self.name,
+                input=None,
+                run_id=body["run"],
+                step=body["step"],
+                attempt=body["attempt"],
+                item=body.get("item"),
+                workflow=body.get("workflow", ""),
+                namespace=ns,
+                agent=self.name,
                 timeout=body.get("timeout"),
                 context=KVContext(context_kv, body.get("scope") or body["run"], loop),
             )
             key = f"{task.run_id}.{task.step}.{task.item}.{task.attempt}"
             held = _InFlight(task=task, msg=msg)
             self._inflight[key] = held
-            base = {"run": task.run_id, "step": task.step, "item": task.item, "attempt": task.attempt,
-                    "queuedAt": body.get("queuedAt")}
+            base = {
+                "run": task.run_id,
+                "step": task.step,
+                "item": task.item,
+                "attempt": task.attempt,
+                "queuedAt": body.get("queuedAt"),
+            }
             subject = event_subject(ns, task.run_id)
             started = time.time()
             beat = loop.create_task(self._heartbeat(js, msg, subject, base, heartbeat_every, body))
@@ -208,20 +219,41 @@ class Agent:
                     event: dict[str, Any] = {"type": "result", **base, "output": output}
                 except TimeoutError:
                     task.cancel()
-                    event = {"type": "failed", **base, "error": {
-                        "type": "Timeout", "message": f"attempt exceeded its timeout of {task.timeout}s",
-                        "retryable": True, "timeout": True}}
+                    event = {
+                        "type": "failed",
+                        **base,
+                        "error": {
+                            "type": "Timeout",
+                            "message": f"attempt exceeded its timeout of {task.timeout}s",
+                            "retryable": True,
+                            "timeout": True,
+                        },
+                    }
                 except TaskError as exc:
-                    event = {"type": "failed", **base, "error": {
-                        "type": type(exc).__name__, "message": exc.message, "retryable": exc.retryable,
-                        "details": exc.details}}
+                    event = {
+                        "type": "failed",
+                        **base,
+                        "error": {
+                            "type": type(exc).__name__,
+                            "message": exc.message,
+                            "retryable": exc.retryable,
+                            "details": exc.details,
+                        },
+                    }
                 except Exception as exc:
                     # An unexpected exception is a bug in the handler, not a passing condition:
                     # it fails the attempt as non-retryable, with the traceback for the author.
                     task.log.exception("handler raised")
-                    event = {"type": "failed", **base, "error": {
-                        "type": type(exc).__name__, "message": str(exc) or type(exc).__name__,
-                        "retryable": False, "traceback": traceback.format_exc(limit=8)[-4000:]}}
+                    event = {
+                        "type": "failed",
+                        **base,
+                        "error": {
+                            "type": type(exc).__name__,
+                            "message": str(exc) or type(exc).__name__,
+                            "retryable": False,
+                            "traceback": traceback.format_exc(limit=8)[-4000:],
+                        },
+                    }
                 event.update(startedAt=started, finishedAt=time.time(), worker=worker)
                 msg_id = f"{event['type']}:{task.run_id}.{task.step}.{task.item}.{task.attempt}"
                 # Durable first, then the ack: a crash in between redelivers the task and
@@ -280,4 +312,3 @@ class Agent:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         return stop
-

@@ -18,7 +18,9 @@ def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
         return
     _configured = True
     fmt = fmt or os.environ.get("CADENZA_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
-    level_no = getattr(logging, (level or os.environ.get("CADENZA_LOG_LEVEL") or "INFO").upper(), logging.INFO)
+    level_no = getattr(
+        logging, (level or os.environ.get("CADENZA_LOG_LEVEL") or "INFO").upper(), logging.INFO
+    )
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )

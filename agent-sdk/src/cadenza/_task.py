@@ -35,7 +35,10 @@ class Task:
     def __post_init__(self) -> None:
         if self.log is None:
             self.log = structlog.get_logger("cadenza.task").bind(
-                run=self.run_id, step=self.step, attempt=self.attempt, agent=self.agent,
+                run=self.run_id,
+                step=self.step,
+                attempt=self.attempt,
+                agent=self.agent,
                 **({"item": self.item} if self.item is not None else {}),
             )
 

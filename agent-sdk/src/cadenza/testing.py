@@ -1,10 +1,10 @@
 """Call an agent's handler without a NATS server, for the agent author's own tests.
 
-    from cadenza.testing import run_handler
-    from agents import classifier
+from cadenza.testing import run_handler
+from agents import classifier
 
-    def test_billing():
-        assert run_handler(classifier, {"ticket": "refund"}) == {"category": "billing"}
+def test_billing():
+    assert run_handler(classifier, {"ticket": "refund"}) == {"category": "billing"}
 """
 
 from __future__ import annotations
@@ -34,8 +34,13 @@ async def call_handler(
     returns something JSON cannot carry fails here as it would in a run.
     """
     task = Task(
-        input=json.loads(json.dumps(input)), run_id=run_id, step=step, attempt=attempt, item=item,
-        agent=agent.name, context=context if context is not None else MemoryContext(),
+        input=json.loads(json.dumps(input)),
+        run_id=run_id,
+        step=step,
+        attempt=attempt,
+        item=item,
+        agent=agent.name,
+        context=context if context is not None else MemoryContext(),
     )
     if isinstance(task.context, MemoryContext):
         task.context._loop = asyncio.get_running_loop()

@@ -39,11 +39,11 @@ def _parse_input(raw: str | None, paths: list[str]) -> Any:
         raise ValueError(f"--input: invalid JSON: {exc}") from None
 
 
-def _load(paths: list[str], err: Console) -> Any:
+def _load(paths: list[str], err: Console) -> Any:  # -> Bundle | None
     from .manifests import InvalidManifests, load
 
     try:
-        return load(paths)
+        return load(list(paths))
     except InvalidManifests as exc:
         for e in exc.errors:
             err.print(f"[red]error[/red]: {e}", highlight=False, markup=True, soft_wrap=True)
@@ -62,7 +62,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _pick_workflow(bundle: Any, name: str | None, err: Console) -> Any:
     if name:
         if name not in bundle.compiled:
-            err.print(f"[red]error[/red]: no Workflow named {name!r} (found: {', '.join(sorted(bundle.compiled)) or 'none'})")
+            found = ", ".join(sorted(bundle.compiled)) or "none"
+            err.print(f"[red]error[/red]: no Workflow named {name!r} (found: {found})")
             return None
         return bundle.compiled[name]
     if len(bundle.compiled) == 1:
@@ -97,13 +98,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     for name in [*args.approve, *args.reject]:
         if name not in wf.steps or wf.steps[name].kind != "approval":
-            err.print(f"[red]error[/red]: Workflow/{wf.name}: --approve/--reject {name!r}: not an approval step")
+            err.print(
+                f"[red]error[/red]: Workflow/{wf.name}: --approve/--reject {name!r}: not an approval step"
+            )
             return EXIT_INVALID
     tty = sys.stderr.isatty()
     opts = RunOptions(
-        workflow=wf, bundle=bundle, input=value, approve=args.approve, reject=args.reject,
-        nats_url=args.nats, timeout=args.timeout, metrics_port=args.metrics_port,
-        interactive=sys.stdin.isatty() and tty, approver=args.by,
+        workflow=wf,
+        bundle=bundle,
+        input=value,
+        approve=args.approve,
+        reject=args.reject,
+        nats_url=args.nats,
+        timeout=args.timeout,
+        metrics_port=args.metrics_port,
+        interactive=sys.stdin.isatty() and tty,
+        approver=args.by,
     )
     progress = Progress(err, wf.name) if tty else None
     # SIGTERM stops the run like Ctrl-C does: agents and the embedded server go with it.
@@ -131,9 +141,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 out.print(f"  {name:<24} {st['phase']:<16} attempts={st['attempts']}", highlight=False)
         color = "green" if summary["phase"] == "Succeeded" else "red"
         duration = summary.get("durationSeconds")
-        out.print(f"[bold {color}]{summary['phase']}[/bold {color}] run {summary['run']}"
-                  + (f" in {duration:.2f}s" if duration else "")
-                  + (f": {summary['message']}" if summary.get("message") else ""))
+        out.print(
+            f"[bold {color}]{summary['phase']}[/bold {color}] run {summary['run']}"
+            + (f" in {duration:.2f}s" if duration else "")
+            + (f": {summary['message']}" if summary.get("message") else "")
+        )
         out.print("outputs: " + json.dumps(summary["outputs"], indent=2, default=str), highlight=False)
         if code != EXIT_OK and summary.get("agentLogs"):
             err.print(summary["agentLogs"], highlight=False, markup=False)
@@ -153,8 +165,14 @@ async def _with_js(url: str, fn: Any) -> None:
 def cmd_approve(args: argparse.Namespace) -> int:
     from .engine.client import send_approval
 
-    asyncio.run(_with_js(args.nats, lambda js: send_approval(
-        js, args.namespace, args.run, args.step, not args.reject, by=args.by, comment=args.comment)))
+    asyncio.run(
+        _with_js(
+            args.nats,
+            lambda js: send_approval(
+                js, args.namespace, args.run, args.step, not args.reject, by=args.by, comment=args.comment
+            ),
+        )
+    )
     print(f"{'rejected' if args.reject else 'approved'} {args.run}/{args.step} as {args.by}")
     return EXIT_OK
 
@@ -163,8 +181,11 @@ def cmd_signal(args: argparse.Namespace) -> int:
     from .engine.client import send_signal
 
     payload = json.loads(args.payload) if args.payload else None
-    asyncio.run(_with_js(args.nats, lambda js: send_signal(js, args.namespace, args.run, args.name, payload,
-                                                           by=args.by)))
+    asyncio.run(
+        _with_js(
+            args.nats, lambda js: send_signal(js, args.namespace, args.run, args.name, payload, by=args.by)
+        )
+    )
     print(f"signal {args.name} sent to {args.run}")
     return EXIT_OK
 
@@ -172,8 +193,11 @@ def cmd_signal(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from .engine.client import send_cancel
 
-    asyncio.run(_with_js(args.nats, lambda js: send_cancel(js, args.namespace, args.run, by=args.by,
-                                                           reason=args.reason)))
+    asyncio.run(
+        _with_js(
+            args.nats, lambda js: send_cancel(js, args.namespace, args.run, by=args.by, reason=args.reason)
+        )
+    )
     print(f"cancellation of {args.run} requested")
     return EXIT_OK
 
@@ -181,7 +205,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_crds(args: argparse.Namespace) -> int:
     from .crds import write_crds
 
-    for path in write_crds(Path(args.output_dir), chart_dir=None if args.output_dir != "crds" else Path("charts/cadenza/files/crds")):
+    for path in write_crds(
+        Path(args.output_dir),
+        chart_dir=None if args.output_dir != "crds" else Path("charts/cadenza/files/crds"),
+    ):
         print(path)
     return EXIT_OK
 
@@ -189,7 +216,7 @@ def cmd_crds(args: argparse.Namespace) -> int:
 def cmd_operator(args: argparse.Namespace) -> int:
     from .kube.main import run_operator
 
-    return run_operator()
+    return int(run_operator())
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -200,13 +227,15 @@ def cmd_dev(args: argparse.Namespace) -> int:
     if bundle is None:
         return EXIT_INVALID
     try:
-        return asyncio.run(dev(bundle, nats_url=args.nats, metrics_port=args.metrics_port, console=err))
+        return int(asyncio.run(dev(bundle, nats_url=args.nats, metrics_port=args.metrics_port, console=err)))
     except KeyboardInterrupt:
         return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cadenza", description="Multi-agent workflows on NATS JetStream and Kubernetes.")
+    parser = argparse.ArgumentParser(
+        prog="cadenza", description="Multi-agent workflows on NATS JetStream and Kubernetes."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one workflow locally, with an embedded nats-server")
@@ -214,8 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workflow", help="workflow to run when the paths define several")
     run.add_argument("--input", help="run input: JSON, or @FILE")
     run.add_argument("--output", choices=["text", "json"], default="text")
-    run.add_argument("--approve", action="append", default=[], metavar="STEP", help="approve this step when it waits")
-    run.add_argument("--reject", action="append", default=[], metavar="STEP", help="reject this step when it waits")
+    run.add_argument(
+        "--approve", action="append", default=[], metavar="STEP", help="approve this step when it waits"
+    )
+    run.add_argument(
+        "--reject", action="append", default=[], metavar="STEP", help="reject this step when it waits"
+    )
     run.add_argument("--by", default="cli", help="name recorded as the approver")
     run.add_argument("--nats", help="use this NATS server instead of an embedded one")
     run.add_argument("--timeout", type=float, help="cancel the run after this many seconds")

@@ -1,9 +1,12 @@
 """Loading Agent and Workflow manifests from files and folders, with errors that name
-the file, the object and the field: `workflow.yaml: Workflow/triage: spec.steps[2].dependsOn: unknown step 'lokup'`.
+the file, the object and the field, e.g.
+
+    workflow.yaml: Workflow/triage: spec.steps[2].dependsOn[0]: unknown step 'lokup'
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,8 +64,13 @@ def _files(paths: list[Path]) -> list[Path]:
     found: list[Path] = []
     for p in paths:
         if p.is_dir():
-            found += sorted(x for x in p.rglob("*") if x.suffix in (".yaml", ".yml") and x.is_file()
-                            and not any(part.startswith(".") for part in x.relative_to(p).parts))
+            found += sorted(
+                x
+                for x in p.rglob("*")
+                if x.suffix in (".yaml", ".yml")
+                and x.is_file()
+                and not any(part.startswith(".") for part in x.relative_to(p).parts)
+            )
         else:
             found.append(p)
     return found
@@ -75,7 +83,7 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def load(paths: list[str | Path], namespace: str = "default") -> Bundle:
+def load(paths: Sequence[str | Path], namespace: str = "default") -> Bundle:
     """Load and validate manifests; raise InvalidManifests listing every problem found."""
     errors: list[ManifestError] = []
     bundle = Bundle()
@@ -101,33 +109,52 @@ def load(paths: list[str | Path], namespace: str = "default") -> Bundle:
         known_workflows = set(bundle.workflows)
         for name, (wf, path) in bundle.workflows.items():
             try:
-                bundle.compiled[name] = compile_workflow(name, wf.spec, wf.metadata.namespace or namespace,
-                                                         known_agents, known_workflows)
+                bundle.compiled[name] = compile_workflow(
+                    name, wf.spec, wf.metadata.namespace or namespace, known_agents, known_workflows
+                )
             except DefinitionError as exc:
                 errors.append(ManifestError(_display(path), f"Workflow/{name}", exc.path, exc.message))
-        for name, (wf, path) in bundle.workflows.items():
+        for name, (_, path) in bundle.workflows.items():
             if name in bundle.compiled:
                 cycle = _sub_workflow_cycle(name, bundle)
                 if cycle:
-                    errors.append(ManifestError(_display(path), f"Workflow/{name}", "spec.steps",
-                                                f"sub-workflow cycle: {' -> '.join(cycle)}"))
+                    errors.append(
+                        ManifestError(
+                            _display(path),
+                            f"Workflow/{name}",
+                            "spec.steps",
+                            f"sub-workflow cycle: {' -> '.join(cycle)}",
+                        )
+                    )
     if errors:
         raise InvalidManifests(errors)
     return bundle
 
 
-def _load_doc(doc: Any, index: int, path: Path, shown: str, bundle: Bundle, errors: list[ManifestError]) -> None:
+def _load_doc(
+    doc: Any, index: int, path: Path, shown: str, bundle: Bundle, errors: list[ManifestError]
+) -> None:
     if not isinstance(doc, dict):
-        errors.append(ManifestError(shown, f"document {index + 1}", "", "expected a mapping with apiVersion and kind"))
+        errors.append(
+            ManifestError(shown, f"document {index + 1}", "", "expected a mapping with apiVersion and kind")
+        )
         return
     kind = doc.get("kind")
     name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
     obj = f"{kind}/{name}" if kind and name else f"document {index + 1}"
     if kind not in KINDS:
-        errors.append(ManifestError(shown, obj, "kind", f"unknown kind {kind!r} (expected Agent, Workflow or WorkflowRun)"))
+        errors.append(
+            ManifestError(
+                shown, obj, "kind", f"unknown kind {kind!r} (expected Agent, Workflow or WorkflowRun)"
+            )
+        )
         return
     if doc.get("apiVersion") != GROUP_VERSION:
-        errors.append(ManifestError(shown, obj, "apiVersion", f"expected {GROUP_VERSION!r}, got {doc.get('apiVersion')!r}"))
+        errors.append(
+            ManifestError(
+                shown, obj, "apiVersion", f"expected {GROUP_VERSION!r}, got {doc.get('apiVersion')!r}"
+            )
+        )
         return
     try:
         model = KINDS[kind].model_validate(doc)

@@ -8,29 +8,68 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+_TIME_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    900,
+    3600,
+)
 
 RUNS_STARTED = Counter("cadenza_runs_started_total", "Runs started.", ["workflow"])
 RUNS_FINISHED = Counter("cadenza_runs_finished_total", "Runs finished, by phase.", ["workflow", "phase"])
-RUN_DURATION = Histogram("cadenza_run_duration_seconds", "Run wall-clock duration.", ["workflow"],
-                         buckets=_TIME_BUCKETS)
+RUN_DURATION = Histogram(
+    "cadenza_run_duration_seconds", "Run wall-clock duration.", ["workflow"], buckets=_TIME_BUCKETS
+)
 ACTIVE_RUNS = Gauge("cadenza_active_runs", "Runs started by this engine and not finished.", ["workflow"])
-STEP_QUEUE = Histogram("cadenza_step_queue_seconds", "Time a task waited before an agent started it.",
-                       ["workflow", "step"], buckets=_TIME_BUCKETS)
-STEP_EXECUTION = Histogram("cadenza_step_execution_seconds", "Time an agent spent executing a task.",
-                           ["workflow", "step"], buckets=_TIME_BUCKETS)
-STEP_RETRIES = Counter("cadenza_step_retries_total", "Attempts retried after a retryable failure.",
-                       ["workflow", "step"])
-STEP_TIMEOUTS = Counter("cadenza_step_timeouts_total", "Attempts that timed out or lost their heartbeat.",
-                        ["workflow", "step"])
+STEP_QUEUE = Histogram(
+    "cadenza_step_queue_seconds",
+    "Time a task waited before an agent started it.",
+    ["workflow", "step"],
+    buckets=_TIME_BUCKETS,
+)
+STEP_EXECUTION = Histogram(
+    "cadenza_step_execution_seconds",
+    "Time an agent spent executing a task.",
+    ["workflow", "step"],
+    buckets=_TIME_BUCKETS,
+)
+STEP_RETRIES = Counter(
+    "cadenza_step_retries_total", "Attempts retried after a retryable failure.", ["workflow", "step"]
+)
+STEP_TIMEOUTS = Counter(
+    "cadenza_step_timeouts_total", "Attempts that timed out or lost their heartbeat.", ["workflow", "step"]
+)
 PENDING_APPROVALS = Gauge("cadenza_pending_approvals", "Steps waiting for a human decision.", ["workflow"])
-ENGINE_EVENT_LAG = Histogram("cadenza_engine_event_lag_seconds",
-                             "Time from an event's arrival in JetStream to the engine handling it.",
-                             buckets=_TIME_BUCKETS)
-AGENT_PENDING = Gauge("cadenza_agent_pending_tasks", "Tasks waiting in an agent's queue.", ["namespace", "agent"])
-AGENT_IN_FLIGHT = Gauge("cadenza_agent_in_flight_tasks", "Tasks delivered to an agent and not yet acknowledged.",
-                        ["namespace", "agent"])
-KUBE_WRITES = Counter("cadenza_kube_status_writes_total", "WorkflowRun status writes sent to the Kubernetes API.")
+ENGINE_EVENT_LAG = Histogram(
+    "cadenza_engine_event_lag_seconds",
+    "Time from an event's arrival in JetStream to the engine handling it.",
+    buckets=_TIME_BUCKETS,
+)
+AGENT_PENDING = Gauge(
+    "cadenza_agent_pending_tasks", "Tasks waiting in an agent's queue.", ["namespace", "agent"]
+)
+AGENT_IN_FLIGHT = Gauge(
+    "cadenza_agent_in_flight_tasks",
+    "Tasks delivered to an agent and not yet acknowledged.",
+    ["namespace", "agent"],
+)
+KUBE_WRITES = Counter(
+    "cadenza_kube_status_writes_total", "WorkflowRun status writes sent to the Kubernetes API."
+)
 
 
 def serve(port: int, addr: str = "127.0.0.1") -> None:

@@ -53,7 +53,9 @@ class AutoscalingSpec(_Model):
     minReplicas: int = Field(1, ge=0, description="Fewest replicas; 0 lets an idle agent scale to zero.")
     maxReplicas: int = Field(10, ge=1, description="Most replicas the operator will run.")
     targetPendingPerReplica: int = Field(
-        10, ge=1, description="Pending tasks one replica is expected to absorb; replicas = ceil(pending / this)."
+        10,
+        ge=1,
+        description="Pending tasks one replica is expected to absorb; replicas = ceil(pending / this).",
     )
 
 
@@ -147,7 +149,9 @@ class Backoff(_Model):
 class RetryPolicy(_Model):
     """How a failed attempt is retried. Only RetryableError and timeouts are retried."""
 
-    limit: int = Field(0, ge=0, le=1000, description="Retries after the first attempt (attempts <= limit + 1).")
+    limit: int = Field(
+        0, ge=0, le=1000, description="Retries after the first attempt (attempts <= limit + 1)."
+    )
     backoff: Backoff = Field(default_factory=Backoff, description="Delay between attempts.")
 
 
@@ -155,7 +159,9 @@ class ApprovalSpec(_Model):
     """Wait for a human decision before the workflow goes on."""
 
     timeout: Duration | None = Field(None, description="How long to wait; unset waits forever.")
-    onTimeout: Literal["approve", "reject"] = Field("reject", description="Decision taken when the timeout passes.")
+    onTimeout: Literal["approve", "reject"] = Field(
+        "reject", description="Decision taken when the timeout passes."
+    )
     approvers: list[str] = Field(
         default_factory=list, description="Who may decide; empty lets anyone who can send the decision."
     )
@@ -188,8 +194,12 @@ class Step(_Model):
         description="Input for the agent; strings may hold ${{ CEL }} expressions.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
-    forEach: str | None = Field(None, description="CEL list: run the step once per item (binds item and index).")
-    maxParallel: int | None = Field(None, ge=1, le=10_000, description="Items of a forEach in flight at once.")
+    forEach: str | None = Field(
+        None, description="CEL list: run the step once per item (binds item and index)."
+    )
+    maxParallel: int | None = Field(
+        None, ge=1, le=10_000, description="Items of a forEach in flight at once."
+    )
     retry: RetryPolicy | None = Field(None, description="Retry policy for failed attempts.")
     timeout: Duration | None = Field(None, description="Start-to-close limit for one attempt.")
     heartbeatTimeout: Duration | None = Field(
@@ -275,7 +285,9 @@ class WorkflowSpec(_Model):
     concurrencyPolicy: Literal["Allow", "Forbid", "Replace"] = Field(
         "Allow", description="What a trigger does while a run is active: start another, skip, or replace it."
     )
-    maxActiveRuns: int | None = Field(None, ge=1, description="Most runs active at once; triggers wait beyond.")
+    maxActiveRuns: int | None = Field(
+        None, ge=1, description="Most runs active at once; triggers wait beyond."
+    )
     runHistoryLimit: int = Field(20, ge=0, description="Finished triggered WorkflowRuns kept in the cluster.")
 
     @field_validator("steps")
@@ -363,7 +375,7 @@ class Agent(BaseModel):
     """Agent resource."""
 
     model_config = ConfigDict(extra="forbid")
-    apiVersion: Literal["cadenza.dev/v1alpha1"] = GROUP_VERSION
+    apiVersion: Literal["cadenza.dev/v1alpha1"] = "cadenza.dev/v1alpha1"
     kind: Literal["Agent"] = "Agent"
     metadata: ObjectMeta
     spec: AgentSpec
@@ -374,7 +386,7 @@ class Workflow(BaseModel):
     """Workflow resource."""
 
     model_config = ConfigDict(extra="forbid")
-    apiVersion: Literal["cadenza.dev/v1alpha1"] = GROUP_VERSION
+    apiVersion: Literal["cadenza.dev/v1alpha1"] = "cadenza.dev/v1alpha1"
     kind: Literal["Workflow"] = "Workflow"
     metadata: ObjectMeta
     spec: WorkflowSpec
@@ -385,7 +397,7 @@ class WorkflowRun(BaseModel):
     """WorkflowRun resource."""
 
     model_config = ConfigDict(extra="forbid")
-    apiVersion: Literal["cadenza.dev/v1alpha1"] = GROUP_VERSION
+    apiVersion: Literal["cadenza.dev/v1alpha1"] = "cadenza.dev/v1alpha1"
     kind: Literal["WorkflowRun"] = "WorkflowRun"
     metadata: ObjectMeta
     spec: WorkflowRunSpec

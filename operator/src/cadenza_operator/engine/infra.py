@@ -42,39 +42,81 @@ async def ensure_infrastructure(js: Any, replicas: int = 1) -> None:
     )
 
     streams = [
-        StreamConfig(name=TASKS_STREAM, subjects=[TASK_SUBJECTS], retention=RetentionPolicy.WORK_QUEUE,
-                     storage=StorageType.FILE, duplicate_window=DUPLICATE_WINDOW, num_replicas=replicas),
-        StreamConfig(name=EVENTS_STREAM, subjects=[EVENT_SUBJECTS], retention=RetentionPolicy.WORK_QUEUE,
-                     storage=StorageType.FILE, duplicate_window=DUPLICATE_WINDOW, num_replicas=replicas),
-        StreamConfig(name=AUDIT_STREAM, subjects=[AUDIT_SUBJECTS], retention=RetentionPolicy.LIMITS,
-                     storage=StorageType.FILE, duplicate_window=DUPLICATE_WINDOW, max_age=AUDIT_MAX_AGE,
-                     num_replicas=replicas),
+        StreamConfig(
+            name=TASKS_STREAM,
+            subjects=[TASK_SUBJECTS],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=[EVENT_SUBJECTS],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
+            name=AUDIT_STREAM,
+            subjects=[AUDIT_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW,
+            max_age=AUDIT_MAX_AGE,
+            num_replicas=replicas,
+        ),
     ]
     for cfg in streams:
         try:
             await js.add_stream(cfg)
         except Exception:
             await js.update_stream(cfg)
-    for bucket, history in ((RUNS_BUCKET, 1), (OUTPUTS_BUCKET, 1), (CONTEXT_BUCKET, 1),
-                            (DEFINITIONS_BUCKET, 1), (TIMERS_BUCKET, 1), (TRIGGERS_BUCKET, 1)):
+    for bucket, history in (
+        (RUNS_BUCKET, 1),
+        (OUTPUTS_BUCKET, 1),
+        (CONTEXT_BUCKET, 1),
+        (DEFINITIONS_BUCKET, 1),
+        (TIMERS_BUCKET, 1),
+        (TRIGGERS_BUCKET, 1),
+    ):
         with contextlib.suppress(Exception):
-            await js.create_key_value(KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE,
-                                                     replicas=replicas))
+            await js.create_key_value(
+                KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas)
+            )
     with contextlib.suppress(Exception):
-        await js.create_object_store(PAYLOADS_STORE, config=ObjectStoreConfig(bucket=PAYLOADS_STORE,
-                                                                               storage=StorageType.FILE))
-    await js.add_consumer(EVENTS_STREAM, ConsumerConfig(
-        durable_name=ENGINE_CONSUMER, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-        ack_wait=30, max_deliver=-1, max_ack_pending=-1, max_waiting=512,
-    ))
+        await js.create_object_store(
+            PAYLOADS_STORE, config=ObjectStoreConfig(bucket=PAYLOADS_STORE, storage=StorageType.FILE)
+        )
+    await js.add_consumer(
+        EVENTS_STREAM,
+        ConsumerConfig(
+            durable_name=ENGINE_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30,
+            max_deliver=-1,
+            max_ack_pending=-1,
+            max_waiting=512,
+        ),
+    )
 
 
 async def ensure_agent_consumer(js: Any, namespace: str, agent: str, ack_wait: float = 30.0) -> None:
     """The durable pull consumer an Agent's replicas share (competing consumers)."""
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-    await js.add_consumer(TASKS_STREAM, ConsumerConfig(
-        durable_name=consumer_name(namespace, agent), filter_subject=task_subject(namespace, agent),
-        ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=ack_wait,
-        max_deliver=-1, max_ack_pending=-1, max_waiting=512,
-    ))
+    await js.add_consumer(
+        TASKS_STREAM,
+        ConsumerConfig(
+            durable_name=consumer_name(namespace, agent),
+            filter_subject=task_subject(namespace, agent),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=ack_wait,
+            max_deliver=-1,
+            max_ack_pending=-1,
+            max_waiting=512,
+        ),
+    )

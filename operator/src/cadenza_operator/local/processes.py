@@ -39,15 +39,17 @@ class AgentProcesses:
 
     def env(self, agent: Agent) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "CADENZA_NATS_URL": self.nats_url,
-            "CADENZA_AGENT": agent.metadata.name,
-            "CADENZA_NAMESPACE": self.namespace,
-            "CADENZA_CONCURRENCY": str(agent.spec.concurrency),
-            "CADENZA_ACK_WAIT": str(parse_duration(agent.spec.ackWait)),
-            "CADENZA_LOG_FORMAT": env.get("CADENZA_LOG_FORMAT", "json"),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "CADENZA_NATS_URL": self.nats_url,
+                "CADENZA_AGENT": agent.metadata.name,
+                "CADENZA_NAMESPACE": self.namespace,
+                "CADENZA_CONCURRENCY": str(agent.spec.concurrency),
+                "CADENZA_ACK_WAIT": str(parse_duration(agent.spec.ackWait)),
+                "CADENZA_LOG_FORMAT": env.get("CADENZA_LOG_FORMAT", "json"),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update({e.name: e.value for e in agent.spec.env})
         return env
 
@@ -58,8 +60,13 @@ class AgentProcesses:
             log_path = self.log_dir / f"{agent.metadata.name}-{replica}.log"
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
-                    self.command(agent), cwd=cwd, env=self.env(agent), stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, start_new_session=True,  # its own group: killed as a whole
+                    self.command(agent),
+                    cwd=cwd,
+                    env=self.env(agent),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # its own group: killed as a whole
                 )
             started.append(AgentProcess(agent.metadata.name, replica, proc, log_path))
         self.procs += started

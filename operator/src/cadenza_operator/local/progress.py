@@ -11,8 +11,15 @@ from rich.table import Table
 
 from ..engine.state import RunState
 
-_STYLE = {"Succeeded": "green", "Failed": "red", "Cancelled": "yellow", "Skipped": "dim",
-          "Running": "cyan", "WaitingApproval": "magenta", "Pending": "white"}
+_STYLE = {
+    "Succeeded": "green",
+    "Failed": "red",
+    "Cancelled": "yellow",
+    "Skipped": "dim",
+    "Running": "cyan",
+    "WaitingApproval": "magenta",
+    "Pending": "white",
+}
 
 
 def _seconds(start: float | None, end: float | None) -> str:
@@ -37,8 +44,13 @@ def step_table(state: RunState | None, title: str) -> Table:
         if st.approval:
             detail = f"{st.approval['decision']} by {st.approval['by']}"
         style = _STYLE.get(st.phase, "white")
-        table.add_row(name, f"[{style}]{st.phase}[/{style}]", attempts,
-                      _seconds(st.startedAt, st.finishedAt), detail[:80])
+        table.add_row(
+            name,
+            f"[{style}]{st.phase}[/{style}]",
+            attempts,
+            _seconds(st.startedAt, st.finishedAt),
+            detail[:80],
+        )
     return table
 
 
@@ -49,8 +61,9 @@ class Progress:
         self.console = console
         self.workflow = workflow
         self.state: RunState | None = None
-        self.live = Live(step_table(None, f"{workflow}: starting"), console=console, refresh_per_second=8,
-                         transient=True)
+        self.live = Live(
+            step_table(None, f"{workflow}: starting"), console=console, refresh_per_second=8, transient=True
+        )
 
     def __enter__(self) -> Progress:
         self.live.__enter__()

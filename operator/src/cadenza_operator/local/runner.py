@@ -143,8 +143,11 @@ def summarize(state: RunState) -> dict[str, Any]:
     for name, st in state.steps.items():
         entry: dict[str, Any] = {"phase": st.phase, "attempts": st.attempt}
         if st.forEach is not None:
-            entry["attempts"] = st.forEach.counts.get("Succeeded", 0) + st.forEach.counts.get("Failed", 0) + \
-                st.forEach.retries
+            entry["attempts"] = (
+                st.forEach.counts.get("Succeeded", 0)
+                + st.forEach.counts.get("Failed", 0)
+                + st.forEach.retries
+            )
             entry["items"] = {"total": st.forEach.total, **st.forEach.counts, "retries": st.forEach.retries}
             if st.forEach.failed:
                 entry["failedItems"] = st.forEach.failed
@@ -170,9 +173,16 @@ def summarize(state: RunState) -> dict[str, Any]:
         steps[name] = entry
     duration = (state.finishedAt - state.startedAt) if state.finishedAt and state.startedAt else None
     return {
-        "workflow": state.workflow, "run": state.run, "namespace": state.namespace, "phase": state.phase,
-        "outputs": state.outputs, "message": state.message, "startedAt": state.startedAt,
-        "finishedAt": state.finishedAt, "durationSeconds": duration, "steps": steps,
+        "workflow": state.workflow,
+        "run": state.run,
+        "namespace": state.namespace,
+        "phase": state.phase,
+        "outputs": state.outputs,
+        "message": state.message,
+        "startedAt": state.startedAt,
+        "finishedAt": state.finishedAt,
+        "durationSeconds": duration,
+        "steps": steps,
     }
 
 
@@ -209,8 +219,15 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
         from ..engine.client import send_approval
 
         assert stack.nc is not None
-        await send_approval(stack.nc.jetstream(), opts.workflow.namespace, run_id, step, approved,
-                            by=opts.approver, comment=comment)
+        await send_approval(
+            stack.nc.jetstream(),
+            opts.workflow.namespace,
+            run_id,
+            step,
+            approved,
+            by=opts.approver,
+            comment=comment,
+        )
 
     async def prompt(step: str, state: RunState) -> None:
         cs = opts.workflow.steps.get(step)
@@ -238,13 +255,22 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
         except TimeoutError:
             from ..engine.client import send_cancel
 
-            await send_cancel(stack.nc.jetstream(), opts.workflow.namespace, run_id, by="cadenza run",
-                              reason=f"--timeout {opts.timeout:g}s exceeded")
+            await send_cancel(
+                stack.nc.jetstream(),
+                opts.workflow.namespace,
+                run_id,
+                by="cadenza run",
+                reason=f"--timeout {opts.timeout:g}s exceeded",
+            )
             try:
                 state = await asyncio.wait_for(asyncio.shield(done), 10)
             except TimeoutError:
                 state = await engine.get_run(run_id) or RunState(
-                    run=run_id, workflow=opts.workflow.name, definition=opts.workflow.key, createdAt=time.time())
+                    run=run_id,
+                    workflow=opts.workflow.name,
+                    definition=opts.workflow.key,
+                    createdAt=time.time(),
+                )
         summary = summarize(state)
         if state.phase != "Succeeded" and stack.agent_logs():
             summary["agentLogs"] = stack.agent_logs(tail=15)
