@@ -202,6 +202,19 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from .local.dev import publish
+
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        Console(stderr=True).print(f"[red]error[/red]: payload: invalid JSON: {exc}")
+        return EXIT_INVALID
+    asyncio.run(publish(args.nats, args.subject, payload))
+    print(f"published to {args.subject}")
+    return EXIT_OK
+
+
 def cmd_crds(args: argparse.Namespace) -> int:
     from .crds import write_crds
 
@@ -292,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     can.add_argument("--nats", required=True)
     can.add_argument("--namespace", default="default")
     can.set_defaults(fn=cmd_cancel)
+
+    pub = sub.add_parser("publish", help="publish a JSON event on a subject (to exercise NATS triggers)")
+    pub.add_argument("subject")
+    pub.add_argument("payload", help="JSON")
+    pub.add_argument("--nats", required=True)
+    pub.set_defaults(fn=cmd_publish)
 
     crds = sub.add_parser("crds", help="regenerate the CRDs from the models")
     crds.add_argument("--output-dir", default="crds")

@@ -1,0 +1,113 @@
+"""`cadenza dev`: NATS, the engine, every agent and every trigger kept running, so that
+triggers, approvals and signals can be exercised locally before going to a cluster."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from rich.console import Console
+
+from ..engine.definition import CompiledWorkflow
+from ..engine.runtime import Engine
+from ..engine.state import TERMINAL_RUN, RunState
+from ..engine.triggers import Triggers
+from ..manifests import Bundle
+from .runner import LocalStack
+
+
+class DevServer:
+    """The whole local stack with triggers: `await DevServer(bundle).start()`."""
+
+    def __init__(self, bundle: Bundle, nats_url: str | None = None, namespace: str = "default") -> None:
+        self.bundle = bundle
+        self.stack = LocalStack(bundle, nats_url, namespace)
+        self.triggers: Triggers | None = None
+
+    @property
+    def url(self) -> str:
+        return self.stack.url
+
+    @property
+    def engine(self) -> Engine:
+        assert self.stack.engine is not None, "DevServer not started"
+        return self.stack.engine
+
+    async def start(self) -> DevServer:
+        await self.stack.start(set(self.bundle.agents))
+        self.triggers = Triggers(self.engine)
+        await self.triggers.start()
+        for wf in self.bundle.compiled.values():
+            await self.triggers.set_workflow(wf)
+        return self
+
+    async def stop(self) -> None:
+        if self.triggers is not None:
+            await self.triggers.stop()
+        await self.stack.stop()
+
+    async def __aenter__(self) -> DevServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _describe(wf: CompiledWorkflow) -> str:
+    parts = []
+    for t in wf.spec.triggers:
+        if t.nats:
+            parts.append(
+                f"nats {t.nats.subject}" + (f" (dedup {t.nats.dedupKey})" if t.nats.dedupKey else "")
+            )
+        if t.schedule:
+            parts.append(f"cron {t.schedule.cron!r}")
+    return ", ".join(parts) or "no triggers"
+
+
+async def dev(bundle: Bundle, *, nats_url: str | None, metrics_port: int | None, console: Console) -> int:
+    if metrics_port:
+        from .. import metrics
+
+        metrics.serve(metrics_port)
+    seen: dict[tuple[str, str], str] = {}
+
+    def on_state(state: RunState) -> None:
+        for name, st in state.steps.items():
+            key = (state.run, name)
+            if seen.get(key) != st.phase:
+                seen[key] = st.phase
+                line = f"{state.run} {name}: {st.phase}"
+                if st.phase == "WaitingApproval":
+                    line += f"  -> cadenza approve {state.run} {name} --nats {server.url} [--reject]"
+                console.print(line, highlight=False)
+        if state.phase in TERMINAL_RUN and seen.get((state.run, "")) != state.phase:
+            seen[(state.run, "")] = state.phase
+            console.print(f"{state.run}: [bold]{state.phase}[/bold] {state.message}", highlight=False)
+
+    server = DevServer(bundle, nats_url)
+    await server.start()
+    server.engine.on_state(on_state)
+    console.print(f"NATS  {server.url}")
+    if metrics_port:
+        console.print(f"metrics  http://127.0.0.1:{metrics_port}/metrics")
+    for wf in bundle.compiled.values():
+        console.print(f"workflow {wf.name}: {_describe(wf)}")
+    console.print(f"publish an event:  cadenza publish SUBJECT '{{...}}' --nats {server.url}")
+    console.print("Ctrl-C stops everything.")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()
+    return 0
+
+
+async def publish(url: str, subject: str, payload: Any) -> None:
+    import nats
+    from cadenza._protocol import dumps
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().publish(subject, dumps(payload))
+    finally:
+        await nc.close()
