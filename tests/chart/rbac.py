@@ -47,7 +47,9 @@ def rules_of(objects: list[dict[str, Any]]) -> list[Rule]:
         if binding["kind"] not in {"RoleBinding", "ClusterRoleBinding"}:
             continue
         if not any(
-            s.get("kind") == "ServiceAccount" and s.get("name") == sa_name and s.get("namespace") == sa_namespace
+            s.get("kind") == "ServiceAccount"
+            and s.get("name") == sa_name
+            and s.get("namespace") == sa_namespace
             for s in binding.get("subjects", [])
         ):
             continue

@@ -55,5 +55,7 @@ def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
     """The single object of `kind` (and `name`); fails the test when there are none or several."""
     found = [o for o in of_kind(objects, kind) if name is None or o["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[o['metadata']['name'] for o in found]}"
+    assert len(found) == 1, (
+        f"expected one {kind} {name or ''}, found {[o['metadata']['name'] for o in found]}"
+    )
     return found[0]
