@@ -20,7 +20,11 @@ import cel
 
 _WHOLE = re.compile(r"^\$\{\{\s*(.+?)\s*\}\}$", re.S)
 _PART = re.compile(r"\$\{\{\s*(.+?)\s*\}\}", re.S)
-_STEP_REF = re.compile(r"\bsteps\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)")
+_STEP_REF = re.compile(  # steps.name or steps['name']
+    r"""\bsteps\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*['"]([A-Za-z_][A-Za-z0-9_]*)['"]\s*\])"""
+)
+# CEL's comprehension macros bind a variable of their own: `list.map(x, x * 2)`.
+_MACRO_VAR = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,")
 
 VARIABLES = frozenset({"input", "steps", "item", "index", "run", "event"})
 
@@ -57,7 +61,7 @@ def compile_expr(source: str, path: str = "", allowed: frozenset[str] = VARIABLE
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ExpressionError(f"expression {source!r} does not compile: {first}", path) from None
-    names = frozenset(program.variables())
+    names = frozenset(program.variables()) - frozenset(_MACRO_VAR.findall(source))
     unknown = sorted(names - allowed)
     if unknown:
         raise ExpressionError(
@@ -65,7 +69,8 @@ def compile_expr(source: str, path: str = "", allowed: frozenset[str] = VARIABLE
             f"(known: {', '.join(sorted(allowed))})",
             path,
         )
-    return Expr(source, program, names, frozenset(_STEP_REF.findall(source)))
+    steps = frozenset(dot or index for dot, index in _STEP_REF.findall(source))
+    return Expr(source, program, names, steps)
 
 
 @dataclass(frozen=True)
