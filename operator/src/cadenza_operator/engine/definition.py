@@ -18,6 +18,10 @@ from ..models import OnExitStep, Step, WorkflowSpec, parse_duration
 DEFAULT_FOREACH_WINDOW = 1000
 """Items of a forEach in flight when maxParallel is unset: bounds the run record and memory."""
 
+GRAPH_VARS = frozenset({"input", "steps", "run"})
+"""What `when`, `forEach` and the workflow output see: no `item`/`index` (no item yet), no `event`."""
+ITEM_VARS = GRAPH_VARS | {"item", "index"}
+
 
 class DefinitionError(ValueError):
     def __init__(self, path: str, message: str) -> None:
@@ -92,14 +96,24 @@ def _seconds(value: str | None, path: str) -> float | None:
         raise DefinitionError(path, str(exc)) from None
 
 
+def _seconds_or(value: str | None, path: str, default: float) -> float:
+    seconds = _seconds(value, path)
+    return default if seconds is None else seconds  # "0s" is zero, not the default
+
+
 def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) -> CompiledStep:
-    item_vars = frozenset({"input", "steps", "run", "item", "index"})
     try:
-        when = compile_expr(step.when, f"{path}.when") if isinstance(step, Step) and step.when else None
-        for_each = (
-            compile_expr(step.forEach, f"{path}.forEach") if isinstance(step, Step) and step.forEach else None
+        when = (
+            compile_expr(step.when, f"{path}.when", GRAPH_VARS)
+            if isinstance(step, Step) and step.when
+            else None
         )
-        template = compile_template(step.input, f"{path}.input", item_vars)
+        for_each = (
+            compile_expr(step.forEach, f"{path}.forEach", GRAPH_VARS)
+            if isinstance(step, Step) and step.forEach
+            else None
+        )
+        template = compile_template(step.input, f"{path}.input", ITEM_VARS)
     except ExpressionError as exc:
         raise DefinitionError(exc.path, str(exc)) from None
     if for_each is None and template.variables & {"item", "index"}:
@@ -116,6 +130,8 @@ def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) 
             )
         if step.forEach and kind not in ("agent", "workflow"):
             raise DefinitionError(f"{path}.forEach", f"forEach needs an agent or workflow step, not {kind}")
+        if step.maxParallel is not None and not step.forEach:
+            raise DefinitionError(f"{path}.maxParallel", "maxParallel needs a forEach")
         window = step.maxParallel or DEFAULT_FOREACH_WINDOW
         deps = tuple(step.dependsOn)
         on_failure = step.onFailure
@@ -139,9 +155,11 @@ def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) 
         timeout=_seconds(step.timeout, f"{path}.timeout"),
         heartbeat=heartbeat,
         retry_limit=retry.limit if retry else 0,
-        backoff_initial=_seconds(backoff.initial, f"{path}.retry.backoff.initial") or 1.0 if backoff else 1.0,
+        backoff_initial=_seconds_or(
+            backoff.initial if backoff else None, f"{path}.retry.backoff.initial", 1.0
+        ),
         backoff_factor=backoff.factor if backoff else 2.0,
-        backoff_max=_seconds(backoff.max, f"{path}.retry.backoff.max") or 300.0 if backoff else 300.0,
+        backoff_max=_seconds_or(backoff.max if backoff else None, f"{path}.retry.backoff.max", 300.0),
         backoff_jitter=backoff.jitter if backoff else 0.2,
         on_failure=on_failure,
         approval_timeout=approval_timeout,
@@ -216,7 +234,7 @@ def compile_workflow(
                 )
 
     try:
-        output = compile_template(spec.output, "spec.output")
+        output = compile_template(spec.output, "spec.output", GRAPH_VARS)
     except ExpressionError as exc:
         raise DefinitionError(exc.path, str(exc)) from None
     for ref in sorted(output.steps):
