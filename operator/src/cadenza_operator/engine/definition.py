@@ -181,7 +181,7 @@ def compile_workflow(
     for i, step in enumerate(spec.steps):
         steps[step.name] = _compile_step(step, f"spec.steps[{i}]")
 
-    fallbacks: set[str] = set()
+    fallbacks: set[str] = {s.onFailure for s in spec.steps} - {"fail", "continue"}
     for i, step in enumerate(spec.steps):
         path = f"spec.steps[{i}]"
         for j, dep in enumerate(step.dependsOn):
@@ -189,7 +189,7 @@ def compile_workflow(
                 raise DefinitionError(f"{path}.dependsOn[{j}]", f"unknown step {dep!r}")
             if dep == step.name:
                 raise DefinitionError(f"{path}.dependsOn[{j}]", "a step cannot depend on itself")
-            if any(other.onFailure == dep for other in spec.steps):
+            if dep in fallbacks:
                 raise DefinitionError(
                     f"{path}.dependsOn[{j}]",
                     f"{dep!r} is a fallback step; depend on the step it stands in for instead",
@@ -202,21 +202,21 @@ def compile_workflow(
                 )
             if step.onFailure == step.name:
                 raise DefinitionError(f"{path}.onFailure", "a step cannot be its own fallback")
-            fallbacks.add(step.onFailure)
         if known_agents is not None and step.agent and step.agent not in known_agents:
             raise DefinitionError(f"{path}.agent", f"unknown agent {step.agent!r}")
         if known_workflows is not None and step.workflow and step.workflow not in known_workflows:
             raise DefinitionError(f"{path}.workflow", f"unknown workflow {step.workflow!r}")
 
-    order = _topological(spec, index)
+    fallback_of = {s.name: s.onFailure for s in spec.steps if s.onFailure in fallbacks}
+    _check_fallback_chains(fallback_of, index)
+    order = _topological(spec, index, fallback_of)
 
-    # Expressions may only read steps that surely finished first: their (transitive) dependencies.
-    upstream: dict[str, set[str]] = {}
-    for step_name in order:
-        ups: set[str] = set()
-        for dep in steps[step_name].deps:
-            ups |= {dep} | upstream[dep]
-        upstream[step_name] = ups
+    # Expressions may only read steps that surely finished first: their (transitive)
+    # dependencies; a fallback step may also read the step it stands in for (its error).
+    deps_of = {name: cs.deps for name, cs in steps.items()}
+    stands_in_for: dict[str, set[str]] = {}
+    for failed, fallback in fallback_of.items():
+        stands_in_for.setdefault(fallback, set()).add(failed)
     for step_name in order:
         cs = steps[step_name]
         refs = set(cs.input.steps)
@@ -227,8 +227,7 @@ def compile_workflow(
             path = f"spec.steps[{index[step_name]}]"
             if ref not in steps:
                 raise DefinitionError(path, f"expression refers to unknown step {ref!r}")
-            allowed = upstream[step_name] | _fallback_sources(spec, step_name)
-            if ref not in allowed:
+            if ref not in stands_in_for.get(step_name, ()) and not _upstream(deps_of, step_name, ref):
                 raise DefinitionError(
                     path, f"expression reads steps.{ref} but {ref!r} is not among the step's dependencies"
                 )
@@ -298,33 +297,81 @@ def compile_workflow(
     )
 
 
-def _fallback_sources(spec: WorkflowSpec, name: str) -> set[str]:
-    """A fallback step may read the step it stands in for (its error, typically)."""
-    return {s.name for s in spec.steps if s.onFailure == name}
+def _upstream(deps: dict[str, tuple[str, ...]], name: str, target: str) -> bool:
+    """Whether `target` is a (transitive) dependency of `name`."""
+    if target in deps[name]:
+        return True
+    seen: set[str] = set()
+    stack = list(deps[name])
+    while stack:
+        dep = stack.pop()
+        if dep == target:
+            return True
+        if dep not in seen:
+            seen.add(dep)
+            stack.extend(deps[dep])
+    return False
 
 
-def _topological(spec: WorkflowSpec, index: dict[str, int]) -> tuple[str, ...]:
-    """Kahn's algorithm in declaration order; a cycle is reported with its path."""
-    deps = {s.name: list(s.dependsOn) for s in spec.steps}
-    state: dict[str, int] = {}
-    order: list[str] = []
+def _check_fallback_chains(fallback_of: dict[str, str], index: dict[str, int]) -> None:
+    """A fallback step may fail over to another one, but the chain must end."""
+    for start in fallback_of:
+        chain = [start]
+        while (nxt := fallback_of.get(chain[-1])) is not None:
+            if nxt in chain:
+                loop = [*chain[chain.index(nxt) :], nxt]
+                raise DefinitionError(
+                    f"spec.steps[{index[nxt]}].onFailure", f"fallback cycle: {' -> '.join(loop)}"
+                )
+            chain.append(nxt)
 
-    def visit(name: str, trail: list[str]) -> None:
-        if state.get(name) == 2:
-            return
-        if state.get(name) == 1:
-            cycle = [*trail[trail.index(name) :], name]
-            raise DefinitionError(
-                f"spec.steps[{index[name]}].dependsOn", f"dependency cycle: {' -> '.join(cycle)}"
-            )
-        state[name] = 1
-        for dep in deps[name]:
-            visit(dep, [*trail, name])
-        state[name] = 2
-        order.append(name)
 
+def _topological(spec: WorkflowSpec, index: dict[str, int], fallback_of: dict[str, str]) -> tuple[str, ...]:
+    """Depth-first in declaration order, without recursion; a cycle is reported with its path.
+
+    A step waits for its dependencies and, when one of them fails over to a fallback step,
+    for that fallback (and the fallback's own fallbacks): these waits are edges too, so a
+    fallback that waits for the very step it stands in for is a cycle, not a run that hangs.
+    """
+    edges: dict[str, list[tuple[str, str]]] = {}  # step -> [(waits for, as shown in a cycle)]
     for step in spec.steps:
-        visit(step.name, [])
+        out: list[tuple[str, str]] = []
+        for dep in step.dependsOn:
+            out.append((dep, dep))
+            fallback = fallback_of.get(dep)
+            while fallback is not None:
+                out.append((fallback, f"{fallback} ({dep}'s fallback)"))
+                fallback = fallback_of.get(fallback)
+        edges[step.name] = out
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    order: list[str] = []
+    for root in spec.steps:
+        if root.name in state:
+            continue
+        state[root.name] = 1
+        stack = [(root.name, iter(edges[root.name]))]
+        path, shown = [root.name], [root.name]
+        while stack:
+            name, pending = stack[-1]
+            for dep, label in pending:
+                if state.get(dep) == 2:
+                    continue
+                if state.get(dep) == 1:
+                    cycle = [*shown[path.index(dep) :], label]
+                    raise DefinitionError(
+                        f"spec.steps[{index[dep]}].dependsOn", f"dependency cycle: {' -> '.join(cycle)}"
+                    )
+                state[dep] = 1
+                stack.append((dep, iter(edges[dep])))
+                path.append(dep)
+                shown.append(label)
+                break
+            else:
+                stack.pop()
+                path.pop()
+                shown.pop()
+                state[name] = 2
+                order.append(name)
     return tuple(order)
 
 
