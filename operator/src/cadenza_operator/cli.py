@@ -215,6 +215,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_engine(args: argparse.Namespace) -> int:
+    from .engine.serve import serve
+
+    asyncio.run(serve(args.nats, args.name, args.creds))
+    return EXIT_OK
+
+
 def cmd_crds(args: argparse.Namespace) -> int:
     from .crds import write_crds
 
@@ -312,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--nats", required=True)
     pub.set_defaults(fn=cmd_publish)
 
+    eng = sub.add_parser("engine", help="run a standalone engine process against a NATS server")
+    eng.add_argument("--nats", required=True)
+    eng.add_argument("--name")
+    eng.add_argument("--creds", help="NATS credentials file")
+    eng.set_defaults(fn=cmd_engine)
+
     crds = sub.add_parser("crds", help="regenerate the CRDs from the models")
     crds.add_argument("--output-dir", default="crds")
     crds.set_defaults(fn=cmd_crds)
@@ -326,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     # Logs go to stderr; the CLI's own output (and --output json) alone to stdout.
-    configure_logging(level="INFO" if args.command in ("operator", "dev") else "WARNING")
+    configure_logging(level="INFO" if args.command in ("operator", "dev", "engine") else "WARNING")
     code: int = args.fn(args)
     return code
 

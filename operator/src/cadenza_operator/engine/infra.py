@@ -28,7 +28,7 @@ AUDIT_MAX_AGE = 30 * 86400.0
 DUPLICATE_WINDOW = 600.0  # seconds JetStream remembers a Nats-Msg-Id
 
 
-async def ensure_infrastructure(js: Any, replicas: int = 1) -> None:
+async def ensure_infrastructure(js: Any, replicas: int = 1, engine_ack_wait: float = 30.0) -> None:
     """Create (or bring up to date) every stream, bucket and the engine's consumer."""
     from nats.js.api import (
         AckPolicy,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -92,6 +93,9 @@ class EngineSettings:
     """Events in flight at once across all runs."""
     cache_size: int = 10_000
     """Run records kept in memory between events (a cache hit skips one KV read)."""
+    ack_wait: float = field(default_factory=lambda: float(os.environ.get("CADENZA_ENGINE_ACK_WAIT", "30")))
+    """CADENZA_ENGINE_ACK_WAIT: seconds before the events held by an engine that died go to
+    another engine. Short means fast take-over; it must exceed the time one batch takes."""
 
 
 class Engine:
@@ -116,12 +120,17 @@ class Engine:
         self.timers_kv: Any = None
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
-        await ensure_infrastructure(self.js)
+    async def open(self) -> None:
+        """Connect to the buckets only: enough to publish definitions and start or read runs."""
+        await ensure_infrastructure(self.js, engine_ack_wait=self.settings.ack_wait)
         self.kv = await self.js.key_value(RUNS_BUCKET)
         self.outputs_kv = await self.js.key_value(OUTPUTS_BUCKET)
         self.defs_kv = await self.js.key_value(DEFINITIONS_BUCKET)
         self.timers_kv = await self.js.key_value(TIMERS_BUCKET)
+
+    async def start(self) -> None:
+        """Open the buckets and start executing: consume events, fire timers."""
+        await self.open()
         self._timer_watch = asyncio.get_running_loop().create_task(self._watch_timers())
         self._consumer = PullConsumer(
             self.nc, EVENTS_STREAM, ENGINE_CONSUMER, self._on_event, concurrency=self.settings.concurrency
