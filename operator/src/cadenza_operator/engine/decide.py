@@ -492,8 +492,10 @@ class _Decider:
             st.retries += 1
             if st.forEach is not None:
                 st.forEach.retries += 1
+            # One timer id per attempt it starts: a redelivered fire of the timer that
+            # started attempt N cannot start attempt N+1 early.
             self.arm(
-                self.timer_id("retry", name, item),
+                self.timer_id("retry", name, item, slot.attempt + 1),
                 Timer(at=self.now + delay, kind="retry", step=name, item=item, attempt=slot.attempt + 1),
             )
             where = name if item is None else f"{name}[{item}]"
@@ -595,7 +597,7 @@ class _Decider:
             return
         for key, slot in list(st.forEach.running.items()):
             self.disarm_slot(name, int(key), slot.attempt)
-            self.disarm(self.timer_id("retry", name, int(key)))
+            self.disarm(self.timer_id("retry", name, int(key), slot.attempt + 1))
         st.forEach.running.clear()
         self.command(
             op="cancelTasks",
