@@ -475,6 +475,7 @@ class Engine:
 
     async def _watch_timers(self) -> None:
         while True:
+            watcher = None
             try:
                 watcher = await self.timers_kv.watch(">")
                 async for entry in watcher:
@@ -489,6 +490,12 @@ class Engine:
             except Exception:
                 log.warning("timer watch interrupted; restarting", exc_info=True)
                 await asyncio.sleep(1)
+            finally:
+                # The watch's ordered consumer has heartbeat tasks of its own that outlive a
+                # cancelled iteration (and stall an embedding kopf's shutdown) unless stopped.
+                if watcher is not None:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
 
     # ------------------------------------------------------------------- metrics
     def _observe(self, state: RunState, events: list[dict[str, Any]], decision: Decision) -> None:
