@@ -486,7 +486,9 @@ class _Decider:
         self.finish_attempt(name, item, slot, outcome, error)
         st = self.st(name)
         retryable = bool(error.get("retryable"))
-        if retryable and slot.attempt < cs.retry_limit + 1 and not self.s.failing:
+        # A winding-down run starts no new attempts, except of onExit, which runs *because*
+        # the run is winding down.
+        if retryable and slot.attempt < cs.retry_limit + 1 and (cs.is_exit or not self.s.failing):
             delay = self.backoff(cs, name, item, slot.attempt)
             slot.retryAt = self.now + delay
             st.retries += 1
