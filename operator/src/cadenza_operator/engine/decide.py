@@ -358,7 +358,8 @@ class _Decider:
                 return
             if timer.kind == "heartbeat":
                 cs = self.step_def(timer.step or "")
-                last = slot.lastHeartbeat or slot.startedAt or self.now
+                # Before the agent reports the start, the dispatch counts (as when armed).
+                last = slot.lastHeartbeat or slot.startedAt or slot.queuedAt or self.now
                 assert cs.heartbeat is not None
                 if last + cs.heartbeat > timer.at + 1e-6:  # a heartbeat came since: look again later
                     self.arm(
