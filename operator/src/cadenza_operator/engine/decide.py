@@ -747,11 +747,13 @@ class _Decider:
             try:
                 env = self.resolve_lazy(self.env(), cs.when.steps)
                 go = cs.when.evaluate(env)
+                if not isinstance(go, bool):
+                    raise ExpressionError(f"{cs.when.source!r} gave {type(go).__name__}, not a bool")
             except ExpressionError as exc:
                 st.error = {"type": "ExpressionError", "message": str(exc)}
                 self.fail_step(name, f"when: {exc}")
                 return
-            if go is not True:
+            if not go:
                 self.set_phase(name, "Skipped", f"when {cs.when.source!r} is {str(go).lower()}")
                 return
         st.phase = "Running"
