@@ -734,7 +734,8 @@ class _Decider:
             fallback = self.dep_state(cs.on_failure)
             if fallback == "ok":
                 st.recoveredBy = cs.on_failure
-            return fallback
+            # A fallback that was skipped (its `when`) recovered nothing: the failure stands.
+            return "blocked" if fallback == "skipped" else fallback
         if st.phase == "Cancelled":
             return "blocked"
         return "wait"
