@@ -242,7 +242,9 @@ class _Decider:
             self.st(name)
 
     def on_cancel(self) -> None:
-        if self.s.failing == "cancelled" or self.s.phase != "Running":
+        # Once the run winds down (a failure, the deadline, a cancel) or its graph is done,
+        # only onExit is left, and onExit always runs: a cancel has nothing left to stop.
+        if self.s.phase != "Running" or self.s.failing or self.s.exitPhase is not None:
             return
         self.s.cancelledBy = self.actor
         self.wind_down(
