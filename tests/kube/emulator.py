@@ -50,8 +50,12 @@ What it does NOT do -- it is an emulator for tests, not a cluster:
   test sets them (:meth:`KubeEmulator.patch_object` with ``subresource='status'``).
 * No namespace lifecycle: objects can be created in namespaces that do not exist, and
   deleting a Namespace deletes nothing in it.
-* Garbage collection is background-only: ``Foreground`` is treated as ``Background``, and
-  ``blockOwnerDeletion`` is ignored.
+* Garbage collection is background-only: ``Foreground`` is treated as ``Background``,
+  ``blockOwnerDeletion`` is ignored, and owners are matched by uid alone (a cross-namespace
+  owner reference, unresolvable for the real collector, keeps its dependent here).
+  Deleting a CRD drops its objects without running their finalizers.
+* Each version of a multi-version CRD is a separate store (no conversion), and discovery's
+  ``preferredVersion`` among several versions is arbitrary.
 * Strategic merge patches are applied as JSON merge patches (lists are replaced, not
   merged by key; ``$patch`` directives are not understood). Server-side apply is a
   create-or-merge-patch: no field managers, no conflicts, fields removed from the applied
@@ -93,7 +97,11 @@ __all__ = [
     "CRD_RESOURCE",
     "ApiCall",
     "ApiPath",
+    "FieldSelector",
     "KubeEmulator",
+    "LabelSelector",
+    "ResourceRef",
+    "merge_patch",
     "rbac_verb",
 ]
 
@@ -111,6 +119,18 @@ WATCH_POLL_SECONDS = 0.5
 
 aiohttp does not cancel handlers when a client disconnects, and waits up to 60 s for them
 at shutdown, so an idle watch must notice both by itself to let tests end promptly."""
+
+_SERVER_OWNED_METADATA = (
+    "name",
+    "namespace",
+    "uid",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "generation",
+)
+"""Metadata only the server sets: a client's update keeps the stored values (name and
+namespace changes are rejected before this, as upstream)."""
 
 _GENERATE_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # the API server's: no vowels, no 0/1/3
 _MERGE_PATCH_TYPES = ("application/merge-patch+json", "application/strategic-merge-patch+json")
@@ -437,6 +457,28 @@ def _json_body(request: kmock.Request) -> Any:
         raise _bad_request(f"the request body is not valid JSON: {exc}") from exc
 
 
+@dataclasses.dataclass(frozen=True)
+class _DeleteOptions:
+    """DeleteOptions, from the query string or the body (clients use either)."""
+
+    propagation: str
+    preconditions: Mapping[str, Any]
+    dry_run: bool
+
+    @classmethod
+    def parse(cls, request: kmock.Request) -> _DeleteOptions:
+        body = _json_body(request) or {}
+        if not isinstance(body, dict):
+            raise _bad_request("DeleteOptions must be a JSON object")
+        return cls(
+            propagation=request.params.get("propagationPolicy")
+            or body.get("propagationPolicy")
+            or "Background",
+            preconditions=body.get("preconditions") or {},
+            dry_run=request.params.get("dryRun") == "All" or "All" in (body.get("dryRun") or []),
+        )
+
+
 @attrs.define(kw_only=True)
 class KubeEmulator(kmock.KubernetesEmulator):
     """kmock's Kubernetes emulator with the API-server semantics kopf relies on.
@@ -449,14 +491,20 @@ class KubeEmulator(kmock.KubernetesEmulator):
     the emulator serves HTTP from the same loop.
     """
 
+    # One counter for all resources, as etcd's revision: kopf compares versions across kinds.
     _last_rv: int = attrs.field(default=0, init=False)
+    # Every change ever made, per resource, kept so that any watch can resume from any
+    # resourceVersion (so the emulator never needs 410 Gone; tests are short-lived).
     _events: defaultdict[kmock.resource, list[_Event]] = attrs.field(
         factory=lambda: defaultdict(list), init=False
     )
+    # Set (and replaced) on each change of a resource, to wake its idle watches.
     _wakeups: dict[kmock.resource, asyncio.Event] = attrs.field(factory=dict, init=False)
     _stopping: bool = attrs.field(default=False, init=False)
     _calls: list[ApiCall] = attrs.field(factory=list, init=False)
+    # Requests that created an object: _handle turns their 200 into a 201 (kmock answers 200).
     _created: set[kmock.Request] = attrs.field(factory=set, init=False)
+    # CRD name -> the resources it serves, to unserve them when the CRD changes or goes.
     _crds: dict[str, list[kmock.resource]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -585,6 +633,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
     async def _serve_resource_request(self, request: kmock.Request) -> Any:
         path = ApiPath.parse(request.url.path)
         if path is None:
+            # kmock serves discovery without a trailing slash only; the official client
+            # asks for "/api/v1/".
+            stripped = request.url.path.rstrip("/")
+            if request.method == kmock.method.GET and re.fullmatch(r"/api/[^/]+|/apis/[^/]+/[^/]+", stripped):
+                return await self._serve_version(request)
+            if request.method == kmock.method.GET and re.fullmatch(r"/apis/[^/]+", stripped):
+                return await self._serve_group(request)
             raise _not_found(f"the server could not find the requested resource: {request.url.path}")
         params = request.params
         dry_run = params.get("dryRun") == "All"
@@ -600,6 +655,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             case "watch":
                 return self._open_watch(request, path, params)
             case "create":
+                if path.namespace is None and self._info(path.resource).namespaced:
+                    raise _error(405, "MethodNotAllowed", f"{path.plural} are created in a namespace's URL")
                 body = _json_body(request)
                 created = self._create(path.resource, path.namespace, body, dry_run=dry_run)
                 self._created.add(request)
@@ -609,9 +666,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
             case "patch":
                 return self._patch(request, path, dry_run=dry_run)
             case "delete":
-                return self._delete_request(request, path, dry_run=dry_run)
+                return self._delete_request(request, path)
             case "deletecollection":
-                return self._delete_collection(request, path, dry_run=dry_run)
+                return self._delete_collection(request, path)
         raise _error(405, "MethodNotAllowed", f"the server does not allow this method: {request.method}")
 
     # ---------------------------------------------------------------- request log
@@ -883,19 +940,19 @@ class KubeEmulator(kmock.KubernetesEmulator):
         info = self._info(resource)
         if not isinstance(body, dict):
             raise _bad_request("the request body must be a JSON object")
-        body = copy.deepcopy(body)
-        self._check_type_meta(resource, info, body)
-        meta = body.setdefault("metadata", {})
+        obj: JsonObject = copy.deepcopy(body)
+        self._check_type_meta(resource, info, obj)
+        meta = obj.setdefault("metadata", {})
         if not isinstance(meta, dict):
             raise _bad_request("metadata must be an object")
         if meta.get("resourceVersion"):
             raise _bad_request("resourceVersion should not be set on objects to be created")
         if meta.get("namespace") and namespace and meta["namespace"] != namespace:
             raise _bad_request("the namespace of the object does not match the namespace on the request")
-        if info.namespaced is not False:
-            meta["namespace"] = namespace = namespace or meta.get("namespace")
-        else:
+        if info.namespaced is False:
             meta.pop("namespace", None)
+        elif namespace := namespace or meta.get("namespace"):
+            meta["namespace"] = namespace
         name = meta.get("name")
         if not name and meta.get("generateName"):
             name = self._generate_name(resource, namespace, str(meta["generateName"]))
@@ -908,16 +965,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
             meta.pop(field, None)
         meta.update(name=name, uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
         if "status" in info.subresources:
-            body.pop("status", None)
+            obj.pop("status", None)
         if resource == CRD_RESOURCE:
-            _crd_resource_infos(body)  # a broken CRD is a 422, as upstream
-            body["status"] = _established_crd_status(body)
+            _crd_resource_infos(obj)  # a broken CRD is a 422, as upstream
+            obj["status"] = _established_crd_status(obj)
         if dry_run:
-            return body
+            return obj
         meta["resourceVersion"] = self._next_rv()
-        self._store(key, body, "ADDED")
+        self._store(key, obj, "ADDED")
         self._collect_garbage()
-        return copy.deepcopy(body)
+        return copy.deepcopy(obj)
 
     def _generate_name(self, resource: kmock.resource, namespace: str | None, prefix: str) -> str:
         for _ in range(100):
@@ -946,16 +1003,16 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if not isinstance(candidate, dict):
             raise _invalid("the result of the update is not an object")
         old_meta = _meta(current)
-        new_meta_sent = candidate.get("metadata")
-        if new_meta_sent is not None and not isinstance(new_meta_sent, dict):
+        sent_meta = candidate.get("metadata")
+        if sent_meta is not None and not isinstance(sent_meta, dict):
             raise _invalid("metadata must be an object")
-        sent_rv = (new_meta_sent or {}).get("resourceVersion")
+        sent_rv = (sent_meta or {}).get("resourceVersion")
         if sent_rv and sent_rv != old_meta.get("resourceVersion"):
             raise _conflict(
                 f'Operation cannot be fulfilled on {resource.plural} "{name}": the object has been '
                 "modified; please apply your changes to the latest version and try again"
             )
-        sent_uid = (new_meta_sent or {}).get("uid")
+        sent_uid = (sent_meta or {}).get("uid")
         if sent_uid and sent_uid != old_meta.get("uid"):
             raise _conflict(
                 f"Precondition failed: UID in object meta: {sent_uid}, current: {old_meta.get('uid')}"
@@ -987,8 +1044,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         for field in ("name", "namespace"):
             if field in meta and meta[field] != old_meta.get(field):
                 raise _invalid(f"metadata.{field}: Invalid value: {meta[field]!r}: field is immutable")
-        for field in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp",
-                      "deletionGracePeriodSeconds", "generation"):  # fmt: skip
+        for field in _SERVER_OWNED_METADATA:
             if field in old_meta:
                 meta[field] = old_meta[field]
             else:
@@ -1088,22 +1144,15 @@ class KubeEmulator(kmock.KubernetesEmulator):
             dry_run=dry_run,
         )
 
-    def _delete_request(self, request: kmock.Request, path: ApiPath, *, dry_run: bool) -> JsonObject:
+    def _delete_request(self, request: kmock.Request, path: ApiPath) -> JsonObject:
         assert path.name is not None
-        options = _json_body(request) or {}
-        if not isinstance(options, dict):
-            raise _bad_request("DeleteOptions must be a JSON object")
-        dry_run = dry_run or "All" in (options.get("dryRun") or [])
-        propagation = (
-            request.params.get("propagationPolicy") or options.get("propagationPolicy") or "Background"
-        )
-        info = self._info(path.resource)
-        key = self._key(path.resource, info, path.namespace, path.name)
+        options = _DeleteOptions.parse(request)
+        key = self._key(path.resource, self._info(path.resource), path.namespace, path.name)
         result = self._delete(
-            key, propagation=propagation, preconditions=options.get("preconditions") or {}, dry_run=dry_run
+            key, propagation=options.propagation, preconditions=options.preconditions, dry_run=options.dry_run
         )
         self._collect_garbage()
-        if self._live(key) is None and not self._is_custom(path.resource) and not dry_run:
+        if self._live(key) is None and not self._is_custom(path.resource) and not options.dry_run:
             # Built-in resources answer an immediate deletion with a Status, custom ones
             # with the object (the official client deserializes accordingly).
             return {
@@ -1120,11 +1169,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
             }
         return result
 
-    def _delete_collection(self, request: kmock.Request, path: ApiPath, *, dry_run: bool) -> JsonObject:
+    def _delete_collection(self, request: kmock.Request, path: ApiPath) -> JsonObject:
         info = self._info(path.resource)
         scope = self._scope(path, request.params, info)
+        options = _DeleteOptions.parse(request)
         victims = [key for key, obj in self._iter_live(path.resource) if scope.matches(obj)]
-        items = [self._delete(key, propagation="Background", dry_run=dry_run) for key in victims]
+        items = [
+            self._delete(key, propagation=options.propagation, dry_run=options.dry_run) for key in victims
+        ]
         self._collect_garbage()
         return {
             "apiVersion": _api_version(path.resource),
@@ -1175,8 +1227,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
             kept = [ref for ref in refs if ref.get("uid") != owner_uid]
             if len(kept) != len(refs):
                 new = copy.deepcopy(obj)
-                new["metadata"]["ownerReferences"] = kept or None
-                if not kept:
+                if kept:
+                    new["metadata"]["ownerReferences"] = kept
+                else:
                     del new["metadata"]["ownerReferences"]
                 new["metadata"]["resourceVersion"] = self._next_rv()
                 self._store(key, new, "MODIFIED")
@@ -1268,8 +1321,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         deadline: float | None,
     ) -> AsyncIterator[Any]:
         yield b""  # send the headers now: the client waits for them before any event
-        for event in initial:
-            yield event
+        for initial_event in initial:
+            yield initial_event
         loop = asyncio.get_running_loop()
         log = self._events[resource]
         while not self._stopping:
