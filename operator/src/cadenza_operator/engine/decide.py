@@ -579,12 +579,9 @@ class _Decider:
                 name, "Running", "Running", f"item {item} failed: {(error or {}).get('message')}", item=item
             )
             if self.step_def(name).on_failure != "continue":
-                self.cancel_items(name)
-                self.fail_step(
-                    name,
-                    f"item {item} failed: {(error or {}).get('type')}: {(error or {}).get('message')}",
-                    exhausted=bool((error or {}).get("retriesExhausted")),
-                )
+                message = f"item {item} failed: {(error or {}).get('type')}: {(error or {}).get('message')}"
+                self.cancel_items(name, message)
+                self.fail_step(name, message, exhausted=bool((error or {}).get("retriesExhausted")))
                 return
         self.fill_window(name)
         if not fe.running and fe.next >= fe.total:
@@ -596,11 +593,22 @@ class _Decider:
             else:
                 self.set_phase(name, "Succeeded", f"{fe.total} items succeeded")
 
-    def cancel_items(self, name: str) -> None:
+    def cancel_child(self, child: str, reason: str) -> None:
+        self.command(
+            op="publish",
+            subject=event_subject(self.s.namespace, child),
+            msgId=f"cancel:{child}",
+            body={"type": "cancel", "run": child, "by": self.actor, "reason": reason},
+        )
+
+    def cancel_items(self, name: str, reason: str) -> None:
         st = self.st(name)
         if st.forEach is None:
             return
+        is_workflow = self.step_def(name).kind == "workflow"
         for key, slot in list(st.forEach.running.items()):
+            if is_workflow and slot.running:  # items of a sub-workflow step are child runs
+                self.cancel_child(self.child_id(name, int(key), slot.attempt), reason)
             self.disarm_slot(name, int(key), slot.attempt)
             self.disarm(self.timer_id("retry", name, int(key), slot.attempt + 1))
         st.forEach.running.clear()
@@ -661,7 +669,7 @@ class _Decider:
             st.attempts.append(Attempt(n=slot.attempt, queuedAt=self.now))
             del st.attempts[:-MAX_ATTEMPT_RECORDS]
         if cs.kind == "workflow":
-            child = task_id(self.s.run, name, item, slot.attempt).replace(".", "-")
+            child = self.child_id(name, item, slot.attempt)
             st.child = child if item is None else st.child
             self.command(
                 op="startChild",
@@ -704,6 +712,9 @@ class _Decider:
                 # Until the agent reports the start, the timers count from the dispatch.
                 self.arm_attempt_timers(name, item, slot)
         self.changed()
+
+    def child_id(self, name: str, item: int | None, attempt: int) -> str:
+        return task_id(self.s.run, name, item, attempt).replace(".", "-")
 
     def foreach_items(self, name: str) -> list[Any]:
         # What a forEach reads is final once the step starts, so its list is computed once
@@ -857,16 +868,11 @@ class _Decider:
             if st.phase in ("Running", "WaitingApproval"):
                 any_running = True
                 if st.forEach is not None:
-                    self.cancel_items(name)
+                    self.cancel_items(name, message)
                 for tid in [t for t, tm in self.s.timers.items() if tm.step == name]:
                     self.disarm(tid)
-                if st.child:
-                    self.command(
-                        op="publish",
-                        subject=event_subject(self.s.namespace, st.child),
-                        msgId=f"cancel:{st.child}",
-                        body={"type": "cancel", "run": st.child, "by": self.actor, "reason": message},
-                    )
+                if st.child and st.forEach is None:
+                    self.cancel_child(st.child, message)
                 self.set_phase(name, "Cancelled", message)
         if any_running:
             self.command(
