@@ -306,8 +306,8 @@ class _Decider:
 
     def on_heartbeat(self) -> None:
         slot, _, _ = self.find_slot()
-        if slot is None:
-            return
+        if slot is None or (slot.lastHeartbeat is not None and slot.lastHeartbeat >= self.now):
+            return  # a redelivered (or older) heartbeat says nothing new
         slot.lastHeartbeat = self.now
         self.changed()
 
@@ -331,9 +331,15 @@ class _Decider:
 
     def on_timer(self) -> None:
         timer_id = str(self.ev.get("timer"))
-        timer = self.s.timers.pop(timer_id, None)
+        timer = self.s.timers.get(timer_id)
         if timer is None:
             return
+        due = self.ev.get("due")
+        if due is not None and abs(float(due) - timer.at) > 1e-3:
+            # A fire of an earlier arming of this id (a heartbeat check re-arms its own id),
+            # redelivered: the timer armed now is not due.
+            return
+        del self.s.timers[timer_id]
         self.changed()
         if timer.kind == "deadline":
             self.wind_down("deadline", f"deadline of {self.wf.spec.deadline} exceeded")
