@@ -273,6 +273,9 @@ class _Decider:
         approvers = cs.spec.approval.approvers  # type: ignore[union-attr]
         by = str(self.ev.get("by") or "unknown")
         if approvers and by not in approvers:
+            if st.deniedAt is not None and self.now <= st.deniedAt:
+                return  # that decision was ignored (and audited) already: a redelivery
+            st.deniedAt = self.now
             self.audit(name, st.phase, st.phase, f"decision by {by!r} ignored: not an approver")
             return
         self.decide_approval(name, bool(self.ev.get("approved")), by, self.ev.get("comment"))

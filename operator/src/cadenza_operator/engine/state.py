@@ -65,6 +65,7 @@ class StepState(Slot):
     activated: bool = False  # a fallback step called in by a failure
     recoveredBy: str | None = None
     approval: dict[str, Any] | None = None
+    deniedAt: float | None = None  # time of the last approval ignored (sender not an approver)
     forEach: ForEachState | None = None
     child: str | None = None
     retries: int = 0
