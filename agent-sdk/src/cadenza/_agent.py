@@ -134,7 +134,6 @@ class Agent:
     async def serve(self, settings: AgentSettings, stop: asyncio.Event | None = None) -> None:
         """Work until `stop` is set (or SIGTERM/SIGINT arrive when no `stop` is given)."""
         import nats
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         if settings.agent and settings.agent != self.name:
             raise ValueError(
@@ -150,22 +149,7 @@ class Agent:
         js = nc.jetstream()
         ns = settings.namespace
         durable = consumer_name(ns, self.name)
-        with contextlib.suppress(Exception):
-            # The engine or operator usually creates it; creating it here too makes an agent
-            # that starts first still work. add_consumer is idempotent for equal configs.
-            await js.add_consumer(
-                TASKS_STREAM,
-                ConsumerConfig(
-                    durable_name=durable,
-                    filter_subject=task_subject(ns, self.name),
-                    ack_policy=AckPolicy.EXPLICIT,
-                    deliver_policy=DeliverPolicy.ALL,
-                    ack_wait=settings.ack_wait,
-                    max_deliver=-1,
-                    max_ack_pending=-1,
-                    max_waiting=512,
-                ),
-            )
+        await self._ensure_consumer(js, durable, ns, settings.ack_wait, stop)
         context_kv = await js.key_value(CONTEXT_BUCKET)
         worker = f"{socket.gethostname()}:{os.getpid()}"
         heartbeat_every = max(0.2, settings.ack_wait / 3)
@@ -281,6 +265,41 @@ class Agent:
             await cancel_sub.unsubscribe()
             with contextlib.suppress(Exception):
                 await nc.drain()
+
+    async def _ensure_consumer(
+        self, js: Any, durable: str, ns: str, ack_wait: float, stop: asyncio.Event
+    ) -> None:
+        """Wait for the task stream (the engine or operator creates it), then for our consumer.
+
+        The engine or operator usually creates the consumer; creating it here too makes an
+        agent that starts first still work. An existing one is left alone: updating a
+        consumer drops the pull requests of the replicas already waiting on it.
+        """
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        config = ConsumerConfig(
+            durable_name=durable,
+            filter_subject=task_subject(ns, self.name),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=ack_wait,
+            max_deliver=-1,
+            max_ack_pending=-1,
+            max_waiting=512,
+        )
+        while not stop.is_set():
+            try:
+                await js.consumer_info(TASKS_STREAM, durable)
+                return
+            except NotFoundError:
+                pass
+            try:
+                await js.add_consumer(TASKS_STREAM, config)
+                return
+            except Exception as exc:  # the stream does not exist yet
+                self.log.info("waiting for the task stream", error=str(exc))
+                await asyncio.sleep(1)
 
     async def _heartbeat(
         self, js: Any, msg: Any, subject: str, base: dict[str, Any], every: float, body: dict[str, Any]

@@ -28,7 +28,7 @@ class PullConsumer:
         handler: Callable[[Any], Awaitable[None]],
         *,
         concurrency: int = 256,
-        expires: float = 30.0,
+        expires: float = 5.0,
     ) -> None:
         self.nc = nc
         self.stream = stream
@@ -43,7 +43,7 @@ class PullConsumer:
         self._paused = False
         self._watchdog: asyncio.Task[None] | None = None
         self._ids = itertools.count()
-        self._seen_status = False
+        self._heard = 0.0  # loop time of the last message or status from the server
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
@@ -68,12 +68,12 @@ class PullConsumer:
         )
 
     async def _on_message(self, msg: Any) -> None:
+        self._heard = asyncio.get_running_loop().time()
         status = msg.headers.get("Status") if msg.headers else None
         if status:
             if status == "100":  # idle heartbeat / flow control
                 return
             # 404/408/409: a request ended (no messages, expired, limits): reclaim what it left.
-            self._seen_status = True
             left = msg.headers.get("Nats-Pending-Messages")
             self.requested = max(0, self.requested - int(left)) if left else 0
         else:
@@ -93,11 +93,13 @@ class PullConsumer:
                 await self._top_up()
 
     async def _renew(self) -> None:
-        """Requests can vanish without a status (server restart): re-ask after each expiry."""
+        """Pending requests always end with a message or a 408 within `expires`. Silence for
+        longer means they were dropped (a server restart, a consumer update): ask afresh."""
+        loop = asyncio.get_running_loop()
+        self._heard = loop.time()
         while True:
-            self._seen_status = False
-            await asyncio.sleep(self.expires + 1)
-            if not self._seen_status:
+            await asyncio.sleep(self.expires)
+            if self.requested and loop.time() - self._heard > self.expires + 2:
                 self.requested = 0
             with contextlib.suppress(Exception):
                 await self._top_up()

@@ -20,6 +20,7 @@ from cadenza._protocol import (
     consumer_name,
     task_subject,
 )
+from nats.js.errors import NotFoundError
 
 TIMERS_BUCKET = "cadenza_timers"  # run -> armed timers, watched by every engine
 TRIGGERS_BUCKET = "cadenza_triggers"  # trigger de-duplication keys and schedule cursors
@@ -69,10 +70,12 @@ async def ensure_infrastructure(js: Any, replicas: int = 1, engine_ack_wait: flo
         ),
     ]
     for cfg in streams:
+        # Only create what is missing: updating a stream or consumer that is in use makes
+        # the server drop the pull requests other processes have waiting on it.
         try:
+            await js.stream_info(cfg.name)
+        except NotFoundError:
             await js.add_stream(cfg)
-        except Exception:
-            await js.update_stream(cfg)
     for bucket, history in (
         (RUNS_BUCKET, 1),
         (OUTPUTS_BUCKET, 1),
@@ -120,3 +123,14 @@ async def ensure_agent_consumer(js: Any, namespace: str, agent: str, ack_wait: f
             max_waiting=512,
         ),
     )
+
+
+async def _ensure_consumer(js: Any, stream: str, config: Any) -> None:
+    """Create the consumer, or update it only when its ack wait changed."""
+    try:
+        info = await js.consumer_info(stream, config.durable_name)
+    except NotFoundError:
+        await js.add_consumer(stream, config)
+        return
+    if info.config.ack_wait != config.ack_wait:
+        await js.add_consumer(stream, config)
