@@ -59,7 +59,6 @@ def test_readme_command_retries_sources_and_revises_the_rejected_draft() -> None
     sources_section = report.split("## Sources")[1]
     assert "HomeHeat" not in sources_section and "5. The Daily Ledger (2025)" in sources_section
     assert out["sourcesCited"] == 5 and out["findings"] == 15
-    assert doc["durationSeconds"] < 20
 
 
 def test_a_draft_that_passes_review_skips_the_revision() -> None:

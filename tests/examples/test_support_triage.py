@@ -62,7 +62,6 @@ def test_readme_command_resolves_and_refunds_after_approval() -> None:
     approval = steps["approve_refund"]["approval"]
     assert approval["decision"] == "approved" and approval["by"] == "cli"
     assert steps["approve_refund"]["startedAt"] <= approval["at"] <= steps["refund"]["queuedAt"]
-    assert doc["durationSeconds"] < 20
 
 
 def test_rejected_refund_is_not_issued_and_the_customer_is_told() -> None:
