@@ -1,0 +1,244 @@
+"""Agent handlers: an Agent becomes a ServiceAccount, a Deployment and (optionally) a
+metrics Service; its status and replica count follow the Deployment and the agent's
+JetStream consumer.
+
+Handlers are thin: parse the spec at the edge, call the pure builders, adopt and apply.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import kopf
+import structlog
+from cadenza._protocol import TASKS_STREAM, consumer_name
+from pydantic import ValidationError
+
+from .. import metrics
+from ..engine.infra import ensure_agent_consumer
+from ..models import API_GROUP, API_VERSION, Agent, AutoscalingSpec, parse_duration
+from . import builders, events
+from .api import ApiError, KubeApi, path_of
+from .autoscaling import desired_replicas, prune, stabilized
+from .context import OperatorContext, context_of
+from .settings import OperatorSettings
+from .specs import invalid_spec, parse_resource
+from .status import agent_status
+
+log = structlog.get_logger("cadenza.operator")
+
+AGENTS = (API_GROUP, API_VERSION, "agents")
+Json = dict[str, Any]
+
+
+# ---------------------------------------------------------------------- handlers
+
+
+async def agent_reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
+    """create/update/resume: make the agent's objects match its spec."""
+    ctx = context_of(memo)
+    agent = parse_agent(body, patch)
+    await ensure_agent_consumer(
+        ctx.js, namespace_of(agent), agent.metadata.name, parse_duration(agent.spec.ackWait)
+    )
+    try:
+        await apply_agent(ctx, agent, body)
+    except builders.SpecError as exc:
+        invalid_spec(body, patch, exc.path, exc.message, condition_type="Ready")
+    patch.status.update(await observe_agent(ctx, agent, body))
+
+
+async def agent_observe(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
+    """timer: refresh status from the Deployment and the queue; autoscale."""
+    ctx = context_of(memo)
+    if not ctx.started:
+        return  # the operator is stopping: its cleanup already stopped the engine
+    if dict(body.status or {}).get("observedGeneration") != body.metadata.get("generation"):
+        return  # agent_reconcile has this generation in hand and reports it when done
+    try:
+        agent = Agent.model_validate(
+            {
+                "metadata": {"name": body.metadata.name, "namespace": body.metadata.namespace or "default"},
+                "spec": dict(body.spec),
+            }
+        )
+    except ValidationError:
+        return  # reported by agent_reconcile; nothing to observe
+    status = await observe_agent(ctx, agent, body)
+    if not _same(status, body.status):
+        patch.status.update(status)
+
+
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
+    kopf.on.create(*AGENTS, registry=registry)(agent_reconcile)
+    kopf.on.update(*AGENTS, registry=registry, field="spec")(agent_reconcile)
+    kopf.on.resume(*AGENTS, registry=registry)(agent_reconcile)
+    kopf.timer(*AGENTS, registry=registry, interval=settings.agent_interval)(agent_observe)
+
+
+# ------------------------------------------------------------------------- logic
+
+
+def parse_agent(body: kopf.Body, patch: kopf.Patch) -> Agent:
+    return parse_resource(Agent, body, patch, condition_type="Ready")
+
+
+def namespace_of(agent: Agent) -> str:
+    return agent.metadata.namespace or "default"
+
+
+def _owned_by(obj: Json, owner: kopf.Body) -> bool:
+    return any(ref.get("uid") == owner.metadata.uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+async def apply_object(api: KubeApi, manifest: Json, plural: str, owner: kopf.Body) -> Json:
+    """Create the object, or patch it when what the operator decides about it changed.
+
+    The spec-hash annotation says what was last applied; an object the Agent does not
+    own is never touched (it would be taken over silently).
+    """
+    meta = manifest["metadata"]
+    path = path_of(manifest["apiVersion"], plural, meta["namespace"], meta["name"])
+    live = await api.get(path)
+    if live is None:
+        try:
+            return await api.create(path_of(manifest["apiVersion"], plural, meta["namespace"]), manifest)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            live = await api.get(path)
+            if live is None:
+                raise kopf.TemporaryError(f"{manifest['kind']} {meta['name']} vanished", delay=1) from None
+    if not _owned_by(live, owner):
+        raise kopf.TemporaryError(
+            f"{manifest['kind']} {meta['name']} exists and is not owned by this Agent; delete or rename it",
+            delay=30,
+        )
+    wanted = meta.get("annotations", {}).get(builders.SPEC_HASH_ANNOTATION)
+    if (live["metadata"].get("annotations") or {}).get(builders.SPEC_HASH_ANNOTATION) == wanted:
+        return live
+    # A merge patch replaces lists (containers, env, ports) as a whole: removed entries go.
+    return await api.patch(path, _merge_patch_body(manifest))
+
+
+def _merge_patch_body(manifest: Json) -> Json:
+    body = {k: v for k, v in manifest.items() if k not in ("apiVersion", "kind")}
+    body["metadata"] = {k: manifest["metadata"][k] for k in ("labels", "annotations", "ownerReferences")}
+    template = (manifest.get("spec") or {}).get("template")
+    if template is not None:
+        # Keys the builder sets only sometimes: null deletes them when they are not wanted now.
+        pod = template["spec"]
+        pod.setdefault("automountServiceAccountToken", None)
+    return body
+
+
+async def apply_agent(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> None:
+    namespace = namespace_of(agent)
+    name = builders.resource_name(agent)
+    deployment_path = path_of("apps/v1", "deployments", namespace, name)
+    live = await ctx.api.get(deployment_path)
+    replicas = _replicas(agent, live)
+
+    if not agent.spec.serviceAccountName:
+        account = _adopted(builders.build_service_account(agent), owner)
+        await apply_object(ctx.api, account, "serviceaccounts", owner)
+    deployment = builders.build_deployment(
+        agent, nats_url=ctx.settings.agents_nats_url, replicas=replicas, log_format=ctx.settings.log_format
+    )
+    await apply_object(ctx.api, _adopted(deployment, owner), "deployments", owner)
+
+    service = builders.build_metrics_service(agent)
+    service_path = path_of("v1", "services", namespace, name)
+    if service is not None:
+        await apply_object(ctx.api, _adopted(service, owner), "services", owner)
+    else:
+        live_service = await ctx.api.get(service_path)
+        if live_service is not None and _owned_by(live_service, owner):
+            await ctx.api.delete(service_path)  # metrics were switched off
+
+
+def _adopted(manifest: Json, owner: kopf.Body) -> Json:
+    kopf.adopt(manifest, owner=owner)
+    builders.stamp(manifest)  # after adopt: the owner's labels are part of what was decided
+    return manifest
+
+
+def _replicas(agent: Agent, live: Json | None) -> int:
+    autoscaling = agent.spec.autoscaling
+    if autoscaling is None:
+        return agent.spec.replicas
+    if live is not None:
+        return int(live["spec"].get("replicas", 1))  # the autoscaler owns it from here on
+    return max(autoscaling.minReplicas, min(autoscaling.maxReplicas, agent.spec.replicas))
+
+
+async def consumer_load(
+    ctx: OperatorContext, namespace: str, agent: str
+) -> tuple[int | None, int | None, str]:
+    """(pending, in flight, problem) from the agent's durable consumer."""
+    try:
+        info = await ctx.js.consumer_info(TASKS_STREAM, consumer_name(namespace, agent))
+    except Exception as exc:
+        return None, None, f"task queue unavailable: {exc or type(exc).__name__}"
+    return int(info.num_pending or 0), int(info.num_ack_pending or 0), ""
+
+
+def deployment_problem(deployment: Json | None) -> str:
+    if deployment is None:
+        return "the Deployment does not exist"
+    for cond in (deployment.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            return str(cond.get("message") or cond.get("reason") or "replica failure")
+        if cond.get("type") == "Progressing" and cond.get("status") == "False":
+            return str(cond.get("message") or cond.get("reason") or "rollout stalled")
+    return ""
+
+
+async def observe_agent(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> Json:
+    """Read the Deployment and the queue, autoscale, and return the Agent's status."""
+    namespace, name = namespace_of(agent), agent.metadata.name
+    path = path_of("apps/v1", "deployments", namespace, builders.resource_name(agent))
+    deployment = await ctx.api.get(path)
+    pending, in_flight, queue_problem = await consumer_load(ctx, namespace, name)
+    metrics.AGENT_PENDING.labels(namespace, name).set(pending or 0)
+    metrics.AGENT_IN_FLIGHT.labels(namespace, name).set(in_flight or 0)
+    replicas = int(deployment["spec"].get("replicas", 0)) if deployment else 0
+    autoscaling = agent.spec.autoscaling
+    if deployment is not None and autoscaling is not None and pending is not None:
+        target = _autoscale(ctx, (namespace, name), pending + (in_flight or 0), autoscaling)
+        if target != replicas:
+            await ctx.api.patch(path, {"spec": {"replicas": target}})
+            load = f"{pending} pending, {in_flight} in flight"
+            events.normal(owner, "Scaled", f"replicas {replicas} -> {target} ({load})")
+            log.info("agent scaled", agent=name, namespace=namespace, replicas=target, pending=pending)
+            replicas = target
+    ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
+    return agent_status(
+        generation=int(owner.metadata.get("generation") or 0),
+        replicas=replicas,
+        ready_replicas=min(ready, replicas) if replicas else ready,
+        pending=pending,
+        in_flight=in_flight,
+        deployment_problem=deployment_problem(deployment),
+        queue_problem=queue_problem,
+        previous=dict(owner.status or {}).get("conditions") or [],
+        now=time.time(),
+    )
+
+
+def _autoscale(ctx: OperatorContext, key: tuple[str, str], load: int, autoscaling: AutoscalingSpec) -> int:
+    now = time.monotonic()
+    history = ctx.scaling_history.setdefault(key, [])
+    history.append((now, desired_replicas(load, autoscaling)))
+    window = ctx.settings.scale_down_window
+    prune(history, now, window)
+    return stabilized(history, now, window)
+
+
+def _same(status: Json, current: Any) -> bool:
+    current = dict(current or {})
+    return all(current.get(k) == v for k, v in status.items())
+
+
+__all__ = ["agent_observe", "agent_reconcile", "register"]

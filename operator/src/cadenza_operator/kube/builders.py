@@ -1,0 +1,202 @@
+"""Where an Agent becomes Kubernetes objects: pure `build_*()` functions returning manifests.
+
+No I/O here: the handlers in `agents.py` adopt these manifests (ownerReferences) and
+create or patch them. Keeping them pure makes every field testable without a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from ..models import Agent, parse_duration
+
+MANAGED_BY = "cadenza"
+AGENT_LABEL = "cadenza.dev/agent"
+SPEC_HASH_ANNOTATION = "cadenza.dev/spec-hash"
+RUNNER_USER = 65532
+"""The uid agent containers run as unless their image says otherwise: the distroless
+`nonroot` user, so that an image built FROM a root-user base still runs non-root."""
+
+Manifest = dict[str, Any]
+
+
+class SpecError(ValueError):
+    """An Agent spec that cannot become a Deployment; `path` names the field."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+def agent_labels(name: str) -> dict[str, str]:
+    """Labels on everything made for an Agent (and on its pods)."""
+    return {
+        "app.kubernetes.io/name": "cadenza-agent",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "agent",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        AGENT_LABEL: name,
+    }
+
+
+def agent_selector(name: str) -> dict[str, str]:
+    # A Deployment's selector is immutable: keep it to the one label that never changes.
+    return {AGENT_LABEL: name}
+
+
+def resource_name(agent: Agent) -> str:
+    """Name of the Deployment, ServiceAccount and Service of an Agent."""
+    return f"{agent.metadata.name}-agent"
+
+
+def service_account_name(agent: Agent) -> str:
+    return agent.spec.serviceAccountName or resource_name(agent)
+
+
+def agent_env(agent: Agent, *, nats_url: str, log_format: str = "json") -> list[dict[str, str]]:
+    """The agent's environment: the SDK's connection settings, then the spec's own `env`
+    (which may override them on purpose, e.g. a different NATS URL for one agent)."""
+    base = {
+        "CADENZA_NATS_URL": nats_url,
+        "CADENZA_AGENT": agent.metadata.name,
+        "CADENZA_NAMESPACE": agent.metadata.namespace or "default",
+        "CADENZA_CONCURRENCY": str(agent.spec.concurrency),
+        "CADENZA_ACK_WAIT": f"{parse_duration(agent.spec.ackWait):g}",
+        "CADENZA_LOG_FORMAT": log_format,
+        # The root file system is read-only: anything that wants a writable home gets /tmp.
+        "HOME": "/tmp",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for var in agent.spec.env:
+        base[var.name] = var.value
+    return [{"name": k, "value": v} for k, v in base.items()]
+
+
+def pod_security_context() -> Manifest:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUNNER_USER,
+        "runAsGroup": RUNNER_USER,
+        "fsGroup": RUNNER_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> Manifest:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def build_service_account(agent: Agent) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": resource_name(agent), "labels": agent_labels(agent.metadata.name)},
+        # Agents talk to NATS, not to the Kubernetes API: no token in their pods.
+        "automountServiceAccountToken": False,
+    }
+
+
+def build_deployment(agent: Agent, *, nats_url: str, replicas: int, log_format: str = "json") -> Manifest:
+    """The Deployment running an Agent's replicas; `replicas` is decided by the caller
+    (the spec, or the autoscaler when `spec.autoscaling` is set)."""
+    if not agent.spec.image:
+        raise SpecError("spec.image", "an Agent needs an image to run in a cluster")
+    name = agent.metadata.name
+    labels = agent_labels(name)
+    container: Manifest = {
+        "name": "agent",
+        "image": agent.spec.image,
+        "env": agent_env(agent, nats_url=nats_url, log_format=log_format),
+        "securityContext": container_security_context(),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if agent.spec.command:
+        container["command"] = list(agent.spec.command)
+    if agent.spec.resources:
+        container["resources"] = agent.spec.resources
+    if agent.spec.metrics and agent.spec.metrics.enabled:
+        container["ports"] = [
+            {"name": "metrics", "containerPort": agent.spec.metrics.port, "protocol": "TCP"}
+        ]
+    pod_spec: Manifest = {
+        "serviceAccountName": service_account_name(agent),
+        "securityContext": pod_security_context(),
+        # The SDK drains in-flight tasks for 25 s on SIGTERM; leave it that and a margin.
+        "terminationGracePeriodSeconds": 30,
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+    }
+    if not agent.spec.serviceAccountName:
+        # Our own ServiceAccount has no API permissions: mount no token. A user-chosen
+        # account decides for itself (it may be there precisely for its token).
+        pod_spec["automountServiceAccountToken"] = False
+    deployment: Manifest = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": resource_name(agent), "labels": labels, "annotations": {}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": agent_selector(name)},
+            # Replicas are competing consumers of one durable: a rolling update never
+            # loses a task (unacknowledged ones are redelivered), so roll fast.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"},
+            },
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+    return stamp(deployment)
+
+
+def build_metrics_service(agent: Agent) -> Manifest | None:
+    """A Service selecting the agent's pods on their metrics port, or None when disabled."""
+    metrics = agent.spec.metrics
+    if metrics is None or not metrics.enabled:
+        return None
+    service: Manifest = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": resource_name(agent),
+            "labels": agent_labels(agent.metadata.name),
+            "annotations": {},
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": agent_selector(agent.metadata.name),
+            "ports": [{"name": "metrics", "port": metrics.port, "targetPort": "metrics", "protocol": "TCP"}],
+        },
+    }
+    return stamp(service)
+
+
+def stamp(manifest: Manifest) -> Manifest:
+    """Record the manifest's spec hash on it (again after `kopf.adopt` added the owner's labels)."""
+    manifest["metadata"].setdefault("annotations", {})[SPEC_HASH_ANNOTATION] = spec_hash(manifest)
+    return manifest
+
+
+def spec_hash(manifest: Manifest) -> str:
+    """A digest of what the operator decides about an object, replicas excluded.
+
+    Compared with the annotation on the live object to decide whether to patch: the API
+    server adds defaults to what it stores, so comparing objects field by field would see
+    a difference on every pass and patch forever.
+    """
+    decided = {k: v for k, v in manifest.items() if k not in ("metadata", "status")}
+    decided["labels"] = manifest.get("metadata", {}).get("labels", {})
+    spec = dict(decided.get("spec") or {})
+    spec.pop("replicas", None)  # owned by the autoscaler, patched on its own
+    decided["spec"] = spec
+    raw = json.dumps(decided, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]

@@ -1,0 +1,115 @@
+"""Every write to the run records, whichever engine made it, for the runs being mirrored.
+
+Engines in all operator replicas (and standalone `cadenza engine` processes) advance
+runs; the replica that owns the WorkflowRun objects must see all of their writes, not
+only its own engine's. So this watches the runs bucket itself: one ordered JetStream
+consumer on the bucket's subjects, delivering only new writes (a restart reads the
+current record of each followed run with one KV get instead of replaying the bucket).
+
+A follower keeps the latest record of its run (raw) and wakes its reader, the
+WorkflowRun's mirror daemon, which reads it at most once per status interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from cadenza._protocol import RUNS_BUCKET
+
+from ..engine.state import RunState
+from .status import RunEvent, phases_of, transitions
+
+log = structlog.get_logger("cadenza.operator")
+
+_PREFIX = f"$KV.{RUNS_BUCKET}."
+
+
+class RunFollower:
+    """The latest record of one run (kept raw until read), and a wake-up flag.
+
+    Records are parsed only when the mirror reads one, at most once per status interval:
+    a 1,000-item fan-out writes its record thousands of times, and parsing each write
+    would cost the engine sharing this event loop more than the run itself.
+    """
+
+    def __init__(self, run: str, known_phases: Mapping[str, str]) -> None:
+        self.run = run
+        self.revision = 0
+        self.changed = asyncio.Event()
+        self._raw: bytes | None = None
+        self._phases = dict(known_phases)
+
+    def push(self, data: bytes, revision: int) -> None:
+        if revision <= self.revision:
+            return  # the KV get and the watch may both deliver a record: keep the newest
+        self.revision = revision
+        self._raw = data
+        self.changed.set()
+
+    def take(self) -> tuple[RunState | None, list[RunEvent]]:
+        """The latest record and the Events its transitions since the last take call for.
+
+        Transitions between two takes are seen as one: a step that failed stays Failed, a
+        run that ended stays ended, so no failure or ending goes unreported."""
+        self.changed.clear()
+        if self._raw is None:
+            return None, []
+        state = RunState.from_bytes(self._raw)
+        events = transitions(self._phases, state)
+        self._phases = phases_of(state)
+        return state, events
+
+
+class RunFeed:
+    """Fans the runs bucket's writes out to the followers of individual runs."""
+
+    def __init__(self, js: Any) -> None:
+        self.js = js
+        self._followers: dict[str, RunFollower] = {}
+        self._sub: Any = None
+        self._kv: Any = None
+
+    async def start(self) -> None:
+        from nats.js.api import DeliverPolicy
+
+        self._kv = await self.js.key_value(RUNS_BUCKET)
+        self._sub = await self.js.subscribe(
+            f"{_PREFIX}>", cb=self._on_write, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
+        )
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    def follow(self, run: str, known_phases: Mapping[str, str]) -> RunFollower:
+        """Start following a run; `known_phases` are the phases already reported (no Events for them)."""
+        follower = RunFollower(run, known_phases)
+        self._followers[run] = follower
+        return follower
+
+    def unfollow(self, follower: RunFollower) -> None:
+        if self._followers.get(follower.run) is follower:
+            del self._followers[follower.run]
+
+    async def refresh(self, follower: RunFollower) -> None:
+        """Read the run's current record (after `follow`, so no write falls in between)."""
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            entry = await self._kv.get(follower.run)
+        except KeyNotFoundError:
+            return
+        if entry.value:
+            follower.push(entry.value, entry.revision or 0)
+
+    async def _on_write(self, msg: Any) -> None:
+        follower = self._followers.get(msg.subject[len(_PREFIX) :])
+        if follower is None or not msg.data:
+            return  # not mirrored here (or a delete marker)
+        follower.push(msg.data, msg.metadata.sequence.stream)

@@ -1,0 +1,124 @@
+"""`cadenza operator`: kopf and the engine in one process.
+
+The engine (and the run feed, and the triggers) start in kopf's startup handler, in the
+same event loop, before kopf watches anything; kopf then serves the Cadenza resources
+with handlers registered on a fresh registry, and everything stops together. With
+peering, replicas elect one active instance for the handlers; every replica's engine
+keeps executing runs (compare-and-swap on the run record keeps engines apart, so more
+replicas means more throughput).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+import structlog
+
+from .. import metrics
+from . import agents, runs, workflows
+from .api import KubeApi
+from .context import OperatorContext, make_memo
+from .settings import OperatorSettings
+
+log = structlog.get_logger("cadenza.operator")
+
+PERSISTENCE_PREFIX = "operator.cadenza.dev"
+"""kopf's bookkeeping annotations. Not `cadenza.dev/`: kopf strips annotations with its
+own prefix from what it diffs, and the approval annotations live under `cadenza.dev/`."""
+FINALIZER = "cadenza.dev/finalizer"
+
+
+def build_registry(settings: OperatorSettings, ctx: OperatorContext) -> kopf.OperatorRegistry:
+    """A fresh registry with every handler: one per operator instance, never global."""
+    registry = kopf.OperatorRegistry()
+
+    def operator_login(**_: Any) -> kopf.ConnectionInfo:
+        # kopf and the operator's own client talk to one API server as one user.
+        return ctx.api.connection_info()
+
+    async def operator_startup(**_: Any) -> None:
+        await ctx.start()
+
+    async def operator_cleanup(**_: Any) -> None:
+        await ctx.stop()
+
+    kopf.on.login(registry=registry)(operator_login)
+    kopf.on.startup(registry=registry)(operator_startup)
+    kopf.on.cleanup(registry=registry)(operator_cleanup)
+    agents.register(registry, settings)
+    workflows.register(registry, settings)
+    runs.register(registry, settings)
+    return registry
+
+
+def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
+    ks = kopf.OperatorSettings()
+    ks.persistence.finalizer = FINALIZER
+    ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PERSISTENCE_PREFIX)
+    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PERSISTENCE_PREFIX, key="last-handled-configuration"
+    )
+    # kopf would post its own INFO log lines ("Handler ... succeeded") as Events on every
+    # object; ours are posted explicitly with fixed reasons. Warnings and errors still go.
+    ks.posting.level = logging.WARNING
+    ks.peering.clusterwide = settings.clusterwide
+    if settings.peering:
+        ks.peering.name = settings.peering
+        ks.peering.standalone = False
+    else:
+        ks.peering.standalone = True
+    # Reconnect watches regularly even if the server keeps them open: a silently broken
+    # stream would otherwise stall the operator.
+    ks.watching.server_timeout = 300
+    ks.watching.client_timeout = 330
+    return ks
+
+
+async def serve(
+    settings: OperatorSettings,
+    *,
+    stop_flag: asyncio.Event | None = None,
+    ready_flag: asyncio.Event | None = None,
+    api: KubeApi | None = None,
+    on_context: Callable[[OperatorContext], None] | None = None,
+) -> None:
+    """Run the operator until `stop_flag` is set (or SIGINT/SIGTERM)."""
+    ctx = OperatorContext(settings=settings, api=api or KubeApi.from_environment())
+    if on_context is not None:
+        on_context(ctx)
+    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    log.info(
+        "operator starting",
+        nats=settings.nats_url,
+        namespaces=list(settings.watch_namespaces) or "cluster-wide",
+        peering=settings.peering or "standalone",
+    )
+    try:
+        await kopf.operator(
+            registry=build_registry(settings, ctx),
+            settings=kopf_settings(settings),
+            memo=make_memo(ctx),
+            clusterwide=settings.clusterwide,
+            namespaces=list(settings.watch_namespaces),
+            standalone=not settings.peering,
+            peering_name=settings.peering or None,
+            liveness_endpoint=liveness,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        await ctx.stop()  # if kopf failed before its cleanup handlers ran
+        await ctx.api.close()
+
+
+def run_operator() -> int:
+    """Entry point of `cadenza operator`: settings from the environment, then serve."""
+    settings = OperatorSettings.from_env()
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, addr="0.0.0.0")  # scraped from other pods
+    asyncio.run(serve(settings))
+    return 0

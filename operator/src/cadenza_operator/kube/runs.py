@@ -1,0 +1,353 @@
+"""WorkflowRun handlers: start the run in the engine, mirror the run record into a bounded
+status with coalesced writes, turn annotations into approvals, cancel on deletion, and
+mirror runs started by triggers as WorkflowRuns.
+
+Write budget: the run record changes on every event of the run (thousands for a large
+fan-out); the WorkflowRun is written at most once per `status_interval` while the run
+goes on, plus once at its end. kopf adds a fixed few (finalizer, its own bookkeeping),
+so writes per run are bounded by the run's duration, never by its number of steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+import kopf
+import structlog
+from pydantic import ValidationError
+
+from .. import metrics
+from ..engine.client import send_approval, send_cancel
+from ..engine.definition import CompiledWorkflow
+from ..engine.runtime import InputError
+from ..engine.state import TERMINAL_RUN, RunState
+from ..manifests import loc_path
+from ..models import API_GROUP, API_VERSION, GROUP_VERSION, WorkflowRun
+from . import events
+from .api import ApiError, path_of, workflowrun_path
+from .context import OperatorContext, context_of
+from .feed import RunFollower
+from .settings import OperatorSettings
+from .status import RunRecord, condition, merge_patch_apply, merge_patch_diff, phases_of_status, run_status
+
+log = structlog.get_logger("cadenza.operator")
+
+WORKFLOWRUNS = (API_GROUP, API_VERSION, "workflowruns")
+RUN_ID_ANNOTATION = "cadenza.dev/run-id"
+"""On mirrored WorkflowRuns: the run already exists (started by a trigger); follow it."""
+APPROVE_ANNOTATION = "cadenza.dev/approve"
+REJECT_ANNOTATION = "cadenza.dev/reject"
+APPROVED_BY_ANNOTATION = "cadenza.dev/approved-by"
+COMMENT_ANNOTATION = "cadenza.dev/comment"
+WORKFLOW_LABEL = "cadenza.dev/workflow"
+"""On WorkflowRuns subject to the Workflow's runHistoryLimit (mirrored triggered runs)."""
+TRIGGER_LABEL = "cadenza.dev/trigger"
+MIRRORED_KEYS = frozenset({"stepsNotListed"})
+"""Status keys the mirror writes only sometimes: removed when no longer wanted."""
+WORKFLOWRUN_LABEL = "cadenza.dev/workflowrun"
+"""Engine run label naming the WorkflowRun a run was started for."""
+
+Json = dict[str, Any]
+
+
+# ---------------------------------------------------------------------- pure parts
+
+
+def run_id_for(namespace: str, name: str, uid: str, annotations: Mapping[str, str]) -> str:
+    """The engine run id of a WorkflowRun, derived from its uid: a retried handler or a
+    restarted operator starts the same run (idempotent in the engine), never a second
+    one, and a WorkflowRun deleted and re-created under the same name gets a new run."""
+    if annotations.get(RUN_ID_ANNOTATION):
+        return str(annotations[RUN_ID_ANNOTATION])
+    # Run ids are NATS subject tokens: no dots; names may have them.
+    safe = re.sub(r"[^a-z0-9-]", "-", name.lower())[:40].strip("-") or "run"
+    return f"{safe}-{uid.replace('-', '')[:10]}"
+
+
+def run_id_of(body: kopf.Body) -> str:
+    meta = body.metadata
+    return run_id_for(meta.namespace or "default", meta.name or "", meta.uid or "", meta.annotations or {})
+
+
+def decisions_from_annotations(annotations: Mapping[str, str]) -> dict[str, bool]:
+    """{step: approved} from `cadenza.dev/approve=a,b` and `cadenza.dev/reject=c`; reject wins."""
+    decisions: dict[str, bool] = {}
+    for key, approved in ((APPROVE_ANNOTATION, True), (REJECT_ANNOTATION, False)):
+        for step in str(annotations.get(key) or "").split(","):
+            if step.strip():
+                decisions[step.strip()] = approved
+    return decisions
+
+
+def status_patch(written: Mapping[str, Any], wanted: Mapping[str, Any]) -> Json:
+    """The merge patch taking the status as written to the wanted one (empty: no write).
+
+    Only keys the mirror owns are compared: others (none today) are left alone."""
+    return merge_patch_diff({k: v for k, v in written.items() if k in wanted or k in MIRRORED_KEYS}, wanted)
+
+
+def run_record(
+    name: str, labels: Mapping[str, str], spec: Mapping[str, Any], status: Mapping[str, Any], created: str
+) -> RunRecord:
+    return RunRecord(
+        name=name,
+        phase=str(status.get("phase") or ""),
+        created=created,
+        finished=str(status.get("finishedAt") or ""),
+        mirrored=WORKFLOW_LABEL in labels,
+    )
+
+
+def mirrored_run_manifest(wf: CompiledWorkflow, run_id: str, source: str) -> Json:
+    """A WorkflowRun for a run a trigger started, named after the run."""
+    name = re.sub(r"[^a-z0-9-]", "-", run_id.lower())[:63].strip("-")
+    return {
+        "apiVersion": GROUP_VERSION,
+        "kind": "WorkflowRun",
+        "metadata": {
+            "name": name,
+            "namespace": wf.namespace,
+            "labels": {WORKFLOW_LABEL: wf.name, TRIGGER_LABEL: source},
+            "annotations": {RUN_ID_ANNOTATION: run_id},
+        },
+        "spec": {"workflowRef": wf.name},
+    }
+
+
+# ---------------------------------------------------------------------- handlers
+
+
+async def workflowrun_start(
+    body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, retry: int = 0, **_: Any
+) -> None:
+    """create/resume: start the engine run (once: the run id is deterministic)."""
+    ctx = context_of(memo)
+    status = dict(body.status or {})
+    if status.get("phase") in TERMINAL_RUN or (body.metadata.annotations or {}).get(RUN_ID_ANNOTATION):
+        return  # finished, or a mirror of a run that a trigger started
+    run = _parse(body, patch)
+    run_id = run_id_of(body)
+    if await ctx.engine.get_run(run_id) is not None:
+        return  # started before an operator restart; the mirror daemon follows it
+    namespace = run.metadata.namespace or "default"
+    wf = await _definition(ctx, body, patch, namespace, run.spec.workflowRef, retry)
+    labels = {WORKFLOWRUN_LABEL: run.metadata.name}
+    try:
+        await ctx.engine.start_run(wf, run.spec.input, run_id=run_id, labels=labels)
+    except InputError as exc:
+        _fail(body, patch, "InvalidInput", f"spec.{exc}")
+    log.info("run started", run=run_id, workflow=wf.name, namespace=namespace, workflowrun=run.metadata.name)
+
+
+async def workflowrun_mirror(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """daemon: follow the run record and write a coalesced status until the run ends."""
+    ctx = context_of(memo)
+    follower = ctx.feed.follow(run_id_of(body), phases_of_status(body.status or {}))
+    try:
+        await ctx.feed.refresh(follower)
+        await _mirror(ctx, body, follower)
+    finally:
+        ctx.feed.unfollow(follower)
+
+
+async def workflowrun_approve(body: kopf.Body, new: Any, memo: kopf.Memo, **_: Any) -> None:
+    """`kubectl annotate wfr NAME cadenza.dev/approve=STEP[,STEP]`."""
+    await _decide_now(context_of(memo), body)
+
+
+async def workflowrun_reject(body: kopf.Body, new: Any, memo: kopf.Memo, **_: Any) -> None:
+    """`kubectl annotate wfr NAME cadenza.dev/reject=STEP[,STEP]`."""
+    await _decide_now(context_of(memo), body)
+
+
+async def workflowrun_cancel(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """delete: a running run is cancelled before the WorkflowRun goes (finalizer)."""
+    ctx = context_of(memo)
+    run_id = run_id_of(body)
+    state = await ctx.engine.get_run(run_id)
+    if state is None or state.terminal:
+        return
+    await send_cancel(
+        ctx.js, state.namespace, run_id, by="kubectl delete", reason="the WorkflowRun was deleted"
+    )
+    events.warning(body, "RunCancelling", f"run {run_id} cancelled: the WorkflowRun was deleted")
+    log.info("run cancelled on deletion", run=run_id, workflowrun=body.metadata.name)
+
+
+def workflowrun_index(body: kopf.Body, **_: Any) -> dict[tuple[str, str], RunRecord]:
+    """index: WorkflowRuns by (namespace, workflow), for Workflow status and run history."""
+    meta, spec = body.metadata, dict(body.spec or {})
+    created = str(meta.get("creationTimestamp") or "")
+    record = run_record(meta.name or "", meta.labels or {}, spec, dict(body.status or {}), created)
+    return {(meta.namespace or "default", str(spec.get("workflowRef") or "")): record}
+
+
+def _unfinished(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") not in TERMINAL_RUN
+
+
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
+    kopf.on.create(*WORKFLOWRUNS, registry=registry)(workflowrun_start)
+    kopf.on.resume(*WORKFLOWRUNS, registry=registry)(workflowrun_start)
+    # Async daemons are cancelled when stopped (deletion, peering pause, shutdown).
+    kopf.daemon(*WORKFLOWRUNS, registry=registry, when=_unfinished, cancellation_timeout=5.0)(
+        workflowrun_mirror
+    )
+    kopf.on.field(*WORKFLOWRUNS, registry=registry, field=("metadata", "annotations", APPROVE_ANNOTATION))(
+        workflowrun_approve
+    )
+    kopf.on.field(*WORKFLOWRUNS, registry=registry, field=("metadata", "annotations", REJECT_ANNOTATION))(
+        workflowrun_reject
+    )
+    kopf.on.delete(*WORKFLOWRUNS, registry=registry)(workflowrun_cancel)
+    kopf.index(*WORKFLOWRUNS, registry=registry)(workflowrun_index)
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _parse(body: kopf.Body, patch: kopf.Patch) -> WorkflowRun:  # type: ignore[return]
+    meta = body.metadata
+    document = {
+        "metadata": {"name": meta.name, "namespace": meta.namespace or "default"},
+        "spec": dict(body.spec),
+    }
+    try:
+        return WorkflowRun.model_validate(document)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        _fail(body, patch, "InvalidSpec", f"{loc_path(err['loc'])}: {message}")
+
+
+def _fail(body: kopf.Body, patch: kopf.Patch, reason: str, message: str) -> NoReturn:
+    """The run cannot start: Failed with the reason, a Warning Event, no retries."""
+    now = time.time()
+    patch.status.update(
+        {
+            "phase": "Failed",
+            "message": message,
+            "conditions": [condition("Succeeded", "False", reason, message, now)],
+        }
+    )
+    events.warning(body, reason, message)
+    raise kopf.PermanentError(message)
+
+
+async def _definition(
+    ctx: OperatorContext, body: kopf.Body, patch: kopf.Patch, namespace: str, workflow: str, retry: int
+) -> CompiledWorkflow:
+    """The Workflow's published definition; waits (retries) while it does not exist yet."""
+    from nats.js.errors import KeyNotFoundError
+
+    try:
+        return await ctx.engine.latest_definition(namespace, workflow)
+    except KeyNotFoundError:
+        pass
+    # Back off while waiting: 1, 2, 4 ... 30 s between checks (each is a write by kopf).
+    delay = min(30.0, 2.0 ** min(retry, 5))
+    live = await ctx.api.get(path_of(GROUP_VERSION, "workflows", namespace, workflow))
+    if live is not None:
+        conditions: list[Json] = (live.get("status") or {}).get("conditions") or []
+        valid = next((c for c in conditions if c.get("type") == "Valid"), {})
+        if valid.get("status") == "False":
+            _fail(
+                body, patch, "InvalidWorkflow", f"Workflow {workflow} is invalid: {valid.get('message', '')}"
+            )
+        raise kopf.TemporaryError(f"Workflow {workflow} is not published yet", delay=1)
+    message = f"waiting for Workflow {workflow} (not found in namespace {namespace})"
+    if dict(body.status or {}).get("message") != message:  # write it, and post the Event, once
+        patch.status.update({"phase": "Pending", "message": message})
+        events.warning(body, "WorkflowNotFound", message)
+    raise kopf.TemporaryError(message, delay=delay)
+
+
+async def _mirror(ctx: OperatorContext, body: kopf.Body, follower: RunFollower) -> None:
+    interval = ctx.settings.status_interval
+    written: Json = dict(body.status or {})
+    last_write = -float("inf")
+    decided: set[str] = set()
+    while True:
+        await follower.changed.wait()
+        wait = last_write + interval - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)  # coalesce: the writes meanwhile are taken along
+        state, transitions = follower.take()
+        if state is None:
+            continue
+        events.post(body, transitions)
+        await _decide_waiting(ctx, body, state, decided)
+        patch = status_patch(written, run_status(state, outputs_limit=ctx.settings.outputs_limit))
+        if patch:
+            await _write_status(ctx, body, patch)
+            written = merge_patch_apply(written, patch)
+            last_write = time.monotonic()
+        if state.terminal:
+            return
+
+
+async def _write_status(ctx: OperatorContext, body: kopf.Body, patch: Json) -> None:
+    meta = body.metadata
+    path = workflowrun_path(meta.namespace or "default", meta.name or "", "status")
+    try:
+        await ctx.api.patch(path, {"status": patch})
+    except ApiError as exc:
+        if exc.status != 404:  # deleted meanwhile: nothing to write to
+            raise
+    metrics.KUBE_WRITES.inc()
+
+
+async def _decide_waiting(ctx: OperatorContext, body: kopf.Body, state: RunState, decided: set[str]) -> None:
+    """Annotations naming a step that now waits (annotated before it started waiting)."""
+    wanted = decisions_from_annotations(body.metadata.annotations or {})
+    for step, approved in wanted.items():
+        st = state.steps.get(step)
+        if step in decided or st is None or st.phase != "WaitingApproval":
+            continue
+        decided.add(step)
+        await _send_decision(ctx, body, state, step, approved)
+
+
+async def _decide_now(ctx: OperatorContext, body: kopf.Body) -> None:
+    state = await ctx.engine.get_run(run_id_of(body))
+    if state is None:
+        return  # not started yet: the mirror daemon sends it once the step waits
+    for step, approved in decisions_from_annotations(body.metadata.annotations or {}).items():
+        st = state.steps.get(step)
+        if st is None:
+            events.warning(
+                body, "UnknownStep", f"annotation names step {step!r}, which the run does not have"
+            )
+        elif st.phase == "WaitingApproval":
+            await _send_decision(ctx, body, state, step, approved)
+
+
+async def _send_decision(
+    ctx: OperatorContext, body: kopf.Body, state: RunState, step: str, approved: bool
+) -> None:
+    annotations = body.metadata.annotations or {}
+    by = str(annotations.get(APPROVED_BY_ANNOTATION) or "kubectl")
+    comment = annotations.get(COMMENT_ANNOTATION)
+    await send_approval(ctx.js, state.namespace, state.run, step, approved, by=by, comment=comment)
+    verb = "approved" if approved else "rejected"
+    events.normal(body, "ApprovalSent", f"step {step} {verb} by {by}")
+    log.info("approval sent", run=state.run, step=step, approved=approved, by=by)
+
+
+async def mirror_triggered_run(
+    ctx: OperatorContext, wf: CompiledWorkflow, run_id: str, info: Mapping[str, Any]
+) -> None:
+    """Triggers' on_started hook: make a WorkflowRun for a run a trigger started."""
+    manifest = mirrored_run_manifest(wf, run_id, str(info.get("source") or "trigger"))
+    try:
+        await ctx.api.create(workflowrun_path(wf.namespace), manifest)
+    except ApiError as exc:
+        if exc.status != 409:  # already mirrored (a redelivered trigger event)
+            log.warning("could not mirror a triggered run", run=run_id, error=str(exc))
+            return
+    log.info("triggered run mirrored", run=run_id, workflow=wf.name, info=json.dumps(dict(info), default=str))

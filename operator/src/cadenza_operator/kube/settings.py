@@ -1,0 +1,131 @@
+"""The operator's settings: one object, read from the environment the Helm chart fills.
+
+Every field says why it exists; the environment variable comes first in its docstring.
+Tests build the object directly (no environment needed) with short intervals.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+
+class SettingsError(ValueError):
+    """A malformed environment variable; the message names it."""
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Settings of `cadenza operator` (kopf + engine in one process)."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    """CADENZA_NATS_URL: the NATS server (JetStream) the engine and the operator use; run
+    state, tasks and events live there, not in etcd."""
+
+    nats_creds: str | None = None
+    """CADENZA_NATS_CREDS: path to a NATS credentials file, for servers that authenticate
+    clients (the chart mounts it from a Secret)."""
+
+    agent_nats_url: str = ""
+    """CADENZA_AGENT_NATS_URL: the NATS URL injected into agent pods. Empty means
+    `nats_url`; set it when agents reach NATS by another address than the operator (e.g.
+    another namespace's Service name, or a leaf node)."""
+
+    watch_namespaces: tuple[str, ...] = ()
+    """CADENZA_WATCH_NAMESPACES: comma-separated namespaces to serve; empty serves the
+    whole cluster. Namespaced mode lets the operator run with Roles instead of a
+    ClusterRole (the chart renders RBAC to match)."""
+
+    metrics_port: int = 9090
+    """CADENZA_METRICS_PORT: Prometheus /metrics of the engine and the operator; 0 turns it off."""
+
+    health_port: int = 8080
+    """CADENZA_HEALTH_PORT: kopf's liveness endpoint /healthz, probed by the kubelet; 0 turns it off."""
+
+    log_format: str = "json"
+    """CADENZA_LOG_FORMAT: json (for log collectors) or console (for people); it is also
+    injected into agent pods so that one cluster logs one way."""
+
+    peering: str = "cadenza"
+    """CADENZA_PEERING: kopf peering name. Replicas of the operator sharing it elect one
+    active instance, so that two replicas never both act on the same objects (the chart
+    ships the KopfPeering CRDs). Empty runs standalone: no peering object is needed."""
+
+    peer_id: str = field(default_factory=socket.gethostname)
+    """POD_ID: this replica's identity in peering and the engine's name in logs (the chart
+    sets the pod name; defaults to the host name)."""
+
+    status_interval: float = 1.0
+    """CADENZA_STATUS_INTERVAL: seconds between two status writes of one WorkflowRun. Run
+    state changes are coalesced into at most one write per interval (plus the final one),
+    so a 10,000-item fan-out costs the API server a handful of writes, not 10,000."""
+
+    agent_interval: float = 10.0
+    """CADENZA_AGENT_INTERVAL: seconds between two evaluations of an Agent's queue depth
+    (status pending/inFlight, autoscaling). Shorter reacts faster and asks NATS more often."""
+
+    scale_down_window: float = 60.0
+    """CADENZA_SCALE_DOWN_WINDOW: seconds a lower replica count must be wanted before an
+    autoscaled Agent shrinks, so a queue emptying between bursts does not make it flap."""
+
+    workflow_interval: float = 10.0
+    """CADENZA_WORKFLOW_INTERVAL: seconds between two refreshes of Workflow status (run
+    counts) and the garbage collection of finished runs beyond `runHistoryLimit`."""
+
+    outputs_limit: int = 8192
+    """CADENZA_STATUS_OUTPUTS_LIMIT: bytes of run outputs copied into WorkflowRun status;
+    larger outputs are replaced by a reference (the run id), keeping objects small in etcd."""
+
+    @property
+    def agents_nats_url(self) -> str:
+        """The NATS URL agents get: `agent_nats_url`, else the operator's own."""
+        return self.agent_nats_url or self.nats_url
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.watch_namespaces
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
+        """Read the settings from the environment; unset or empty variables keep the defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+
+        def text(var: str, name: str) -> None:
+            if env.get(var):
+                values[name] = env[var]
+
+        def number(var: str, name: str, kind: type[int] | type[float]) -> None:
+            raw = env.get(var, "")
+            if raw == "":
+                return
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"{var}={raw!r} is not a number") from None
+            if value < 0:
+                raise SettingsError(f"{var}={raw!r} must not be negative")
+            values[name] = value
+
+        text("CADENZA_NATS_URL", "nats_url")
+        text("CADENZA_NATS_CREDS", "nats_creds")
+        text("CADENZA_AGENT_NATS_URL", "agent_nats_url")
+        text("CADENZA_LOG_FORMAT", "log_format")
+        text("POD_ID", "peer_id")
+        if "CADENZA_PEERING" in env:  # set but empty means standalone, not the default name
+            values["peering"] = env["CADENZA_PEERING"].strip()
+        namespaces = env.get("CADENZA_WATCH_NAMESPACES", "")
+        values["watch_namespaces"] = tuple(n.strip() for n in namespaces.split(",") if n.strip())
+        number("CADENZA_METRICS_PORT", "metrics_port", int)
+        number("CADENZA_HEALTH_PORT", "health_port", int)
+        number("CADENZA_STATUS_INTERVAL", "status_interval", float)
+        number("CADENZA_AGENT_INTERVAL", "agent_interval", float)
+        number("CADENZA_SCALE_DOWN_WINDOW", "scale_down_window", float)
+        number("CADENZA_WORKFLOW_INTERVAL", "workflow_interval", float)
+        number("CADENZA_STATUS_OUTPUTS_LIMIT", "outputs_limit", int)
+        if values.get("log_format", "json") not in ("json", "console"):
+            raise SettingsError(f"CADENZA_LOG_FORMAT={values['log_format']!r}: use json or console")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]

@@ -1,0 +1,58 @@
+"""Parsing a resource's spec into its pydantic model at the edge of every handler.
+
+A bad spec becomes a condition (False, reason InvalidSpec, the field path in the
+message), a Warning Event and a `kopf.PermanentError`: reported once, never retried in
+a crash loop. The API server's schema and CEL rules catch most of it before; this is
+the same check `cadenza validate` makes, for what they cannot express.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NoReturn, TypeVar
+
+import kopf
+from pydantic import BaseModel, ValidationError
+
+from ..manifests import loc_path
+from . import events
+from .status import condition
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_resource(
+    model: type[M], body: kopf.Body, patch: kopf.Patch, *, condition_type: str, reason: str = "InvalidSpec"
+) -> M:
+    """`model` (Agent, Workflow, WorkflowRun) from the body, or the invalid-spec report."""
+    meta = body.metadata
+    document = {
+        "metadata": {"name": meta.name, "namespace": meta.namespace or "default"},
+        "spec": dict(body.spec),
+    }
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        invalid_spec(body, patch, loc_path(err["loc"]), message, condition_type=condition_type, reason=reason)
+
+
+def invalid_spec(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    path: str,
+    message: str,
+    *,
+    condition_type: str,
+    reason: str = "InvalidSpec",
+) -> NoReturn:
+    text = f"{path}: {message}" if path else message
+    patch.status["observedGeneration"] = body.metadata.get("generation")
+    patch.status["conditions"] = [condition(condition_type, "False", reason, text, time.time())]
+    events.warning(body, reason, text)
+    raise kopf.PermanentError(text)
+
+
+def annotations_of(body: kopf.Body) -> dict[str, Any]:
+    return dict(body.metadata.annotations or {})

@@ -1,0 +1,383 @@
+"""Pure functions that turn observed state into the `status` of Cadenza resources.
+
+WorkflowRun status is a bounded summary of the run record kept in JetStream: its size
+does not grow with the number of forEach items (counts per phase, the first failed
+items) nor with the size of outputs (large ones become a reference), and only a bounded
+number of steps is listed. Workflow status is derived from the WorkflowRuns that exist;
+Agent status from the Deployment and the agent's JetStream consumer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from ..engine.state import TERMINAL_RUN, TERMINAL_STEP, RunState, StepState
+
+MAX_STEPS_LISTED = 50
+"""Steps listed in WorkflowRun status; beyond it, finished ones are left out first."""
+MAX_MESSAGE = 512
+"""Characters of an error message copied into status (the full one is in the audit stream)."""
+
+Json = dict[str, Any]
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def human_duration(seconds: float) -> str:
+    """`kubectl`-style: 450ms, 12s, 3m5s, 2h3m, 4d2h."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h" if hours else f"{days}d"
+    if hours:
+        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
+    if minutes:
+        return f"{minutes}m{secs}s" if secs else f"{minutes}m"
+    return f"{secs}s"
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def condition(type_: str, status: str, reason: str, message: str = "", at: float | None = None) -> Json:
+    cond: Json = {"type": type_, "status": status, "reason": reason, "message": _clip(message)}
+    if at is not None:
+        cond["lastTransitionTime"] = rfc3339(at)
+    return cond
+
+
+# --------------------------------------------------------------------- WorkflowRun
+
+
+def step_summary(st: StepState) -> Json:
+    """One step, bounded: phase, attempts, message; forEach steps as counts per phase."""
+    summary: Json = {"phase": st.phase, "attempts": st.attempt}
+    message = st.message or (str(st.error.get("message", "")) if st.error else "")
+    if message:
+        summary["message"] = _clip(message)
+    if st.forEach is not None:
+        fe = st.forEach
+        done = sum(fe.counts.values())
+        running = len(fe.running)
+        counts = {"total": fe.total, **{k: v for k, v in sorted(fe.counts.items())}}
+        if running:
+            counts["Running"] = running
+        pending = max(0, fe.total - done - running)
+        if pending and st.phase not in TERMINAL_STEP:
+            counts["Pending"] = pending
+        summary["items"] = counts
+        summary["attempts"] = done + fe.retries
+        if fe.failed:
+            summary["failedItems"] = list(fe.failed)
+    if st.approval:
+        summary["approval"] = {k: v for k, v in st.approval.items() if k in ("decision", "by", "comment")}
+    if st.child:
+        summary["childRun"] = st.child
+    return summary
+
+
+_STEP_INTEREST = {
+    "Failed": 0,
+    "WaitingApproval": 1,
+    "Running": 2,
+    "Cancelled": 3,
+    "Pending": 4,
+    "Succeeded": 5,
+    "Skipped": 6,
+}
+
+
+def _listed_steps(steps: Mapping[str, StepState]) -> list[str]:
+    names = list(steps)
+    if len(names) <= MAX_STEPS_LISTED:
+        return names
+    # Keep what a reader looks for first: failures, waits, the running; in graph order.
+    keep = sorted(names, key=lambda n: (_STEP_INTEREST.get(steps[n].phase, 9), names.index(n)))[
+        :MAX_STEPS_LISTED
+    ]
+    kept = set(keep)
+    return [n for n in names if n in kept]
+
+
+def bounded_outputs(state: RunState, limit: int) -> Any:
+    """The run outputs, or a reference string when they would make the object large."""
+    if state.outputs is None:
+        return None
+    size = len(json.dumps(state.outputs, separators=(",", ":"), default=str))
+    if size <= limit:
+        return state.outputs
+    return f"kv://cadenza_runs/{state.run}#outputs ({size} bytes; too large for status)"
+
+
+def waiting_message(state: RunState) -> str:
+    waiting = [n for n, st in state.steps.items() if st.phase == "WaitingApproval"]
+    if not waiting:
+        return ""
+    return (
+        "waiting for approval of "
+        + ", ".join(waiting)
+        + (f" (kubectl annotate wfr NAME cadenza.dev/approve={waiting[0]})")
+    )
+
+
+def run_conditions(state: RunState) -> list[Json]:
+    """A `Succeeded` condition (Unknown while running), and `WaitingApproval` while a step waits."""
+    if state.phase == "Succeeded":
+        conds = [condition("Succeeded", "True", "Succeeded", "the run succeeded", state.finishedAt)]
+    elif state.phase in ("Failed", "Cancelled"):
+        conds = [condition("Succeeded", "False", state.phase, state.message, state.finishedAt)]
+    else:
+        reason = "Running" if state.phase == "Running" else "Pending"
+        conds = [condition("Succeeded", "Unknown", reason, "", state.startedAt or state.createdAt)]
+    waiting = [n for n, st in state.steps.items() if st.phase == "WaitingApproval"]
+    if waiting and not state.terminal:
+        conds.append(condition("WaitingApproval", "True", "ApprovalRequested", waiting_message(state)))
+    return conds
+
+
+def run_status(state: RunState, *, outputs_limit: int = 8192) -> Json:
+    """WorkflowRun status mirrored from a run record (pure, bounded)."""
+    done = sum(1 for st in state.steps.values() if st.phase in TERMINAL_STEP)
+    listed = _listed_steps(state.steps)
+    status: Json = {
+        "phase": state.phase,
+        "runId": state.run,
+        "startedAt": rfc3339(state.startedAt),
+        "finishedAt": rfc3339(state.finishedAt),
+        "progress": f"{done}/{len(state.steps)}" if state.steps else "",
+        "duration": human_duration(state.finishedAt - state.startedAt)
+        if state.finishedAt is not None and state.startedAt is not None
+        else "",
+        "steps": {name: step_summary(state.steps[name]) for name in listed},
+        "outputs": bounded_outputs(state, outputs_limit),
+        "message": _clip(state.message or waiting_message(state)),
+        "conditions": run_conditions(state),
+    }
+    if len(listed) < len(state.steps):
+        status["stepsNotListed"] = len(state.steps) - len(listed)
+    return status
+
+
+def merge_patch_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> Json:
+    """The JSON merge patch (RFC 7386) taking `old` to `new`: changed keys, nested maps
+    as nested patches, removed keys as null (a merge patch merges maps: a key left out
+    would stay, e.g. a forEach's Running count after the step finished)."""
+    patch: Json = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if before == value:
+            continue
+        if isinstance(before, Mapping) and isinstance(value, Mapping):
+            patch[key] = merge_patch_diff(before, value)
+        else:
+            patch[key] = value
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
+def merge_patch_apply(target: Mapping[str, Any], patch: Mapping[str, Any]) -> Json:
+    """Apply a JSON merge patch (what the API server does with it)."""
+    out = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_patch_apply(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# -------------------------------------------------------------------------- Events
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """A Kubernetes Event to post about a WorkflowRun."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+def phases_of(state: RunState) -> dict[str, str]:
+    """What transitions are computed from: the run's phase (key "") and each step's."""
+    phases: dict[str, str] = {name: st.phase for name, st in state.steps.items()}
+    phases[""] = state.phase
+    return phases
+
+
+def phases_of_status(status: Mapping[str, Any]) -> dict[str, str]:
+    """The same, from a WorkflowRun status already written (so a restart posts nothing twice)."""
+    phases = {name: str(s.get("phase", "")) for name, s in (status.get("steps") or {}).items()}
+    if status.get("phase"):
+        phases[""] = str(status["phase"])
+    return phases
+
+
+def transitions(before: Mapping[str, str], state: RunState) -> list[RunEvent]:
+    """Events for what changed since `before`: run started/succeeded/failed/cancelled,
+    step failed, retries exhausted, approval waiting."""
+    events: list[RunEvent] = []
+    old = before.get("")
+    if state.phase != old:
+        if state.phase == "Running" or (old in (None, "", "Pending") and state.terminal):
+            events.append(RunEvent("Normal", "RunStarted", f"run {state.run} started"))
+        if state.phase == "Succeeded":
+            took = human_duration((state.finishedAt or 0) - (state.startedAt or 0)) if state.startedAt else ""
+            events.append(
+                RunEvent(
+                    "Normal", "RunSucceeded", f"run {state.run} succeeded" + (f" in {took}" if took else "")
+                )
+            )
+        elif state.phase == "Failed":
+            events.append(RunEvent("Warning", "RunFailed", _clip(state.message or f"run {state.run} failed")))
+        elif state.phase == "Cancelled":
+            events.append(
+                RunEvent("Warning", "RunCancelled", _clip(state.message or f"run {state.run} cancelled"))
+            )
+    for name, st in state.steps.items():
+        if st.phase == before.get(name):
+            continue
+        if st.phase == "Failed":
+            error = st.message or (str(st.error.get("message", "")) if st.error else "")
+            if st.attempt > 1:
+                events.append(
+                    RunEvent(
+                        "Warning",
+                        "RetriesExhausted",
+                        _clip(f"step {name} failed after {st.attempt} attempts: {error}"),
+                    )
+                )
+            else:
+                events.append(RunEvent("Warning", "StepFailed", _clip(f"step {name} failed: {error}")))
+        elif st.phase == "WaitingApproval":
+            events.append(
+                RunEvent(
+                    "Normal",
+                    "ApprovalWaiting",
+                    _clip(
+                        f"step {name} waits for approval: "
+                        f"kubectl annotate wfr NAME cadenza.dev/approve={name}"
+                        + (f" ({st.message})" if st.message else "")
+                    ),
+                )
+            )
+    return events
+
+
+# ------------------------------------------------------------------------ Workflow
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What Workflow status needs to know of one WorkflowRun (kept in a kopf index)."""
+
+    name: str
+    phase: str
+    created: str  # RFC 3339: sorts chronologically as text
+    finished: str
+    mirrored: bool  # labelled cadenza.dev/workflow: subject to runHistoryLimit
+
+
+def workflow_run_counts(runs: Iterable[RunRecord]) -> Json:
+    """activeRuns, lastRun, lastRunPhase and finished runs by phase."""
+    runs = list(runs)
+    finished: dict[str, int] = {}
+    active = 0
+    for run in runs:
+        if run.phase in TERMINAL_RUN:
+            finished[run.phase] = finished.get(run.phase, 0) + 1
+        else:
+            active += 1
+    last = max(runs, key=lambda r: (r.created, r.name), default=None)
+    return {
+        "activeRuns": active,
+        "lastRun": last.name if last else "",
+        "lastRunPhase": (last.phase or "Pending") if last else "",
+        "runs": dict(sorted(finished.items())),
+    }
+
+
+def runs_to_collect(runs: Iterable[RunRecord], history_limit: int) -> list[str]:
+    """Finished mirrored runs beyond the newest `history_limit`: the ones to delete."""
+    finished = [r for r in runs if r.mirrored and r.phase in TERMINAL_RUN]
+    finished.sort(key=lambda r: (r.finished or r.created, r.name), reverse=True)
+    return [r.name for r in finished[history_limit:]]
+
+
+# --------------------------------------------------------------------------- Agent
+
+
+def agent_status(
+    *,
+    generation: int,
+    replicas: int,
+    ready_replicas: int,
+    pending: int | None,
+    in_flight: int | None,
+    deployment_problem: str = "",
+    queue_problem: str = "",
+    previous: Iterable[Mapping[str, Any]] = (),
+    now: float | None = None,
+) -> Json:
+    """Agent status: counts, `ready` as "r/n", and Ready/Degraded conditions with a reason.
+
+    `previous` conditions keep their lastTransitionTime while their status is unchanged,
+    so an unchanged Agent produces an identical status (and no write).
+    """
+    if deployment_problem:
+        ready = ("False", "DeploymentFailed", deployment_problem)
+    elif replicas == 0:
+        ready = ("True", "ScaledToZero", "no replicas wanted: the queue is empty")
+    elif ready_replicas >= replicas:
+        ready = ("True", "ReplicasReady", f"{ready_replicas}/{replicas} replicas ready")
+    else:
+        ready = ("False", "ReplicasNotReady", f"{ready_replicas}/{replicas} replicas ready")
+    if deployment_problem:
+        degraded = ("True", "DeploymentFailed", deployment_problem)
+    elif queue_problem:
+        degraded = ("True", "QueueUnavailable", queue_problem)
+    elif replicas and ready_replicas == 0 and (pending or 0) > 0:
+        degraded = ("True", "NoReadyReplicas", f"{pending} tasks wait and no replica is ready")
+    elif ready_replicas < replicas:
+        degraded = (
+            "True",
+            "ReplicasUnavailable",
+            f"{replicas - ready_replicas} of {replicas} replicas not ready",
+        )
+    else:
+        degraded = ("False", "AsExpected", "")
+    before = {str(c.get("type")): c for c in previous}
+    conditions = []
+    for type_, (status, reason, message) in (("Ready", ready), ("Degraded", degraded)):
+        old = before.get(type_)
+        at = old.get("lastTransitionTime") if old and old.get("status") == status else rfc3339(now)
+        cond = {"type": type_, "status": status, "reason": reason, "message": _clip(message)}
+        if at:
+            cond["lastTransitionTime"] = at
+        conditions.append(cond)
+    return {
+        "replicas": replicas,
+        "readyReplicas": ready_replicas,
+        "pending": pending or 0,
+        "inFlight": in_flight or 0,
+        "ready": f"{ready_replicas}/{replicas}",
+        "observedGeneration": generation,
+        "conditions": conditions,
+    }
