@@ -283,6 +283,7 @@ class Engine:
             metrics.ENGINE_EVENT_LAG.observe(max(0.0, now - ev["at"]))
             events.append(ev)
         for _ in range(50):  # CAS conflicts: another engine advanced the run, load and redo
+            from_cache = run in self._cache
             cached = await self._load(run)
             if cached is None:
                 cached = await self._initial(events)
@@ -300,6 +301,12 @@ class Engine:
             wf = await self.definition(state.definition)
             decision = await self._decide_all(state, events, wf, cached)
             if not decision.changed:
+                if from_cache:
+                    # A no-op on a cached record may mean the record is stale: another engine
+                    # advanced the run, and this event belongs to that newer state. Look again
+                    # at the stored record before acknowledging anything.
+                    self._cache.pop(run, None)
+                    continue
                 self._remember(run, cached, state.terminal)
                 break
             new = decision.state
