@@ -1,0 +1,206 @@
+"""Durability: engines SIGKILLed at seeded random moments while 200 runs execute.
+
+Three engine processes share one nats-server; a killer picks one at random, SIGKILLs
+it and starts a replacement, again and again until every run has finished. Then it
+counts runs lost, steps executed twice by agents, steps applied twice (audit trail)
+and runs stuck — all must be 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import nats
+from cadenza._protocol import AUDIT_STREAM
+from cadenza_operator.engine.definition import compile_workflow
+from cadenza_operator.engine.infra import ensure_agent_consumer
+from cadenza_operator.engine.runtime import Engine
+from cadenza_operator.local.nats_server import NatsServer
+from cadenza_operator.local.processes import AgentProcesses
+from cadenza_operator.models import Agent, WorkflowSpec
+
+from ..conftest import ROOT
+from .harness import unique_namespace
+
+SEED = 20261121
+RUNS = int(os.environ.get("CRASH_RUNS", "200"))
+MAX_SECONDS = int(
+    os.environ.get("CRASH_SECONDS", "240")
+)  # the test gives up (and fails, counting stuck runs) after this
+MAX_KILLS = int(os.environ.get("CRASH_KILLS", "30"))  # then the killer rests so the runs can drain
+KILL_EVERY = (0.3, 1.5)  # seconds between kills: engines die mid-start-up and mid-batch alike
+
+AGENT = """
+import os
+from cadenza import Agent
+
+agent = Agent("noop")
+log = open(os.environ["EXEC_LOG"] + f".{os.getpid()}", "a", buffering=1)
+
+@agent.handler
+async def handle(task):
+    log.write(f"{task.run_id} {task.step} {task.item} {task.attempt}\\n")
+    return {"step": task.step, "item": task.item}
+
+if __name__ == "__main__":
+    agent.run()
+"""
+
+SPEC = {
+    "steps": [
+        {"name": "a", "agent": "noop", "input": {"n": "${{ input.n }}"}},
+        {"name": "b", "agent": "noop", "dependsOn": ["a"]},
+        {
+            "name": "c",
+            "agent": "noop",
+            "dependsOn": ["a"],
+            "forEach": "[1, 2, 3]",
+            "input": {"x": "${{ item }}"},
+        },
+        {
+            "name": "d",
+            "agent": "noop",
+            "dependsOn": ["b", "c"],
+            "input": {"b": "${{ steps.b.output.step }}", "c": "${{ size(steps.c.output) }}"},
+        },
+    ],
+    "output": {"items": "${{ steps.c.output }}"},
+}
+
+
+def start_engine(url: str, index: int, log_dir: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "CADENZA_ENGINE_ACK_WAIT": "2", "CADENZA_LOG_FORMAT": "json"}
+    with open(log_dir / f"engine-{index}.log", "ab") as log:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cadenza_operator.cli",
+                "engine",
+                "--nats",
+                url,
+                "--name",
+                f"engine-{index}",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+
+
+async def test_engines_killed_at_random_points_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    namespace = unique_namespace()
+    (tmp_path / "agents.py").write_text(textwrap.dedent(AGENT))
+    exec_log = tmp_path / "exec"
+    agent = Agent.model_validate(
+        {
+            "metadata": {"name": "noop"},
+            "spec": {
+                "command": ["python", "agents.py"],
+                "replicas": 2,
+                "concurrency": 64,
+                "ackWait": "10s",
+                "env": [{"name": "EXEC_LOG", "value": str(exec_log)}],
+            },
+        }
+    )
+    wf = compile_workflow("crashy", WorkflowSpec.model_validate(SPEC), namespace)
+
+    with NatsServer() as server:
+        nc = await nats.connect(server.url)
+        client = Engine(nc)
+        await client.open()
+        await ensure_agent_consumer(nc.jetstream(), namespace, "noop", 10)
+        agents = AgentProcesses(server.url, namespace, tmp_path)
+        agents.start(agent, tmp_path)
+        engines = [
+            start_engine(server.url, i, tmp_path) for i in range(int(os.environ.get("CRASH_ENGINES", "3")))
+        ]
+        kills = 0
+        try:
+            await client.publish_definition(wf)
+            run_ids = [await client.start_run(wf, {"n": i}, run_id=f"crashy-{i:04d}") for i in range(RUNS)]
+            deadline = time.monotonic() + MAX_SECONDS
+            states: dict[str, str] = {}
+            next_kill = time.monotonic() + rng.uniform(*KILL_EVERY)
+            next_index = 3
+            while time.monotonic() < deadline:
+                if time.monotonic() >= next_kill and kills < MAX_KILLS:
+                    victim = rng.randrange(len(engines))
+                    engines[victim].send_signal(signal.SIGKILL)
+                    engines[victim].wait()
+                    kills += 1
+                    engines[victim] = start_engine(server.url, next_index, tmp_path)
+                    next_index += 1
+                    next_kill = time.monotonic() + rng.uniform(*KILL_EVERY)
+                pending = [r for r in run_ids if states.get(r) not in ("Succeeded", "Failed", "Cancelled")]
+                if not pending:
+                    break
+                for state in await asyncio.gather(*(client.get_run(r) for r in pending)):
+                    if state is not None:
+                        states[state.run] = state.phase
+                await asyncio.sleep(0.2)
+
+            lost = sum(1 for r in run_ids if r not in states)
+            stuck = sum(
+                1 for r in run_ids if r in states and states[r] not in ("Succeeded", "Failed", "Cancelled")
+            )
+            failed = sum(1 for r in run_ids if states.get(r) in ("Failed", "Cancelled"))
+
+            executions: Counter[tuple[str, ...]] = Counter()
+            for path in tmp_path.glob("exec.*"):
+                for line in path.read_text().splitlines():
+                    run, step, item, _attempt = line.split()
+                    executions[(run, step, item)] += 1
+            steps_duplicated = sum(1 for n in executions.values() if n > 1)
+
+            applied: Counter[tuple[str, str]] = Counter()
+            sub = await nc.jetstream().subscribe(
+                f"cadenza.audit.{namespace}.>", stream=AUDIT_STREAM, ordered_consumer=True
+            )
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=2)
+                except TimeoutError:
+                    break
+                rec = json.loads(msg.data)
+                if rec["step"] and rec["to"] == "Succeeded" and rec["from"] != "Succeeded":
+                    applied[(rec["run"], rec["step"])] += 1
+            applied_twice = sum(1 for n in applied.values() if n > 1)
+            expected_executions = RUNS * (3 + 3)  # a, b, d and three items of c
+
+            print(
+                f"\ncrash test: {RUNS} runs, {kills} engine SIGKILLs (seed {SEED}): "
+                f"runs lost={lost}, runs stuck={stuck}, runs failed={failed}, "
+                f"steps duplicated={steps_duplicated}, results applied twice={applied_twice}, "
+                f"agent executions={sum(executions.values())}/{expected_executions}"
+            )
+            for run in [r for r in run_ids if states.get(r) not in ("Succeeded", "Failed", "Cancelled")][:3]:
+                state = await client.get_run(run)
+                print("STUCK", run, state.model_dump_json(exclude_defaults=True)[:1500] if state else None)
+            assert kills >= min(10, MAX_KILLS), "the killer did not get to work"
+            assert (lost, stuck, failed, steps_duplicated, applied_twice) == (0, 0, 0, 0, 0)
+            assert len(executions) == expected_executions
+            for run in run_ids[:5]:
+                state = await client.get_run(run)
+                assert state is not None
+                assert state.outputs == {"items": [{"step": "c", "item": i} for i in range(3)]}
+        finally:
+            for proc in engines:
+                proc.kill()
+                proc.wait()
+            agents.stop()
+            await nc.close()
