@@ -270,7 +270,7 @@ async def test_agent_autoscales_on_queue_depth_to_zero_and_back(
         )
     await wait_for(lambda: replicas() == 3, timeout=20)
     await wait_for(lambda: status_of(kube_emulator, AGENTS, "bursty").get("pending") == 5, timeout=20)
-    assert "Scaled" in reasons_for(kube_emulator, "bursty")
+    await wait_for(lambda: "Scaled" in reasons_for(kube_emulator, "bursty"))
     await operator.call(
         lambda ctx: ctx.js.purge_stream(TASKS_STREAM, subject=task_subject(NAMESPACE, "bursty"))
     )
@@ -294,7 +294,7 @@ async def test_agent_without_image_is_reported_not_crash_looped(
     ready = await wait_for(reported, timeout=20)
     assert ready["type"] == "Ready" and ready["status"] == "False"
     assert ready["message"].startswith("spec.image:")
-    assert "InvalidSpec" in reasons_for(kube_emulator, "imageless")
+    await wait_for(lambda: "InvalidSpec" in reasons_for(kube_emulator, "imageless"))
     assert get(kube_emulator, DEPLOYMENTS, "imageless-agent") is None
 
 
@@ -453,7 +453,7 @@ async def test_run_input_rejected_by_the_schema_fails_the_workflowrun(
     )
     status = await wait_for(_phase(kube_emulator, "hello-empty", "Failed"), timeout=20)
     assert status["message"].startswith("spec.input.name:")
-    assert "InvalidInput" in reasons_for(kube_emulator, "hello-empty")
+    await wait_for(lambda: "InvalidInput" in reasons_for(kube_emulator, "hello-empty"))
 
 
 async def test_workflowrun_waits_for_its_workflow(
@@ -466,7 +466,7 @@ async def test_workflowrun_waits_for_its_workflow(
         ),
         timeout=20,
     )
-    assert "WorkflowNotFound" in reasons_for(kube_emulator, "early")
+    await wait_for(lambda: "WorkflowNotFound" in reasons_for(kube_emulator, "early"))
     # An approval that times out into "approve" needs no agent: the run just succeeds.
     spec = {"steps": [{"name": "gate", "approval": {"timeout": "10ms", "onTimeout": "approve"}}]}
     kube_emulator.create_object(WORKFLOWS, manifest("Workflow", "later", spec))
@@ -517,7 +517,7 @@ async def test_approval_by_annotation(
     status = await wait_for(_phase(kube_emulator, "gated-approve", "Succeeded"), timeout=30)
     assert status["steps"]["gate"]["approval"] == {"decision": "approved", "by": "alice", "comment": "lgtm"}
     assert status["outputs"] == {"greeting": "Hello, gate keeper!"}
-    assert "ApprovalSent" in reasons_for(kube_emulator, "gated-approve")
+    await wait_for(lambda: "ApprovalSent" in reasons_for(kube_emulator, "gated-approve"))
 
 
 async def test_rejection_by_annotation_fails_the_run(

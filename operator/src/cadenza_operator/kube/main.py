@@ -106,6 +106,9 @@ async def serve(
             namespaces=list(settings.watch_namespaces),
             standalone=not settings.peering,
             peering_name=settings.peering or None,
+            priority=settings.peering_priority,
+            # kopf's Identity is a NewType of str (not exported): the str is what it takes.
+            identity=settings.peer_id if settings.peering else None,  # type: ignore[arg-type]
             liveness_endpoint=liveness,
             stop_flag=stop_flag,
             ready_flag=ready_flag,

@@ -7,6 +7,7 @@ Tests build the object directly (no environment needed) with short intervals.
 from __future__ import annotations
 
 import os
+import random
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -52,6 +53,11 @@ class OperatorSettings:
     """CADENZA_PEERING: kopf peering name. Replicas of the operator sharing it elect one
     active instance, so that two replicas never both act on the same objects (the chart
     ships the KopfPeering CRDs). Empty runs standalone: no peering object is needed."""
+
+    peering_priority: int = field(default_factory=lambda: random.randint(1, 2**31 - 1))
+    """CADENZA_PEERING_PRIORITY: this replica's peering priority; the live replica with the
+    highest acts, the others pause until it is gone. kopf pauses *all* replicas of equal
+    priority, so the default is random per start: replicas of one Deployment differ."""
 
     peer_id: str = field(default_factory=socket.gethostname)
     """POD_ID: this replica's identity in peering and the engine's name in logs (the chart
@@ -118,6 +124,7 @@ class OperatorSettings:
             values["peering"] = env["CADENZA_PEERING"].strip()
         namespaces = env.get("CADENZA_WATCH_NAMESPACES", "")
         values["watch_namespaces"] = tuple(n.strip() for n in namespaces.split(",") if n.strip())
+        number("CADENZA_PEERING_PRIORITY", "peering_priority", int)
         number("CADENZA_METRICS_PORT", "metrics_port", int)
         number("CADENZA_HEALTH_PORT", "health_port", int)
         number("CADENZA_STATUS_INTERVAL", "status_interval", float)
