@@ -107,12 +107,20 @@ class Driver:
         self.store.update(decision.stores)  # stored before the state write, as the runtime does
         self.loaded.update(decision.stores)
         for cmd in decision.commands:
+            task = None
             if cmd["op"] == "dispatch":
                 body = cmd["body"]
                 task = Task(body["step"], body["item"], body["attempt"], body, cmd["msgId"], cmd["agent"])
-                assert cmd["msgId"] not in self.sent, f"task {cmd['msgId']} dispatched twice"
-                self.sent.add(cmd["msgId"])
-                self.tasks[cmd["msgId"]] = task
+            elif cmd["op"] == "startChild":  # a child run answers like an agent: result or failed
+                p = cmd["parent"]
+                body = {**p, "input": cmd["input"]}
+                task = Task(
+                    p["step"], p["item"], p["attempt"], body, cmd["run"], f"workflow:{cmd['workflow']}"
+                )
+            if task is not None:
+                assert task.msg_id not in self.sent, f"task {task.msg_id} dispatched twice"
+                self.sent.add(task.msg_id)
+                self.tasks[task.msg_id] = task
                 self.dispatched.append(task)
         data = decision.state.to_bytes()
         self.max_size = max(self.max_size, len(data))
