@@ -154,6 +154,22 @@ def test_a_step_needs_exactly_one_kind() -> None:
     assert err.path == "spec.steps[0].forEach"
 
 
+@pytest.mark.parametrize(
+    ("step", "field"),
+    [
+        ({"approval": {}, "timeout": "1m"}, "timeout"),
+        ({"approval": {}, "retry": {"limit": 1}}, "retry"),
+        ({"waitFor": {"signal": "s"}, "heartbeatTimeout": "1m"}, "heartbeatTimeout"),
+        ({"waitFor": {"signal": "s"}, "timeout": "1m"}, "timeout"),
+        ({"workflow": "child", "heartbeatTimeout": "1m"}, "heartbeatTimeout"),
+    ],
+)
+def test_settings_a_step_kind_ignores_are_rejected(step: dict[str, Any], field: str) -> None:
+    err = error_of({"steps": [{"name": "a", **step}]})
+    assert err.path == f"spec.steps[0].{field}"
+    assert "has no effect" in err.message
+
+
 def test_fallback_steps_are_validated() -> None:
     wf = compile_spec(
         {"steps": [agent_step("a", onFailure="b"), agent_step("b"), agent_step("c", dependsOn=["a"])]}

@@ -130,6 +130,14 @@ def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) 
             )
         if step.forEach and kind not in ("agent", "workflow"):
             raise DefinitionError(f"{path}.forEach", f"forEach needs an agent or workflow step, not {kind}")
+        unused = {
+            "approval": ("timeout", "heartbeatTimeout", "retry"),  # approval.timeout decides
+            "signal": ("timeout", "heartbeatTimeout", "retry"),  # waitFor.timeout decides
+            "workflow": ("heartbeatTimeout",),  # a child run sends no heartbeats
+        }.get(kind, ())
+        for name in unused:
+            if getattr(step, name) is not None:
+                raise DefinitionError(f"{path}.{name}", f"has no effect on a {kind} step")
         if step.maxParallel is not None and not step.forEach:
             raise DefinitionError(f"{path}.maxParallel", "maxParallel needs a forEach")
         window = step.maxParallel or DEFAULT_FOREACH_WINDOW
