@@ -928,6 +928,20 @@ def test_a_failed_child_fails_the_step() -> None:
     assert parent.phase == "Failed"
 
 
+def test_a_sub_workflow_attempt_times_out_and_is_retried_with_a_new_child() -> None:
+    parent = run({"steps": [{"name": "sub", "workflow": "child", "timeout": "1m", "retry": {"limit": 1}}]})
+    assert parent.state.timers["timeout:sub:1"].at == T0 + 61
+    parent.fire_next_timer()
+    (cancel,) = parent.ops("publish")
+    assert cancel["body"]["run"] == "r1-sub-1" and cancel["body"]["type"] == "cancel"
+    assert parent.step("sub").attempts[0].outcome == "TimedOut"
+    parent.fire_next_timer()  # the retry
+    assert [c["run"] for c in parent.ops("startChild")] == ["r1-sub-1", "r1-sub-2"]
+    assert parent.step("sub").child == "r1-sub-2"
+    parent.succeed("sub", {"ok": True})
+    assert parent.phase == "Succeeded"
+
+
 def test_cancelling_the_parent_cancels_the_child() -> None:
     parent = run({"steps": [{"name": "sub", "workflow": "child"}]})
     parent.send({"type": "cancel", "by": "carol"})

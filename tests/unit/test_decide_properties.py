@@ -80,6 +80,7 @@ def workflows(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
                 step["heartbeatTimeout"] = draw(st.sampled_from([None, None, "5s"]))
             else:
                 step["workflow"] = "child"
+                step["timeout"] = draw(st.sampled_from([None, None, "10s"]))
             step["retry"] = {
                 "limit": draw(st.integers(0, 3)),
                 "backoff": {
@@ -312,7 +313,7 @@ class World:
                 }
             )
         elif outcome == "timeout":
-            if timed and task.agent.startswith("worker"):
+            if timed:
                 self.silent.add(task.msg_id)  # the agent hangs or died: the engine's timer decides
             else:
                 d.tasks.pop(task.msg_id)

@@ -398,11 +398,14 @@ class _Decider:
                     "retryable": True,
                     "timeout": True,
                 }
-            self.command(
-                op="cancelTasks",
-                subject=cancel_subject(self.s.namespace, self.s.run),
-                body={"run": self.s.run, "step": timer.step, "item": timer.item},
-            )
+            if cs.kind == "workflow":  # the attempt is a child run
+                self.cancel_child(self.child_id(cs.name, timer.item, slot.attempt), error["message"])
+            else:
+                self.command(
+                    op="cancelTasks",
+                    subject=cancel_subject(self.s.namespace, self.s.run),
+                    body={"run": self.s.run, "step": timer.step, "item": timer.item},
+                )
             self.attempt_failed(timer.step or "", timer.item, slot, error, "TimedOut")
 
     # ------------------------------------------------------------------ slots
@@ -696,6 +699,8 @@ class _Decider:
                 },
             )
             slot.startedAt = self.now
+            if cs.timeout:
+                self.arm_attempt_timers(name, item, slot)
         else:
             body = {
                 "run": self.s.run,
