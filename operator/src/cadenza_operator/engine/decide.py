@@ -28,7 +28,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cadenza._protocol import audit_subject, cancel_subject, event_subject, task_id, task_subject
+from cadenza._protocol import (
+    REF_KEY,
+    audit_subject,
+    cancel_subject,
+    event_subject,
+    is_ref,
+    task_id,
+    task_subject,
+)
 
 from ..expressions import ExpressionError
 from .definition import CompiledStep, CompiledWorkflow
@@ -44,6 +52,8 @@ from .state import (
     Timer,
 )
 
+OBJECT_REF_PREFIX = "obj:"
+"""An outputRef naming an object-store entry rather than an outputs-bucket key."""
 INLINE_OUTPUT_BYTES = 32 * 1024
 """Step outputs larger than this go to the outputs bucket, keeping the run record small."""
 
@@ -399,7 +409,7 @@ class _Decider:
                     "timeout": True,
                 }
             if cs.kind == "workflow":  # the attempt is a child run
-                self.cancel_child(self.child_id(cs.name, timer.item, slot.attempt), error["message"])
+                self.cancel_child(self.child_id(cs.name, timer.item, slot.attempt), str(error["message"]))
             else:
                 self.command(
                     op="cancelTasks",
@@ -561,7 +571,11 @@ class _Decider:
 
     def succeed_step(self, name: str, output: Any, reason: str) -> None:
         st = self.st(name)
-        if self.size_of(output) > INLINE_OUTPUT_BYTES:
+        if is_ref(output):
+            # Already in the object store (the agent offloaded it): keep only the reference.
+            st.outputRef = OBJECT_REF_PREFIX + output[REF_KEY]
+            st.output = None
+        elif self.size_of(output) > INLINE_OUTPUT_BYTES:
             key = f"{self.s.run}.{name}"
             self.decision.stores[key] = output
             st.outputRef = key

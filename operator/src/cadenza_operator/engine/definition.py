@@ -137,7 +137,7 @@ def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) 
         }.get(kind, ())
         for name in unused:
             if getattr(step, name) is not None:
-                raise DefinitionError(f"{path}.{name}", f"has no effect on a {kind} step")
+                raise DefinitionError(f"{path}.{name}", f"has no effect on {kind} steps")
         if step.maxParallel is not None and not step.forEach:
             raise DefinitionError(f"{path}.maxParallel", "maxParallel needs a forEach")
         window = step.maxParallel or DEFAULT_FOREACH_WINDOW
