@@ -2,23 +2,34 @@
 
 No I/O and no clock: time comes in the event (`event["at"]`, the JetStream timestamp of
 the message, so a redelivered event carries the same time). Every event is idempotent:
-a result for an attempt that is no longer running, a timer that is no longer armed, an
-approval for a step that no longer waits, change nothing. That is what makes
-redelivery after a crash safe.
+a result for an attempt that is no longer running, a timer that is no longer armed (or,
+when the event says which time it was armed for, `due`, armed for another time), an
+approval for a step that no longer waits, a heartbeat no newer than the last, change
+nothing. That is what makes redelivery after a crash safe.
 
 Semantics, in one place:
 
 * A step is ready when each dependency is *satisfied*: Succeeded, Skipped, Failed with
-  `onFailure: continue`, or Failed and recovered by its fallback step.
+  `onFailure: continue`, or Failed and recovered by its fallback step (the fallback
+  satisfied in turn; a fallback that was skipped recovers nothing).
 * Skip propagation: a step whose dependencies were all Skipped is Skipped too, unless it
-  says `ifDependenciesSkipped: run`. A `when` that is false skips the step.
+  says `ifDependenciesSkipped: run`. A `when` that is false skips the step; a `when`
+  that gives no bool, or fails to evaluate, fails it.
 * A step whose dependency failed for good never runs: the run fails fast, running steps
   are cancelled, pending ones skipped; `onExit` then runs; the run ends Failed.
 * A fallback step (named by some step's `onFailure`) runs only when that step fails.
 * Retries: only retryable failures (RetryableError, timeouts, heartbeat loss) are retried,
   up to `retry.limit` more attempts, after exponential backoff with deterministic jitter.
+  A winding-down run starts no new attempt, except of `onExit`.
 * forEach: items run up to `maxParallel` at once; the output is the ordered list of item
-  outputs; a failed item fails the step (`onFailure: continue` lets dependents go on).
+  outputs; a failed item fails the step and cancels the items in flight. With
+  `onFailure: continue` every item runs, the step still ends Failed (its output holds
+  null for the failed items) and dependents go on.
+* onExit runs once the graph is done, whatever its outcome, and sees `run.phase`; its own
+  failure is recorded on its step and does not change the run's phase.
+* Cancellation stops the graph like a failure and ends the run Cancelled. Once the run
+  winds down (a failure, the deadline, a cancel) or its graph has finished, only onExit
+  is left and a cancel changes nothing.
 """
 
 from __future__ import annotations
