@@ -96,6 +96,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ValueError, InputError) as exc:
         err.print(f"[red]error[/red]: Workflow/{wf.name}: {exc}", highlight=False)
         return EXIT_INVALID
+    signals: dict[str, Any] = {}
+    for raw in args.signal:
+        name, _, payload = raw.partition("=")
+        try:
+            signals[name] = json.loads(payload) if payload else None
+        except json.JSONDecodeError as exc:
+            err.print(f"[red]error[/red]: --signal {name}: invalid JSON payload: {exc}")
+            return EXIT_INVALID
     for name in [*args.approve, *args.reject]:
         if name not in wf.steps or wf.steps[name].kind != "approval":
             err.print(
@@ -114,6 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         interactive=sys.stdin.isatty() and tty,
         approver=args.by,
+        signals=signals,
     )
     progress = Progress(err, wf.name) if tty else None
     # SIGTERM stops the run like Ctrl-C does: agents and the embedded server go with it.
@@ -268,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--reject", action="append", default=[], metavar="STEP", help="reject this step when it waits"
+    )
+    run.add_argument(
+        "--signal",
+        action="append",
+        default=[],
+        metavar="NAME[=JSON]",
+        help="send this signal to the run when it starts",
     )
     run.add_argument("--by", default="cli", help="name recorded as the approver")
     run.add_argument("--nats", help="use this NATS server instead of an embedded one")

@@ -32,6 +32,7 @@ from cadenza._protocol import (
     EVENTS_STREAM,
     OFFLOAD_BYTES,
     OUTPUTS_BUCKET,
+    REF_KEY,
     RUNS_BUCKET,
     dumps,
     event_subject,
@@ -41,7 +42,7 @@ from cadenza._pull import PullConsumer
 
 from .. import metrics
 from ..models import WorkflowSpec
-from .decide import Decision, MissingOutputs, audit_command, decide
+from .decide import OBJECT_REF_PREFIX, Decision, MissingOutputs, audit_command, decide
 from .definition import CompiledWorkflow, compile_workflow, definition_document
 from .infra import ENGINE_CONSUMER, TIMERS_BUCKET, ensure_infrastructure
 from .state import RunState
@@ -380,18 +381,20 @@ class Engine:
         from nats.js.errors import KeyNotFoundError
 
         for key in keys:
-            if key.endswith(".*"):
+            if key.startswith(OBJECT_REF_PREFIX):
+                into[key] = await _payloads.resolve(self.js, {REF_KEY: key[len(OBJECT_REF_PREFIX) :]})
+            elif key.endswith(".*"):
                 watcher = await self.outputs_kv.watch(key)
                 async for entry in watcher:
                     if entry is None:
                         break
                     if entry.value is not None:
-                        into[entry.key] = loads(entry.value)
+                        into[entry.key] = await _payloads.resolve(self.js, loads(entry.value))
                 await watcher.stop()
             else:
                 try:
                     entry = await self.outputs_kv.get(key)
-                    into[key] = loads(entry.value)
+                    into[key] = await _payloads.resolve(self.js, loads(entry.value))
                 except KeyNotFoundError:
                     into[key] = None
 

@@ -27,6 +27,7 @@ from .nats_server import NatsServer
 from .processes import AgentProcesses
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+SUMMARY_OUTPUT_BYTES = 16 * 1024  # larger step outputs are named, not printed
 
 
 @dataclass
@@ -36,6 +37,7 @@ class RunOptions:
     input: Any = None
     approve: list[str] = field(default_factory=list)
     reject: list[str] = field(default_factory=list)
+    signals: dict[str, Any] = field(default_factory=dict)
     approver: str = "cli"
     nats_url: str | None = None
     timeout: float | None = None
@@ -159,7 +161,10 @@ def summarize(state: RunState) -> dict[str, Any]:
         if st.retries:
             entry["retries"] = st.retries
         if st.output is not None:
-            entry["output"] = st.output
+            size = len(json.dumps(st.output, default=str))
+            entry["output"] = st.output if size <= SUMMARY_OUTPUT_BYTES else {"omitted": f"{size} bytes"}
+        elif st.outputRef:
+            entry["outputRef"] = st.outputRef
         if st.error:
             entry["error"] = st.error
         if st.message:
@@ -250,6 +255,13 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
 
         run_id = run_id or new_run_id(opts.workflow.name)
         await engine.start_run(opts.workflow, opts.input, run_id=run_id)
+        if opts.signals:
+            from ..engine.client import send_signal
+
+            for name, payload in opts.signals.items():
+                await send_signal(
+                    stack.nc.jetstream(), opts.workflow.namespace, run_id, name, payload, by=opts.approver
+                )
         try:
             state = await asyncio.wait_for(asyncio.shield(done), opts.timeout)
         except TimeoutError:
