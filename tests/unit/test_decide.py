@@ -860,6 +860,12 @@ def test_a_signal_that_does_not_come_in_time_fails_the_step() -> None:
     assert d.phase == "Failed"
 
 
+def test_a_signal_no_step_waits_for_is_not_kept() -> None:
+    d = run(SIGNAL)
+    assert not d.send({"type": "signal", "name": "spam-1", "payload": "x" * 1000}).changed
+    assert d.state.signals == {}
+
+
 def test_a_repeated_signal_changes_nothing() -> None:
     d = run(SIGNAL)
     d.send({"type": "signal", "name": "go", "payload": 1})

@@ -277,6 +277,8 @@ class _Decider:
         name = str(self.ev.get("name"))
         if name in self.s.signals:
             return
+        if name not in self.wf.signals:
+            return  # no step waits for it: kept, any sender could grow the record without end
         self.s.signals[name] = self.ev.get("payload")
         self.audit(None, None, None, f"signal {name} received")
         for step_name, st in self.s.steps.items():

@@ -75,6 +75,7 @@ class CompiledWorkflow:
     on_exit: CompiledStep | None
     digest: str = ""
     agents: frozenset[str] = field(default_factory=frozenset)
+    signals: frozenset[str] = field(default_factory=frozenset)  # what waitFor steps wait for
 
     @property
     def key(self) -> str:
@@ -302,6 +303,7 @@ def compile_workflow(
         on_exit=on_exit,
         digest=spec_digest(spec),
         agents=frozenset(agents),
+        signals=frozenset(s.waitFor.signal for s in spec.steps if s.waitFor is not None),
     )
 
 
