@@ -26,6 +26,9 @@ _STEP_REF = re.compile(  # steps.name or steps['name']
 # CEL's comprehension macros bind a variable of their own: `list.map(x, x * 2)`.
 _MACRO_VAR = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,")
 
+_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_STEPS_WORD = re.compile(r"\bsteps\b")
+
 VARIABLES = frozenset({"input", "steps", "item", "index", "run", "event"})
 
 
@@ -45,10 +48,26 @@ class Expr:
     program: Any
     variables: frozenset[str]
     steps: frozenset[str]
+    path: tuple[str, ...] | None = None  # a plain dotted path: `item`, `steps.a.output.x`
+    steps_exact: bool = False  # every use of `steps` names a step: pass only those
 
     def evaluate(self, env: Mapping[str, Any]) -> Any:
+        # The CEL binding converts everything it is given on every call, so it gets only
+        # the variables (and steps) the expression reads; plain paths skip CEL entirely.
+        # Both matter: `${{ item }}` over a 10,000-item input went from ms to µs.
+        if self.path is not None:
+            value: Any = env
+            for key in self.path:
+                if not isinstance(value, Mapping) or key not in value:
+                    raise ExpressionError(f"{self.source!r}: no such key {key!r}")
+                value = value[key]
+            return _plain(value)
+        scope = {k: env[k] for k in self.variables if k in env}
+        if self.steps_exact and "steps" in scope:
+            all_steps = scope["steps"]
+            scope["steps"] = {n: all_steps[n] for n in self.steps if n in all_steps}
         try:
-            return _plain(self.program.execute(dict(env)))
+            return _plain(self.program.execute(scope))
         except Exception as exc:  # the library raises KeyError, ValueError, ZeroDivisionError...
             detail = f"no such key {exc}" if isinstance(exc, KeyError) else str(exc)
             raise ExpressionError(f"{self.source!r}: {detail}") from None
@@ -69,8 +88,11 @@ def compile_expr(source: str, path: str = "", allowed: frozenset[str] = VARIABLE
             f"(known: {', '.join(sorted(allowed))})",
             path,
         )
-    steps = frozenset(dot or index for dot, index in _STEP_REF.findall(source))
-    return Expr(source, program, names, steps)
+    refs = _STEP_REF.findall(source)
+    steps = frozenset(dot or index for dot, index in refs)
+    path = tuple(source.split(".")) if _PATH.match(source) and source.split(".")[0] in allowed else None
+    exact = len(refs) == len(_STEPS_WORD.findall(source))
+    return Expr(source, program, names, steps, path, exact)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ async def send_approval(
         "sentAt": time.time(),
     }
     await js.publish(
-        event_subject(namespace, run), dumps(body), headers={"Nats-Msg-Id": f"approval:{run}:{step}"}
+        event_subject(namespace, run),
+        dumps(body),
+        headers={"Nats-Msg-Id": f"approval:{run}:{step}:{by}:{approved}"},
     )
 
 

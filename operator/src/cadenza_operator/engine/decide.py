@@ -202,7 +202,7 @@ class _Decider:
                 "attempts": st.attempt,
             }
         env: dict[str, Any] = {
-            "input": self.s.input,
+            "input": self.run_input(),
             "steps": steps,
             "run": {
                 "id": self.s.run,
@@ -216,6 +216,14 @@ class _Decider:
             env["item"] = item
             env["index"] = index
         return env
+
+    def run_input(self) -> Any:
+        ref = self.s.inputRef
+        if ref is None:
+            return self.s.input
+        if ref not in self.outputs:
+            raise MissingOutputs({ref})
+        return self.outputs[ref]
 
     def _output_of(self, name: str, st: StepState) -> Any:
         if st.outputRef is None:

@@ -49,6 +49,9 @@ from .state import RunState
 
 log = structlog.get_logger("cadenza.engine")
 
+INLINE_INPUT_BYTES = 16 * 1024
+"""Run inputs larger than this are kept apart from the run record."""
+
 StateListener = Callable[[RunState], Awaitable[None] | None]
 
 
@@ -344,18 +347,30 @@ class Engine:
         start = next((e for e in events if e.get("type") == "start"), None)
         if start is None:
             return None
+        value = await _payloads.resolve(self.js, start.get("input"))
+        cached = _Cached(b"", 0, executed=True)
+        input_ref = None
+        raw = dumps(value)
+        if len(raw) > INLINE_INPUT_BYTES:
+            # A large input (a 10,000-item list) would be re-read and re-written with every
+            # event: it goes to the outputs bucket once and the record keeps a reference.
+            input_ref = f"{start['run']}._input"
+            await self.outputs_kv.put(input_ref, raw)
+            cached.outputs[input_ref] = value
         state = RunState(
             run=start["run"],
             namespace=start.get("namespace", "default"),
             workflow=start["workflow"],
             definition=start["definition"],
-            input=await _payloads.resolve(self.js, start.get("input")),
+            input=None if input_ref else value,
+            inputRef=input_ref,
             createdAt=start["at"],
             parent=start.get("parent"),
             scope=start.get("scope") or start["run"],
             labels=start.get("labels") or {},
         )
-        return _Cached(state.to_bytes(), 0, executed=True)
+        cached.data = state.to_bytes()
+        return cached
 
     async def _decide_all(
         self, state: RunState, events: list[dict[str, Any]], wf: CompiledWorkflow, cached: _Cached

@@ -86,6 +86,7 @@ class RunState(_State):
     definition: str  # key of the compiled definition
     phase: RunPhase = "Pending"
     input: Any = None
+    inputRef: str | None = None  # a large input lives in the outputs bucket under this key
     createdAt: float
     startedAt: float | None = None
     finishedAt: float | None = None
