@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import nats
-from prometheus_client import REGISTRY
-
 from cadenza_operator.engine.client import send_approval
 from cadenza_operator.engine.runtime import Engine
 from cadenza_operator.engine.state import RunState
@@ -22,6 +20,7 @@ from cadenza_operator.local.dev import DevServer
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.local.runner import LocalStack
 from cadenza_operator.manifests import load
+from prometheus_client import REGISTRY
 
 from ..conftest import cadenza
 from .harness import agent_manifest, run_project, unique_namespace, write_project

@@ -91,9 +91,9 @@ def _hello_documents() -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def hello_agents(nats_server: NatsServer, tmp_path: Path) -> Iterator[AgentProcesses]:
+def hello_agents(fresh_nats: NatsServer, tmp_path: Path) -> Iterator[AgentProcesses]:
     """The hello example's agents as local processes (what the Deployments would run)."""
-    processes = AgentProcesses(nats_server.url, NAMESPACE, tmp_path)
+    processes = AgentProcesses(fresh_nats.url, NAMESPACE, tmp_path)
     try:
         yield processes
     finally:
@@ -122,9 +122,11 @@ def _valid(emulator: KubeEmulator, workflow: str) -> bool:
 
 @pytest.fixture
 async def operator(
-    kube_emulator: KubeEmulator, cadenza_crds: Any, nats_server: NatsServer
+    kube_emulator: KubeEmulator, cadenza_crds: Any, fresh_nats: NatsServer
 ) -> AsyncIterator[RunningOperator]:
-    async with running_operator(kube_emulator, nats_server.url) as op:
+    # A nats-server per test: agent processes stopped at the end of one test may leave
+    # pull requests behind that would swallow the next test's tasks for an ack wait.
+    async with running_operator(kube_emulator, fresh_nats.url) as op:
         yield op
 
 
@@ -132,7 +134,7 @@ async def operator(
 
 
 async def test_agent_becomes_a_deployment_with_owner_env_and_security(
-    kube_emulator: KubeEmulator, operator: RunningOperator, nats_server: NatsServer
+    kube_emulator: KubeEmulator, operator: RunningOperator, fresh_nats: NatsServer
 ) -> None:
     spec = {
         "image": "registry.example/agents:1.0",
@@ -161,7 +163,7 @@ async def test_agent_becomes_a_deployment_with_owner_env_and_security(
     assert container["image"] == "registry.example/agents:1.0"
     assert container["command"] == ["python", "agents.py", "greeter"]
     env = _env(deployment)
-    assert env["CADENZA_NATS_URL"] == nats_server.url
+    assert env["CADENZA_NATS_URL"] == fresh_nats.url
     assert env["CADENZA_AGENT"] == "scribe"
     assert env["CADENZA_NAMESPACE"] == NAMESPACE
     assert env["CADENZA_CONCURRENCY"] == "8"

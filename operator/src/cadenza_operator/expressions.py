@@ -90,9 +90,10 @@ def compile_expr(source: str, path: str = "", allowed: frozenset[str] = VARIABLE
         )
     refs = _STEP_REF.findall(source)
     steps = frozenset(dot or index for dot, index in refs)
-    path = tuple(source.split(".")) if _PATH.match(source) and source.split(".")[0] in allowed else None
+    parts = tuple(source.split("."))
+    plain = parts if _PATH.match(source) and parts[0] in allowed else None
     exact = len(refs) == len(_STEPS_WORD.findall(source))
-    return Expr(source, program, names, steps, path, exact)
+    return Expr(source, program, names, steps, plain, exact)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Handlers are thin: parse the spec at the edge, call the pure builders, adopt and
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ from .api import ApiError, KubeApi, path_of
 from .autoscaling import desired_replicas, prune, stabilized
 from .context import OperatorContext, context_of
 from .settings import OperatorSettings
-from .specs import invalid_spec, parse_resource
+from .specs import invalid_spec, parse_resource, update_status
 from .status import agent_status
 
 log = structlog.get_logger("cadenza.operator")
@@ -46,7 +47,7 @@ async def agent_reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, *
         await apply_agent(ctx, agent, body)
     except builders.SpecError as exc:
         invalid_spec(body, patch, exc.path, exc.message, condition_type="Ready")
-    patch.status.update(await observe_agent(ctx, agent, body))
+    update_status(body, patch, await observe_agent(ctx, agent, body))
 
 
 async def agent_observe(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
@@ -65,12 +66,22 @@ async def agent_observe(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_
         )
     except ValidationError:
         return  # reported by agent_reconcile; nothing to observe
-    status = await observe_agent(ctx, agent, body)
-    if not _same(status, body.status):
-        patch.status.update(status)
+    update_status(body, patch, await observe_agent(ctx, agent, body))
+
+
+async def agent_forget(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """delete (no finalizer: the owned objects go by garbage collection): drop what the
+    operator keeps in memory and in metrics about the Agent."""
+    ctx = context_of(memo)
+    key = (body.metadata.namespace or "default", body.metadata.name or "")
+    ctx.scaling_history.pop(key, None)
+    for gauge in (metrics.AGENT_PENDING, metrics.AGENT_IN_FLIGHT):
+        with contextlib.suppress(KeyError):
+            gauge.remove(*key)
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
+    kopf.on.delete(*AGENTS, registry=registry, optional=True)(agent_forget)
     kopf.on.create(*AGENTS, registry=registry)(agent_reconcile)
     kopf.on.update(*AGENTS, registry=registry, field="spec")(agent_reconcile)
     kopf.on.resume(*AGENTS, registry=registry)(agent_reconcile)
@@ -234,11 +245,6 @@ def _autoscale(ctx: OperatorContext, key: tuple[str, str], load: int, autoscalin
     window = ctx.settings.scale_down_window
     prune(history, now, window)
     return stabilized(history, now, window)
-
-
-def _same(status: Json, current: Any) -> bool:
-    current = dict(current or {})
-    return all(current.get(k) == v for k, v in status.items())
 
 
 __all__ = ["agent_observe", "agent_reconcile", "register"]

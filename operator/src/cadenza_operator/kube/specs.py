@@ -9,6 +9,7 @@ the same check `cadenza validate` makes, for what they cannot express.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, NoReturn, TypeVar
 
 import kopf
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..manifests import loc_path
 from . import events
-from .status import condition
+from .status import condition, with_transition_times
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -48,11 +49,22 @@ def invalid_spec(
     reason: str = "InvalidSpec",
 ) -> NoReturn:
     text = f"{path}: {message}" if path else message
-    patch.status["observedGeneration"] = body.metadata.get("generation")
-    patch.status["conditions"] = [condition(condition_type, "False", reason, text, time.time())]
-    events.warning(body, reason, text)
+    previous = dict(body.status or {}).get("conditions") or []
+    conditions = with_transition_times(
+        [condition(condition_type, "False", reason, text)], previous, time.time()
+    )
+    update_status(
+        body, patch, {"observedGeneration": body.metadata.get("generation"), "conditions": conditions}
+    )
+    if conditions[0] not in previous:  # once per problem, not on every resume
+        events.warning(body, reason, text)
     raise kopf.PermanentError(text)
 
 
-def annotations_of(body: kopf.Body) -> dict[str, Any]:
-    return dict(body.metadata.annotations or {})
+def update_status(body: kopf.Body, patch: kopf.Patch, status: Mapping[str, Any]) -> None:
+    """Put into kopf's patch the status fields that differ from the object's: an unchanged
+    object (e.g. on every operator restart, when kopf resumes all of them) costs no write."""
+    current = dict(body.status or {})
+    changed = {k: v for k, v in status.items() if current.get(k) != v}
+    if changed:
+        patch.status.update(changed)

@@ -59,6 +59,20 @@ def condition(type_: str, status: str, reason: str, message: str = "", at: float
     return cond
 
 
+def with_transition_times(
+    conditions: Iterable[Json], previous: Iterable[Mapping[str, Any]], now: float
+) -> list[Json]:
+    """Conditions stamped with lastTransitionTime: kept from `previous` while a condition's
+    status is unchanged (so re-reconciling an unchanged object writes nothing), now otherwise."""
+    before = {str(c.get("type")): c for c in previous}
+    out = []
+    for cond in conditions:
+        old = before.get(str(cond.get("type")))
+        at = old.get("lastTransitionTime") if old and old.get("status") == cond.get("status") else None
+        out.append({**cond, "lastTransitionTime": at or rfc3339(now)})
+    return out
+
+
 # --------------------------------------------------------------------- WorkflowRun
 
 

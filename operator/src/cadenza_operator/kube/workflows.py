@@ -5,6 +5,7 @@ compiled definition for the engines, run the Workflow's triggers, and keep its s
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import kopf
@@ -15,8 +16,8 @@ from ..models import API_GROUP, API_VERSION, Workflow
 from .api import workflowrun_path
 from .context import context_of
 from .settings import OperatorSettings
-from .specs import invalid_spec, parse_resource
-from .status import RunRecord, condition, runs_to_collect, workflow_run_counts
+from .specs import invalid_spec, parse_resource, update_status
+from .status import RunRecord, condition, runs_to_collect, with_transition_times, workflow_run_counts
 
 log = structlog.get_logger("cadenza.operator")
 
@@ -37,13 +38,19 @@ async def workflow_reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch
     if ctx.triggers is not None:
         await ctx.triggers.set_workflow(compiled)
     log.info("workflow published", workflow=name, namespace=namespace, definition=key)
-    patch.status.update(
+    update_status(
+        body,
+        patch,
         {
             "steps": len(compiled.steps),
             "observedGeneration": body.metadata.get("generation"),
             "definition": key,
-            "conditions": [condition("Valid", "True", "Valid", f"compiled and published as {key}")],
-        }
+            "conditions": with_transition_times(
+                [condition("Valid", "True", "Valid", f"compiled and published as {key}")],
+                dict(body.status or {}).get("conditions") or [],
+                time.time(),
+            ),
+        },
     )
 
 
