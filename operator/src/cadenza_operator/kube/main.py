@@ -55,11 +55,27 @@ def build_registry(settings: OperatorSettings, ctx: OperatorContext) -> kopf.Ope
     return registry
 
 
+class CompactDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf's last-handled configuration, without a WorkflowRun's `spec.input`.
+
+    kopf keeps a copy of each object's spec in an annotation to compute diffs; a run's
+    input can be large (annotations are limited to 256 KiB in all), and the operator
+    never reacts to input changes after a run started, so it is left out of the copy.
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        essence = super().build(body=body, extra_fields=extra_fields)
+        spec = essence.get("spec")
+        if body.get("kind") == "WorkflowRun" and isinstance(spec, dict):
+            spec.pop("input", None)
+        return essence
+
+
 def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     ks = kopf.OperatorSettings()
     ks.persistence.finalizer = FINALIZER
     ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PERSISTENCE_PREFIX)
-    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    ks.persistence.diffbase_storage = CompactDiffBase(
         prefix=PERSISTENCE_PREFIX, key="last-handled-configuration"
     )
     # kopf would post its own INFO log lines ("Handler ... succeeded") as Events on every
