@@ -116,7 +116,7 @@ async def test_peering_lets_one_replica_act_and_the_other_take_over(
                 {"leader", "standby"}
                 <= set((kube_emulator.get_object(PEERINGS, None, "cadenza-test") or {}).get("status") or {})
             ),
-            timeout=20,
+            timeout=60,
         )
         kube_emulator.create_object(AGENTS, manifest("Agent", "relay", {"image": "registry.example/a:1"}))
         env = await wait_for(lambda: _agent_env(kube_emulator, "relay"), timeout=20)
