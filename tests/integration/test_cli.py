@@ -30,8 +30,21 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
 def nats_servers() -> set[int]:
-    return set(processes_mentioning("cadenza-nats-")) | set(processes_mentioning("cadenza-run-"))
+    """Embedded servers and agents whose `cadenza run` is gone (orphans), so that another
+    cadenza running on the machine at the same time is not mistaken for a leak."""
+    candidates = set(processes_mentioning("cadenza-nats-")) | set(processes_mentioning("cadenza-run-"))
+    return {
+        pid for pid in candidates if _parent(pid) in (1, -1) or not Path(f"/proc/{_parent(pid)}").exists()
+    }
 
 
 def test_hello_example_json_output() -> None:

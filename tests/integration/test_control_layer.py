@@ -172,9 +172,11 @@ spec:
             if state and state.steps.get("gate") and state.steps["gate"].phase == "WaitingApproval":
                 break
             await asyncio.sleep(0.05)
-        await engine.stop()  # the only engine is gone while the timer is armed
+        await engine.stop()  # the only engine is gone while the timer is armed,
+        await stack.nc.close()  # and so is its connection, as when its process dies
         await asyncio.sleep(2.5)  # past the deadline: nobody fires it now
-        successor = Engine(stack.nc)
+        successor_nc = await nats.connect(fresh_nats.url)
+        successor = Engine(successor_nc)
         await successor.start()
         try:
             for _ in range(200):
@@ -184,10 +186,11 @@ spec:
                 await asyncio.sleep(0.05)
         finally:
             await successor.stop()
+            await successor_nc.close()
     finally:
         await stack.stop()
     assert state is not None
-    assert state.phase == "Succeeded"
+    assert state.phase == "Succeeded", {n: (s.phase, s.message) for n, s in state.steps.items()}
     assert state.steps["gate"].approval is not None
     assert state.steps["gate"].approval["by"] == "timeout"
     assert state.steps["gate"].approval["decision"] == "approved"

@@ -9,7 +9,6 @@ and runs stuck — all must be 0.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import signal
@@ -21,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import nats
-from cadenza._protocol import AUDIT_STREAM
+from cadenza_operator.engine.audit import read_audit
 from cadenza_operator.engine.definition import compile_workflow
 from cadenza_operator.engine.infra import ensure_agent_consumer
 from cadenza_operator.engine.runtime import Engine
@@ -168,15 +167,7 @@ async def test_engines_killed_at_random_points_lose_and_duplicate_nothing(tmp_pa
             steps_duplicated = sum(1 for n in executions.values() if n > 1)
 
             applied: Counter[tuple[str, str]] = Counter()
-            sub = await nc.jetstream().subscribe(
-                f"cadenza.audit.{namespace}.>", stream=AUDIT_STREAM, ordered_consumer=True
-            )
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=2)
-                except TimeoutError:
-                    break
-                rec = json.loads(msg.data)
+            for rec in await read_audit(nc.jetstream(), namespace, ">", idle=2):
                 if rec["step"] and rec["to"] == "Succeeded" and rec["from"] != "Succeeded":
                     applied[(rec["run"], rec["step"])] += 1
             applied_twice = sum(1 for n in applied.values() if n > 1)

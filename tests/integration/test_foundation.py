@@ -8,7 +8,7 @@ import os
 import signal
 from pathlib import Path
 
-from cadenza._protocol import AUDIT_STREAM
+from cadenza_operator.engine.audit import read_audit
 from cadenza_operator.local.nats_server import NatsServer
 
 from .harness import agent_manifest, run_project, unique_namespace, write_project
@@ -148,19 +148,7 @@ async def test_sigkilled_agent_task_is_redelivered_and_applied_once(
     # The audit trail shows the step succeeded exactly once.
     nc = await nats.connect(fresh_nats.url)
     try:
-        js = nc.jetstream()
-        sub = await js.subscribe(
-            f"cadenza.audit.{namespace}.{summary['run']}", stream=AUDIT_STREAM, ordered_consumer=True
-        )
-        records = []
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1)
-            except TimeoutError:
-                break
-            import json
-
-            records.append(json.loads(msg.data))
+        records = await read_audit(nc.jetstream(), namespace, summary["run"])
         succeeded = [r for r in records if r["step"] == "first" and r["to"] == "Succeeded"]
         assert len(succeeded) == 1
         assert [r["seq"] for r in records] == sorted({r["seq"] for r in records})

@@ -1035,10 +1035,16 @@ class _Lazy:
         return self.d.outputs[ref]
 
 
-def audit_command(record: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "op": "audit",
-        "subject": audit_subject(record["namespace"], record["run"]),
-        "msgId": f"audit:{record['run']}:{record['seq']}",
-        "body": record,
-    }
+def audit_commands(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A decision's audit records as one message (one publish, not one per record)."""
+    if not records:
+        return []
+    first, last = records[0], records[-1]
+    return [
+        {
+            "op": "audit",
+            "subject": audit_subject(first["namespace"], first["run"]),
+            "msgId": f"audit:{first['run']}:{first['seq']}-{last['seq']}",
+            "body": records,
+        }
+    ]

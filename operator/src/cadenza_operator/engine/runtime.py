@@ -42,7 +42,7 @@ from cadenza._pull import PullConsumer
 
 from .. import metrics
 from ..models import WorkflowSpec
-from .decide import OBJECT_REF_PREFIX, Decision, MissingOutputs, audit_command, decide
+from .decide import OBJECT_REF_PREFIX, Decision, MissingOutputs, audit_commands, decide
 from .definition import CompiledWorkflow, compile_workflow, definition_document
 from .infra import ENGINE_CONSUMER, TIMERS_BUCKET, ensure_infrastructure
 from .state import RunState
@@ -85,6 +85,7 @@ class _Cached:
     data: bytes
     revision: int
     executed: bool  # this engine carried out the record's outbox
+    state: RunState | None = None  # `data` parsed, while no decision has touched it
     memo: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)
 
@@ -113,7 +114,7 @@ class Engine:
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._queues: dict[str, list[Any]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
-        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._timers: dict[tuple[str, str], tuple[asyncio.TimerHandle, float]] = {}
         self._listeners: list[StateListener] = []
         self._consumer: PullConsumer | None = None
         self._timer_watch: asyncio.Task[None] | None = None
@@ -147,7 +148,7 @@ class Engine:
             await self._consumer.stop()
         if self._timer_watch:
             self._timer_watch.cancel()
-        for handle in self._timers.values():
+        for handle, _ in self._timers.values():
             handle.cancel()
         self._timers.clear()
         workers = list(self._workers.values()) + list(self._background)
@@ -157,7 +158,10 @@ class Engine:
             await asyncio.wait(workers, timeout=5)
 
     def on_state(self, listener: StateListener) -> None:
-        """Call `listener` with every run state this engine writes."""
+        """Call `listener` with every run state this engine writes.
+
+        The engine goes on working on that object: copy what you keep past the call.
+        """
         self._listeners.append(listener)
 
     # --------------------------------------------------------------- definitions
@@ -286,9 +290,13 @@ class Engine:
                 ev["at"] = now
             metrics.ENGINE_EVENT_LAG.observe(max(0.0, now - ev["at"]))
             events.append(ev)
+        # A start for a run this engine has not seen: create the record right away, no read
+        # first; only if it already exists (a redelivered start) is it loaded.
+        fresh_start = run not in self._cache and any(e.get("type") == "start" for e in events)
         for _ in range(50):  # CAS conflicts: another engine advanced the run, load and redo
             from_cache = run in self._cache
-            cached = await self._load(run)
+            cached = await self._initial(events) if fresh_start else await self._load(run)
+            fresh_start = False
             if cached is None:
                 cached = await self._initial(events)
                 if cached is None:
@@ -298,11 +306,14 @@ class Engine:
                     for msg in msgs:
                         await msg.ack()
                     return
-            state = RunState.from_bytes(cached.data)
+            # The parsed record is reused between events; decide works on it in place
+            # (copy=False) and it is dropped whenever a decision does not get written.
+            state, cached.state = cached.state or RunState.from_bytes(cached.data), None
             if not cached.executed and state.outbox:
                 await self._execute(state, state.outbox)  # a previous writer may have died before this
                 cached.executed = True
             wf = await self.definition(state.definition)
+            armed_before = {tid: t.at for tid, t in state.timers.items()}
             decision = await self._decide_all(state, events, wf, cached)
             if not decision.changed:
                 if from_cache:
@@ -314,10 +325,16 @@ class Engine:
                 self._remember(run, cached, state.terminal)
                 break
             new = decision.state
-            new.outbox = decision.commands + [audit_command(a) for a in decision.audit]
+            new.outbox = decision.commands + audit_commands(decision.audit)
             if decision.stores:
                 await asyncio.gather(*(self.outputs_kv.put(k, dumps(v)) for k, v in decision.stores.items()))
                 cached.outputs.update(decision.stores)
+            armed = {tid: t.at for tid, t in new.timers.items()}
+            if armed != armed_before:
+                # Mirrored before the record is written: a crash in between leaves a timer
+                # that fires for nothing (decide ignores it), never a record whose timer
+                # no engine knows about.
+                await self.timers_kv.put(run, dumps({"ns": new.namespace, "timers": armed}))
             data = new.to_bytes()
             try:
                 if cached.revision == 0:
@@ -330,8 +347,9 @@ class Engine:
             fresh = _Cached(data, revision, executed=False, memo=cached.memo, outputs=cached.outputs)
             await self._execute(new, new.outbox)
             fresh.executed = True
+            fresh.state = new
             self._remember(run, fresh, new.terminal)
-            await self._sync_timers(new)
+            self._schedule(run, new.namespace, armed)
             self._observe(new, events, decision)
             for listener in self._listeners:
                 result = listener(new)
@@ -465,28 +483,22 @@ class Engine:
             )
 
     # -------------------------------------------------------------------- timers
-    async def _sync_timers(self, state: RunState) -> None:
-        """Mirror the run's armed timers into the timers bucket, which every engine watches."""
-        wanted = {tid: t.at for tid, t in state.timers.items()}
-        if not wanted and not any(k[0] == state.run for k in self._timers):
-            return  # nothing armed now or before: the common case costs no write
-        await self.timers_kv.put(state.run, dumps({"ns": state.namespace, "timers": wanted}))
-        self._schedule(state.run, state.namespace, wanted)
-
     def _schedule(self, run: str, namespace: str, wanted: dict[str, float]) -> None:
         loop = asyncio.get_running_loop()
-        for key in [k for k in self._timers if k[0] == run and k[1] not in wanted]:
-            self._timers.pop(key).cancel()
+        for key in [k for k in self._timers if k[0] == run]:
+            handle, at = self._timers[key]
+            if wanted.get(key[1]) != at:  # gone, or re-armed for another time
+                handle.cancel()
+                del self._timers[key]
         for tid, at in wanted.items():
-            key = (run, tid)
-            if key in self._timers:
-                continue
-            delay = max(0.0, at - time.time())
-            self._timers[key] = loop.call_later(delay, self._fire, run, namespace, tid, at)
+            if (run, tid) not in self._timers:
+                handle = loop.call_later(max(0.0, at - time.time()), self._fire, run, namespace, tid, at)
+                self._timers[(run, tid)] = (handle, at)
 
     def _fire(self, run: str, namespace: str, tid: str, at: float) -> None:
         self._timers.pop((run, tid), None)
-        body = {"type": "timer", "run": run, "timer": tid}
+        # `due` lets decide tell this firing from a stale one of an earlier arming.
+        body = {"type": "timer", "run": run, "timer": tid, "due": at}
         # Every engine fires every timer; the Nats-Msg-Id lets JetStream keep one.
         job = asyncio.get_running_loop().create_task(
             self.js.publish(

@@ -170,11 +170,14 @@ async def workflowrun_cancel(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
     ctx = context_of(memo)
     run_id = run_id_of(body)
     state = await ctx.engine.get_run(run_id)
-    if state is None or state.terminal:
+    if state is not None and state.terminal:
         return
-    await send_cancel(
-        ctx.js, state.namespace, run_id, by="kubectl delete", reason="the WorkflowRun was deleted"
-    )
+    if state is None and dict(body.status or {}).get("phase") in TERMINAL_RUN:
+        return  # failed before it started: there is no run
+    # No record yet may still mean a start event on its way: the cancel follows it on the
+    # run's subject (ordered), and the engine drops it if no run ever comes of it.
+    namespace = state.namespace if state is not None else body.metadata.namespace or "default"
+    await send_cancel(ctx.js, namespace, run_id, by="kubectl delete", reason="the WorkflowRun was deleted")
     events.warning(body, "RunCancelling", f"run {run_id} cancelled: the WorkflowRun was deleted")
     log.info("run cancelled on deletion", run=run_id, workflowrun=body.metadata.name)
 
