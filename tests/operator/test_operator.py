@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import kopf
 import pytest
 import yaml
 from cadenza._protocol import TASKS_STREAM, consumer_name, dumps, task_subject
+from cadenza_operator.kube.runs import run_id_of
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.local.processes import AgentProcesses
 from cadenza_operator.models import Agent
@@ -635,3 +637,33 @@ async def test_triggered_runs_are_mirrored_and_garbage_collected(
     assert status["activeRuns"] == 0
     assert status["lastRunPhase"] == "Succeeded"
     assert status["runs"] == {"Succeeded": 1}
+
+
+async def test_deleting_a_workflowrun_right_after_it_started_cancels_the_run(
+    kube_emulator: KubeEmulator, operator: RunningOperator
+) -> None:
+    """Deleted before the engine wrote its first record: the cancel follows the start."""
+    kube_emulator.create_object(
+        WORKFLOWS, manifest("Workflow", "waits", {"steps": [{"name": "gate", "approval": {}}]})
+    )
+    await wait_for(lambda: _valid(kube_emulator, "waits"), timeout=20)
+    kube_emulator.create_object(
+        WORKFLOWRUNS, manifest("WorkflowRun", "short-lived", {"workflowRef": "waits"})
+    )
+
+    def handled() -> dict[str, Any] | None:
+        obj = get(kube_emulator, WORKFLOWRUNS, "short-lived") or {}
+        annotations = obj.get("metadata", {}).get("annotations") or {}
+        return obj if "operator.cadenza.dev/last-handled-configuration" in annotations else None
+
+    obj = await wait_for(handled, timeout=20)
+    kube_emulator.delete_object(WORKFLOWRUNS, NAMESPACE, "short-lived")
+    await wait_for(lambda: get(kube_emulator, WORKFLOWRUNS, "short-lived") is None, timeout=20)
+
+    run_id = run_id_of(kopf.Body(obj))
+
+    async def cancelled() -> Any:
+        state = await operator.call(lambda ctx: ctx.engine.get_run(run_id))
+        return state if state is not None and state.phase == "Cancelled" else None
+
+    await eventually(cancelled)
