@@ -1,13 +1,10 @@
-"""Engine behaviour the examples needed and did not get: minimal reproductions.
+"""Engine behaviour the examples asked for, as minimal reproductions on the pure decide.
 
-Each test states what the workflow semantics should allow. They are strict xfails: when
-the engine is fixed the test passes, the strict marker turns that into a failure, and the
-marker (and the example's workaround) should go.
+They began as strict xfails written while building the examples; the engine now does what
+each one states, so they stay as regression tests.
 """
 
 from __future__ import annotations
-
-import pytest
 
 from ..unit.helpers import Driver, agent_step, compile_spec
 
@@ -28,16 +25,6 @@ FALLBACK_SPEC = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a dependent of a step recovered by its fallback cannot read the fallback's output: "
-        "compile_workflow rejects steps.revise in publish's input ('not among the step's "
-        "dependencies'), and dependsOn: [revise] is refused ('a fallback step; depend on the step it "
-        "stands in for'), so the revised result can reach publish only through the context store "
-        "(examples/research-report works around it that way)"
-    ),
-)
 def test_dependent_of_a_recovered_step_reads_the_fallback_output() -> None:
     d = Driver(compile_spec(FALLBACK_SPEC))
     d.start()
@@ -50,15 +37,6 @@ def test_dependent_of_a_recovered_step_reads_the_fallback_output() -> None:
     assert d.phase == "Succeeded"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "when a fallback fails too, the run message names only the original step's error "
-        "('step check failed: FatalError: rejected'); the fallback's failure, which is what ended "
-        "the run, is only in the fallback step's own message (seen in examples/research-report "
-        "with max_words: 100)"
-    ),
-)
 def test_run_message_names_the_failed_fallback() -> None:
     spec = {
         "steps": [
@@ -76,14 +54,6 @@ def test_run_message_names_the_failed_fallback() -> None:
     assert "revise" in d.state.message and "cannot fix it" in d.state.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a step cancelled while it waited for approval keeps the approval prompt as its status "
-        "message ('Apply the fix?'), so status/--output json show the question instead of why "
-        "the step was cancelled (seen in examples/incident-remediation with --timeout)"
-    ),
-)
 def test_cancelled_approval_step_says_why() -> None:
     spec = {"steps": [{"name": "approve", "approval": {"message": "Apply the fix?"}}]}
     d = Driver(compile_spec(spec))

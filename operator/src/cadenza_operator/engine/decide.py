@@ -856,6 +856,20 @@ class _Decider:
             return
         self.dispatch(name, None)
 
+    def failure_message(self, name: str) -> str:
+        """Why the run fails: the step, and each fallback in its chain that failed too."""
+        message = f"step {name} failed: {self.st(name).message}"
+        seen = {name}
+        fallback = self.step_def(name).on_failure
+        while fallback not in ("fail", "continue") and fallback not in seen:
+            seen.add(fallback)
+            st = self.st(fallback)
+            if st.phase != "Failed":
+                break
+            message += f"; its fallback {fallback} failed too: {st.message}"
+            fallback = self.step_def(fallback).on_failure
+        return message
+
     def advance(self) -> None:
         progress = True
         while progress and self.s.phase == "Running":
@@ -886,7 +900,7 @@ class _Decider:
                     if self.st(n).phase == "Failed" and self.dep_state(n) == "blocked"
                 ]
                 if blocked:
-                    self.wind_down("failed", f"step {blocked[0]} failed: {self.st(blocked[0]).message}")
+                    self.wind_down("failed", self.failure_message(blocked[0]))
                     progress = True
             if not progress:
                 self.maybe_finish()
@@ -922,6 +936,7 @@ class _Decider:
                     self.disarm(tid)
                 if st.child and st.forEach is None:
                     self.cancel_child(st.child, message)
+                st.message = message  # not the approval prompt or the wait it was in
                 self.set_phase(name, "Cancelled", message)
         if any_running:
             self.command(

@@ -236,7 +236,11 @@ def compile_workflow(
             path = f"spec.steps[{index[step_name]}]"
             if ref not in steps:
                 raise DefinitionError(path, f"expression refers to unknown step {ref!r}")
-            if ref not in stands_in_for.get(step_name, ()) and not _upstream(deps_of, step_name, ref):
+            if (
+                ref not in stands_in_for.get(step_name, ())
+                and not _upstream(deps_of, step_name, ref)
+                and not _recovers_upstream(fallback_of, deps_of, step_name, ref)
+            ):
                 raise DefinitionError(
                     path, f"expression reads steps.{ref} but {ref!r} is not among the step's dependencies"
                 )
@@ -305,6 +309,21 @@ def compile_workflow(
         agents=frozenset(agents),
         signals=frozenset(s.waitFor.signal for s in spec.steps if s.waitFor is not None),
     )
+
+
+def _recovers_upstream(
+    fallback_of: dict[str, str], deps: dict[str, tuple[str, ...]], name: str, target: str
+) -> bool:
+    """Whether `target` is the fallback (or a fallback's fallback) of one of `name`'s
+    dependencies: dependents of a recovered step wait for its fallback and may read it."""
+    for failed in fallback_of:
+        chain, nxt = [], fallback_of.get(failed)
+        while nxt is not None and nxt not in chain:
+            chain.append(nxt)
+            nxt = fallback_of.get(nxt)
+        if target in chain and _upstream(deps, name, failed):
+            return True
+    return False
 
 
 def _upstream(deps: dict[str, tuple[str, ...]], name: str, target: str) -> bool:
