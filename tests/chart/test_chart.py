@@ -102,22 +102,20 @@ DASHBOARD_METRICS = [
 
 # The operator's Kubernetes API use: (verbs, group, resource) in each namespace it serves.
 OPERATOR_NAMESPACED_API_USE = [
-    ({"get", "list", "watch", "patch"}, "cadenza.dev", "agents"),
+    ({"list", "watch", "patch"}, "cadenza.dev", "agents"),
     ({"get", "list", "watch", "patch"}, "cadenza.dev", "workflows"),
-    ({"get", "list", "watch", "patch"}, "cadenza.dev", "workflowruns"),
+    ({"list", "watch", "patch", "create", "delete"}, "cadenza.dev", "workflowruns"),
     ({"patch"}, "cadenza.dev", "agents/status"),
     ({"patch"}, "cadenza.dev", "workflows/status"),
     ({"patch"}, "cadenza.dev", "workflowruns/status"),
-    ({"get", "list", "watch", "create", "patch", "delete"}, "apps", "deployments"),
-    ({"get", "list", "watch", "create", "patch", "delete"}, "", "serviceaccounts"),
-    ({"get", "list", "watch", "create", "patch", "delete"}, "", "services"),
-    ({"create", "patch"}, "", "events"),
-    ({"create", "patch"}, "events.k8s.io", "events"),
+    ({"get", "create", "patch"}, "apps", "deployments"),
+    ({"get", "create"}, "", "serviceaccounts"),
+    ({"get", "create", "delete"}, "", "services"),
+    ({"create"}, "", "events"),
 ]
 # ...and cluster-scoped, wherever it runs.
 OPERATOR_CLUSTER_API_USE = [
-    ({"get", "list", "watch"}, "apiextensions.k8s.io", "customresourcedefinitions"),
-    ({"get", "list", "watch"}, "", "namespaces"),
+    ({"list", "watch"}, "apiextensions.k8s.io", "customresourcedefinitions"),
 ]
 PEERING_VERBS = {"get", "list", "watch", "patch", "create"}
 
@@ -441,7 +439,8 @@ def test_cluster_wide_rbac_allows_the_operator_and_no_more() -> None:
     assert not any("*" in (r.api_group, r.resource, r.verb) for r in rules)
     assert not allows(rules, "get", "", "secrets", namespace="anywhere")
     assert not allows(rules, "update", "apps", "deployments", namespace="anywhere")
-    assert not allows(rules, "delete", "cadenza.dev", "workflowruns", namespace="anywhere")
+    assert not allows(rules, "delete", "cadenza.dev", "workflows", namespace="anywhere")
+    assert not allows(rules, "delete", "apps", "deployments", namespace="anywhere")
     assert not allows(rules, "create", "", "pods", namespace="anywhere")
     assert not allows(rules, "patch", "", "namespaces")
 
