@@ -34,13 +34,8 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.log is None:
-            self.log = structlog.get_logger("cadenza.task").bind(
-                run=self.run_id,
-                step=self.step,
-                attempt=self.attempt,
-                agent=self.agent,
-                **({"item": self.item} if self.item is not None else {}),
-            )
+            # Bound lazily: most handlers of a busy agent never log.
+            self.log = _LazyLogger(self)
 
     @property
     def cancelled(self) -> bool:
@@ -53,3 +48,22 @@ class Task:
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+
+class _LazyLogger:
+    """A structlog logger bound with the task's identity on first use."""
+
+    __slots__ = ("_bound", "_task")
+
+    def __init__(self, task: Task) -> None:
+        self._task = task
+        self._bound: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._bound is None:
+            t = self._task
+            extra = {"item": t.item} if t.item is not None else {}
+            self._bound = structlog.get_logger("cadenza.task").bind(
+                run=t.run_id, step=t.step, attempt=t.attempt, agent=t.agent, **extra
+            )
+        return getattr(self._bound, name)
