@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
-from cadenza_operator.engine.client import send_approval
+from cadenza_operator.engine.client import send_approval, send_cancel
 from cadenza_operator.engine.runtime import Engine
 from cadenza_operator.engine.state import RunState
 from cadenza_operator.local.dev import DevServer
@@ -340,3 +340,58 @@ spec:
         == 1
     )
     assert _sample("cadenza_engine_event_lag_seconds_count", {}) > 0
+
+
+async def test_cancelling_a_run_reaches_its_running_tasks(tmp_path: Path, nats_server: NatsServer) -> None:
+    marker = tmp_path / "saw-cancel"
+    agents = """
+from pathlib import Path
+from cadenza import Agent
+
+worker = Agent("worker")
+
+@worker.handler
+async def handle(task):
+    Path(task.input["marker"] + ".started").write_text("1")
+    await task.wait_cancelled()
+    Path(task.input["marker"]).write_text(f"{task.step} saw the cancellation")
+    return {}
+
+if __name__ == "__main__":
+    worker.run()
+"""
+    root = write_project(
+        tmp_path / "p",
+        agents,
+        agent_manifest("worker")
+        + _wf("""
+metadata: {name: long}
+spec:
+  steps:
+    - {name: work, agent: worker, input: {marker: "${{ input.marker }}"}}
+"""),
+    )
+    bundle = load([root], namespace=unique_namespace())
+    wf = bundle.compiled["long"]
+    stack = LocalStack(bundle, nats_server.url, wf.namespace)
+    try:
+        engine = await stack.start({"worker"})
+        run = await engine.start_run(wf, {"marker": str(marker)})
+        for _ in range(300):
+            if Path(f"{marker}.started").exists():
+                break
+            await asyncio.sleep(0.05)
+        await send_cancel(stack.nc.jetstream(), wf.namespace, run, by="ops", reason="not needed")
+        state = None
+        for _ in range(200):
+            state = await engine.get_run(run)
+            if state and state.terminal and marker.exists():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await stack.stop()
+    assert state is not None
+    assert state.phase == "Cancelled"
+    assert state.cancelledBy == "ops"
+    assert state.steps["work"].phase == "Cancelled"
+    assert marker.read_text() == "work saw the cancellation"
