@@ -395,3 +395,37 @@ spec:
     assert state.cancelledBy == "ops"
     assert state.steps["work"].phase == "Cancelled"
     assert marker.read_text() == "work saw the cancellation"
+
+
+async def test_a_live_agent_heartbeats_a_long_task_past_its_heartbeat_timeout(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    agents = """
+import asyncio
+from cadenza import Agent
+
+worker = Agent("worker")
+
+@worker.handler
+async def handle(task):
+    await asyncio.sleep(2.5)   # longer than heartbeatTimeout and than the ack wait
+    return {"done": True}
+
+if __name__ == "__main__":
+    worker.run()
+"""
+    root = write_project(
+        tmp_path / "p",
+        agents,
+        agent_manifest("worker", ack_wait="1s")
+        + _wf("""
+metadata: {name: patient}
+spec:
+  steps:
+    - {name: long, agent: worker, heartbeatTimeout: 1s}
+"""),
+    )
+    summary, code = await run_project(root, nats_server.url)
+    assert code == 0, summary
+    assert summary["steps"]["long"]["attempts"] == 1  # never timed out, never redelivered
+    assert [a["outcome"] for a in summary["steps"]["long"]["history"]] == ["Succeeded"]

@@ -93,6 +93,11 @@ class AgentSettings:
 class _InFlight:
     task: Task
     msg: Any
+    subject: str
+    base: dict[str, Any]
+    interval: float  # seconds between two heartbeats of this task
+    report: bool  # the step has a heartbeatTimeout: tell the engine too, not only JetStream
+    last_beat: float = 0.0
 
 
 class Agent:
@@ -180,8 +185,6 @@ class Agent:
                 context=KVContext(context_kv, body.get("scope") or body["run"], loop),
             )
             key = f"{task.run_id}.{task.step}.{task.item}.{task.attempt}"
-            held = _InFlight(task=task, msg=msg)
-            self._inflight[key] = held
             base = {
                 "run": task.run_id,
                 "step": task.step,
@@ -191,7 +194,9 @@ class Agent:
             }
             subject = event_subject(ns, task.run_id)
             started = time.time()
-            beat = loop.create_task(self._heartbeat(js, msg, subject, base, heartbeat_every, body))
+            report = body.get("heartbeat")
+            interval = min(heartbeat_every, report / 3) if report else heartbeat_every
+            self._inflight[key] = _InFlight(task, msg, subject, base, interval, bool(report), loop.time())
             try:
                 if body.get("notifyStart"):
                     await js.publish(subject, dumps({"type": "started", **base, "at": started}))
@@ -249,11 +254,11 @@ class Agent:
                     await msg.nak()
                 raise
             finally:
-                beat.cancel()
                 self._inflight.pop(key, None)
 
         consumer = PullConsumer(nc, TASKS_STREAM, durable, execute, concurrency=concurrency)
         await consumer.start()
+        beats = loop.create_task(self._heartbeats(js, heartbeat_every))
         self.log.info("agent ready", namespace=ns, concurrency=concurrency, nats=settings.nats_url)
         try:
             await stop.wait()
@@ -261,6 +266,7 @@ class Agent:
             self.log.info("agent stopping", in_flight=len(self._inflight))
             await consumer.pause()
             await self._drain(settings.drain_timeout)
+            beats.cancel()
             await consumer.stop()
             await cancel_sub.unsubscribe()
             with contextlib.suppress(Exception):
@@ -301,18 +307,24 @@ class Agent:
                 self.log.info("waiting for the task stream", error=str(exc))
                 await asyncio.sleep(1)
 
-    async def _heartbeat(
-        self, js: Any, msg: Any, subject: str, base: dict[str, Any], every: float, body: dict[str, Any]
-    ) -> None:
-        """Keep a long task from being redelivered, and tell the engine it is alive."""
-        report = body.get("heartbeat")
-        interval = min(every, report / 3) if report else every
+    async def _heartbeats(self, js: Any, every: float) -> None:
+        """One loop for every in-flight task (not a timer per task): keep long tasks from
+        being redelivered, and tell the engine they are alive where the step asks for it."""
+        loop = asyncio.get_running_loop()
+        tick = min(every, 0.25)  # fine enough for the shortest heartbeat a task may need
         while True:
-            await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
-                if report:
-                    await js.publish(subject, dumps({"type": "heartbeat", **base, "at": time.time()}))
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for held in list(self._inflight.values()):
+                if now - held.last_beat < held.interval:
+                    continue
+                held.last_beat = now
+                with contextlib.suppress(Exception):
+                    await held.msg.in_progress()
+                    if held.report:
+                        await js.publish(
+                            held.subject, dumps({"type": "heartbeat", **held.base, "at": time.time()})
+                        )
 
     async def _drain(self, timeout: float) -> None:
         pending = [t for t in asyncio.all_tasks() if t.get_name().startswith(PullConsumer.TASK_PREFIX)]
