@@ -48,7 +48,7 @@ def step_table(state: RunState | None, title: str) -> Table:
             name,
             f"[{style}]{st.phase}[/{style}]",
             attempts,
-            _seconds(st.startedAt, st.finishedAt),
+            _seconds(st.firstQueuedAt or st.startedAt, st.finishedAt),
             detail[:80],
         )
     return table

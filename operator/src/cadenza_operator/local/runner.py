@@ -220,7 +220,9 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
         if state.phase in TERMINAL_RUN and not done.done():
             done.set_result(state)
 
-    async def publish_decision(step: str, approved: bool, comment: str | None = None) -> None:
+    async def publish_decision(
+        step: str, approved: bool, comment: str | None = None, by: str | None = None
+    ) -> None:
         from ..engine.client import send_approval
 
         assert stack.nc is not None
@@ -230,7 +232,7 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
             run_id,
             step,
             approved,
-            by=opts.approver,
+            by=by or opts.approver,
             comment=comment,
         )
 
@@ -239,13 +241,14 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
         message = cs.spec.approval.message if cs is not None and cs.spec.approval else ""  # type: ignore[union-attr]
         if progress is not None:
             progress.pause()
-        question = f"Approve step {step!r}{' — ' + message if message else ''}? [y/n] "
+        asked = f" — {message.rstrip('?')}" if message else ""
+        question = f"Approve step {step!r}{asked}? [y/n] "
         answer = await asyncio.to_thread(_ask, question)
         if progress is not None:
             progress.resume()
         if step not in decided:
             decided.add(step)
-            await publish_decision(step, answer, comment="answered at the terminal")
+            await publish_decision(step, answer, comment="answered at the terminal", by=_terminal_user(opts))
 
     try:
         engine = await stack.start(agents_needed(opts.bundle, opts.workflow))
@@ -289,6 +292,18 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
         return summary, EXIT_OK if state.phase == "Succeeded" else EXIT_FAILED
     finally:
         await stack.stop()
+
+
+def _terminal_user(opts: RunOptions) -> str:
+    """Who answered the prompt: --by when given, else the user at the terminal."""
+    if opts.approver != "cli":
+        return opts.approver
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:
+        return opts.approver
 
 
 def _ask(question: str) -> bool:
