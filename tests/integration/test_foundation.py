@@ -154,3 +154,50 @@ async def test_sigkilled_agent_task_is_redelivered_and_applied_once(
         assert [r["seq"] for r in records] == sorted({r["seq"] for r in records})
     finally:
         await nc.close()
+
+
+async def test_sigterm_lets_an_agent_finish_its_in_flight_task(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    agents = """
+import asyncio, os
+from pathlib import Path
+from cadenza import Agent
+
+worker = Agent("worker")
+
+@worker.handler
+async def handle(task):
+    Path(task.input["marker"]).write_text(str(os.getpid()))
+    await asyncio.sleep(1.5)          # SIGTERM arrives meanwhile
+    return {"finishedBy": os.getpid()}
+
+if __name__ == "__main__":
+    worker.run()
+"""
+    marker = tmp_path / "marker"
+    root = write_project(
+        tmp_path / "proj",
+        agents,
+        agent_manifest("worker")
+        + """
+---
+apiVersion: cadenza.dev/v1alpha1
+kind: Workflow
+metadata: {name: drain}
+spec:
+  steps: [{name: only, agent: worker, input: {marker: "${{ input.marker }}"}}]
+""",
+    )
+    run = asyncio.create_task(run_project(root, nats_server.url, input={"marker": str(marker)}))
+    for _ in range(300):
+        if marker.exists() and marker.read_text():
+            break
+        await asyncio.sleep(0.05)
+    stopping = int(marker.read_text())
+    os.kill(stopping, signal.SIGTERM)
+    summary, code = await asyncio.wait_for(run, 60)
+    assert code == 0, summary
+    only = summary["steps"]["only"]
+    assert only["output"]["finishedBy"] == stopping  # it finished before exiting
+    assert only["attempts"] == 1
