@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from cadenza_operator.engine.audit import read_audit
 from cadenza_operator.engine.client import send_approval, send_cancel
 from cadenza_operator.engine.runtime import Engine
 from cadenza_operator.engine.state import RunState
@@ -85,10 +86,13 @@ spec:
     try:
         engine = await stack.start({"worker"})
         engine.on_state(measure)
-        await engine.start_run(wf, {"items": list(range(10_000))})
+        run = await engine.start_run(wf, {"items": list(range(10_000))})
         state = await asyncio.wait_for(done, 240)
+        audit = await read_audit(stack.nc.jetstream(), wf.namespace, run)
     finally:
         await stack.stop()
+    # Every decision is in the audit trail, none missing, none twice.
+    assert [r["seq"] for r in audit] == list(range(1, state.auditSeq + 1))
     assert state.phase == "Succeeded", state.message
     assert state.outputs == {"count": 10_000, "last": 9999}
     assert state.steps["join"].output["i"] == 10_000
@@ -262,6 +266,17 @@ async def test_dev_triggers_dedup_forbid_and_cli_approval(tmp_path: Path, nats_s
             approval = state.steps["gate"].approval or {}
             assert (approval["by"], approval["comment"]) == ("ada", "ship it")
             assert await dev.triggers.active_runs(bundle.compiled["gated"]) == []
+            # Every decision taken, from the command line: who decided what, and why.
+            trail = await asyncio.to_thread(
+                cadenza, "audit", run, "--nats", dev.url, "--namespace", namespace, "--output", "json"
+            )
+            assert trail.returncode == 0, trail.stderr
+            records = json.loads(trail.stdout)
+            assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+            reasons = [(r["step"], r["actor"], r["reason"]) for r in records]
+            assert ("gate", "mallory", "decision by 'mallory' ignored: not an approver") in reasons
+            assert ("gate", "ada", "approved by ada") in reasons
+            assert records[-1]["to"] == "Succeeded" and records[-1]["step"] is None
         finally:
             await nc.close()
 

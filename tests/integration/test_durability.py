@@ -171,19 +171,21 @@ async def test_engines_killed_at_random_points_lose_and_duplicate_nothing(tmp_pa
                 if rec["step"] and rec["to"] == "Succeeded" and rec["from"] != "Succeeded":
                     applied[(rec["run"], rec["step"])] += 1
             applied_twice = sum(1 for n in applied.values() if n > 1)
+            audit_missing = RUNS * 4 - len(applied)  # every step's success is in the audit trail
             expected_executions = RUNS * (3 + 3)  # a, b, d and three items of c
 
             print(
                 f"\ncrash test: {RUNS} runs, {kills} engine SIGKILLs (seed {SEED}): "
                 f"runs lost={lost}, runs stuck={stuck}, runs failed={failed}, "
                 f"steps duplicated={steps_duplicated}, results applied twice={applied_twice}, "
+                f"audit records missing={audit_missing}, "
                 f"agent executions={sum(executions.values())}/{expected_executions}"
             )
             for run in [r for r in run_ids if states.get(r) not in ("Succeeded", "Failed", "Cancelled")][:3]:
                 state = await client.get_run(run)
                 print("STUCK", run, state.model_dump_json(exclude_defaults=True)[:1500] if state else None)
             assert kills >= min(10, MAX_KILLS), "the killer did not get to work"
-            assert (lost, stuck, failed, steps_duplicated, applied_twice) == (0, 0, 0, 0, 0)
+            assert (lost, stuck, failed, steps_duplicated, applied_twice, audit_missing) == (0, 0, 0, 0, 0, 0)
             assert len(executions) == expected_executions
             for run in run_ids[:5]:
                 state = await client.get_run(run)

@@ -12,11 +12,10 @@ from typing import Any
 # Streams (JetStream, file storage)
 TASKS_STREAM = "CADENZA_TASKS"  # work-queue: one durable pull consumer per Agent
 EVENTS_STREAM = "CADENZA_EVENTS"  # work-queue: results, timers, approvals, signals -> engine
-AUDIT_STREAM = "CADENZA_AUDIT"  # limits: one record per decision, kept for replay
+AUDIT_STREAM = "CADENZA_AUDIT"  # every revision of every run record, copied by the server
 
 TASK_SUBJECTS = "cadenza.task.>"
 EVENT_SUBJECTS = "cadenza.event.>"
-AUDIT_SUBJECTS = "cadenza.audit.>"
 
 # Key-value buckets and the object store
 RUNS_BUCKET = "cadenza_runs"  # execution state, one key per run, written with CAS
@@ -35,10 +34,6 @@ def task_subject(namespace: str, agent: str) -> str:
 
 def event_subject(namespace: str, run: str) -> str:
     return f"cadenza.event.{namespace}.{run}"
-
-
-def audit_subject(namespace: str, run: str) -> str:
-    return f"cadenza.audit.{namespace}.{run}"
 
 
 def cancel_subject(namespace: str, run: str) -> str:

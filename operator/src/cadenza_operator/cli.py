@@ -199,6 +199,30 @@ def cmd_signal(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from .engine.audit import read_audit
+
+    records: list[dict[str, Any]] = []
+
+    async def read(js: Any) -> None:
+        records.extend(await read_audit(js, args.namespace, args.run))
+
+    asyncio.run(_with_js(args.nats, read))
+    if args.output == "json":
+        print(json.dumps(records, indent=2, default=str))
+        return EXIT_OK
+    for r in records:
+        when = datetime.fromtimestamp(r["at"], UTC).strftime("%H:%M:%S.%f")[:-3]
+        change = f"{r['from']} -> {r['to']}" if r.get("from") != r.get("to") else (r.get("to") or "")
+        print(
+            f"{r['seq']:>4} {when} {r['run']} {r.get('step') or '-':<20} {change:<30} {r['reason']} "
+            f"[{r['event']} by {r['actor']}]"
+        )
+    return EXIT_OK
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     from .engine.client import send_cancel
 
@@ -328,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     can.add_argument("--nats", required=True)
     can.add_argument("--namespace", default="default")
     can.set_defaults(fn=cmd_cancel)
+
+    aud = sub.add_parser("audit", help="print the decisions taken for a run (or every run with '>')")
+    aud.add_argument("run")
+    aud.add_argument("--nats", required=True)
+    aud.add_argument("--namespace", default="default")
+    aud.add_argument("--output", choices=["text", "json"], default="text")
+    aud.set_defaults(fn=cmd_audit)
 
     pub = sub.add_parser("publish", help="publish a JSON event on a subject (to exercise NATS triggers)")
     pub.add_argument("subject")

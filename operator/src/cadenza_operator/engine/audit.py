@@ -1,28 +1,40 @@
-"""Reading the audit trail: one JetStream message per decision, holding its records."""
+"""Reading the audit trail.
+
+Each decision's audit records (run, step, event, old -> new phase, reason, actor, time)
+are written with the run record, in its outbox. The AUDIT stream sources every revision
+of the runs bucket, server-side, so the trail costs the engine no message of its own and
+holds exactly the decisions that were committed: a decision whose write lost its
+compare-and-swap never reaches it.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from cadenza._protocol import AUDIT_STREAM, audit_subject, loads
+from cadenza._protocol import AUDIT_STREAM, RUNS_BUCKET, loads
 
 
-async def read_audit(js: Any, namespace: str, run: str = "*", idle: float = 0.5) -> list[dict[str, Any]]:
-    """Every audit record of a run (or of all runs of a namespace with run='>'), in order."""
-    subject = audit_subject(namespace, run)
-    sub = await js.subscribe(subject, stream=AUDIT_STREAM, ordered_consumer=True)
+async def read_audit(js: Any, namespace: str, run: str = ">", idle: float = 0.5) -> list[dict[str, Any]]:
+    """Every audit record of one run (or, with run='>', of every run of a namespace), in order."""
+    info = await js.stream_info(AUDIT_STREAM)
     records: list[dict[str, Any]] = []
+    if not info.state.messages:
+        return records
+    sub = await js.subscribe(f"$KV.{RUNS_BUCKET}.{run}", stream=AUDIT_STREAM, ordered_consumer=True)
     try:
-        info = await js.stream_info(AUDIT_STREAM)
-        if not info.state.messages:
-            return records
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle)
             except TimeoutError:
                 break
-            body = loads(msg.data)
-            records.extend(body if isinstance(body, list) else [body])
+            if not msg.data:
+                continue  # a deleted or purged run
+            state = loads(msg.data)
+            if state.get("namespace", "default") != namespace:
+                continue
+            for command in state.get("outbox", []):
+                if command.get("op") == "audit":
+                    records.extend(command["records"])
     finally:
         await sub.unsubscribe()
     return records

@@ -41,7 +41,6 @@ from typing import Any
 
 from cadenza._protocol import (
     REF_KEY,
-    audit_subject,
     cancel_subject,
     event_subject,
     is_ref,
@@ -1051,15 +1050,6 @@ class _Lazy:
 
 
 def audit_commands(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A decision's audit records as one message (one publish, not one per record)."""
-    if not records:
-        return []
-    first, last = records[0], records[-1]
-    return [
-        {
-            "op": "audit",
-            "subject": audit_subject(first["namespace"], first["run"]),
-            "msgId": f"audit:{first['run']}:{first['seq']}-{last['seq']}",
-            "body": records,
-        }
-    ]
+    """A decision's audit records, kept in the run record's outbox: the server copies each
+    record revision into the audit stream, so writing the record is appending to the trail."""
+    return [{"op": "audit", "records": records}] if records else []

@@ -7,7 +7,6 @@ from typing import Any
 
 from cadenza._protocol import (
     AUDIT_STREAM,
-    AUDIT_SUBJECTS,
     CONTEXT_BUCKET,
     DEFINITIONS_BUCKET,
     EVENT_SUBJECTS,
@@ -26,7 +25,10 @@ TIMERS_BUCKET = "cadenza_timers"  # run -> armed timers, watched by every engine
 TRIGGERS_BUCKET = "cadenza_triggers"  # trigger de-duplication keys and schedule cursors
 ENGINE_CONSUMER = "engine"
 AUDIT_MAX_AGE = 30 * 86400.0
-DUPLICATE_WINDOW = 600.0  # seconds JetStream remembers a Nats-Msg-Id
+DUPLICATE_WINDOW = 600.0
+RUNS_HISTORY = 8
+"""Revisions the runs bucket keeps per run: slack for the audit stream, which copies each
+revision server-side and must read it before it is superseded."""  # seconds JetStream remembers a Nats-Msg-Id
 
 
 async def ensure_infrastructure(js: Any, replicas: int = 1, engine_ack_wait: float = 30.0) -> None:
@@ -40,6 +42,7 @@ async def ensure_infrastructure(js: Any, replicas: int = 1, engine_ack_wait: flo
         RetentionPolicy,
         StorageType,
         StreamConfig,
+        StreamSource,
     )
 
     streams = [
@@ -59,15 +62,6 @@ async def ensure_infrastructure(js: Any, replicas: int = 1, engine_ack_wait: flo
             duplicate_window=DUPLICATE_WINDOW,
             num_replicas=replicas,
         ),
-        StreamConfig(
-            name=AUDIT_STREAM,
-            subjects=[AUDIT_SUBJECTS],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            duplicate_window=DUPLICATE_WINDOW,
-            max_age=AUDIT_MAX_AGE,
-            num_replicas=replicas,
-        ),
     ]
     for cfg in streams:
         # Only create what is missing: updating a stream or consumer that is in use makes
@@ -77,7 +71,7 @@ async def ensure_infrastructure(js: Any, replicas: int = 1, engine_ack_wait: flo
         except NotFoundError:
             await js.add_stream(cfg)
     for bucket, history in (
-        (RUNS_BUCKET, 1),
+        (RUNS_BUCKET, RUNS_HISTORY),
         (OUTPUTS_BUCKET, 1),
         (CONTEXT_BUCKET, 1),
         (DEFINITIONS_BUCKET, 1),
@@ -88,6 +82,22 @@ async def ensure_infrastructure(js: Any, replicas: int = 1, engine_ack_wait: flo
             await js.create_key_value(
                 KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas)
             )
+    # The audit trail costs the engine nothing: every run-record revision carries the
+    # audit records of its decision (in its outbox), and the server copies each revision of
+    # the runs bucket into this stream by itself (a stream source). `read_audit` reads it.
+    try:
+        await js.stream_info(AUDIT_STREAM)
+    except NotFoundError:
+        await js.add_stream(
+            StreamConfig(
+                name=AUDIT_STREAM,
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=AUDIT_MAX_AGE,
+                num_replicas=replicas,
+                sources=[StreamSource(name=f"KV_{RUNS_BUCKET}")],
+            )
+        )
     with contextlib.suppress(Exception):
         await js.create_object_store(
             PAYLOADS_STORE, config=ObjectStoreConfig(bucket=PAYLOADS_STORE, storage=StorageType.FILE)

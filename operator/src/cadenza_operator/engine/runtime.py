@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import time
 import uuid
@@ -120,7 +119,6 @@ class Engine:
         self._consumer: PullConsumer | None = None
         self._timer_watch: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._pending_audit: dict[str, list[asyncio.Task[None]]] = {}
         self.kv: Any = None
         self.outputs_kv: Any = None
         self.defs_kv: Any = None
@@ -148,10 +146,6 @@ class Engine:
     async def stop(self) -> None:
         if self._consumer:
             await self._consumer.stop()
-        pending = [job for jobs in self._pending_audit.values() for job in jobs]
-        if pending:
-            await asyncio.wait(pending, timeout=5)
-        self._pending_audit.clear()
         if self._timer_watch:
             self._timer_watch.cancel()
         for handle, _ in self._timers.values():
@@ -342,7 +336,6 @@ class Engine:
                 # no engine knows about.
                 await self.timers_kv.put(run, dumps({"ns": new.namespace, "timers": armed}))
             data = new.to_bytes()
-            await self._settle_audit(run)
             try:
                 if cached.revision == 0:
                     revision = await self.kv.create(run, data)
@@ -453,14 +446,8 @@ class Engine:
         for cmd in commands:
             op = cmd["op"]
             if op == "audit":
-                # Off the critical path: the records stay in the run's outbox, and the next
-                # write of this run waits for this publish first (_settle_audit), so they
-                # are never overwritten before JetStream has them.
-                job = asyncio.get_running_loop().create_task(self._publish_audit(cmd))
-                pending = self._pending_audit.setdefault(state.run, [])
-                pending.append(job)
-                job.add_done_callback(functools.partial(self._audit_done, state.run))
-            elif op in ("dispatch", "publish"):
+                continue  # stored with the record; the server copies it into the audit stream
+            if op in ("dispatch", "publish"):
                 jobs.append(self._publish(cmd))
             elif op == "cancelTasks":
                 jobs.append(self.nc.publish(cmd["subject"], dumps(cmd["body"])))
@@ -468,33 +455,6 @@ class Engine:
                 jobs.append(self._start_child(cmd))
         if jobs:
             await asyncio.gather(*jobs)
-
-    async def _publish_audit(self, cmd: dict[str, Any]) -> None:
-        for attempt in range(5):
-            try:
-                await self._publish(cmd)
-                return
-            except Exception:
-                if attempt == 4:
-                    raise
-                await asyncio.sleep(0.2 * 2**attempt)
-
-    def _audit_done(self, run: str, job: asyncio.Task[None]) -> None:
-        pending = self._pending_audit.get(run)
-        if pending is not None and job in pending and not job.cancelled() and job.exception() is None:
-            pending.remove(job)
-            if not pending:
-                self._pending_audit.pop(run, None)
-        elif not job.cancelled() and job.exception() is not None:
-            log.warning(
-                "audit publish failed; the run's next write retries it", run=run, error=str(job.exception())
-            )
-
-    async def _settle_audit(self, run: str) -> None:
-        """Wait for the audit publishes of the run's last write (re-raising their failure)."""
-        pending = self._pending_audit.pop(run, None)
-        if pending:
-            await asyncio.gather(*pending)
 
     async def _publish(self, cmd: dict[str, Any]) -> None:
         body = cmd["body"]
