@@ -16,6 +16,8 @@ from typing import Any
 
 from rich.console import Console
 
+from .engine.infra import nats_options
+
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
@@ -164,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 async def _with_js(url: str, fn: Any) -> None:
     import nats
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **nats_options())
     try:
         await fn(nc.jetstream())
     finally:

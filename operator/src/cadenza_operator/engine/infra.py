@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 from cadenza._protocol import (
@@ -29,6 +30,13 @@ DUPLICATE_WINDOW = 600.0
 RUNS_HISTORY = 8
 """Revisions the runs bucket keeps per run: slack for the audit stream, which copies each
 revision server-side and must read it before it is superseded."""  # seconds JetStream remembers a Nats-Msg-Id
+
+
+def nats_options() -> dict[str, Any]:
+    """Connection options every client of ours shares: CADENZA_NATS_CREDS, when set, is
+    the credentials file of a NATS server that authenticates its clients."""
+    creds = os.environ.get("CADENZA_NATS_CREDS")
+    return {"user_credentials": creds} if creds else {}
 
 
 async def ensure_infrastructure(js: Any, replicas: int = 1, engine_ack_wait: float = 30.0) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 
 from ..engine.definition import CompiledWorkflow
+from ..engine.infra import nats_options
 from ..engine.runtime import Engine
 from ..engine.state import TERMINAL_RUN, RunState
 from ..engine.triggers import Triggers
@@ -106,7 +107,7 @@ async def publish(url: str, subject: str, payload: Any) -> None:
     import nats
     from cadenza._protocol import dumps
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **nats_options())
     try:
         await nc.jetstream().publish(subject, dumps(payload))
     finally:

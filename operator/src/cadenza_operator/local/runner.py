@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.definition import CompiledWorkflow
-from ..engine.infra import ensure_agent_consumer, ensure_infrastructure
+from ..engine.infra import ensure_agent_consumer, ensure_infrastructure, nats_options
 from ..engine.runtime import Engine, EngineSettings
 from ..engine.state import TERMINAL_RUN, RunState
 from ..manifests import Bundle
@@ -87,7 +87,9 @@ class LocalStack:
 
         if self._external is None:
             self.server = await asyncio.to_thread(NatsServer(store_dir=str(self.log_dir / "jetstream")).start)
-        self.nc = await nats.connect(self.url, max_reconnect_attempts=-1, name="cadenza-engine")
+        self.nc = await nats.connect(
+            self.url, max_reconnect_attempts=-1, name="cadenza-engine", **nats_options()
+        )
         js = self.nc.jetstream()
         await ensure_infrastructure(js)
         self.agents.nats_url = self.url
