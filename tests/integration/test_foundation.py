@@ -201,3 +201,42 @@ spec:
     only = summary["steps"]["only"]
     assert only["output"]["finishedBy"] == stopping  # it finished before exiting
     assert only["attempts"] == 1
+
+
+async def test_an_agent_exits_on_sigterm_even_when_nats_is_gone(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import nats as nats_client
+    from cadenza_operator.engine.infra import ensure_infrastructure
+
+    (tmp_path / "agent.py").write_text(
+        "from cadenza import Agent\nagent = Agent('lonely')\n\n@agent.handler\nasync def h(task):\n"
+        "    return {}\n\nagent.run()\n"
+    )
+    server = NatsServer().start()
+    try:
+        nc = await nats_client.connect(server.url)
+        await ensure_infrastructure(nc.jetstream())
+        await nc.close()
+        env = {**os.environ, "CADENZA_NATS_URL": server.url, "CADENZA_AGENT": "lonely"}
+        proc = subprocess.Popen(  # noqa: ASYNC220 - the agent runs alongside the test
+            [sys.executable, "agent.py"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert proc.stdout is not None
+        ready = await asyncio.to_thread(proc.stdout.readline)  # "agent ready" once connected
+        assert b"agent ready" in ready, ready
+    finally:
+        server.stop()  # NATS goes away under the running agent
+    await asyncio.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = await asyncio.to_thread(proc.wait, 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0

@@ -267,10 +267,16 @@ class Agent:
             await consumer.pause()
             await self._drain(settings.drain_timeout)
             beats.cancel()
-            await consumer.stop()
-            await cancel_sub.unsubscribe()
+            # With NATS unreachable, unsubscribing and draining wait for a reconnection
+            # that may never come: bound them, then close, so SIGTERM always ends the process.
             with contextlib.suppress(Exception):
-                await nc.drain()
+                await asyncio.wait_for(consumer.stop(), 2)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(cancel_sub.unsubscribe(), 2)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.drain(), 5)
+            with contextlib.suppress(Exception):
+                await nc.close()
 
     async def _ensure_consumer(
         self, js: Any, durable: str, ns: str, ack_wait: float, stop: asyncio.Event
