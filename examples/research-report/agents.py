@@ -16,15 +16,13 @@ Everything is offline and deterministic unless CADENZA_LLM_BASE_URL is set.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from cadenza import Agent, FatalError, RetryableError, Task
+from cadenza.llm import chat as llm_chat
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -33,41 +31,6 @@ analyst = Agent("analyst")
 reviewer = Agent("reviewer")
 editor = Agent("editor")
 writer = Agent("writer")
-
-
-# ------------------------------------------------------------------- optional LLM
-
-
-def llm_chat(system: str, user: str, *, timeout: float = 60.0) -> str | None:
-    """Ask an OpenAI-compatible endpoint when CADENZA_LLM_BASE_URL is set; None when it is not.
-
-    Transient failures (network, 429, 5xx) raise RetryableError so the step's retry
-    policy applies; other HTTP errors raise FatalError.
-    """
-    base = os.environ.get("CADENZA_LLM_BASE_URL", "").rstrip("/")
-    if not base:
-        return None
-    body = {
-        "model": os.environ.get("CADENZA_LLM_MODEL", "gpt-4o-mini"),
-        "temperature": 0,
-        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-    }
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get("CADENZA_LLM_API_KEY"):
-        headers["Authorization"] = f"Bearer {os.environ['CADENZA_LLM_API_KEY']}"
-    request = urllib.request.Request(
-        f"{base}/chat/completions", data=json.dumps(body).encode(), headers=headers, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            reply = json.load(response)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 429 or exc.code >= 500:
-            raise RetryableError(f"LLM endpoint answered {exc.code}") from None
-        raise FatalError(f"LLM endpoint answered {exc.code}: {exc.reason}") from None
-    except (urllib.error.URLError, TimeoutError) as exc:
-        raise RetryableError(f"LLM endpoint unreachable: {exc}") from None
-    return str(reply["choices"][0]["message"]["content"]).strip()
 
 
 # ------------------------------------------------------------------------ helpers
@@ -234,6 +197,7 @@ async def analyse(task: Task) -> dict[str, Any]:
         f"You write research briefs for {draft['audience']}. Summarise the findings in at most four "
         "sentences, one per theme. Use only the facts given.",
         "\n".join(f"- ({f['theme']}) {f['claim']}" for f in draft["findings"]),
+        timeout=60.0,
     )
     if summary:
         draft["summary"] = [s for s in _SENTENCE.split(summary) if s]

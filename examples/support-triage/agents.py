@@ -22,13 +22,12 @@ import os
 import re
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from cadenza import Agent, FatalError, RetryableError, Task
+from cadenza import Agent, FatalError, Task
+from cadenza.llm import chat as llm_chat
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -39,43 +38,6 @@ resolver = Agent("resolver")
 router = Agent("router")
 billing = Agent("billing")
 followup = Agent("followup")
-
-
-# ------------------------------------------------------------------- optional LLM
-
-
-def llm_chat(system: str, user: str, *, as_json: bool = False, timeout: float = 30.0) -> str | None:
-    """Ask an OpenAI-compatible endpoint when CADENZA_LLM_BASE_URL is set; None when it is not.
-
-    Transient failures (network, 429, 5xx) raise RetryableError so the step's retry
-    policy applies; other HTTP errors raise FatalError.
-    """
-    base = os.environ.get("CADENZA_LLM_BASE_URL", "").rstrip("/")
-    if not base:
-        return None
-    body: dict[str, Any] = {
-        "model": os.environ.get("CADENZA_LLM_MODEL", "gpt-4o-mini"),
-        "temperature": 0,
-        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-    }
-    if as_json:
-        body["response_format"] = {"type": "json_object"}
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get("CADENZA_LLM_API_KEY"):
-        headers["Authorization"] = f"Bearer {os.environ['CADENZA_LLM_API_KEY']}"
-    request = urllib.request.Request(
-        f"{base}/chat/completions", data=json.dumps(body).encode(), headers=headers, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            reply = json.load(response)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 429 or exc.code >= 500:
-            raise RetryableError(f"LLM endpoint answered {exc.code}") from None
-        raise FatalError(f"LLM endpoint answered {exc.code}: {exc.reason}") from None
-    except (urllib.error.URLError, TimeoutError) as exc:
-        raise RetryableError(f"LLM endpoint unreachable: {exc}") from None
-    return str(reply["choices"][0]["message"]["content"])
 
 
 # ------------------------------------------------------------------------ helpers
