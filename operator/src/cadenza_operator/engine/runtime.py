@@ -112,7 +112,7 @@ class Engine:
         self.settings = settings or EngineSettings()
         self._definitions: dict[str, CompiledWorkflow] = {}
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
-        self._queues: dict[str, list[Any]] = {}
+        self._queues: dict[str, list[tuple[Any, dict[str, Any]]]] = {}  # run -> (message, parsed event)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._timers: dict[tuple[str, str], tuple[asyncio.TimerHandle, float]] = {}
         self._listeners: list[StateListener] = []
@@ -232,13 +232,13 @@ class Engine:
     # -------------------------------------------------------------------- events
     async def _on_event(self, msg: Any) -> None:
         try:
-            run = loads(msg.data)["run"]
+            event = loads(msg.data)
+            run = event["run"]
         except Exception:
             log.warning("dropping malformed event", subject=msg.subject)
             await msg.term()
             return
-        queue = self._queues.setdefault(run, [])
-        queue.append(msg)
+        self._queues.setdefault(run, []).append((msg, event))
         if run not in self._workers:
             self._workers[run] = asyncio.get_running_loop().create_task(self._run_worker(run))
 
@@ -253,7 +253,7 @@ class Engine:
                 except Exception:
                     log.exception("event processing failed; will be redelivered", run=run)
                     self._cache.pop(run, None)
-                    for msg in batch:
+                    for msg, _ in batch:
                         with contextlib.suppress(Exception):
                             await msg.nak(delay=1)
         finally:
@@ -277,13 +277,13 @@ class Engine:
         cached = _Cached(entry.value, entry.revision or 0, executed=False)
         return cached
 
-    async def _process(self, run: str, msgs: list[Any]) -> None:
+    async def _process(self, run: str, batch: list[tuple[Any, dict[str, Any]]]) -> None:
         from nats.js.errors import KeyWrongLastSequenceError
 
+        msgs = [msg for msg, _ in batch]
         events = []
         now = time.time()
-        for msg in msgs:
-            ev = loads(msg.data)
+        for msg, ev in batch:
             try:
                 ev["at"] = msg.metadata.timestamp.timestamp()
             except Exception:
