@@ -327,40 +327,32 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--metrics-port", type=int, default=9090)
     dev.set_defaults(fn=cmd_dev)
 
-    for name, fn, helptext in (("approve", cmd_approve, "approve (or --reject) a waiting step of a run"),):
-        ap = sub.add_parser(name, help=helptext)
-        ap.add_argument("run")
-        ap.add_argument("step")
-        ap.add_argument("--reject", action="store_true")
-        ap.add_argument("--by", default="cli")
-        ap.add_argument("--comment")
-        ap.add_argument("--nats", required=True)
-        ap.add_argument("--namespace", default="default")
-        ap.set_defaults(fn=fn)
+    def run_command(name: str, fn: Any, helptext: str, *positionals: str) -> argparse.ArgumentParser:
+        """A command that talks to a running engine about one run, through NATS."""
+        cmd = sub.add_parser(name, help=helptext)
+        cmd.add_argument("run")
+        for positional in positionals:
+            cmd.add_argument(positional)
+        cmd.add_argument("--nats", required=True)
+        cmd.add_argument("--namespace", default="default")
+        cmd.set_defaults(fn=fn)
+        return cmd
 
-    sig = sub.add_parser("signal", help="send a named signal to a run")
-    sig.add_argument("run")
-    sig.add_argument("name")
+    ap = run_command("approve", cmd_approve, "approve (or --reject) a waiting step of a run", "step")
+    ap.add_argument("--reject", action="store_true")
+    ap.add_argument("--by", default="cli")
+    ap.add_argument("--comment")
+
+    sig = run_command("signal", cmd_signal, "send a named signal to a run", "name")
     sig.add_argument("--payload", help="JSON payload")
     sig.add_argument("--by", default="cli")
-    sig.add_argument("--nats", required=True)
-    sig.add_argument("--namespace", default="default")
-    sig.set_defaults(fn=cmd_signal)
 
-    can = sub.add_parser("cancel", help="cancel a run")
-    can.add_argument("run")
+    can = run_command("cancel", cmd_cancel, "cancel a run")
     can.add_argument("--reason", default="")
     can.add_argument("--by", default="cli")
-    can.add_argument("--nats", required=True)
-    can.add_argument("--namespace", default="default")
-    can.set_defaults(fn=cmd_cancel)
 
-    aud = sub.add_parser("audit", help="print the decisions taken for a run (or every run with '>')")
-    aud.add_argument("run")
-    aud.add_argument("--nats", required=True)
-    aud.add_argument("--namespace", default="default")
+    aud = run_command("audit", cmd_audit, "print the decisions taken for a run (or every run with '>')")
     aud.add_argument("--output", choices=["text", "json"], default="text")
-    aud.set_defaults(fn=cmd_audit)
 
     pub = sub.add_parser("publish", help="publish a JSON event on a subject (to exercise NATS triggers)")
     pub.add_argument("subject")
