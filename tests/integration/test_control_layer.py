@@ -444,3 +444,39 @@ spec:
     assert code == 0, summary
     assert summary["steps"]["long"]["attempts"] == 1  # never timed out, never redelivered
     assert [a["outcome"] for a in summary["steps"]["long"]["history"]] == ["Succeeded"]
+
+
+async def test_a_timed_out_attempt_is_counted_once(tmp_path: Path, nats_server: NatsServer) -> None:
+    agents = """
+import asyncio
+from cadenza import Agent
+
+worker = Agent("worker")
+
+@worker.handler
+async def handle(task):
+    if task.attempt == 1:
+        await asyncio.sleep(3)   # past the 0.5s timeout; the agent and the engine both notice
+    return {"attempt": task.attempt}
+
+if __name__ == "__main__":
+    worker.run()
+"""
+    root = write_project(
+        tmp_path / "p",
+        agents,
+        agent_manifest("worker")
+        + _wf("""
+metadata: {name: slowpoke}
+spec:
+  steps:
+    - {name: nap, agent: worker, timeout: 500ms, retry: {limit: 1, backoff: {initial: 10ms}}}
+"""),
+    )
+    labels = {"workflow": "slowpoke", "step": "nap"}
+    before = _sample("cadenza_step_timeouts_total", labels)
+    summary, code = await run_project(root, nats_server.url)
+    assert code == 0, summary
+    assert [a["outcome"] for a in summary["steps"]["nap"]["history"]] == ["TimedOut", "Succeeded"]
+    await asyncio.sleep(2)  # past the engine's backstop timer for attempt 1: still one timeout
+    assert _sample("cadenza_step_timeouts_total", labels) - before == 1

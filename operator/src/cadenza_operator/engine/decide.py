@@ -82,6 +82,7 @@ class Decision:
     commands: list[dict[str, Any]] = field(default_factory=list)
     stores: dict[str, Any] = field(default_factory=dict)  # outputs to store *before* the state write
     audit: list[dict[str, Any]] = field(default_factory=list)
+    timed_out: list[str] = field(default_factory=list)  # steps with an attempt that timed out (metrics)
     changed: bool = False
 
 
@@ -529,6 +530,8 @@ class _Decider:
     ) -> None:
         cs = self.step_def(name)
         self.finish_attempt(name, item, slot, outcome, error)
+        if outcome == "TimedOut":
+            self.decision.timed_out.append(name)
         st = self.st(name)
         retryable = bool(error.get("retryable"))
         # A winding-down run starts no new attempts, except of onExit, which runs *because*

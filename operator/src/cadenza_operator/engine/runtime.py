@@ -402,6 +402,7 @@ class Engine:
                     d = decide(current, ev, wf, cached.outputs, memo=cached.memo, copy=False)
                     total.commands += d.commands
                     total.audit += d.audit
+                    total.timed_out += d.timed_out
                     total.stores.update(d.stores)
                     total.changed |= d.changed
                     cached.outputs.update(d.stores)
@@ -539,6 +540,8 @@ class Engine:
     # ------------------------------------------------------------------- metrics
     def _observe(self, state: RunState, events: list[dict[str, Any]], decision: Decision) -> None:
         wf = state.workflow
+        for timed_out in decision.timed_out:  # counted where it is decided, once per attempt
+            metrics.STEP_TIMEOUTS.labels(wf, timed_out).inc()
         for rec in decision.audit:
             step, old, new = rec.get("step"), rec.get("from"), rec.get("to")
             if step is None:
@@ -563,7 +566,3 @@ class Engine:
                 if ev.get("queuedAt"):
                     metrics.STEP_QUEUE.labels(wf, step).observe(max(0.0, ev["startedAt"] - ev["queuedAt"]))
                 metrics.STEP_EXECUTION.labels(wf, step).observe(max(0.0, ev["finishedAt"] - ev["startedAt"]))
-            if ev.get("type") in ("failed", "timer") and (ev.get("error") or {}).get("timeout"):
-                metrics.STEP_TIMEOUTS.labels(wf, str(ev.get("step"))).inc()
-            if ev.get("type") == "timer" and str(ev.get("timer", "")).startswith(("timeout:", "heartbeat:")):
-                metrics.STEP_TIMEOUTS.labels(wf, str(ev["timer"]).split(":")[1]).inc()
