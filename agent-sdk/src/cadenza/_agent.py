@@ -36,6 +36,7 @@ from ._protocol import (
     loads,
     task_subject,
 )
+from ._publish import Publisher
 from ._pull import PullConsumer
 from ._task import Task
 
@@ -152,6 +153,7 @@ class Agent:
             options["user_credentials"] = settings.nats_creds
         nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, **options)
         js = nc.jetstream()
+        pub = Publisher(nc)  # results and heartbeats: PubAcks awaited without a request each
         ns = settings.namespace
         durable = consumer_name(ns, self.name)
         await self._ensure_consumer(js, durable, ns, settings.ack_wait, stop)
@@ -199,7 +201,7 @@ class Agent:
             self._inflight[key] = _InFlight(task, msg, subject, base, interval, bool(report), loop.time())
             try:
                 if body.get("notifyStart"):
-                    await js.publish(subject, dumps({"type": "started", **base, "at": started}))
+                    await pub.publish(subject, dumps({"type": "started", **base, "at": started}))
                 task.input = await _payloads.resolve(js, body.get("input"))
                 try:
                     coro = self.call(task)
@@ -247,7 +249,7 @@ class Agent:
                 msg_id = f"{event['type']}:{task.run_id}.{task.step}.{task.item}.{task.attempt}"
                 # Durable first, then the ack: a crash in between redelivers the task and
                 # the duplicate result is dropped by Nats-Msg-Id and by the engine.
-                await js.publish(subject, dumps(event), headers={"Nats-Msg-Id": msg_id})
+                await pub.publish(subject, dumps(event), {"Nats-Msg-Id": msg_id})
                 await msg.ack()
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):

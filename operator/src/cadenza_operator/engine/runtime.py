@@ -38,6 +38,7 @@ from cadenza._protocol import (
     event_subject,
     loads,
 )
+from cadenza._publish import Publisher
 from cadenza._pull import PullConsumer
 
 from .. import metrics
@@ -109,6 +110,7 @@ class Engine:
     def __init__(self, nc: Any, settings: EngineSettings | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream()
+        self.pub = Publisher(nc)  # the hot path's publishes and KV writes
         self.settings = settings or EngineSettings()
         self._definitions: dict[str, CompiledWorkflow] = {}
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
@@ -156,6 +158,7 @@ class Engine:
             w.cancel()
         if workers:
             await asyncio.wait(workers, timeout=5)
+        await self.pub.close()
 
     def on_state(self, listener: StateListener) -> None:
         """Call `listener` with every run state this engine writes.
@@ -215,9 +218,7 @@ class Engine:
         }
         if len(dumps(input)) > OFFLOAD_BYTES:
             body["input"] = await _payloads.offload(self.js, f"{run}.input", input)
-        await self.js.publish(
-            event_subject(wf.namespace, run), dumps(body), headers={"Nats-Msg-Id": f"start:{run}"}
-        )
+        await self.pub.publish(event_subject(wf.namespace, run), dumps(body), {"Nats-Msg-Id": f"start:{run}"})
         return run
 
     async def get_run(self, run: str) -> RunState | None:
@@ -327,23 +328,30 @@ class Engine:
             new = decision.state
             new.outbox = decision.commands + audit_commands(decision.audit)
             if decision.stores:
-                await asyncio.gather(*(self.outputs_kv.put(k, dumps(v)) for k, v in decision.stores.items()))
+                await asyncio.gather(
+                    *(self.pub.kv_put(OUTPUTS_BUCKET, k, dumps(v)) for k, v in decision.stores.items())
+                )
                 cached.outputs.update(decision.stores)
             armed = {tid: t.at for tid, t in new.timers.items()}
             if armed != armed_before:
                 # Mirrored before the record is written: a crash in between leaves a timer
                 # that fires for nothing (decide ignores it), never a record whose timer
                 # no engine knows about.
-                await self.timers_kv.put(run, dumps({"ns": new.namespace, "timers": armed}))
+                await self.pub.kv_put(TIMERS_BUCKET, run, dumps({"ns": new.namespace, "timers": armed}))
             data = new.to_bytes()
             try:
-                if cached.revision == 0:
-                    revision = await self.kv.create(run, data)
-                else:
-                    revision = await self.kv.update(run, data, last=cached.revision)
+                revision = await self.pub.kv_update(RUNS_BUCKET, run, data, last=cached.revision)
             except KeyWrongLastSequenceError:
-                self._cache.pop(run, None)
-                continue
+                # Another engine wrote first (or, for a new run, the key exists or was deleted:
+                # nats-py's create tells those apart and recreates a deleted key).
+                if cached.revision != 0:
+                    self._cache.pop(run, None)
+                    continue
+                try:
+                    revision = await self.kv.create(run, data)
+                except KeyWrongLastSequenceError:
+                    self._cache.pop(run, None)
+                    continue
             fresh = _Cached(data, revision, executed=False, memo=cached.memo, outputs=cached.outputs)
             await self._execute(new, new.outbox)
             fresh.executed = True
@@ -463,7 +471,7 @@ class Engine:
         if cmd["op"] == "dispatch" and len(data) > OFFLOAD_BYTES:
             body = {**body, "input": await _payloads.offload(self.js, f"{cmd['msgId']}.input", body["input"])}
             data = dumps(body)
-        await self.js.publish(cmd["subject"], data, headers={"Nats-Msg-Id": cmd["msgId"]})
+        await self.pub.publish(cmd["subject"], data, {"Nats-Msg-Id": cmd["msgId"]})
 
     async def _start_child(self, cmd: dict[str, Any]) -> None:
         parent = cmd["parent"]
@@ -479,10 +487,10 @@ class Engine:
                 "attempt": parent["attempt"],
                 "error": {"type": "ChildStartError", "message": str(exc), "retryable": False},
             }
-            await self.js.publish(
+            await self.pub.publish(
                 event_subject(parent["namespace"], parent["run"]),
                 dumps(body),
-                headers={"Nats-Msg-Id": f"child:{cmd['run']}"},
+                {"Nats-Msg-Id": f"child:{cmd['run']}"},
             )
 
     # -------------------------------------------------------------------- timers
@@ -504,10 +512,8 @@ class Engine:
         body = {"type": "timer", "run": run, "timer": tid, "due": at}
         # Every engine fires every timer; the Nats-Msg-Id lets JetStream keep one.
         job = asyncio.get_running_loop().create_task(
-            self.js.publish(
-                event_subject(namespace, run),
-                dumps(body),
-                headers={"Nats-Msg-Id": f"timer:{run}:{tid}:{at:.3f}"},
+            self.pub.publish(
+                event_subject(namespace, run), dumps(body), {"Nats-Msg-Id": f"timer:{run}:{tid}:{at:.3f}"}
             )
         )
         self._background.add(job)

@@ -109,7 +109,8 @@ class RunState(_State):
         return self.phase in TERMINAL_RUN
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json(exclude_defaults=True).encode()
+        # The serializer's bytes directly: model_dump_json would build a str to encode again.
+        return self.__pydantic_serializer__.to_json(self, exclude_defaults=True)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RunState:
