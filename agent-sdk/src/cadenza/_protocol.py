@@ -1,13 +1,16 @@
 """The wire contract between agents and the engine: stream, subject and bucket names,
 message shapes and the payload offloading rule.
 
-Both sides import this module; it has no dependency on the operator. Messages are JSON.
+Both sides import this module; it has no dependency on the operator. Messages are JSON,
+written and read by pydantic-core (already a dependency): several times faster than the
+json module on every event the engine handles and every task an agent runs.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import pydantic_core
 
 # Streams (JetStream, file storage)
 TASKS_STREAM = "CADENZA_TASKS"  # work-queue: one durable pull consumer per Agent
@@ -53,11 +56,12 @@ def task_id(run: str, step: str, item: int | None, attempt: int) -> str:
 
 
 def dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), default=str).encode()
+    """Compact JSON; what JSON cannot hold (a datetime, a set, an object) becomes a string or list."""
+    return pydantic_core.to_json(value, fallback=str)
 
 
-def loads(data: bytes) -> Any:
-    return json.loads(data)
+def loads(data: bytes | str) -> Any:
+    return pydantic_core.from_json(data)
 
 
 def is_ref(value: Any) -> bool:

@@ -42,6 +42,7 @@ from typing import Any
 from cadenza._protocol import (
     REF_KEY,
     cancel_subject,
+    dumps,
     event_subject,
     is_ref,
     task_id,
@@ -116,9 +117,7 @@ def decide(
 
 
 def _json_size(value: Any) -> int:
-    import json
-
-    return len(json.dumps(value, default=str))
+    return len(dumps(value))  # the size it will have on the wire and in the record
 
 
 class _Decider:
