@@ -6,6 +6,9 @@ never by run ids or item indexes.
 
 from __future__ import annotations
 
+from functools import cache
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _TIME_BUCKETS = (
@@ -75,3 +78,11 @@ KUBE_WRITES = Counter(
 def serve(port: int, addr: str = "127.0.0.1") -> None:
     """Expose /metrics on `addr:port` (a daemon thread)."""
     start_http_server(port, addr=addr)
+
+
+@cache
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once: labels() validates and locks on every
+    call, and the engine observes several metrics per event. The label sets are bounded
+    (see above), so is this cache."""
+    return metric.labels(*labels)

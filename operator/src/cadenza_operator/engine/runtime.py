@@ -564,28 +564,32 @@ class Engine:
     def _observe(self, state: RunState, events: list[dict[str, Any]], decision: Decision) -> None:
         wf = state.workflow
         for timed_out in decision.timed_out:  # counted where it is decided, once per attempt
-            metrics.STEP_TIMEOUTS.labels(wf, timed_out).inc()
+            metrics.child(metrics.STEP_TIMEOUTS, wf, timed_out).inc()
         for rec in decision.audit:
             step, old, new = rec.get("step"), rec.get("from"), rec.get("to")
             if step is None:
                 if new == "Running" and old == "Pending":
-                    metrics.RUNS_STARTED.labels(wf).inc()
-                    metrics.ACTIVE_RUNS.labels(wf).inc()
+                    metrics.child(metrics.RUNS_STARTED, wf).inc()
+                    metrics.child(metrics.ACTIVE_RUNS, wf).inc()
                 elif new in ("Succeeded", "Failed", "Cancelled") and old != new:
-                    metrics.RUNS_FINISHED.labels(wf, new).inc()
-                    metrics.ACTIVE_RUNS.labels(wf).dec()
+                    metrics.child(metrics.RUNS_FINISHED, wf, new).inc()
+                    metrics.child(metrics.ACTIVE_RUNS, wf).dec()
                     if state.startedAt and state.finishedAt:
-                        metrics.RUN_DURATION.labels(wf).observe(state.finishedAt - state.startedAt)
+                        metrics.child(metrics.RUN_DURATION, wf).observe(state.finishedAt - state.startedAt)
                 continue
             if rec.get("retry"):
-                metrics.STEP_RETRIES.labels(wf, step).inc()
+                metrics.child(metrics.STEP_RETRIES, wf, step).inc()
             if new == "WaitingApproval":
-                metrics.PENDING_APPROVALS.labels(wf).inc()
+                metrics.child(metrics.PENDING_APPROVALS, wf).inc()
             elif old == "WaitingApproval" and new != old:
-                metrics.PENDING_APPROVALS.labels(wf).dec()
+                metrics.child(metrics.PENDING_APPROVALS, wf).dec()
         for ev in events:
             if ev.get("type") in ("result", "failed") and ev.get("startedAt") and ev.get("finishedAt"):
                 step = str(ev.get("step"))
                 if ev.get("queuedAt"):
-                    metrics.STEP_QUEUE.labels(wf, step).observe(max(0.0, ev["startedAt"] - ev["queuedAt"]))
-                metrics.STEP_EXECUTION.labels(wf, step).observe(max(0.0, ev["finishedAt"] - ev["startedAt"]))
+                    metrics.child(metrics.STEP_QUEUE, wf, step).observe(
+                        max(0.0, ev["startedAt"] - ev["queuedAt"])
+                    )
+                metrics.child(metrics.STEP_EXECUTION, wf, step).observe(
+                    max(0.0, ev["finishedAt"] - ev["startedAt"])
+                )
