@@ -134,7 +134,7 @@ class Engine:
         self._definitions: dict[str, CompiledWorkflow] = {}
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._queues: dict[str, list[tuple[Any, dict[str, Any]]]] = {}  # run -> (message, parsed event)
-        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._workers: dict[str, asyncio.Task[Any]] = {}  # run -> the task processing it
         self._timers: dict[tuple[str, str], tuple[asyncio.TimerHandle, float]] = {}
         self._listeners: list[StateListener] = []
         self._consumer: PullConsumer | None = None
@@ -251,6 +251,12 @@ class Engine:
 
     # -------------------------------------------------------------------- events
     async def _on_event(self, msg: Any) -> None:
+        """Hand an event to its run's worker; with none, become it.
+
+        The consumer's task that brings a run's first event processes the run until its
+        queue is empty: no task per event, and the consumer's budget (`concurrency`)
+        bounds the runs being processed, so an overloaded engine stops pulling.
+        """
         try:
             event = loads(msg.data)
             run = event["run"]
@@ -258,14 +264,23 @@ class Engine:
             log.warning("dropping malformed event", subject=msg.subject)
             await msg.term()
             return
-        self._queues.setdefault(run, []).append((msg, event))
-        if run not in self._workers:
-            self._workers[run] = asyncio.get_running_loop().create_task(self._run_worker(run))
+        queue = self._queues.get(run)
+        if queue is not None:  # the run's worker takes it with its next batch
+            queue.append((msg, event))
+            return
+        self._queues[run] = [(msg, event)]
+        worker = asyncio.current_task()
+        if worker is not None:
+            self._workers[run] = worker
+        try:
+            await self._run_worker(run)
+        finally:
+            self._workers.pop(run, None)
 
     async def _run_worker(self, run: str) -> None:
         try:
-            while self._queues.get(run):
-                batch = self._queues.pop(run)
+            while batch := self._queues[run]:
+                self._queues[run] = []
                 try:
                     await self._process(run, batch)
                 except asyncio.CancelledError:
@@ -277,9 +292,9 @@ class Engine:
                         with contextlib.suppress(Exception):
                             await msg.nak(delay=1)
         finally:
-            self._workers.pop(run, None)
-            if self._queues.get(run):  # arrived while finishing: start again
-                self._workers[run] = asyncio.get_running_loop().create_task(self._run_worker(run))
+            # Checked empty and removed with no await in between: an event that arrives
+            # later finds no queue and starts a worker of its own.
+            del self._queues[run]
 
     async def _load(self, run: str) -> _Cached | None:
         from nats.js.errors import KeyNotFoundError
