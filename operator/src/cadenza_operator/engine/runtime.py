@@ -494,7 +494,9 @@ class Engine:
                 jobs.append(self.nc.publish(cmd["subject"], dumps(cmd["body"])))
             elif op == "startChild":
                 jobs.append(self._start_child(cmd))
-        if jobs:
+        if len(jobs) == 1:
+            await jobs[0]  # the usual case (one task to send): no gather, which wraps it in a task
+        elif jobs:
             await asyncio.gather(*jobs)
 
     async def _publish(self, cmd: dict[str, Any]) -> None:
