@@ -17,10 +17,16 @@ Per run, like the reference prototype in ../shared/reference/bench (jsproto):
   item (a windowed fan-out) or counts the join.
 
 Both sides consume with the SDK's `PullConsumer` (the same continuous pull the engine
-and the agents use), so the client-side mechanics are identical and the difference
-measured is the engine: its decision logic, its run record with CAS, its outbox, its
-audit records and its start hop through the events stream. No retry, timeout or
-recovery code runs here: it pays only what the happy path needs.
+and the agents use). No retry, timeout or recovery code runs here: it pays only what
+the happy path needs.
+
+Transport (``--transport``): by default the baseline publishes and writes KV with
+nats-py's ``js.publish`` and ``kv.put``, as the reference prototype does; that is the
+baseline the targets are set against. The engine and agents publish through
+``cadenza._publish.Publisher`` (PubAcks over one reply subscription, no request per
+publish). ``--transport cadenza`` gives the baseline that same publish path, so the
+ratio measures the engine's logic alone (decisions, the run record with CAS, the
+outbox, the start hop), not the transport.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import sys
 import uuid
 from typing import Any
 
+from cadenza._publish import Publisher
 from cadenza._pull import PullConsumer
 
 TASKS_STREAM = "BENCH_TASKS"
@@ -43,6 +50,31 @@ RESULT_SUBJECTS = "bench.result.>"
 WORKER_CONSUMER = "bench_worker"
 ORCH_CONSUMER = "bench_orch"
 RUNS_BUCKET = "bench_runs"
+TRANSPORTS = ("nats-py", "cadenza")
+
+
+class Transport:
+    """PubAck'd publishes and KV puts, through nats-py's requests or cadenza's Publisher."""
+
+    def __init__(self, nc: Any, kind: str) -> None:
+        self.js = nc.jetstream()
+        self.pub = Publisher(nc) if kind == "cadenza" else None
+        self.kv: Any = None
+
+    async def open(self) -> None:
+        self.kv = await self.js.key_value(RUNS_BUCKET)
+
+    async def publish(self, subject: str, data: bytes, msg_id: str) -> None:
+        if self.pub is not None:
+            await self.pub.publish(subject, data, {"Nats-Msg-Id": msg_id})
+        else:
+            await self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+
+    async def put(self, key: str, data: bytes) -> None:
+        if self.pub is not None:
+            await self.pub.kv_put(RUNS_BUCKET, key, data)
+        else:
+            await self.kv.put(key, data)
 
 
 def _dumps(value: Any) -> bytes:
@@ -95,17 +127,17 @@ class Baseline:
 
     name = "baseline"
 
-    def __init__(self, nc: Any, concurrency: int = 1024) -> None:
+    def __init__(self, nc: Any, concurrency: int = 1024, transport: str = "nats-py") -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.concurrency = concurrency
-        self.kv: Any = None
+        self.transport = Transport(nc, transport)
         self._waiters: dict[tuple[str, int], asyncio.Future[int]] = {}
         self._consumer: PullConsumer | None = None
 
     async def start(self) -> None:
         await ensure_infrastructure(self.js)
-        self.kv = await self.js.key_value(RUNS_BUCKET)
+        await self.transport.open()
         self._consumer = PullConsumer(
             self.nc, RESULTS_STREAM, ORCH_CONSUMER, self._on_result, concurrency=self.concurrency
         )
@@ -118,7 +150,7 @@ class Baseline:
     async def _on_result(self, msg: Any) -> None:
         d = json.loads(msg.data)
         run, step = d["r"], d["s"]
-        await self.kv.put(f"{run}.{step}", msg.data)  # state change: the step completed
+        await self.transport.put(f"{run}.{step}", msg.data)  # state change: the step completed
         await msg.ack()
         fut = self._waiters.pop((run, step), None)
         if fut is not None and not fut.done():
@@ -128,16 +160,14 @@ class Baseline:
         """Dispatch one task (PubAck awaited) and wait for its result to be recorded."""
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters[(run, step)] = fut
-        await self.js.publish(
-            f"bench.task.{run}",
-            _dumps({"r": run, "s": step, "x": x}),
-            headers={"Nats-Msg-Id": f"{run}.{step}"},
+        await self.transport.publish(
+            f"bench.task.{run}", _dumps({"r": run, "s": step, "x": x}), f"{run}.{step}"
         )
         return await fut
 
     async def _begin(self, shape: str, n: int) -> str:
         run = uuid.uuid4().hex[:16]
-        await self.kv.put(run, _dumps({"phase": "Running", "shape": shape, "n": n}))
+        await self.transport.put(run, _dumps({"phase": "Running", "shape": shape, "n": n}))
         return run
 
     async def chain(self, n: int, x: int = 0) -> int:
@@ -145,7 +175,7 @@ class Baseline:
         run = await self._begin("chain", n)
         for step in range(n):
             x = await self._step(run, step, x)
-        await self.kv.put(run, _dumps({"phase": "Succeeded", "output": x}))
+        await self.transport.put(run, _dumps({"phase": "Succeeded", "output": x}))
         return x
 
     async def fan(self, n: int, window: int | None = None, *, summary: bool = False) -> Any:
@@ -162,24 +192,24 @@ class Baseline:
 
         outputs = list(await asyncio.gather(*(item(i) for i in range(n))))
         result: Any = len(outputs) if summary else outputs
-        await self.kv.put(run, _dumps({"phase": "Succeeded", "output": result}))
+        await self.transport.put(run, _dumps({"phase": "Succeeded", "output": result}))
         return result
 
 
 # ---------------------------------------------------------------------- worker
 
 
-async def serve_worker(url: str, concurrency: int) -> None:
+async def serve_worker(url: str, concurrency: int, transport: str = "nats-py") -> None:
     """The baseline's worker process: x -> x + 1, result durable before the task's ack."""
     import nats
 
     nc = await nats.connect(url, max_reconnect_attempts=-1, name="bench-baseline-worker")
-    js = nc.jetstream()
+    out_path = Transport(nc, transport)
 
     async def handle(msg: Any) -> None:
         d = json.loads(msg.data)
         out = _dumps({"r": d["r"], "s": d["s"], "y": d["x"] + 1})
-        await js.publish(f"bench.result.{d['r']}", out, headers={"Nats-Msg-Id": f"{d['r']}.{d['s']}.res"})
+        await out_path.publish(f"bench.result.{d['r']}", out, f"{d['r']}.{d['s']}.res")
         await msg.ack()
 
     consumer = PullConsumer(nc, TASKS_STREAM, WORKER_CONSUMER, handle, concurrency=concurrency)
@@ -201,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("role", choices=["worker"])
     parser.add_argument("url")
     parser.add_argument("--concurrency", type=int, default=1024)
+    parser.add_argument("--transport", choices=TRANSPORTS, default="nats-py")
     args = parser.parse_args(argv)
-    asyncio.run(serve_worker(args.url, args.concurrency))
+    asyncio.run(serve_worker(args.url, args.concurrency, args.transport))
     return 0
 
 

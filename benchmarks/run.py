@@ -385,7 +385,7 @@ class Processes:
         (proc,) = self.agents.start(agent, HERE)
         return proc.proc.pid
 
-    def start_worker(self, url: str) -> int:
+    def start_worker(self, url: str, transport: str) -> int:
         with open(self.log_dir / "baseline-worker.log", "ab") as out:
             self.worker = subprocess.Popen(
                 [
@@ -395,6 +395,8 @@ class Processes:
                     url,
                     "--concurrency",
                     str(WORKER_CONCURRENCY),
+                    "--transport",
+                    transport,
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -485,7 +487,7 @@ async def bench(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
         await ensure_agent_consumer(js, NAMESPACE, AGENT_NAME)
         await baseline.ensure_infrastructure(base_nc.jetstream())
         agent_pid = procs.start_agent(server.url)
-        worker_pid = procs.start_worker(server.url)
+        worker_pid = procs.start_worker(server.url, args.baseline_transport)
         assert procs.agents is not None and procs.worker is not None
         agent_proc = procs.agents.procs[0].proc
         await wait_for_puller(js, TASKS_STREAM, consumer_name(NAMESPACE, AGENT_NAME), agent_proc.poll)
@@ -500,7 +502,7 @@ async def bench(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
                 wf = compile_workflow(shape.workflow, workflow_spec(shape), NAMESPACE)
                 workflows[shape.workflow] = wf
                 await engine.publish_definition(wf)
-        orch = baseline.Baseline(base_nc, concurrency=WORKER_CONCURRENCY)
+        orch = baseline.Baseline(base_nc, concurrency=WORKER_CONCURRENCY, transport=args.baseline_transport)
         await orch.start()
 
         runners = {"cadenza": CadenzaSystem(engine, workflows), "baseline": BaselineSystem(orch)}
@@ -545,6 +547,7 @@ async def bench(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
             "reps_per_round": {s.name: reps(s) for s in shapes},
             "block_order": order_log,
             "worker_concurrency": WORKER_CONCURRENCY,
+            "baseline_transport": args.baseline_transport,
             "measure_wall_s": wall,
             "started": started,
             "python": platform.python_version(),
@@ -588,6 +591,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the agent/worker/server logs and print where"
     )
+    parser.add_argument(
+        "--baseline-transport",
+        choices=baseline.TRANSPORTS,
+        default="nats-py",
+        help="how the baseline publishes: nats-py's js.publish/kv.put (the reference's; the targets' "
+        "baseline) or cadenza's Publisher (the engine's own path: the ratio then measures engine logic only)",
+    )
     args = parser.parse_args(argv)
     if args.shapes is None:
         args.shapes = ",".join(s.name for s in SHAPES.values() if not (args.quick and s.heavy))
@@ -623,6 +633,11 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop(keep_logs=args.keep_logs)
         if args.keep_logs:
             log(f"logs kept in {procs.log_dir}")
+    if args.baseline_transport != "nats-py":
+        print(
+            f"baseline transport: {args.baseline_transport} (the targets are set against the nats-py "
+            "baseline; this one isolates the engine's logic)"
+        )
     print(table(doc["shapes"]))
     if args.output:
         Path(args.output).write_text(json.dumps(doc, indent=2) + "\n")

@@ -60,3 +60,40 @@ def test_quick_benchmark_writes_ratio_table(tmp_path: Path) -> None:
     # Everything the benchmark started is gone once it returns.
     leftovers = {name: pid for name, pid in doc["meta"]["processes"].items() if _alive(pid)}
     assert not leftovers, f"processes left running: {leftovers}"
+
+
+def test_baseline_on_the_engines_transport(tmp_path: Path) -> None:
+    """`--baseline-transport cadenza`: the baseline alone, publishing through cadenza's Publisher.
+
+    The baseline checks every run's result (a chain ends at n), so this fails if that
+    publish path loses or garbles a message.
+    """
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--shapes",
+            "chain10,fan100",
+            "--systems",
+            "baseline",
+            "--baseline-transport",
+            "cadenza",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "baseline transport: cadenza" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["baseline_transport"] == "cadenza"
+    assert {name: doc["shapes"][name]["baseline"]["n"] >= 1 for name in ("chain10", "fan100")} == {
+        "chain10": True,
+        "fan100": True,
+    }
