@@ -579,6 +579,31 @@ def test_external_nats_mounts_the_credentials() -> None:
         assert mount["readOnly"] is True
 
 
+def test_agents_get_their_own_nats_credentials_or_the_operators() -> None:
+    """The operator tells agent Deployments which Secret to mount (it never reads it)."""
+    values = scenario_values("external-nats")
+    env = env_of(operator_container(render(values)))
+    secret = values["nats"]["credentialsSecret"]
+    assert (env["CADENZA_AGENT_NATS_CREDS_SECRET"], env["CADENZA_AGENT_NATS_CREDS_KEY"]) == (
+        secret["name"],
+        secret["key"],
+    )
+
+    own = {
+        **values,
+        "nats": {**values["nats"], "agentCredentialsSecret": {"name": "agents-nats", "key": "a.creds"}},
+    }
+    env = env_of(operator_container(render(own)))
+    assert (env["CADENZA_AGENT_NATS_CREDS_SECRET"], env["CADENZA_AGENT_NATS_CREDS_KEY"]) == (
+        "agents-nats",
+        "a.creds",
+    )
+    assert env["CADENZA_NATS_CREDS"].endswith(secret["key"])  # the operator keeps its own
+
+    env = env_of(operator_container(render(scenario_values("default"))))
+    assert "CADENZA_AGENT_NATS_CREDS_SECRET" not in env and "CADENZA_NATS_CREDS" not in env
+
+
 def test_nats_must_be_bundled_or_given() -> None:
     with pytest.raises(helm.HelmRenderError, match=r"nats\.url is required when nats\.enabled is false"):
         render({"nats": {"enabled": False}})

@@ -210,6 +210,20 @@ async def test_agent_becomes_a_deployment_with_owner_env_and_security(
     assert conditions["Degraded"]["status"] == "False"
 
 
+async def test_agents_mount_the_nats_credentials_the_operator_is_told_of(
+    kube_emulator: KubeEmulator, cadenza_crds: Any, fresh_nats: NatsServer
+) -> None:
+    async with running_operator(
+        kube_emulator, fresh_nats.url, agent_nats_creds_secret="agents-nats", agent_nats_creds_key="a.creds"
+    ):
+        kube_emulator.create_object(AGENTS, manifest("Agent", "vault", {"image": "registry.example/a:1"}))
+        deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "vault-agent"), timeout=20)
+    pod = deployment["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "nats-creds")
+    assert volume["secret"]["secretName"] == "agents-nats"
+    assert _env(deployment)["CADENZA_NATS_CREDS"] == "/etc/cadenza/nats/a.creds"
+
+
 async def test_agent_spec_change_updates_the_deployment(
     kube_emulator: KubeEmulator, operator: RunningOperator
 ) -> None:

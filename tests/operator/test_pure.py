@@ -496,3 +496,40 @@ def test_every_setting_is_documented() -> None:
     }
     fields = {f.name for f in dataclasses.fields(OperatorSettings)}
     assert fields == documented
+
+
+def test_nats_credentials_secret_is_mounted_read_only_and_named_in_the_env() -> None:
+    agent = _agent(env=[{"name": "EXTRA", "value": "1"}])
+    plain = builders.build_deployment(agent, nats_url="n", replicas=1)["spec"]["template"]["spec"]
+    assert "CADENZA_NATS_CREDS" not in {e["name"] for e in plain["containers"][0]["env"]}
+    assert [v["name"] for v in plain["volumes"]] == ["tmp"]
+
+    pod = builders.build_deployment(agent, nats_url="n", replicas=1, nats_creds=("agents-nats", "a.creds"))[
+        "spec"
+    ]["template"]["spec"]
+    (container,) = pod["containers"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "nats-creds")
+    assert volume["secret"] == {
+        "secretName": "agents-nats",
+        "defaultMode": 0o440,
+        "items": [{"key": "a.creds", "path": "a.creds"}],
+    }
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "nats-creds")
+    assert mount["readOnly"] is True
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["CADENZA_NATS_CREDS"] == f"{mount['mountPath']}/a.creds"
+    assert env["EXTRA"] == "1"
+    # A changed Secret is a changed Deployment: the operator patches it in place.
+    other = builders.build_deployment(agent, nats_url="n", replicas=1, nats_creds=("other", "a.creds"))
+    this = builders.build_deployment(agent, nats_url="n", replicas=1, nats_creds=("agents-nats", "a.creds"))
+    assert builders.spec_hash(other) != builders.spec_hash(this)
+
+
+def test_agent_nats_credentials_settings() -> None:
+    assert OperatorSettings.from_env({}).agents_nats_creds is None
+    settings = OperatorSettings.from_env({"CADENZA_AGENT_NATS_CREDS_SECRET": "agents-nats"})
+    assert settings.agents_nats_creds == ("agents-nats", "nats.creds")
+    settings = OperatorSettings.from_env(
+        {"CADENZA_AGENT_NATS_CREDS_SECRET": "agents-nats", "CADENZA_AGENT_NATS_CREDS_KEY": "a.creds"}
+    )
+    assert settings.agents_nats_creds == ("agents-nats", "a.creds")

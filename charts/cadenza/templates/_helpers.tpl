@@ -130,3 +130,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- fail "operator.replicas > 1 requires operator.peering.enabled=true: without kopf peering every replica would handle every resource" }}
 {{- end }}
 {{- end }}
+
+{{/* The credentials agent pods mount: agentCredentialsSecret, else credentialsSecret. */}}
+{{- define "cadenza.nats.agentCredsEnv" -}}
+{{- $agents := .Values.nats.agentCredentialsSecret }}
+{{- $secret := ternary $agents .Values.nats.credentialsSecret (ne $agents.name "") }}
+{{- with $secret.name }}
+- name: CADENZA_AGENT_NATS_CREDS_SECRET
+  value: {{ . | quote }}
+- name: CADENZA_AGENT_NATS_CREDS_KEY
+  value: {{ $secret.key | quote }}
+{{- end }}
+{{- end }}

@@ -155,7 +155,11 @@ async def apply_agent(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> N
         account = _adopted(builders.build_service_account(agent), owner)
         await apply_object(ctx.api, account, "serviceaccounts", owner)
     deployment = builders.build_deployment(
-        agent, nats_url=ctx.settings.agents_nats_url, replicas=replicas, log_format=ctx.settings.log_format
+        agent,
+        nats_url=ctx.settings.agents_nats_url,
+        replicas=replicas,
+        log_format=ctx.settings.log_format,
+        nats_creds=ctx.settings.agents_nats_creds,
     )
     await apply_object(ctx.api, _adopted(deployment, owner), "deployments", owner)
 

@@ -21,6 +21,9 @@ RUNNER_USER = 65532
 
 Manifest = dict[str, Any]
 
+NATS_CREDS_DIR = "/etc/cadenza/nats"
+"""Where agent pods mount the NATS credentials Secret (the chart mounts the operator's there too)."""
+
 
 class SpecError(ValueError):
     """An Agent spec that cannot become a Deployment; `path` names the field."""
@@ -56,7 +59,9 @@ def service_account_name(agent: Agent) -> str:
     return agent.spec.serviceAccountName or resource_name(agent)
 
 
-def agent_env(agent: Agent, *, nats_url: str, log_format: str = "json") -> list[dict[str, str]]:
+def agent_env(
+    agent: Agent, *, nats_url: str, log_format: str = "json", nats_creds: tuple[str, str] | None = None
+) -> list[dict[str, str]]:
     """The agent's environment: the SDK's connection settings, then the spec's own `env`
     (which may override them on purpose, e.g. a different NATS URL for one agent)."""
     base = {
@@ -70,6 +75,8 @@ def agent_env(agent: Agent, *, nats_url: str, log_format: str = "json") -> list[
         "HOME": "/tmp",
         "PYTHONUNBUFFERED": "1",
     }
+    if nats_creds is not None:
+        base["CADENZA_NATS_CREDS"] = f"{NATS_CREDS_DIR}/{nats_creds[1]}"
     for var in agent.spec.env:
         base[var.name] = var.value
     return [{"name": k, "value": v} for k, v in base.items()]
@@ -105,9 +112,17 @@ def build_service_account(agent: Agent) -> Manifest:
     }
 
 
-def build_deployment(agent: Agent, *, nats_url: str, replicas: int, log_format: str = "json") -> Manifest:
+def build_deployment(
+    agent: Agent,
+    *,
+    nats_url: str,
+    replicas: int,
+    log_format: str = "json",
+    nats_creds: tuple[str, str] | None = None,
+) -> Manifest:
     """The Deployment running an Agent's replicas; `replicas` is decided by the caller
-    (the spec, or the autoscaler when `spec.autoscaling` is set)."""
+    (the spec, or the autoscaler when `spec.autoscaling` is set). `nats_creds` is the
+    (Secret name, key) of a NATS credentials file to mount, when NATS wants one."""
     if not agent.spec.image:
         raise SpecError("spec.image", "an Agent needs an image to run in a cluster")
     name = agent.metadata.name
@@ -115,7 +130,7 @@ def build_deployment(agent: Agent, *, nats_url: str, replicas: int, log_format: 
     container: Manifest = {
         "name": "agent",
         "image": agent.spec.image,
-        "env": agent_env(agent, nats_url=nats_url, log_format=log_format),
+        "env": agent_env(agent, nats_url=nats_url, log_format=log_format, nats_creds=nats_creds),
         "securityContext": container_security_context(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
@@ -135,6 +150,18 @@ def build_deployment(agent: Agent, *, nats_url: str, replicas: int, log_format: 
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
     }
+    if nats_creds is not None:
+        secret, key = nats_creds
+        container["volumeMounts"].append(
+            {"name": "nats-creds", "mountPath": NATS_CREDS_DIR, "readOnly": True}
+        )
+        pod_spec["volumes"].append(
+            {
+                "name": "nats-creds",
+                # 0440 and the pod's fsGroup: readable by the agent's user, by no one else.
+                "secret": {"secretName": secret, "defaultMode": 0o440, "items": [{"key": key, "path": key}]},
+            }
+        )
     if not agent.spec.serviceAccountName:
         # Our own ServiceAccount has no API permissions: mount no token. A user-chosen
         # account decides for itself (it may be there precisely for its token).

@@ -34,6 +34,16 @@ class OperatorSettings:
     `nats_url`; set it when agents reach NATS by another address than the operator (e.g.
     another namespace's Service name, or a leaf node)."""
 
+    agent_nats_creds_secret: str = ""
+    """CADENZA_AGENT_NATS_CREDS_SECRET: a Secret holding a NATS credentials file for agents.
+    Every agent pod mounts it read-only under /etc/cadenza/nats, and CADENZA_NATS_CREDS
+    points the SDK at the file. A pod mounts Secrets of its own namespace only: the Secret
+    must exist in each namespace that has Agents. The operator never reads it. Empty
+    means agents connect without credentials."""
+
+    agent_nats_creds_key: str = "nats.creds"
+    """CADENZA_AGENT_NATS_CREDS_KEY: the key of the credentials file in that Secret."""
+
     watch_namespaces: tuple[str, ...] = ()
     """CADENZA_WATCH_NAMESPACES: comma-separated namespaces to serve; empty serves the
     whole cluster. Namespaced mode lets the operator run with Roles instead of a
@@ -90,6 +100,13 @@ class OperatorSettings:
         return self.agent_nats_url or self.nats_url
 
     @property
+    def agents_nats_creds(self) -> tuple[str, str] | None:
+        """(Secret name, key) of the credentials agents mount, or None."""
+        if not self.agent_nats_creds_secret:
+            return None
+        return self.agent_nats_creds_secret, self.agent_nats_creds_key
+
+    @property
     def clusterwide(self) -> bool:
         return not self.watch_namespaces
 
@@ -118,6 +135,8 @@ class OperatorSettings:
         text("CADENZA_NATS_URL", "nats_url")
         text("CADENZA_NATS_CREDS", "nats_creds")
         text("CADENZA_AGENT_NATS_URL", "agent_nats_url")
+        text("CADENZA_AGENT_NATS_CREDS_SECRET", "agent_nats_creds_secret")
+        text("CADENZA_AGENT_NATS_CREDS_KEY", "agent_nats_creds_key")
         text("CADENZA_LOG_FORMAT", "log_format")
         text("POD_ID", "peer_id")
         if "CADENZA_PEERING" in env:  # set but empty means standalone, not the default name
