@@ -366,6 +366,29 @@ async def test_workflow_failing_the_model_names_the_field(
 # ------------------------------------------------------------------- WorkflowRuns
 
 
+async def test_editing_a_started_workflowrun_is_refused_with_an_event(
+    kube_emulator: KubeEmulator, operator: RunningOperator, hello_agents: AgentProcesses
+) -> None:
+    await _apply_hello(kube_emulator, operator, hello_agents)
+    kube_emulator.create_object(
+        WORKFLOWRUNS,
+        manifest("WorkflowRun", "hello-edit", {"workflowRef": "hello", "input": {"name": "Ada"}}),
+    )
+    await wait_for(lambda: status_of(kube_emulator, WORKFLOWRUNS, "hello-edit").get("runId"), timeout=30)
+    kube_emulator.patch_object(WORKFLOWRUNS, NAMESPACE, "hello-edit", {"spec": {"input": {"name": "Bob"}}})
+
+    event = await wait_for(
+        lambda: next(
+            (e for e in events_for(kube_emulator, "hello-edit") if e["reason"] == "SpecChangeIgnored"), None
+        ),
+        timeout=20,
+    )
+    assert event["type"] == "Warning"
+    assert event["message"].startswith("spec.input changed after the WorkflowRun was created")
+    status = await wait_for(_phase(kube_emulator, "hello-edit", "Succeeded"), timeout=30)
+    assert status["outputs"]["greeting"] == "Hello, Ada!"  # the spec it was created with
+
+
 async def test_workflowrun_succeeds_with_status_mirrored_and_bounded_api_writes(
     kube_emulator: KubeEmulator,
     operator: RunningOperator,

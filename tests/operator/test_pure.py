@@ -533,3 +533,54 @@ def test_agent_nats_credentials_settings() -> None:
         {"CADENZA_AGENT_NATS_CREDS_SECRET": "agents-nats", "CADENZA_AGENT_NATS_CREDS_KEY": "a.creds"}
     )
     assert settings.agents_nats_creds == ("agents-nats", "a.creds")
+
+
+def _workflowrun_body(spec: dict[str, Any]) -> Any:
+    import kopf
+
+    return kopf.Body(
+        {"apiVersion": "cadenza.dev/v1alpha1", "kind": "WorkflowRun", "metadata": {"name": "r"}, "spec": spec}
+    )
+
+
+def test_kopfs_copy_of_a_workflowrun_keeps_a_digest_of_the_input_not_the_input() -> None:
+    from cadenza_operator.kube.main import CompactDiffBase
+
+    storage = CompactDiffBase(prefix="operator.cadenza.dev", key="last-handled-configuration")
+    big = {"texts": [f"item number {i}" for i in range(10_000)]}
+    essence = storage.build(body=_workflowrun_body({"workflowRef": "w", "input": big}))
+    assert essence["spec"]["workflowRef"] == "w"
+    assert len(json.dumps(essence)) < 200  # the annotation stays small whatever the input
+    same = storage.build(body=_workflowrun_body({"workflowRef": "w", "input": dict(big)}))
+    edited = storage.build(body=_workflowrun_body({"workflowRef": "w", "input": {**big, "extra": 1}}))
+    none = storage.build(body=_workflowrun_body({"workflowRef": "w"}))
+    assert essence == same
+    assert essence not in (edited, none)
+
+
+async def test_spec_edits_are_reported_but_not_a_configuration_stored_before_digests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cadenza_operator.kube import runs
+
+    posted: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        runs.events, "warning", lambda body, reason, message: posted.append((reason, message))
+    )
+    body = _workflowrun_body({"workflowRef": "w"})
+    digest = {"sha256": "0123456789abcdef"}
+
+    # Stored by the previous version (no input digest): an upgrade, not an edit.
+    await runs.workflowrun_spec_changed(
+        body=body, old={"workflowRef": "w"}, new={"workflowRef": "w", "input": digest}
+    )
+    assert posted == []
+
+    await runs.workflowrun_spec_changed(
+        body=body,
+        old={"workflowRef": "w", "input": digest},
+        new={"workflowRef": "v", "input": {"sha256": "f" * 16}},
+    )
+    ((reason, message),) = posted
+    assert reason == "SpecChangeIgnored"
+    assert message.startswith("spec.input, spec.workflowRef changed after the WorkflowRun was created")

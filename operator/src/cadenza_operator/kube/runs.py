@@ -182,6 +182,25 @@ async def workflowrun_cancel(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
     log.info("run cancelled on deletion", run=run_id, workflowrun=body.metadata.name)
 
 
+async def workflowrun_spec_changed(body: kopf.Body, old: Any, new: Any, **_: Any) -> None:
+    """update of spec: a run goes on with the spec it was created with. Say so, where
+    `kubectl describe` shows it, instead of ignoring the edit in silence."""
+    before, after = dict(old or {}), dict(new or {})
+    if "input" not in before:
+        # Stored by an operator version that kept no digest of the input: not an edit.
+        after.pop("input", None)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if not changed:
+        return
+    fields = ", ".join(f"spec.{k}" for k in changed)
+    message = (
+        f"{fields} changed after the WorkflowRun was created: ignored, the run goes on with the "
+        "spec it was created with. Create a new WorkflowRun to run the new spec."
+    )
+    events.warning(body, "SpecChangeIgnored", message)
+    log.warning("workflowrun spec change ignored", workflowrun=body.metadata.name, fields=fields)
+
+
 def workflowrun_index(body: kopf.Body, **_: Any) -> dict[tuple[str, str], RunRecord]:
     """index: WorkflowRuns by (namespace, workflow), for Workflow status and run history."""
     meta, spec = body.metadata, dict(body.spec or {})
@@ -207,6 +226,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     kopf.on.field(*WORKFLOWRUNS, registry=registry, field=("metadata", "annotations", REJECT_ANNOTATION))(
         workflowrun_reject
     )
+    kopf.on.update(*WORKFLOWRUNS, registry=registry, field="spec")(workflowrun_spec_changed)
     kopf.on.delete(*WORKFLOWRUNS, registry=registry)(workflowrun_cancel)
     kopf.index(*WORKFLOWRUNS, registry=registry)(workflowrun_index)
 
