@@ -26,18 +26,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_quick_benchmark_writes_ratio_table(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+def _bench(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`benchmarks/run.py --quick ARGS --output OUT`, which must succeed."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "run.py"),
-            "--quick",
-            "--shapes",
-            "chain10",
-            "--output",
-            str(out),
-        ],
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", *args, "--output", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -45,6 +37,12 @@ def test_quick_benchmark_writes_ratio_table(tmp_path: Path) -> None:
         stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_quick_benchmark_writes_ratio_table(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = _bench(out, "--shapes", "chain10")
     assert "chain10" in proc.stdout and "ratio" in proc.stdout  # the printed table
 
     doc = json.loads(out.read_text())
@@ -69,27 +67,9 @@ def test_baseline_on_the_engines_transport(tmp_path: Path) -> None:
     publish path loses or garbles a message.
     """
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "run.py"),
-            "--quick",
-            "--shapes",
-            "chain10,fan100",
-            "--systems",
-            "baseline",
-            "--baseline-transport",
-            "cadenza",
-            "--output",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
+    proc = _bench(
+        out, "--shapes", "chain10,fan100", "--systems", "baseline", "--baseline-transport", "cadenza"
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
     assert "baseline transport: cadenza" in proc.stdout
     doc = json.loads(out.read_text())
     assert doc["meta"]["baseline_transport"] == "cadenza"
