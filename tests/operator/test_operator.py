@@ -501,6 +501,21 @@ async def test_run_input_rejected_by_the_schema_fails_the_workflowrun(
     await wait_for(lambda: "InvalidInput" in reasons_for(kube_emulator, "hello-empty"))
 
 
+async def test_workflowrun_spec_its_model_rejects_fails_naming_the_field(
+    kube_emulator: KubeEmulator, operator: RunningOperator
+) -> None:
+    # The API server's schema would refuse this; the emulator stores it, so the
+    # operator's own check (the one `cadenza validate` makes) is what answers.
+    kube_emulator.create_object(
+        WORKFLOWRUNS, manifest("WorkflowRun", "typo", {"workflowRef": "hello", "inptu": {"name": "Ada"}})
+    )
+    status = await wait_for(_phase(kube_emulator, "typo", "Failed"), timeout=20)
+    assert status["message"] == "spec.inptu: unknown field"
+    (failed,) = status["conditions"]
+    assert (failed["type"], failed["status"], failed["reason"]) == ("Succeeded", "False", "InvalidSpec")
+    await wait_for(lambda: "InvalidSpec" in reasons_for(kube_emulator, "typo"))
+
+
 async def test_workflowrun_waits_for_its_workflow(
     kube_emulator: KubeEmulator, operator: RunningOperator
 ) -> None:

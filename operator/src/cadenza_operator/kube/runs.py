@@ -19,20 +19,19 @@ from typing import Any, NoReturn
 
 import kopf
 import structlog
-from pydantic import ValidationError
 
 from .. import metrics
 from ..engine.client import send_approval, send_cancel
 from ..engine.definition import CompiledWorkflow
 from ..engine.runtime import InputError
 from ..engine.state import TERMINAL_RUN, RunState
-from ..manifests import loc_path
 from ..models import API_GROUP, API_VERSION, GROUP_VERSION, WorkflowRun
 from . import events
 from .api import ApiError, path_of, workflowrun_path
 from .context import OperatorContext, context_of
 from .feed import RunFollower
 from .settings import OperatorSettings
+from .specs import InvalidSpec, load_resource
 from .status import RunRecord, condition, merge_patch_apply, merge_patch_diff, phases_of_status, run_status
 
 log = structlog.get_logger("cadenza.operator")
@@ -130,7 +129,10 @@ async def workflowrun_start(
     status = dict(body.status or {})
     if status.get("phase") in TERMINAL_RUN or (body.metadata.annotations or {}).get(RUN_ID_ANNOTATION):
         return  # finished, or a mirror of a run that a trigger started
-    run = _parse(body, patch)
+    try:
+        run = load_resource(WorkflowRun, body)
+    except InvalidSpec as exc:
+        _fail(body, patch, "InvalidSpec", str(exc))
     run_id = run_id_of(body)
     if await ctx.engine.get_run(run_id) is not None:
         return  # started before an operator restart; the mirror daemon follows it
@@ -232,20 +234,6 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
 
 
 # ------------------------------------------------------------------------ helpers
-
-
-def _parse(body: kopf.Body, patch: kopf.Patch) -> WorkflowRun:  # type: ignore[return]
-    meta = body.metadata
-    document = {
-        "metadata": {"name": meta.name, "namespace": meta.namespace or "default"},
-        "spec": dict(body.spec),
-    }
-    try:
-        return WorkflowRun.model_validate(document)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        _fail(body, patch, "InvalidSpec", f"{loc_path(err['loc'])}: {message}")
 
 
 def _fail(body: kopf.Body, patch: kopf.Patch, reason: str, message: str) -> NoReturn:

@@ -22,10 +22,17 @@ from .status import condition, with_transition_times
 M = TypeVar("M", bound=BaseModel)
 
 
-def parse_resource(
-    model: type[M], body: kopf.Body, patch: kopf.Patch, *, condition_type: str, reason: str = "InvalidSpec"
-) -> M:
-    """`model` (Agent, Workflow, WorkflowRun) from the body, or the invalid-spec report."""
+class InvalidSpec(ValueError):
+    """A spec its model rejects; `path` names the field."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+def load_resource(model: type[M], body: kopf.Body) -> M:
+    """`model` (Agent, Workflow, WorkflowRun) from the body; InvalidSpec names the first bad field."""
     meta = body.metadata
     document = {
         "metadata": {"name": meta.name, "namespace": meta.namespace or "default"},
@@ -36,7 +43,17 @@ def parse_resource(
     except ValidationError as exc:
         err = exc.errors()[0]
         message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        invalid_spec(body, patch, loc_path(err["loc"]), message, condition_type=condition_type, reason=reason)
+        raise InvalidSpec(loc_path(err["loc"]), message) from None
+
+
+def parse_resource(
+    model: type[M], body: kopf.Body, patch: kopf.Patch, *, condition_type: str, reason: str = "InvalidSpec"
+) -> M:
+    """`model` from the body, or the invalid-spec report (a condition, an Event, no retry)."""
+    try:
+        return load_resource(model, body)
+    except InvalidSpec as exc:
+        invalid_spec(body, patch, exc.path, exc.message, condition_type=condition_type, reason=reason)
 
 
 def invalid_spec(
