@@ -10,10 +10,17 @@ from typing import Any
 from cadenza_operator.local.runner import RunOptions, execute
 from cadenza_operator.manifests import load
 
+from ..kube.fixtures import wait_for
+
 
 def unique_namespace() -> str:
     """Each test gets its own namespace: subjects and consumers never mix across tests."""
     return f"t{uuid.uuid4().hex[:8]}"
+
+
+async def pid_in(marker: Path, timeout: float = 30) -> int:
+    """The pid an agent wrote to `marker` when it took its task (the test's cue to act)."""
+    return int(await wait_for(lambda: marker.exists() and marker.read_text(), timeout=timeout))
 
 
 def write_project(root: Path, agents_py: str, manifests: str) -> Path:

@@ -24,7 +24,7 @@ from cadenza_operator.manifests import load
 from prometheus_client import REGISTRY
 
 from ..conftest import cadenza
-from .harness import agent_manifest, run_project, unique_namespace, write_project
+from .harness import agent_manifest, pid_in, run_project, unique_namespace, write_project
 
 AGENTS = """
 import asyncio, os, time
@@ -129,11 +129,7 @@ spec:
 """),
     )
     run = asyncio.create_task(run_project(root, fresh_nats.url, input={"marker": str(marker)}))
-    for _ in range(300):
-        if marker.exists() and marker.read_text():
-            break
-        await asyncio.sleep(0.1)
-    frozen = int(marker.read_text())
+    frozen = await pid_in(marker)
     os.kill(frozen, signal.SIGSTOP)  # alive, holding the task, silent
     try:
         summary, code = await asyncio.wait_for(run, 60)

@@ -11,7 +11,7 @@ from pathlib import Path
 from cadenza_operator.engine.audit import read_audit
 from cadenza_operator.local.nats_server import NatsServer
 
-from .harness import agent_manifest, run_project, unique_namespace, write_project
+from .harness import agent_manifest, pid_in, run_project, unique_namespace, write_project
 
 AGENTS = """
 import os, sys, time
@@ -133,11 +133,7 @@ async def test_sigkilled_agent_task_is_redelivered_and_applied_once(
             namespace=namespace,
         )
     )
-    for _ in range(300):
-        if marker.exists() and marker.read_text():
-            break
-        await asyncio.sleep(0.1)
-    victim = int(marker.read_text())
+    victim = await pid_in(marker)
     os.kill(victim, signal.SIGKILL)
     summary, code = await asyncio.wait_for(run, 60)
     assert code == 0, summary
@@ -190,11 +186,7 @@ spec:
 """,
     )
     run = asyncio.create_task(run_project(root, nats_server.url, input={"marker": str(marker)}))
-    for _ in range(300):
-        if marker.exists() and marker.read_text():
-            break
-        await asyncio.sleep(0.05)
-    stopping = int(marker.read_text())
+    stopping = await pid_in(marker)
     os.kill(stopping, signal.SIGTERM)
     summary, code = await asyncio.wait_for(run, 60)
     assert code == 0, summary
