@@ -34,10 +34,9 @@ from ._protocol import (
     dumps,
     event_subject,
     loads,
-    task_subject,
 )
 from ._publish import Publisher
-from ._pull import PullConsumer
+from ._pull import PullConsumer, agent_consumer_config
 from ._task import Task
 
 Handler = Callable[[Task], Any]
@@ -289,19 +288,9 @@ class Agent:
         agent that starts first still work. An existing one is left alone: updating a
         consumer drops the pull requests of the replicas already waiting on it.
         """
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
         from nats.js.errors import NotFoundError
 
-        config = ConsumerConfig(
-            durable_name=durable,
-            filter_subject=task_subject(ns, self.name),
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=ack_wait,
-            max_deliver=-1,
-            max_ack_pending=-1,
-            max_waiting=512,
-        )
+        config = agent_consumer_config(ns, self.name, ack_wait)
         while not stop.is_set():
             try:
                 await js.consumer_info(TASKS_STREAM, durable)

@@ -16,6 +16,28 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ._protocol import consumer_name, task_subject
+
+
+def agent_consumer_config(namespace: str, agent: str, ack_wait: float) -> Any:
+    """The durable pull consumer an Agent's replicas share (competing consumers).
+
+    Whoever comes first creates it, the engine, the operator or the agent itself:
+    all of them build it here, so it is the same consumer whoever made it.
+    """
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    return ConsumerConfig(
+        durable_name=consumer_name(namespace, agent),
+        filter_subject=task_subject(namespace, agent),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait,
+        max_deliver=-1,  # a task is retried by the engine's decisions, never dropped by JetStream
+        max_ack_pending=-1,
+        max_waiting=512,
+    )
+
 
 class PullConsumer:
     TASK_PREFIX = "cadenza-task:"

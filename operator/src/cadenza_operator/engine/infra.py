@@ -17,9 +17,8 @@ from cadenza._protocol import (
     RUNS_BUCKET,
     TASK_SUBJECTS,
     TASKS_STREAM,
-    consumer_name,
-    task_subject,
 )
+from cadenza._pull import agent_consumer_config
 from nats.js.errors import NotFoundError
 
 TIMERS_BUCKET = "cadenza_timers"  # run -> armed timers, watched by every engine
@@ -126,21 +125,7 @@ async def ensure_infrastructure(js: Any, replicas: int = 1, engine_ack_wait: flo
 
 async def ensure_agent_consumer(js: Any, namespace: str, agent: str, ack_wait: float = 30.0) -> None:
     """The durable pull consumer an Agent's replicas share (competing consumers)."""
-    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-    await js.add_consumer(
-        TASKS_STREAM,
-        ConsumerConfig(
-            durable_name=consumer_name(namespace, agent),
-            filter_subject=task_subject(namespace, agent),
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=ack_wait,
-            max_deliver=-1,
-            max_ack_pending=-1,
-            max_waiting=512,
-        ),
-    )
+    await js.add_consumer(TASKS_STREAM, agent_consumer_config(namespace, agent, ack_wait))
 
 
 async def _ensure_consumer(js: Any, stream: str, config: Any) -> None:
