@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from . import _payloads
+from ._connect import connect_until_stopped
 from ._context import KVContext
 from ._errors import TaskError
 from ._logging import configure_logging
@@ -108,7 +109,9 @@ class Agent:
         self.concurrency = concurrency
         self._handler: Handler | None = None
         self._inflight: dict[str, _InFlight] = {}
-        self.log = structlog.get_logger("cadenza.agent").bind(agent=name)
+        # Lazy: bound at first use, after agent.run() has configured logging (a .bind() here
+        # would keep structlog's unconfigured console output, even where JSON is wanted).
+        self.log = structlog.get_logger("cadenza.agent", agent=name)
 
     # ----------------------------------------------------------------- declaring
     def handler(self, fn: Handler) -> Handler:
@@ -138,8 +141,6 @@ class Agent:
 
     async def serve(self, settings: AgentSettings, stop: asyncio.Event | None = None) -> None:
         """Work until `stop` is set (or SIGTERM/SIGINT arrive when no `stop` is given)."""
-        import nats
-
         if settings.agent and settings.agent != self.name:
             raise ValueError(
                 f"CADENZA_AGENT={settings.agent!r} but this process defines Agent({self.name!r})"
@@ -150,7 +151,10 @@ class Agent:
         options: dict[str, Any] = {"name": f"agent:{self.name}:{socket.gethostname()}:{os.getpid()}"}
         if settings.nats_creds:
             options["user_credentials"] = settings.nats_creds
-        nc = await nats.connect(settings.nats_url, max_reconnect_attempts=-1, **options)
+        nc = await connect_until_stopped(settings.nats_url, stop, log=self.log, **options)
+        if nc is None:
+            self.log.info("agent stopped before reaching NATS", nats=settings.nats_url)
+            return
         js = nc.jetstream()
         pub = Publisher(nc)  # results and heartbeats: PubAcks awaited without a request each
         ns = settings.namespace
