@@ -11,8 +11,10 @@ import contextlib
 import os
 import signal
 import socket
+from typing import Any
 
 import structlog
+from cadenza._connect import connect_until_stopped
 
 from .runtime import Engine, EngineSettings
 
@@ -20,21 +22,31 @@ log = structlog.get_logger("cadenza.engine")
 
 
 async def serve(nats_url: str, name: str | None = None, creds: str | None = None) -> None:
-    import nats
-
+    """Serve until SIGTERM/SIGINT, which end it promptly whether NATS is up, down or was
+    never reached."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    options = {"user_credentials": creds} if creds else {}
+    options: dict[str, Any] = {"user_credentials": creds} if creds else {}
     name = name or f"engine-{socket.gethostname()}-{os.getpid()}"
-    nc = await nats.connect(nats_url, name=name, max_reconnect_attempts=-1, **options)
+    nc = await connect_until_stopped(nats_url, stop, log=log.bind(engine=name), name=name, **options)
+    if nc is None:
+        log.info("engine stopped before reaching NATS", nats=nats_url, engine=name)
+        return
     engine = Engine(nc, EngineSettings(name=name))
-    await engine.start()
-    log.info("engine serving", nats=nats_url, engine=name)
     try:
+        await engine.start()
+        log.info("engine serving", nats=nats_url, engine=name)
         await stop.wait()
     finally:
-        await engine.stop()
-        await nc.drain()
+        # With NATS gone, stopping consumers and draining wait for a reconnection that
+        # may never come: bound them, then close, so SIGTERM always ends the process.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(engine.stop(), 10)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.drain(), 5)
+        with contextlib.suppress(Exception):
+            await nc.close()
+        log.info("engine stopped", engine=name)
