@@ -1,7 +1,8 @@
 """The `cadenza` command line.
 
 Exit codes: 0 the run Succeeded (or the command worked); 1 the run Failed or was
-Cancelled; 2 invalid manifests or input, with a message naming file, object and field.
+Cancelled; 2 invalid manifests or input, with a message naming file, object and field;
+3 NATS could not be reached (`cannot reach NATS at URL: reason`, after one bounded attempt).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from rich.console import Console
 from .engine.infra import nats_options
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_UNREACHABLE = 3  # distinct from 1, so a script can tell a down NATS from a failed run
 
 
 def _parse_input(raw: str | None, paths: list[str]) -> Any:
@@ -164,9 +167,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _with_js(url: str, fn: Any) -> None:
-    import nats
+    from cadenza._connect import connect_once
 
-    nc = await nats.connect(url, **nats_options())
+    nc = await connect_once(url, **nats_options())
     try:
         await fn(nc.jetstream())
     finally:
@@ -327,13 +330,25 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--metrics-port", type=int, default=9090)
     dev.set_defaults(fn=cmd_dev)
 
+    def nats_option(cmd: argparse.ArgumentParser) -> None:
+        """--nats for a command that needs a running server; CADENZA_NATS_URL when absent,
+        as agents and the operator read it. (run and dev start their own unless --nats.)"""
+        env = os.environ.get("CADENZA_NATS_URL") or None
+        cmd.add_argument(
+            "--nats",
+            default=env,
+            required=env is None,
+            metavar="URL",
+            help="the NATS server (default: $CADENZA_NATS_URL)",
+        )
+
     def run_command(name: str, fn: Any, helptext: str, *positionals: str) -> argparse.ArgumentParser:
         """A command that talks to a running engine about one run, through NATS."""
         cmd = sub.add_parser(name, help=helptext)
         cmd.add_argument("run")
         for positional in positionals:
             cmd.add_argument(positional)
-        cmd.add_argument("--nats", required=True)
+        nats_option(cmd)
         cmd.add_argument("--namespace", default="default")
         cmd.set_defaults(fn=fn)
         return cmd
@@ -357,11 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     pub = sub.add_parser("publish", help="publish a JSON event on a subject (to exercise NATS triggers)")
     pub.add_argument("subject")
     pub.add_argument("payload", help="JSON")
-    pub.add_argument("--nats", required=True)
+    nats_option(pub)
     pub.set_defaults(fn=cmd_publish)
 
     eng = sub.add_parser("engine", help="run a standalone engine process against a NATS server")
-    eng.add_argument("--nats", required=True)
+    nats_option(eng)
     eng.add_argument("--name")
     eng.add_argument("--creds", help="NATS credentials file")
     eng.set_defaults(fn=cmd_engine)
@@ -381,7 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Logs go to stderr; the CLI's own output (and --output json) alone to stdout.
     configure_logging(level="INFO" if args.command in ("operator", "dev", "engine") else "WARNING")
-    code: int = args.fn(args)
+    from cadenza._connect import NatsUnreachable
+
+    try:
+        code: int = args.fn(args)
+    except NatsUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     return code
 
 

@@ -104,10 +104,10 @@ async def dev(bundle: Bundle, *, nats_url: str | None, metrics_port: int | None,
 
 
 async def publish(url: str, subject: str, payload: Any) -> None:
-    import nats
+    from cadenza._connect import connect_once
     from cadenza._protocol import dumps
 
-    nc = await nats.connect(url, **nats_options())
+    nc = await connect_once(url, **nats_options())
     try:
         await nc.jetstream().publish(subject, dumps(payload))
     finally:

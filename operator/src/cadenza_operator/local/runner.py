@@ -83,13 +83,12 @@ class LocalStack:
         return self._external or (self.server.url if self.server else "")
 
     async def start(self, agents: set[str]) -> Engine:
-        import nats
+        """Start everything; `NatsUnreachable` at once when a --nats server cannot be reached."""
+        from cadenza._connect import connect_once
 
         if self._external is None:
             self.server = await asyncio.to_thread(NatsServer(store_dir=str(self.log_dir / "jetstream")).start)
-        self.nc = await nats.connect(
-            self.url, max_reconnect_attempts=-1, name="cadenza-engine", **nats_options()
-        )
+        self.nc = await connect_once(self.url, name="cadenza-engine", **nats_options())
         js = self.nc.jetstream()
         await ensure_infrastructure(js)
         self.agents.nats_url = self.url
