@@ -89,7 +89,13 @@ class NatsServer:
             self.proc.kill()
             self.proc.wait()
 
-    def stop(self) -> None:
+    def restart(self, timeout: float = 15.0) -> NatsServer:
+        """Stop the server (SIGTERM, so JetStream flushes) and start it again on the same
+        port with the same store: for tests of clients that must survive a server restart."""
+        self._halt()
+        return self.start(timeout)
+
+    def _halt(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -98,6 +104,9 @@ class NatsServer:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+    def stop(self) -> None:
+        self._halt()
         if self._own_store:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 

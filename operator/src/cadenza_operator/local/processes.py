@@ -20,6 +20,9 @@ class AgentProcess:
     replica: int
     proc: subprocess.Popen[bytes]
     log_path: Path
+    spec: Agent | None = None  # what it was started from, to start it again
+    cwd: Path | None = None
+    restarts: int = 0
 
 
 @dataclass
@@ -58,22 +61,37 @@ class AgentProcesses:
         count = agent.spec.replicas if replicas is None else replicas
         for replica in range(max(1, count)):
             log_path = self.log_dir / f"{agent.metadata.name}-{replica}.log"
-            with open(log_path, "ab") as log:
-                proc = subprocess.Popen(
-                    self.command(agent),
-                    cwd=cwd,
-                    env=self.env(agent),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,  # its own group: killed as a whole
-                )
-            started.append(AgentProcess(agent.metadata.name, replica, proc, log_path))
+            proc = self._spawn(agent, cwd, log_path)
+            started.append(AgentProcess(agent.metadata.name, replica, proc, log_path, agent, cwd))
         self.procs += started
         return started
 
+    def _spawn(self, agent: Agent, cwd: Path, log_path: Path) -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                self.command(agent),
+                cwd=cwd,
+                env=self.env(agent),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own group: killed as a whole
+            )
+
     def dead(self) -> list[AgentProcess]:
         return [p for p in self.procs if p.proc.poll() is not None]
+
+    def restart_dead(self) -> list[AgentProcess]:
+        """Start again, in place, every replica that exited, as a Deployment's ReplicaSet
+        would: same Agent, same replica number, its log appended to."""
+        restarted = []
+        for p in self.dead():
+            if p.spec is None or p.cwd is None:
+                continue
+            p.proc = self._spawn(p.spec, p.cwd, p.log_path)
+            p.restarts += 1
+            restarted.append(p)
+        return restarted
 
     def stop(self, grace: float = 5.0) -> None:
         for p in self.procs:

@@ -1,0 +1,1 @@
+"""The seeded soak: many runs while engines, agents and nats-server are killed and restarted."""
