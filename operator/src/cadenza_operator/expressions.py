@@ -18,6 +18,16 @@ from typing import Any
 
 import cel
 
+from .expression_cost import (
+    MAX_EXPRESSION_COST,
+    MAX_EXPRESSION_LENGTH,
+    METER,
+    UNKNOWN_LIST_SIZE,
+    Meter,
+    instrument,
+    static_cost,
+)
+
 _WHOLE = re.compile(r"^\$\{\{\s*(.+?)\s*\}\}$", re.S)
 _PART = re.compile(r"\$\{\{\s*(.+?)\s*\}\}", re.S)
 _STEP_REF = re.compile(  # steps.name or steps['name']
@@ -50,6 +60,7 @@ class Expr:
     steps: frozenset[str]
     path: tuple[str, ...] | None = None  # a plain dotted path: `item`, `steps.a.output.x`
     steps_exact: bool = False  # every use of `steps` names a step: pass only those
+    metered: bool = False  # `program` calls METER at each comprehension step (expression_cost)
 
     def evaluate(self, env: Mapping[str, Any]) -> Any:
         # The CEL binding converts everything it is given on every call, so it gets only
@@ -66,20 +77,37 @@ class Expr:
         if self.steps_exact and "steps" in scope:
             all_steps = scope["steps"]
             scope["steps"] = {n: all_steps[n] for n in self.steps if n in all_steps}
+        meter = Meter() if self.metered else None
+        if meter is not None:
+            scope[METER] = meter
         try:
-            return _plain(self.program.execute(scope))
+            value = self.program.execute(scope)
         except Exception as exc:  # the library raises KeyError, ValueError, ZeroDivisionError...
+            if meter is not None and meter.exceeded:
+                raise self._too_costly() from None
             detail = f"no such key {exc}" if isinstance(exc, KeyError) else str(exc)
             raise ExpressionError(f"{self.source!r}: {detail}") from None
+        if meter is not None and meter.exceeded:  # stopped in an operand `||`/`&&` ignored
+            raise self._too_costly()
+        return _plain(value)
+
+    def _too_costly(self) -> ExpressionError:
+        return ExpressionError(
+            f"{self.source!r}: stopped after {MAX_EXPRESSION_COST:,} comprehension steps, the cost "
+            "budget of one evaluation (the lists it reads are too large for its nested comprehensions)"
+        )
 
 
 def compile_expr(source: str, path: str = "", allowed: frozenset[str] = VARIABLES) -> Expr:
-    """Compile a bare CEL expression, checking that it only names known variables."""
-    try:
-        program = cel.compile(source)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ExpressionError(f"expression {source!r} does not compile: {first}", path) from None
+    """Compile a bare CEL expression, checking that it only names known variables and
+    that its estimated cost is within budget (see expression_cost)."""
+    if len(source) > MAX_EXPRESSION_LENGTH:
+        raise ExpressionError(
+            f"expression {source[:40]!r}... is {len(source):,} characters long, more than the "
+            f"{MAX_EXPRESSION_LENGTH:,} allowed",
+            path,
+        )
+    program = _compile(source, path)
     names = frozenset(program.variables()) - frozenset(_MACRO_VAR.findall(source))
     unknown = sorted(names - allowed)
     if unknown:
@@ -93,7 +121,32 @@ def compile_expr(source: str, path: str = "", allowed: frozenset[str] = VARIABLE
     parts = tuple(source.split("."))
     plain = parts if _PATH.match(source) and parts[0] in allowed else None
     exact = len(refs) == len(_STEPS_WORD.findall(source))
-    return Expr(source, program, names, steps, plain, exact)
+    cost = static_cost(source)
+    if cost > MAX_EXPRESSION_COST:
+        raise ExpressionError(
+            f"expression {source!r} is too costly: an estimated {cost:,} comprehension steps or more, "
+            f"over the budget of {MAX_EXPRESSION_COST:,} (a list of unknown size counts as "
+            f"{UNKNOWN_LIST_SIZE} items); nest fewer comprehensions",
+            path,
+        )
+    metered = instrument(source)
+    if metered is not None:
+        program = _compile(metered, path, shown=source)
+    return Expr(source, program, names, steps, plain, exact, metered is not None)
+
+
+def _compile(source: str, path: str, shown: str | None = None) -> Any:
+    try:
+        return cel.compile(source)
+    except BaseException as exc:  # a panic in the Rust parser is a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if shown is not None:  # compiled as written, but not with a meter around each step
+            raise ExpressionError(
+                f"expression {shown!r} nests too deeply to be metered: {first}", path
+            ) from None
+        raise ExpressionError(f"expression {source!r} does not compile: {first}", path) from None
 
 
 @dataclass(frozen=True)
