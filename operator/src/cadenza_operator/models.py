@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 API_GROUP = "cadenza.dev"
 API_VERSION = "v1alpha1"
@@ -22,21 +22,108 @@ DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
+MAX_DURATION_DAYS = 3650
+"""The longest duration accepted. Every deadline and timer is `now + duration`, shown as a
+date in status and arithmetic on in the engine; unbounded, '9999999999999999999999d' (or
+400 digits: infinity) made times no datetime can hold."""
+
+CEL_RESERVED = frozenset(
+    {"false", "in", "null", "true"}  # CEL's literals and operator
+    | {"as", "break", "const", "continue", "else", "for", "function", "if", "import", "let"}
+    | {"loop", "package", "namespace", "return", "var", "void", "while"}  # reserved by the spec
+)
+"""Words CEL does not accept as a name: a step called `in` could never be read as `steps.in`."""
+
+OWN_SUBJECT_TOKENS = frozenset({"cadenza", "*", ">"})
+"""First tokens a trigger subject may not have: Cadenza's tasks, events and dead letters
+live under `cadenza.>`, and a subject starting with a wildcard could match them too."""
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration string ('1h30m' -> 5400.0). Raises ValueError when malformed
+    or longer than MAX_DURATION_DAYS."""
+    if not re.fullmatch(DURATION_PATTERN, text):
+        raise ValueError(f"invalid duration {text!r} (use e.g. 500ms, 30s, 5m, 1h)")
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+    if not seconds <= MAX_DURATION_DAYS * 86400:
+        raise ValueError(f"duration {text!r} is longer than the {MAX_DURATION_DAYS}d allowed")
+    return seconds
+
+
+def _bounded_duration(text: str) -> str:
+    parse_duration(text)
+    return text
+
+
 Duration = Annotated[
     str,
     Field(
         pattern=DURATION_PATTERN,
-        description="A duration such as 500ms, 30s, 5m, 1h or 1h30m.",
+        max_length=32,
+        description=f"A duration such as 500ms, 30s, 5m, 1h or 1h30m, at most {MAX_DURATION_DAYS}d.",
         examples=["30s"],
     ),
+    AfterValidator(_bounded_duration),
 ]
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in a duration string ('1h30m' -> 5400.0). Raises ValueError when malformed."""
-    if not re.fullmatch(DURATION_PATTERN, text):
-        raise ValueError(f"invalid duration {text!r} (use e.g. 500ms, 30s, 5m, 1h)")
-    return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+MAX_VALUE_DEPTH = 100
+"""How deeply a JSON value (a run input, a step input, an output mapping) may nest. The
+engine parses every event and run record with pydantic-core, which refuses JSON nested
+past 200 levels, and a value sits a few levels down inside them; Python's json module and
+PyYAML recurse and raise RecursionError near 1,000."""
+
+
+def nesting_error(value: Any, limit: int = MAX_VALUE_DEPTH) -> str | None:
+    """Why `value` nests too deeply (naming where), or None. Iterative, so that a value
+    nested 100,000 deep is measured without recursing."""
+    stack: list[tuple[Any, int, tuple[Any, ...] | None]] = [(value, 0, None)]
+    while stack:
+        node, depth, trail = stack.pop()
+        if depth > limit:
+            keys: list[Any] = []
+            while trail is not None:
+                key, trail = trail
+                keys.append(key)
+            shown = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in reversed(keys[-6:]))
+            return f"nested deeper than {limit} levels (at {shown}...)"
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1, (k, trail)) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1, (i, trail)) for i, v in enumerate(node))
+    return None
+
+
+def _shallow(value: Any) -> Any:
+    error = nesting_error(value)
+    if error is not None:
+        raise ValueError(error)
+    return value
+
+
+JsonValue = Annotated[Any, AfterValidator(_shallow)]
+"""Free-form JSON in a manifest, nested at most MAX_VALUE_DEPTH levels."""
+
+
+def _step_name(name: str) -> str:
+    if name in CEL_RESERVED:
+        raise ValueError(f"{name!r} is a reserved word in CEL: expressions could not read steps.{name}")
+    return name
+
+
+def _trigger_subject(subject: str) -> str:
+    tokens = subject.split(".")
+    if any(not t or any(c in t for c in " \t\r\n") for t in tokens):
+        raise ValueError(f"{subject!r} is not a NATS subject (dot-separated tokens, no spaces)")
+    if any((">" in t or "*" in t) and len(t) > 1 for t in tokens) or ">" in tokens[:-1]:
+        raise ValueError(f"{subject!r}: wildcards are whole tokens, and '>' only the last one")
+    if tokens[0] in OWN_SUBJECT_TOKENS:
+        raise ValueError(
+            f"{subject!r} would overlap Cadenza's own subjects (cadenza.>): start it with another token"
+        )
+    if tokens[0].startswith("$") or tokens[0] == "_INBOX":
+        raise ValueError(f"{subject!r} is a NATS system subject ($... or _INBOX.>)")
+    return subject
 
 
 class _Model(BaseModel):
@@ -139,7 +226,7 @@ class Backoff(_Model):
     """Exponential backoff between attempts, with jitter and a cap."""
 
     initial: Duration = Field("1s", description="Delay before the second attempt.")
-    factor: float = Field(2.0, ge=1.0, description="Multiplier applied for each further attempt.")
+    factor: float = Field(2.0, ge=1.0, le=10.0, description="Multiplier applied for each further attempt.")
     max: Duration = Field("5m", description="Upper bound on any single delay.")
     jitter: float = Field(
         0.2, ge=0.0, le=1.0, description="Fraction of each delay randomised (deterministically per attempt)."
@@ -178,7 +265,10 @@ class WaitForSpec(_Model):
 class Step(_Model):
     """One node of the workflow graph."""
 
-    name: str = Field(pattern=STEP_NAME_PATTERN, description="Unique step name, usable in expressions.")
+    name: Annotated[str, AfterValidator(_step_name)] = Field(
+        pattern=STEP_NAME_PATTERN,
+        description="Unique step name, usable in expressions (not a CEL reserved word such as `in`).",
+    )
     agent: str | None = Field(None, description="Agent that executes the step.")
     workflow: str | None = Field(None, description="Run this Workflow (same namespace) as a sub-workflow.")
     approval: ApprovalSpec | None = Field(None, description="Make this a human approval step.")
@@ -189,7 +279,7 @@ class Step(_Model):
         "skip",
         description="A step whose dependencies were all skipped is skipped too, unless this says run.",
     )
-    input: Any = Field(
+    input: JsonValue = Field(
         None,
         description="Input for the agent; strings may hold ${{ CEL }} expressions.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
@@ -227,9 +317,11 @@ class Step(_Model):
 class OnExitStep(_Model):
     """A step that always runs when the workflow's graph has finished, whatever its outcome."""
 
-    name: str = Field("onExit", pattern=STEP_NAME_PATTERN, description="Step name.")
+    name: Annotated[str, AfterValidator(_step_name)] = Field(
+        "onExit", pattern=STEP_NAME_PATTERN, description="Step name."
+    )
     agent: str = Field(description="Agent that executes it; `run.phase` says how the run went.")
-    input: Any = Field(
+    input: JsonValue = Field(
         None,
         description="Input; may use ${{ run.phase }} and step outputs.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
@@ -241,7 +333,12 @@ class OnExitStep(_Model):
 class NatsTrigger(_Model):
     """Start a run for each message on a NATS subject."""
 
-    subject: str = Field(description="Subject (wildcards allowed); the message JSON becomes the run input.")
+    subject: Annotated[str, AfterValidator(_trigger_subject)] = Field(
+        max_length=255,
+        description=(
+            "Subject (wildcards allowed, not under cadenza.>); the message JSON becomes the run input."
+        ),
+    )
     dedupKey: str | None = Field(
         None, description="CEL over `event` giving an idempotency key; a repeated key starts no new run."
     )
@@ -251,7 +348,7 @@ class ScheduleTrigger(_Model):
     """Start a run on a cron schedule."""
 
     cron: str = Field(description="Five-field cron expression, UTC.")
-    input: Any = Field(
+    input: JsonValue = Field(
         None,
         description="Input of scheduled runs.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
@@ -269,12 +366,12 @@ class WorkflowSpec(_Model):
     """A declarative workflow: a graph of steps executed by agents."""
 
     steps: list[Step] = Field(min_length=1, description="The steps; order does not matter, dependsOn does.")
-    output: Any = Field(
+    output: JsonValue = Field(
         None,
         description="The run's output mapping; strings may hold ${{ CEL }} expressions.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
-    inputSchema: dict[str, Any] | None = Field(
+    inputSchema: Annotated[dict[str, Any], AfterValidator(_shallow)] | None = Field(
         None,
         description="JSON Schema the run input must match; a mismatch rejects the run before it starts.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
@@ -321,7 +418,7 @@ class WorkflowRunSpec(_Model):
     """A request to run a Workflow once."""
 
     workflowRef: str = Field(description="Name of the Workflow, in the run's namespace.")
-    input: Any = Field(
+    input: JsonValue = Field(
         None,
         description="The run input (JSON).",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},

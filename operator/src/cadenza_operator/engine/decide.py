@@ -34,6 +34,7 @@ Semantics, in one place:
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -118,6 +119,24 @@ def decide(
 
 def _json_size(value: Any) -> int:
     return len(dumps(value))  # the size it will have on the wire and in the record
+
+
+def capped_backoff(initial: float, factor: float, cap: float, attempt: int) -> float:
+    """`initial * factor ** (attempt - 1)`, at most `cap`, for any attempt.
+
+    Compared in log space: the power itself overflows a float (factor 1e308 at the
+    third attempt raised OverflowError, and the run never decided again), whereas its
+    logarithm stays small and tells whether the cap is reached.
+    """
+    if initial <= 0 or cap <= 0:
+        return 0.0
+    exponent = math.log(initial) + (attempt - 1) * math.log(max(factor, 1.0))
+    if exponent >= math.log(cap):
+        return cap
+    try:
+        return min(cap, initial * factor ** (attempt - 1))  # exact, for the usual factors
+    except OverflowError:  # a tiny initial times a power that alone overflows
+        return math.exp(exponent)
 
 
 class _Decider:
@@ -574,7 +593,7 @@ class _Decider:
             self.item_done(name, item, None, failed=True, error=error)
 
     def backoff(self, cs: CompiledStep, name: str, item: int | None, attempt: int) -> float:
-        base = min(cs.backoff_max, cs.backoff_initial * cs.backoff_factor ** (attempt - 1))
+        base = capped_backoff(cs.backoff_initial, cs.backoff_factor, cs.backoff_max, attempt)
         # Jitter without a random source: a hash of the attempt's identity, so decide stays
         # pure and a replay computes the same delay.
         seed = zlib.crc32(f"{self.s.run}/{name}/{item}/{attempt}".encode()) / 0xFFFFFFFF
