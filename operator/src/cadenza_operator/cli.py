@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from .engine.infra import nats_options
 
@@ -34,14 +35,28 @@ def _parse_input(raw: str | None, paths: list[str]) -> Any:
         for candidate in candidates:
             if candidate.is_file():
                 try:
-                    return json.loads(candidate.read_text())
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{candidate}: invalid JSON: {exc}") from None
+                    text = candidate.read_bytes().decode("utf-8")
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise ValueError(f"{candidate}: input: cannot read it as UTF-8 text: {exc}") from None
+                return _parse_json(text, f"{candidate}: input")
         raise ValueError(f"--input: no such file {raw[1:]!r}")
+    return _parse_json(raw, "--input")
+
+
+def _parse_json(text: str, what: str) -> Any:
+    """JSON from the command line or a file, nested no deeper than a run can carry."""
+    from .models import nesting_error
+
     try:
-        return json.loads(raw)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--input: invalid JSON: {exc}") from None
+        raise ValueError(f"{what}: invalid JSON: {exc}") from None
+    except RecursionError:  # json recurses per level: 100,000 levels exhaust the stack
+        raise ValueError(f"{what}: nested too deeply to parse") from None
+    error = nesting_error(value)
+    if error is not None:
+        raise ValueError(f"{what}: {error}")
+    return value
 
 
 def _load(paths: list[str], err: Console) -> Any:  # -> Bundle | None
@@ -51,7 +66,9 @@ def _load(paths: list[str], err: Console) -> Any:  # -> Bundle | None
         return load(list(paths))
     except InvalidManifests as exc:
         for e in exc.errors:
-            err.print(f"[red]error[/red]: {e}", highlight=False, markup=True, soft_wrap=True)
+            # Escaped: the message quotes the manifest (`agent: "[/x]"`, a pattern `[a-z]`),
+            # which rich would take for markup and fail on or swallow.
+            err.print(f"[red]error[/red]: {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
         return None
 
 
@@ -68,7 +85,7 @@ def _pick_workflow(bundle: Any, name: str | None, err: Console) -> Any:
     if name:
         if name not in bundle.compiled:
             found = ", ".join(sorted(bundle.compiled)) or "none"
-            err.print(f"[red]error[/red]: no Workflow named {name!r} (found: {found})")
+            err.print(f"[red]error[/red]: no Workflow named {escape(repr(name))} (found: {found})")
             return None
         return bundle.compiled[name]
     if len(bundle.compiled) == 1:
@@ -99,20 +116,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         value = _parse_input(args.input, args.paths)
         validate_input(wf, value)
     except (ValueError, InputError) as exc:
-        err.print(f"[red]error[/red]: Workflow/{wf.name}: {exc}", highlight=False)
+        err.print(
+            f"[red]error[/red]: Workflow/{wf.name}: {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         return EXIT_INVALID
     signals: dict[str, Any] = {}
     for raw in args.signal:
         name, _, payload = raw.partition("=")
         try:
-            signals[name] = json.loads(payload) if payload else None
-        except json.JSONDecodeError as exc:
-            err.print(f"[red]error[/red]: --signal {name}: invalid JSON payload: {exc}")
+            signals[name] = _parse_json(payload, f"--signal {name}") if payload else None
+        except ValueError as exc:
+            err.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False)
             return EXIT_INVALID
     for name in [*args.approve, *args.reject]:
         if name not in wf.steps or wf.steps[name].kind != "approval":
             err.print(
-                f"[red]error[/red]: Workflow/{wf.name}: --approve/--reject {name!r}: not an approval step"
+                f"[red]error[/red]: Workflow/{wf.name}: --approve/--reject {escape(repr(name))}: "
+                "not an approval step"
             )
             return EXIT_INVALID
     tty = sys.stderr.isatty()
@@ -194,7 +214,11 @@ def cmd_approve(args: argparse.Namespace) -> int:
 def cmd_signal(args: argparse.Namespace) -> int:
     from .engine.client import send_signal
 
-    payload = json.loads(args.payload) if args.payload else None
+    try:
+        payload = _parse_json(args.payload, "--payload") if args.payload else None
+    except ValueError as exc:
+        Console(stderr=True).print(f"[red]error[/red]: {escape(str(exc))}", highlight=False)
+        return EXIT_INVALID
     asyncio.run(
         _with_js(
             args.nats, lambda js: send_signal(js, args.namespace, args.run, args.name, payload, by=args.by)
@@ -244,9 +268,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from .local.dev import publish
 
     try:
-        payload = json.loads(args.payload)
-    except json.JSONDecodeError as exc:
-        Console(stderr=True).print(f"[red]error[/red]: payload: invalid JSON: {exc}")
+        payload = _parse_json(args.payload, "payload")
+    except ValueError as exc:
+        Console(stderr=True).print(f"[red]error[/red]: {escape(str(exc))}", highlight=False)
         return EXIT_INVALID
     asyncio.run(publish(args.nats, args.subject, payload))
     print(f"published to {args.subject}")

@@ -2,20 +2,134 @@
 the file, the object and the field, e.g.
 
     workflow.yaml: Workflow/triage: spec.steps[2].dependsOn[0]: unknown step 'lokup'
+
+Whatever a file holds, loading it ends in such errors, never in a traceback: a file is
+read only up to MAX_MANIFEST_BYTES, must be UTF-8, and its YAML is bounded in nesting and
+in the size its aliases expand to (`BoundedLoader`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from yaml.events import AliasEvent
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .engine.definition import CompiledWorkflow, DefinitionError, compile_workflow
 from .models import GROUP_VERSION, KINDS, Agent, Workflow
+
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+"""Largest manifest file read; the Kubernetes API server takes requests of up to 3 MiB."""
+
+MAX_YAML_DEPTH = 128
+"""Deepest nesting of a YAML document. PyYAML's composer recurses three frames per level
+(20,000 levels raised RecursionError); this leaves room for a value nested
+models.MAX_VALUE_DEPTH levels inside a manifest, which then gets the model's own message."""
+
+MAX_EXPANDED_SIZE = 4 * MAX_MANIFEST_BYTES
+"""Largest size (nodes plus scalar characters) a document may reach with its aliases
+expanded: an alias is a reference, but whatever walks the document as a tree (validation,
+compiling templates, JSON) copies it."""
+
+
+class LimitExceeded(yaml.MarkedYAMLError):
+    """A document beyond one of the bounds above."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with a bound on nesting and on alias expansion.
+
+    Aliases make a document a graph: nine levels of nine aliases each are a few hundred
+    bytes of YAML and 10^9 values once anything walks the document as a tree; a step input
+    like that grew `cadenza validate` to 5.6 GB. The composer sees each node once, after
+    its children, so it can add up the size every node would have with all aliases
+    expanded, and stop before anything expands them.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> its size with aliases expanded
+
+    def compose_document(self) -> Node | None:
+        try:
+            return super().compose_document()  # type: ignore[no-any-return]
+        finally:
+            self._sizes = {}
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        event = self.peek_event()
+        mark = event.start_mark
+        anchored = self.anchors.get(event.anchor) if isinstance(event, AliasEvent) else None
+        if anchored is not None and id(anchored) not in self._sizes:
+            # Its node is still being composed: the alias would make the value contain itself.
+            raise LimitExceeded(problem="an alias refers to a node that contains it", problem_mark=mark)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise LimitExceeded(problem=f"nested deeper than {MAX_YAML_DEPTH} levels", problem_mark=mark)
+        self._depth += 1
+        try:
+            node: Node | None = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is None:
+            return None
+        size = self._sizes.get(id(node))
+        if size is None:  # a new node: its children (aliases too) have their sizes
+            if isinstance(node, ScalarNode):
+                children: list[Node] = []
+            elif isinstance(node, SequenceNode):
+                children = node.value
+            elif isinstance(node, MappingNode):
+                children = [n for pair in node.value for n in pair]
+            size = 1 + (len(node.value) if isinstance(node, ScalarNode) else 0)
+            size += sum(self._sizes[id(child)] for child in children)
+            self._sizes[id(node)] = size
+        if size > MAX_EXPANDED_SIZE:
+            raise LimitExceeded(
+                problem=f"expands to more than {MAX_EXPANDED_SIZE:,} values and characters "
+                "(aliases are copied wherever they are used)",
+                problem_mark=mark,
+            )
+        return node
+
+
+class UnreadableManifest(Exception):
+    """A manifest file that is not bounded UTF-8 YAML; `error` says where (without the file)."""
+
+    def __init__(self, error: ManifestError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def load_yaml_documents(data: bytes) -> list[Any]:
+    """The documents of a manifest file, within the bounds above; UnreadableManifest for
+    anything beyond them."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise UnreadableManifest(
+            ManifestError("", "", "", f"larger than {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB")
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        where = f"line {line}, column {column}"
+        raise UnreadableManifest(
+            ManifestError("", "", where, f"not UTF-8 text (byte 0x{data[exc.start]:02x})")
+        ) from None
+    try:
+        return list(yaml.load_all(text, Loader=BoundedLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        message = problem if isinstance(exc, LimitExceeded) else f"invalid YAML: {problem}"
+        raise UnreadableManifest(ManifestError("", "", where, message)) from None  # the line locates it
 
 
 @dataclass(frozen=True)
@@ -93,12 +207,14 @@ def load(paths: Sequence[str | Path], namespace: str = "default") -> Bundle:
             errors.append(ManifestError(shown, "", "", "no such file or directory"))
             continue
         try:
-            docs = list(yaml.safe_load_all(path.read_text()))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc)
-            errors.append(ManifestError(shown, "", where, f"invalid YAML: {problem}"))
+            with path.open("rb") as f:
+                data = f.read(MAX_MANIFEST_BYTES + 1)  # no more than it takes to tell it is too large
+            docs = load_yaml_documents(data)
+        except OSError as exc:
+            errors.append(ManifestError(shown, "", "", exc.strerror or str(exc)))
+            continue
+        except UnreadableManifest as exc:
+            errors.append(replace(exc.error, file=shown))
             continue
         for index, doc in enumerate(docs):
             if doc is None:
@@ -140,9 +256,9 @@ def _load_doc(
         )
         return
     kind = doc.get("kind")
-    name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
-    obj = f"{kind}/{name}" if kind and name else f"document {index + 1}"
-    if kind not in KINDS:
+    name = doc["metadata"].get("name") if isinstance(doc.get("metadata"), dict) else None
+    obj = f"{kind}/{name}" if isinstance(kind, str) and isinstance(name, str) else f"document {index + 1}"
+    if not isinstance(kind, str) or kind not in KINDS:
         errors.append(
             ManifestError(
                 shown, obj, "kind", f"unknown kind {kind!r} (expected Agent, Workflow or WorkflowRun)"
