@@ -29,6 +29,7 @@ from ._errors import TaskError
 from ._logging import configure_logging
 from ._protocol import (
     CONTEXT_BUCKET,
+    MAX_VALUE_BYTES,
     TASKS_STREAM,
     cancel_subject,
     consumer_name,
@@ -63,6 +64,9 @@ class AgentSettings:
     """CADENZA_DRAIN_TIMEOUT: on SIGTERM, seconds to finish in-flight tasks before returning them."""
     log_format: str | None = None
     """CADENZA_LOG_FORMAT: json or console (default: console on a terminal, json otherwise)."""
+    max_value_bytes: int = MAX_VALUE_BYTES
+    """CADENZA_MAX_VALUE_BYTES: the largest output (as JSON) a handler may return; a larger
+    one fails the attempt (ValueTooLarge) instead of being sent on."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> AgentSettings:
@@ -87,6 +91,9 @@ class AgentSettings:
             ack_wait=number("CADENZA_ACK_WAIT", cls.ack_wait) or cls.ack_wait,
             drain_timeout=number("CADENZA_DRAIN_TIMEOUT", cls.drain_timeout) or cls.drain_timeout,
             log_format=env.get("CADENZA_LOG_FORMAT") or None,
+            max_value_bytes=int(
+                number("CADENZA_MAX_VALUE_BYTES", cls.max_value_bytes) or cls.max_value_bytes
+            ),
         )
 
 
@@ -209,7 +216,9 @@ class Agent:
                 try:
                     coro = self.call(task)
                     output = await (asyncio.wait_for(coro, task.timeout) if task.timeout else coro)
-                    output = await _payloads.offload(js, f"{key}.output", output)
+                    output = await _payloads.offload(
+                        js, f"{key}.output", output, max_bytes=settings.max_value_bytes, what="the output"
+                    )
                     event: dict[str, Any] = {"type": "result", **base, "output": output}
                 except TimeoutError:
                     task.cancel()

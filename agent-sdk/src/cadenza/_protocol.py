@@ -28,6 +28,13 @@ DEFINITIONS_BUCKET = "cadenza_definitions"  # compiled workflow and agent defini
 PAYLOADS_STORE = "cadenza_payloads"  # inputs/outputs larger than OFFLOAD_BYTES
 
 OFFLOAD_BYTES = 512 * 1024
+"""A value whose JSON is larger travels through the object store (PAYLOADS_STORE) as a
+reference: a NATS message, and so a KV entry, can never exceed the server's max_payload."""
+MAX_VALUE_BYTES = 128 * 1024 * 1024
+"""The largest value (a run input, a step's input or output, the run output), as JSON, that
+Cadenza carries; CADENZA_MAX_VALUE_BYTES sets another. Twice the 64 MiB promised to flow
+everywhere; an engine or agent holds such a value in memory a few times over (about
+400 MB of engine memory for a 64 MiB value read by two steps and the run output)."""
 REF_KEY = "$cadenzaRef"
 
 
@@ -66,3 +73,8 @@ def loads(data: bytes | str) -> Any:
 
 def is_ref(value: Any) -> bool:
     return isinstance(value, dict) and len(value) == 1 and REF_KEY in value
+
+
+def too_large(size: int, limit: int) -> str:
+    """The one wording, engine and SDK alike, of a value over MAX_VALUE_BYTES."""
+    return f"{size:,} bytes of JSON, more than the {limit:,} a value may have (CADENZA_MAX_VALUE_BYTES)"
