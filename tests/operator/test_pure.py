@@ -253,6 +253,12 @@ def test_large_outputs_become_a_reference() -> None:
     }
 
 
+def test_outputs_stored_apart_from_the_record_stay_a_reference_in_status() -> None:
+    # Run outputs too large for the run record (64 MiB, say) are never copied into status.
+    status = run_status(_run(phase="Succeeded", outputsRef="r-1._output"))
+    assert status["outputs"] == "kv://cadenza_outputs/r-1._output (too large for status)"
+
+
 def test_many_steps_are_listed_boundedly_failures_first() -> None:
     steps = {f"s{i}": StepState(phase="Succeeded") for i in range(200)}
     steps["s150"] = StepState(phase="Failed", message="boom")

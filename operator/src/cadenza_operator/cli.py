@@ -103,7 +103,7 @@ def _pick_workflow(bundle: Any, name: str | None, err: Console) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from .engine.runtime import InputError, validate_input
     from .local.progress import Progress, step_table
-    from .local.runner import RunOptions, dump_json, execute
+    from .local.runner import SUMMARY_OUTPUT_BYTES, RunOptions, dump_json, execute
 
     err = Console(stderr=True)
     bundle = _load(args.paths, err)
@@ -180,7 +180,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             + (f" in {duration:.2f}s" if duration else "")
             + (f": {summary['message']}" if summary.get("message") else "")
         )
-        out.print("outputs: " + json.dumps(summary["outputs"], indent=2, default=str), highlight=False)
+        shown = json.dumps(summary["outputs"], indent=2, default=str)
+        if len(shown) > SUMMARY_OUTPUT_BYTES:  # megabytes are for --output json, not a terminal
+            shown = f"{len(shown):,} bytes of JSON, not shown here (--output json prints them)"
+        out.print("outputs: " + shown, highlight=False)
         if code != EXIT_OK and summary.get("agentLogs"):
             err.print(summary["agentLogs"], highlight=False, markup=False)
     return code

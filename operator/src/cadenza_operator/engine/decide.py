@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cadenza._protocol import (
+    MAX_VALUE_BYTES,
     REF_KEY,
     cancel_subject,
     dumps,
@@ -48,6 +49,7 @@ from cadenza._protocol import (
     is_ref,
     task_id,
     task_subject,
+    too_large,
 )
 
 from ..expressions import ExpressionError
@@ -67,7 +69,11 @@ from .state import (
 OBJECT_REF_PREFIX = "obj:"
 """An outputRef naming an object-store entry rather than an outputs-bucket key."""
 INLINE_OUTPUT_BYTES = 32 * 1024
-"""Step outputs larger than this go to the outputs bucket, keeping the run record small."""
+"""Step and run outputs larger than this are stored apart (`stores`), keeping the run record small."""
+
+
+MAX_ERROR_BYTES = 16 * 1024
+"""An attempt's error larger than this (as JSON) is cut down before the record keeps it."""
 
 
 class MissingOutputs(Exception):
@@ -76,6 +82,11 @@ class MissingOutputs(Exception):
     def __init__(self, keys: set[str]) -> None:
         super().__init__(", ".join(sorted(keys)))
         self.keys = keys
+
+
+class ValueTooLarge(ValueError):
+    """A value decide rendered (a step's input, the run output) is larger than the most a
+    value may be: it fails the step (or the run) instead of being sent on."""
 
 
 @dataclass
@@ -97,6 +108,7 @@ def decide(
     memo: dict[str, Any] | None = None,
     copy: bool = True,
     size_of: Callable[[Any], int] | None = None,
+    max_value_bytes: int = MAX_VALUE_BYTES,
 ) -> Decision:
     """Apply one event to a copy of `state`; return the new state and what to do.
 
@@ -104,6 +116,7 @@ def decide(
     the runtime has loaded; when one is needed and missing, MissingOutputs is raised.
     `memo` caches values that cannot change once computed (a started forEach's list);
     `copy=False` lets a caller that parsed `state` for this call skip the deep copy.
+    A step input or run output that renders larger than `max_value_bytes` fails.
     """
     d = _Decider(
         state.model_copy(deep=True) if copy else state,
@@ -112,6 +125,7 @@ def decide(
         outputs=outputs or {},
         size_of=size_of or _json_size,
         memo=memo if memo is not None else {},
+        max_value_bytes=max_value_bytes,
     )
     d.apply()
     return d.decision
@@ -149,8 +163,10 @@ class _Decider:
         outputs: Mapping[str, Any],
         size_of: Callable[[Any], int],
         memo: dict[str, Any],
+        max_value_bytes: int = MAX_VALUE_BYTES,
     ) -> None:
         self.memo = memo
+        self.max_value_bytes = max_value_bytes
         self.s = state
         self.wf = wf
         self.ev = event
@@ -236,12 +252,34 @@ class _Decider:
         return env
 
     def run_input(self) -> Any:
-        ref = self.s.inputRef
-        if ref is None:
-            return self.s.input
+        return self.s.input if self.s.inputRef is None else self.stored(self.s.inputRef)
+
+    def run_output(self) -> Any:
+        return self.s.outputs if self.s.outputsRef is None else self.stored(self.s.outputsRef)
+
+    def stored(self, ref: str) -> Any:
+        """A value stored apart from the record: stored by this decision, or loaded."""
+        if ref in self.decision.stores:
+            return self.decision.stores[ref]
         if ref not in self.outputs:
             raise MissingOutputs({ref})
         return self.outputs[ref]
+
+    def stored_apart(self, key: str, value: Any, size: int | None = None) -> tuple[Any, str | None]:
+        """(value, None) to keep in the record, or (None, reference) once it is in `stores`."""
+        if is_ref(value):  # already in the object store (an agent offloaded it)
+            return None, OBJECT_REF_PREFIX + value[REF_KEY]
+        if (self.size_of(value) if size is None else size) > INLINE_OUTPUT_BYTES:
+            self.decision.stores[key] = value
+            return None, key
+        return value, None
+
+    def sized(self, what: str, value: Any) -> int:
+        """The size of a rendered value; ValueTooLarge above the most a value may be."""
+        size = self.size_of(value)
+        if size > self.max_value_bytes:
+            raise ValueTooLarge(f"{what} is {too_large(size, self.max_value_bytes)}")
+        return size
 
     def _output_of(self, name: str, st: StepState) -> Any:
         if st.outputRef is None:
@@ -378,8 +416,31 @@ class _Decider:
         slot, name, item = self.find_slot()
         if slot is None:
             return
-        error = dict(self.ev.get("error") or {})
+        error = self.bounded_error(dict(self.ev.get("error") or {}))
         self.attempt_failed(name, item, slot, error, "TimedOut" if error.get("timeout") else "Failed")
+
+    def bounded_error(self, error: dict[str, Any]) -> dict[str, Any]:
+        """An attempt's error, cut to MAX_ERROR_BYTES: the record keeps it three times over
+        (step, attempt, audit), and a handler's message may be megabytes."""
+        if self.size_of(error) <= MAX_ERROR_BYTES:
+            return error
+        limit = MAX_ERROR_BYTES // 4
+
+        def clip(text: Any) -> str:
+            text = str(text)
+            return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters in all)"
+
+        bounded: dict[str, Any] = {
+            "type": clip(error.get("type", "Error"))[:200],
+            "message": clip(error.get("message", "")),
+            "retryable": bool(error.get("retryable")),
+            "truncated": True,
+        }
+        if error.get("timeout"):
+            bounded["timeout"] = True
+        if "traceback" in error:
+            bounded["traceback"] = str(error["traceback"])[-limit:]
+        return bounded
 
     def on_timer(self) -> None:
         timer_id = str(self.ev.get("timer"))
@@ -612,17 +673,7 @@ class _Decider:
 
     def succeed_step(self, name: str, output: Any, reason: str) -> None:
         st = self.st(name)
-        if is_ref(output):
-            # Already in the object store (the agent offloaded it): keep only the reference.
-            st.outputRef = OBJECT_REF_PREFIX + output[REF_KEY]
-            st.output = None
-        elif self.size_of(output) > INLINE_OUTPUT_BYTES:
-            key = f"{self.s.run}.{name}"
-            self.decision.stores[key] = output
-            st.outputRef = key
-            st.output = None
-        else:
-            st.output = output
+        st.output, st.outputRef = self.stored_apart(f"{self.s.run}.{name}", output)
         st.message = ""
         self.set_phase(name, "Succeeded", reason)
 
@@ -713,16 +764,19 @@ class _Decider:
             else:
                 items = self.foreach_items(name)
                 payload = cs.input.render(self.resolve_lazy(self.env(items[item], item), cs.input.steps))
-        except ExpressionError as exc:
+            self.sized("the input", payload)
+        except (ExpressionError, ValueTooLarge) as exc:
+            error = {
+                "type": "ValueTooLarge" if isinstance(exc, ValueTooLarge) else "ExpressionError",
+                "message": str(exc),
+            }
             if item is None:
-                st.error = {"type": "ExpressionError", "message": str(exc)}
-                self.fail_step(name, f"input: {exc}")
+                st.error = error
+                self.fail_step(name, str(exc) if isinstance(exc, ValueTooLarge) else f"input: {exc}")
             else:
                 slot.running = True
                 slot.attempt += 1
-                self.item_done(
-                    name, item, None, failed=True, error={"type": "ExpressionError", "message": str(exc)}
-                )
+                self.item_done(name, item, None, failed=True, error=error)
             return
         slot.attempt += 1
         slot.running = True
@@ -978,9 +1032,13 @@ class _Decider:
             if phase is None:
                 phase = "Succeeded"
                 try:
-                    self.s.outputs = self.wf.output.render(
-                        self.resolve_lazy(self.env(), self.wf.output.steps)
+                    outputs = self.wf.output.render(self.resolve_lazy(self.env(), self.wf.output.steps))
+                    self.s.outputs, self.s.outputsRef = self.stored_apart(
+                        f"{self.s.run}._output", outputs, self.sized("the output", outputs)
                     )
+                except ValueTooLarge as exc:
+                    phase = "Failed"
+                    self.s.message = str(exc)
                 except ExpressionError as exc:
                     phase = "Failed"
                     self.s.message = f"output: {exc}"
@@ -1023,7 +1081,7 @@ class _Decider:
                 "worker": f"run:{self.s.run}",
             }
             if phase == "Succeeded":
-                body = {"type": "result", **base, "output": self.s.outputs}
+                body = {"type": "result", **base, "output": self.run_output()}
             else:
                 body = {
                     "type": "failed",
@@ -1063,11 +1121,7 @@ class _Lazy:
             if missing:
                 raise MissingOutputs({ref})
             return [self.d.decision.stores.get(k, self.d.outputs.get(k)) for k in keys]
-        if ref in self.d.decision.stores:
-            return self.d.decision.stores[ref]
-        if ref not in self.d.outputs:
-            raise MissingOutputs({ref})
-        return self.d.outputs[ref]
+        return self.d.stored(ref)
 
 
 def audit_commands(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -30,13 +30,16 @@ from cadenza import _payloads
 from cadenza._protocol import (
     DEFINITIONS_BUCKET,
     EVENTS_STREAM,
+    MAX_VALUE_BYTES,
     OFFLOAD_BYTES,
     OUTPUTS_BUCKET,
     REF_KEY,
     RUNS_BUCKET,
     dumps,
     event_subject,
+    is_ref,
     loads,
+    too_large,
 )
 from cadenza._publish import Publisher
 from cadenza._pull import PullConsumer
@@ -46,6 +49,7 @@ from ..models import WorkflowSpec
 from .decide import OBJECT_REF_PREFIX, Decision, MissingOutputs, audit_commands, decide
 from .definition import CompiledWorkflow, compile_workflow, definition_document
 from .infra import ENGINE_CONSUMER, TIMERS_BUCKET, ensure_infrastructure
+from .payloads import fit_record, store_apart
 from .state import RunState
 
 log = structlog.get_logger("cadenza.engine")
@@ -64,7 +68,18 @@ class InputError(ValueError):
         self.path = path
 
 
-def validate_input(wf: CompiledWorkflow, value: Any) -> None:
+def max_value_bytes() -> int:
+    """CADENZA_MAX_VALUE_BYTES, else MAX_VALUE_BYTES: the largest value a run may carry."""
+    return int(os.environ.get("CADENZA_MAX_VALUE_BYTES") or MAX_VALUE_BYTES)
+
+
+def validate_input(wf: CompiledWorkflow, value: Any, max_bytes: int | None = None) -> None:
+    """Reject an input larger than `max_bytes` (default: max_value_bytes()), or one that
+    does not match the workflow's inputSchema."""
+    limit = max_value_bytes() if max_bytes is None else max_bytes
+    size = len(dumps(value))
+    if size > limit:
+        raise InputError("", too_large(size, limit))
     schema = wf.spec.inputSchema
     if schema is None:
         return
@@ -121,6 +136,10 @@ class EngineSettings:
     ack_wait: float = field(default_factory=lambda: float(os.environ.get("CADENZA_ENGINE_ACK_WAIT", "30")))
     """CADENZA_ENGINE_ACK_WAIT: seconds before the events held by an engine that died go to
     another engine. Short means fast take-over; it must exceed the time one batch takes."""
+    max_value_bytes: int = field(default_factory=max_value_bytes)
+    """CADENZA_MAX_VALUE_BYTES: the largest value (run input, step input, run output) as
+    JSON. A larger input is rejected at start, a larger rendered step input or run output
+    fails its step or run: the engine holds such a value in memory a few times over."""
 
 
 class Engine:
@@ -219,8 +238,15 @@ class Engine:
         parent: dict[str, Any] | None = None,
         scope: str | None = None,
     ) -> str:
-        """Validate the input, then start the run. Idempotent for a given run_id."""
-        validate_input(wf, input)
+        """Validate the input, then start the run. Idempotent for a given run_id.
+
+        An input too large for an event goes through the object store; a child run's may
+        arrive as a reference already (its parent's engine sent it that way).
+        """
+        if not is_ref(input):
+            validate_input(wf, input, self.settings.max_value_bytes)
+        elif wf.spec.inputSchema is not None:
+            validate_input(wf, await _payloads.resolve(self.js, input), self.settings.max_value_bytes)
         if wf.key not in self._definitions:
             await self.publish_definition(wf)
         run = run_id or new_run_id(wf.name)
@@ -235,8 +261,7 @@ class Engine:
             "parent": parent,
             "scope": scope or run,
         }
-        if len(dumps(input)) > OFFLOAD_BYTES:
-            body["input"] = await _payloads.offload(self.js, f"{run}.input", input)
+        body["input"] = await _payloads.offload(self.js, f"{run}.input", input)
         await self.pub.publish(event_subject(wf.namespace, run), dumps(body), {"Nats-Msg-Id": f"start:{run}"})
         return run
 
@@ -248,6 +273,14 @@ class Engine:
         except KeyNotFoundError:
             return None
         return RunState.from_bytes(entry.value) if entry.value else None
+
+    async def run_outputs(self, state: RunState) -> Any:
+        """The run's outputs, loaded from where they are kept when too large for the record."""
+        if state.outputsRef is None:
+            return state.outputs
+        loaded: dict[str, Any] = {}
+        await self._load_outputs({state.outputsRef}, loaded)
+        return loaded[state.outputsRef]
 
     # -------------------------------------------------------------------- events
     async def _on_event(self, msg: Any) -> None:
@@ -360,7 +393,7 @@ class Engine:
             new.outbox = decision.commands + audit_commands(decision.audit)
             if decision.stores:
                 await asyncio.gather(
-                    *(self.pub.kv_put(OUTPUTS_BUCKET, k, dumps(v)) for k, v in decision.stores.items())
+                    *(store_apart(self.js, self.pub, k, v) for k, v in decision.stores.items())
                 )
                 cached.outputs.update(decision.stores)
             armed = {tid: t.at for tid, t in new.timers.items()}
@@ -369,7 +402,7 @@ class Engine:
                 # that fires for nothing (decide ignores it), never a record whose timer
                 # no engine knows about.
                 await self.pub.kv_put(TIMERS_BUCKET, run, dumps({"ns": new.namespace, "timers": armed}))
-            data = new.to_bytes()
+            data = await fit_record(self.js, new)
             try:
                 revision = await self.pub.kv_update(RUNS_BUCKET, run, data, last=cached.revision)
             except KeyWrongLastSequenceError:
@@ -404,16 +437,17 @@ class Engine:
         start = next((e for e in events if e.get("type") == "start"), None)
         if start is None:
             return None
-        value = await _payloads.resolve(self.js, start.get("input"))
+        value = start.get("input")
         cached = _Cached(b"", 0, executed=True)
         input_ref = None
-        raw = dumps(value)
-        if len(raw) > INLINE_INPUT_BYTES:
+        if is_ref(value) or len(dumps(value)) > INLINE_INPUT_BYTES:
             # A large input (a 10,000-item list) would be re-read and re-written with every
-            # event: it goes to the outputs bucket once and the record keeps a reference.
+            # event: it is stored apart once and the record keeps a reference. One that came
+            # through the object store stays there: the bucket entry holds its reference.
             input_ref = f"{start['run']}._input"
-            await self.outputs_kv.put(input_ref, raw)
-            cached.outputs[input_ref] = value
+            await store_apart(self.js, self.pub, input_ref, value)
+            if not is_ref(value):
+                cached.outputs[input_ref] = value
         state = RunState(
             run=start["run"],
             namespace=start.get("namespace", "default"),
@@ -439,7 +473,15 @@ class Engine:
             total = Decision(state=current)
             try:
                 for ev in events:
-                    d = decide(current, ev, wf, cached.outputs, memo=cached.memo, copy=False)
+                    d = decide(
+                        current,
+                        ev,
+                        wf,
+                        cached.outputs,
+                        memo=cached.memo,
+                        copy=False,
+                        max_value_bytes=self.settings.max_value_bytes,
+                    )
                     total.commands += d.commands
                     total.audit += d.audit
                     total.timed_out += d.timed_out

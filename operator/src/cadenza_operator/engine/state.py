@@ -92,6 +92,7 @@ class RunState(_State):
     finishedAt: float | None = None
     steps: dict[str, StepState] = Field(default_factory=dict)
     outputs: Any = None
+    outputsRef: str | None = None  # large run outputs live in the outputs bucket under this key
     message: str = ""
     timers: dict[str, Timer] = Field(default_factory=dict)
     signals: dict[str, Any] = Field(default_factory=dict)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cadenza._protocol import OUTPUTS_BUCKET
+
 from ..engine.state import TERMINAL_RUN, TERMINAL_STEP, RunState, StepState
 
 MAX_STEPS_LISTED = 50
@@ -128,6 +130,8 @@ def _listed_steps(steps: Mapping[str, StepState]) -> list[str]:
 
 def bounded_outputs(state: RunState, limit: int) -> Any:
     """The run outputs, or a reference string when they would make the object large."""
+    if state.outputsRef is not None:  # too large for the run record, so for status too
+        return f"kv://{OUTPUTS_BUCKET}/{state.outputsRef} (too large for status)"
     if state.outputs is None:
         return None
     size = len(json.dumps(state.outputs, separators=(",", ":"), default=str))

@@ -288,6 +288,7 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
                     createdAt=time.time(),
                 )
         summary = summarize(state)
+        summary["outputs"] = await engine.run_outputs(state)  # large ones are kept apart from the record
         if state.phase != "Succeeded" and stack.agent_logs():
             summary["agentLogs"] = stack.agent_logs(tail=15)
         return summary, EXIT_OK if state.phase == "Succeeded" else EXIT_FAILED
