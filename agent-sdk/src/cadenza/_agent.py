@@ -25,12 +25,15 @@ import structlog
 from . import _payloads
 from ._connect import connect_until_stopped
 from ._context import KVContext
+from ._deadletter import MAX_DELIVERIES, dead_letter, deliveries
 from ._errors import TaskError
 from ._logging import configure_logging
 from ._protocol import (
     CONTEXT_BUCKET,
     MAX_VALUE_BYTES,
+    RUNS_BUCKET,
     TASKS_STREAM,
+    TERMINAL_RUN_PHASES,
     cancel_subject,
     consumer_name,
     dumps,
@@ -168,6 +171,7 @@ class Agent:
         durable = consumer_name(ns, self.name)
         await self._ensure_consumer(js, durable, ns, settings.ack_wait, stop)
         context_kv = await js.key_value(CONTEXT_BUCKET)
+        runs_kv = await js.key_value(RUNS_BUCKET)
         worker = f"{socket.gethostname()}:{os.getpid()}"
         heartbeat_every = max(0.2, settings.ack_wait / 3)
 
@@ -183,7 +187,13 @@ class Agent:
             if stop.is_set():
                 await msg.nak()  # hand it straight back: another replica takes it now
                 return
-            body = loads(msg.data)
+            try:
+                body = parse_task(msg.data)
+            except ValueError as exc:
+                self.log.error("task dead-lettered", subject=msg.subject, reason=str(exc))
+                with contextlib.suppress(Exception):
+                    await dead_letter(js, msg, TASKS_STREAM, str(exc))
+                return
             task = Task(
                 input=None,
                 run_id=body["run"],
@@ -205,6 +215,31 @@ class Agent:
                 "queuedAt": body.get("queuedAt"),
             }
             subject = event_subject(ns, task.run_id)
+            log = self.log.bind(run=task.run_id, step=task.step, item=task.item, attempt=task.attempt)
+            why = await abandoned(runs_kv, body)
+            if why is not None:
+                # The engine gave up on this attempt (timed out, cancelled, the run ended) or
+                # already has its outcome: running it now could only repeat side effects.
+                log.info("attempt not started: no longer current", why=why)
+                await msg.ack()
+                return
+            count = deliveries(msg)
+            if count > MAX_DELIVERIES:
+                reason = (
+                    f"task delivered {count} times without an outcome "
+                    "(the agent process may crash or hang on this input); dead-lettered"
+                )
+                log.error("task dead-lettered", reason=reason)
+                failed = {
+                    "type": "failed",
+                    **base,
+                    "error": {"type": "PoisonTask", "message": reason, "retryable": False},
+                    "worker": worker,
+                }
+                msg_id = f"failed:{task.run_id}.{task.step}.{task.item}.{task.attempt}"
+                await pub.publish(subject, dumps(failed), {"Nats-Msg-Id": msg_id})
+                await dead_letter(js, msg, TASKS_STREAM, reason)
+                return
             started = time.time()
             report = body.get("heartbeat")
             interval = min(heartbeat_every, report / 3) if report else heartbeat_every
@@ -353,3 +388,61 @@ class Agent:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         return stop
+
+
+def parse_task(data: bytes) -> dict[str, Any]:
+    """A task message, or ValueError saying why it is not one."""
+    try:
+        body = loads(data)
+    except ValueError as exc:
+        raise ValueError(f"malformed task: not JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"malformed task: a JSON {type(body).__name__}, not an object")
+    for name, kind in (("run", str), ("step", str), ("attempt", int)):
+        value = body.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"malformed task: {name!r} is {value!r}")
+    if body.get("item") is not None and not isinstance(body["item"], int):
+        raise ValueError(f"malformed task: 'item' is {body['item']!r}")
+    return body
+
+
+async def abandoned(runs_kv: Any, body: dict[str, Any]) -> str | None:
+    """Why the attempt a task carries is no longer current, or None when it is (or when
+    the run record cannot be read: the engine then ignores an outcome it does not expect).
+
+    The engine writes a run record before it sends the record's tasks, so the record read
+    here is at least as new as the task; an older one (a lagging replica) shows a lower
+    attempt, which counts as current.
+    """
+    from nats.js.errors import KeyNotFoundError
+
+    try:
+        entry = await runs_kv.get(body["run"])
+    except KeyNotFoundError:
+        return "the run no longer exists"
+    except Exception:
+        return None
+    if not entry.value:
+        return "the run no longer exists"
+    record = loads(entry.value)
+    phase = record.get("phase", "Pending")
+    if phase in TERMINAL_RUN_PHASES:
+        return f"the run is {phase}"
+    step = (record.get("steps") or {}).get(body["step"])
+    if step is None:
+        return None
+    item = body.get("item")
+    if item is None:
+        slot = step
+    else:
+        each = step.get("forEach") or {}
+        slot = (each.get("running") or {}).get(str(item))
+        if slot is None:
+            return "the item is no longer running" if item < each.get("next", 0) else None
+    attempt = slot.get("attempt", 0)
+    if attempt > body["attempt"]:
+        return f"attempt {attempt} has superseded it"
+    if attempt == body["attempt"] and not slot.get("running", False):
+        return "the attempt has finished"
+    return None

@@ -16,9 +16,13 @@ import pydantic_core
 TASKS_STREAM = "CADENZA_TASKS"  # work-queue: one durable pull consumer per Agent
 EVENTS_STREAM = "CADENZA_EVENTS"  # work-queue: results, timers, approvals, signals -> engine
 AUDIT_STREAM = "CADENZA_AUDIT"  # every revision of every run record, copied by the server
+DEAD_LETTER_STREAM = "CADENZA_DEADLETTERS"  # tasks and events given up on, with the reason
 
 TASK_SUBJECTS = "cadenza.task.>"
 EVENT_SUBJECTS = "cadenza.event.>"
+DEAD_LETTER_SUBJECTS = "cadenza.dead.>"
+
+TERMINAL_RUN_PHASES = frozenset({"Succeeded", "Failed", "Cancelled"})
 
 # Key-value buckets and the object store
 RUNS_BUCKET = "cadenza_runs"  # execution state, one key per run, written with CAS

@@ -16,7 +16,13 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ._deadletter import MAX_DELIVERIES
 from ._protocol import consumer_name, task_subject
+
+SERVER_DELIVERY_SLACK = 3
+"""The server stops redelivering this many deliveries after the client's own limit: the
+client dead-letters a message when it sees it past its limit, and this backstop bounds
+deliveries even if that never happens (a process killed at that very moment)."""
 
 
 def agent_consumer_config(namespace: str, agent: str, ack_wait: float) -> Any:
@@ -33,7 +39,9 @@ def agent_consumer_config(namespace: str, agent: str, ack_wait: float) -> Any:
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait,
-        max_deliver=-1,  # a task is retried by the engine's decisions, never dropped by JetStream
+        # Retries are the engine's decisions (new attempts, new messages); redeliveries of
+        # one attempt are crashes and lost acks. Past MAX_DELIVERIES the agent dead-letters.
+        max_deliver=MAX_DELIVERIES + SERVER_DELIVERY_SLACK,
         max_ack_pending=-1,
         max_waiting=512,
     )

@@ -267,6 +267,30 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from .engine.deadletters import read_dead_letters
+
+    records: list[dict[str, Any]] = []
+
+    async def read(js: Any) -> None:
+        records.extend(await read_dead_letters(js, args.limit))
+
+    asyncio.run(_with_js(args.nats, read))
+    if args.output == "json":
+        print(json.dumps(records, indent=2))
+        return EXIT_OK
+    if not records:
+        print("no dead letters")
+    for r in records:
+        body = r["data"] if r["data"] is not None else f"<{r['size']} bytes, binary>"
+        preview = body if len(body) <= 80 else body[:77] + "..."
+        print(
+            f"{r['seq']:>6} {r['source']:<16} {r['subject']}  deliveries={r['deliveries']}\n"
+            f"       reason: {r['reason']}\n       data: {preview}"
+        )
+    return EXIT_OK
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from .local.dev import publish
 
@@ -395,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     aud = run_command("audit", cmd_audit, "print the decisions taken for a run (or every run with '>')")
     aud.add_argument("--output", choices=["text", "json"], default="text")
+
+    dead = sub.add_parser("dead-letters", help="list tasks and events given up on, with the reason")
+    nats_option(dead)
+    dead.add_argument("--limit", type=int, default=100, help="show the newest N (default 100)")
+    dead.add_argument("--output", choices=["text", "json"], default="text")
+    dead.set_defaults(fn=cmd_dead_letters)
 
     pub = sub.add_parser("publish", help="publish a JSON event on a subject (to exercise NATS triggers)")
     pub.add_argument("subject")

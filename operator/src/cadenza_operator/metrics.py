@@ -70,6 +70,12 @@ AGENT_IN_FLIGHT = Gauge(
     "Tasks delivered to an agent and not yet acknowledged.",
     ["namespace", "agent"],
 )
+DEAD_LETTERS = Counter(
+    "cadenza_dead_letters_total",
+    "Messages given up on and copied to the dead-letter stream, by source stream and reason "
+    "(malformed, deliveries, definition). Tasks are counted when their agent reports them.",
+    ["source", "reason"],
+)
 KUBE_WRITES = Counter(
     "cadenza_kube_status_writes_total", "WorkflowRun status writes sent to the Kubernetes API."
 )

@@ -9,6 +9,8 @@ from typing import Any
 from cadenza._protocol import (
     AUDIT_STREAM,
     CONTEXT_BUCKET,
+    DEAD_LETTER_STREAM,
+    DEAD_LETTER_SUBJECTS,
     DEFINITIONS_BUCKET,
     EVENT_SUBJECTS,
     EVENTS_STREAM,
@@ -18,13 +20,18 @@ from cadenza._protocol import (
     TASK_SUBJECTS,
     TASKS_STREAM,
 )
-from cadenza._pull import agent_consumer_config
+from cadenza._pull import SERVER_DELIVERY_SLACK, agent_consumer_config
 from nats.js.errors import NotFoundError
 
 TIMERS_BUCKET = "cadenza_timers"  # run -> armed timers, watched by every engine
 TRIGGERS_BUCKET = "cadenza_triggers"  # trigger de-duplication keys and schedule cursors
 ENGINE_CONSUMER = "engine"
 AUDIT_MAX_AGE = 30 * 86400.0
+DEAD_LETTER_MAX_AGE = 30 * 86400.0
+ENGINE_MAX_DELIVERIES = 20
+"""Deliveries of one event before the engine dead-letters it. Higher than an agent's: an
+event also comes back when its engine dies or NATS restarts mid-batch, and a nak after a
+failed batch waits longer each time (see runtime), so 20 spans minutes of outage."""
 DUPLICATE_WINDOW = 600.0
 RUNS_HISTORY = 8
 """Revisions the runs bucket keeps per run: slack for the audit stream, which copies each
@@ -38,12 +45,14 @@ def nats_options() -> dict[str, Any]:
     return {"user_credentials": creds} if creds else {}
 
 
-async def ensure_infrastructure(js: Any, replicas: int = 1, engine_ack_wait: float = 30.0) -> None:
+async def ensure_infrastructure(
+    js: Any,
+    replicas: int = 1,
+    engine_ack_wait: float = 30.0,
+    engine_max_deliveries: int = ENGINE_MAX_DELIVERIES,
+) -> None:
     """Create (or bring up to date) every stream, bucket and the engine's consumer."""
     from nats.js.api import (
-        AckPolicy,
-        ConsumerConfig,
-        DeliverPolicy,
         KeyValueConfig,
         ObjectStoreConfig,
         RetentionPolicy,
@@ -66,6 +75,15 @@ async def ensure_infrastructure(js: Any, replicas: int = 1, engine_ack_wait: flo
             subjects=[EVENT_SUBJECTS],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
+            name=DEAD_LETTER_STREAM,
+            subjects=[DEAD_LETTER_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=DEAD_LETTER_MAX_AGE,
             duplicate_window=DUPLICATE_WINDOW,
             num_replicas=replicas,
         ),
@@ -109,31 +127,40 @@ async def ensure_infrastructure(js: Any, replicas: int = 1, engine_ack_wait: flo
         await js.create_object_store(
             PAYLOADS_STORE, config=ObjectStoreConfig(bucket=PAYLOADS_STORE, storage=StorageType.FILE)
         )
-    await js.add_consumer(
-        EVENTS_STREAM,
-        ConsumerConfig(
-            durable_name=ENGINE_CONSUMER,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=30,
-            max_deliver=-1,
-            max_ack_pending=-1,
-            max_waiting=512,
-        ),
+    await _ensure_consumer(js, EVENTS_STREAM, engine_consumer_config(engine_ack_wait, engine_max_deliveries))
+
+
+def engine_consumer_config(ack_wait: float, max_deliveries: int) -> Any:
+    """The durable pull consumer every engine shares."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    return ConsumerConfig(
+        durable_name=ENGINE_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait,
+        max_deliver=max_deliveries + SERVER_DELIVERY_SLACK,
+        max_ack_pending=-1,
+        max_waiting=512,
     )
 
 
 async def ensure_agent_consumer(js: Any, namespace: str, agent: str, ack_wait: float = 30.0) -> None:
     """The durable pull consumer an Agent's replicas share (competing consumers)."""
-    await js.add_consumer(TASKS_STREAM, agent_consumer_config(namespace, agent, ack_wait))
+    await _ensure_consumer(js, TASKS_STREAM, agent_consumer_config(namespace, agent, ack_wait))
 
 
 async def _ensure_consumer(js: Any, stream: str, config: Any) -> None:
-    """Create the consumer, or update it only when its ack wait changed."""
+    """Create the consumer, or update it when what we set differs from what it has.
+
+    Only then: updating a consumer in use makes the server drop the pull requests its
+    clients have waiting (they ask again; see PullConsumer._renew).
+    """
     try:
         info = await js.consumer_info(stream, config.durable_name)
     except NotFoundError:
         await js.add_consumer(stream, config)
         return
-    if info.config.ack_wait != config.ack_wait:
+    have = info.config
+    if abs((have.ack_wait or 0) - config.ack_wait) > 1e-3 or have.max_deliver != config.max_deliver:
         await js.add_consumer(stream, config)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from typing import Any
 
 import structlog
 from cadenza import _payloads
+from cadenza._deadletter import dead_letter, deliveries
 from cadenza._protocol import (
     DEFINITIONS_BUCKET,
     EVENTS_STREAM,
@@ -35,6 +37,7 @@ from cadenza._protocol import (
     OUTPUTS_BUCKET,
     REF_KEY,
     RUNS_BUCKET,
+    TASKS_STREAM,
     dumps,
     event_subject,
     is_ref,
@@ -48,7 +51,13 @@ from .. import metrics
 from ..models import WorkflowSpec
 from .decide import OBJECT_REF_PREFIX, Decision, MissingOutputs, audit_commands, decide
 from .definition import CompiledWorkflow, compile_workflow, definition_document
-from .infra import ENGINE_CONSUMER, TIMERS_BUCKET, ensure_infrastructure
+from .infra import (
+    ENGINE_CONSUMER,
+    ENGINE_MAX_DELIVERIES,
+    TIMERS_BUCKET,
+    TRIGGERS_BUCKET,
+    ensure_infrastructure,
+)
 from .payloads import fit_record, store_apart
 from .state import RunState
 
@@ -90,6 +99,34 @@ def validate_input(wf: CompiledWorkflow, value: Any, max_bytes: int | None = Non
         err = errors[0]
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
         raise InputError(path, err.message)
+
+
+EVENT_TYPES = frozenset(
+    {"start", "cancel", "signal", "approval", "started", "heartbeat", "result", "failed", "timer"}
+)
+_RUN_ID = re.compile(r"^[A-Za-z0-9_=-][A-Za-z0-9_.=-]{0,252}$")
+"""A run id is one key of the runs bucket and one token of a subject: no wildcards,
+no dots at the start, nothing a KV key refuses."""
+
+
+class PermanentEventError(Exception):
+    """An event that can never be applied, however often it is delivered: dead-lettered."""
+
+
+def parse_event(data: bytes) -> dict[str, Any]:
+    """An event as the engine handles it, or PermanentEventError saying what is wrong."""
+    try:
+        event = loads(data)
+    except ValueError as exc:
+        raise PermanentEventError(f"malformed event: not JSON ({exc})") from None
+    if not isinstance(event, dict):
+        raise PermanentEventError(f"malformed event: a JSON {type(event).__name__}, not an object")
+    run, kind = event.get("run"), event.get("type")
+    if not isinstance(run, str) or not _RUN_ID.match(run):
+        raise PermanentEventError(f"malformed event: 'run' is {run!r}, not a run id")
+    if kind not in EVENT_TYPES:
+        raise PermanentEventError(f"malformed event: unknown type {kind!r}")
+    return event
 
 
 def new_run_id(workflow: str) -> str:
@@ -136,6 +173,18 @@ class EngineSettings:
     ack_wait: float = field(default_factory=lambda: float(os.environ.get("CADENZA_ENGINE_ACK_WAIT", "30")))
     """CADENZA_ENGINE_ACK_WAIT: seconds before the events held by an engine that died go to
     another engine. Short means fast take-over; it must exceed the time one batch takes."""
+    max_deliveries: int = field(
+        default_factory=lambda: int(os.environ.get("CADENZA_ENGINE_MAX_DELIVER", str(ENGINE_MAX_DELIVERIES)))
+    )
+    """CADENZA_ENGINE_MAX_DELIVER: deliveries of one event before it is dead-lettered
+    instead of retried again (an event that fails every time must not wedge the engines)."""
+    sweep_interval: float = field(
+        default_factory=lambda: float(os.environ.get("CADENZA_ENGINE_SWEEP_INTERVAL", "30"))
+    )
+    """CADENZA_ENGINE_SWEEP_INTERVAL: seconds between two sweeps of the committed run
+    records for timers that are due and did not fire (an engine killed between writing a
+    record and announcing its timers). One engine sweeps per interval; a timer missed that
+    way fires at most about two intervals late."""
     max_value_bytes: int = field(default_factory=max_value_bytes)
     """CADENZA_MAX_VALUE_BYTES: the largest value (run input, step input, run output) as
     JSON. A larger input is rejected at start, a larger rendered step input or run output
@@ -155,9 +204,11 @@ class Engine:
         self._queues: dict[str, list[tuple[Any, dict[str, Any]]]] = {}  # run -> (message, parsed event)
         self._workers: dict[str, asyncio.Task[Any]] = {}  # run -> the task processing it
         self._timers: dict[tuple[str, str], tuple[asyncio.TimerHandle, float]] = {}
+        self._timer_revisions: OrderedDict[str, int] = OrderedDict()  # run -> record revision scheduled
         self._listeners: list[StateListener] = []
         self._consumer: PullConsumer | None = None
         self._timer_watch: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.kv: Any = None
         self.outputs_kv: Any = None
@@ -167,7 +218,11 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
         """Connect to the buckets only: enough to publish definitions and start or read runs."""
-        await ensure_infrastructure(self.js, engine_ack_wait=self.settings.ack_wait)
+        await ensure_infrastructure(
+            self.js,
+            engine_ack_wait=self.settings.ack_wait,
+            engine_max_deliveries=self.settings.max_deliveries,
+        )
         self.kv = await self.js.key_value(RUNS_BUCKET)
         self.outputs_kv = await self.js.key_value(OUTPUTS_BUCKET)
         self.defs_kv = await self.js.key_value(DEFINITIONS_BUCKET)
@@ -177,6 +232,7 @@ class Engine:
         """Open the buckets and start executing: consume events, fire timers."""
         await self.open()
         self._timer_watch = asyncio.get_running_loop().create_task(self._watch_timers())
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         self._consumer = PullConsumer(
             self.nc, EVENTS_STREAM, ENGINE_CONSUMER, self._on_event, concurrency=self.settings.concurrency
         )
@@ -186,8 +242,9 @@ class Engine:
     async def stop(self) -> None:
         if self._consumer:
             await self._consumer.stop()
-        if self._timer_watch:
-            self._timer_watch.cancel()
+        for task in (self._timer_watch, self._sweeper):
+            if task:
+                task.cancel()
         for handle, _ in self._timers.values():
             handle.cancel()
         self._timers.clear()
@@ -215,9 +272,14 @@ class Engine:
         return wf.key
 
     async def definition(self, key: str) -> CompiledWorkflow:
+        from nats.js.errors import InvalidKeyError, KeyNotFoundError
+
         wf = self._definitions.get(key)
         if wf is None:
-            entry = await self.defs_kv.get(f"wf.{key}")
+            try:
+                entry = await self.defs_kv.get(f"wf.{key}")
+            except (KeyNotFoundError, InvalidKeyError):
+                raise PermanentEventError(f"workflow definition {key!r} not found") from None
             doc = loads(entry.value)
             wf = compile_workflow(doc["name"], WorkflowSpec.model_validate(doc["spec"]), doc["namespace"])
             self._definitions[key] = wf
@@ -291,12 +353,17 @@ class Engine:
         bounds the runs being processed, so an overloaded engine stops pulling.
         """
         try:
-            event = loads(msg.data)
-            run = event["run"]
-        except Exception:
-            log.warning("dropping malformed event", subject=msg.subject)
-            await msg.term()
+            event = parse_event(msg.data)
+        except PermanentEventError as exc:
+            await self._dead_letter(msg, str(exc), "malformed")
             return
+        count = deliveries(msg)
+        if count > self.settings.max_deliveries:
+            await self._dead_letter(
+                msg, f"delivered {count} times and never handled (see the engine logs)", "deliveries"
+            )
+            return
+        run = event["run"]
         queue = self._queues.get(run)
         if queue is not None:  # the run's worker takes it with its next batch
             queue.append((msg, event))
@@ -318,16 +385,30 @@ class Engine:
                     await self._process(run, batch)
                 except asyncio.CancelledError:
                     raise
+                except PermanentEventError as exc:
+                    self._cache.pop(run, None)
+                    for msg, _ in batch:
+                        await self._dead_letter(msg, f"run {run}: {exc}", "definition")
                 except Exception:
                     log.exception("event processing failed; will be redelivered", run=run)
                     self._cache.pop(run, None)
                     for msg, _ in batch:
+                        # Later each time: a failure that lasts (NATS restarting) costs few
+                        # deliveries of the bounded budget, a passing one (a conflict) little time.
                         with contextlib.suppress(Exception):
-                            await msg.nak(delay=1)
+                            await msg.nak(delay=min(30.0, 0.5 * 2 ** deliveries(msg)))
         finally:
             # Checked empty and removed with no await in between: an event that arrives
             # later finds no queue and starts a worker of its own.
             del self._queues[run]
+
+    async def _dead_letter(self, msg: Any, reason: str, kind: str) -> None:
+        log.error("event dead-lettered", subject=msg.subject, reason=reason)
+        metrics.child(metrics.DEAD_LETTERS, EVENTS_STREAM, kind).inc()
+        try:
+            await dead_letter(self.js, msg, EVENTS_STREAM, reason)
+        except Exception:
+            log.warning("dead-lettering failed; the event will come back", subject=msg.subject, exc_info=True)
 
     async def _load(self, run: str) -> _Cached | None:
         from nats.js.errors import KeyNotFoundError
@@ -397,11 +478,6 @@ class Engine:
                 )
                 cached.outputs.update(decision.stores)
             armed = {tid: t.at for tid, t in new.timers.items()}
-            if armed != armed_before:
-                # Mirrored before the record is written: a crash in between leaves a timer
-                # that fires for nothing (decide ignores it), never a record whose timer
-                # no engine knows about.
-                await self.pub.kv_put(TIMERS_BUCKET, run, dumps({"ns": new.namespace, "timers": armed}))
             data = await fit_record(self.js, new)
             try:
                 revision = await self.pub.kv_update(RUNS_BUCKET, run, data, last=cached.revision)
@@ -421,7 +497,15 @@ class Engine:
             fresh.executed = True
             fresh.state = new
             self._remember(run, fresh, new.terminal)
-            self._schedule(run, new.namespace, armed)
+            if armed != armed_before:
+                # Timers are announced only from a committed record, so a timer can never
+                # fire before the record that armed it exists (it would find nothing to do
+                # and be dropped, and its later firing de-duplicated away). A crash right
+                # here leaves a committed timer nobody announced: the sweeper fires it.
+                self._schedule(run, new.namespace, armed, revision)
+                await self.pub.kv_put(
+                    TIMERS_BUCKET, run, dumps({"ns": new.namespace, "timers": armed, "rev": revision})
+                )
             self._observe(new, events, decision)
             for listener in self._listeners:
                 result = listener(new)
@@ -570,7 +654,19 @@ class Engine:
             )
 
     # -------------------------------------------------------------------- timers
-    def _schedule(self, run: str, namespace: str, wanted: dict[str, float]) -> None:
+    def _schedule(self, run: str, namespace: str, wanted: dict[str, float], revision: int = 0) -> None:
+        """Arm this engine's local timers for `run` as its record at `revision` has them.
+
+        Announcements of two engines may arrive out of order: one from an older record
+        revision than this engine has already scheduled is ignored.
+        """
+        if revision:
+            if revision < self._timer_revisions.get(run, 0):
+                return
+            self._timer_revisions[run] = revision
+            self._timer_revisions.move_to_end(run)
+            while len(self._timer_revisions) > self.settings.cache_size:
+                self._timer_revisions.popitem(last=False)
         loop = asyncio.get_running_loop()
         for key in [k for k in self._timers if k[0] == run]:
             handle, at = self._timers[key]
@@ -606,7 +702,9 @@ class Engine:
                             self._schedule(entry.key, "default", {})
                         continue
                     doc = loads(entry.value)
-                    self._schedule(entry.key, doc.get("ns", "default"), doc.get("timers", {}))
+                    self._schedule(
+                        entry.key, doc.get("ns", "default"), doc.get("timers", {}), int(doc.get("rev", 0))
+                    )
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -618,6 +716,74 @@ class Engine:
                 if watcher is not None:
                     with contextlib.suppress(Exception):
                         await watcher.stop()
+
+    async def _sweep_forever(self) -> None:
+        """Every interval, one engine (whoever claims the round) sweeps the runs bucket."""
+        interval = self.settings.sweep_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await self._claim_sweep(interval):
+                    fired = await self.sweep(grace=interval)
+                    if fired:
+                        log.warning("sweeper fired overdue timers", timers=fired, engine=self.settings.name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("timer sweep failed; next round will try again", exc_info=True)
+
+    async def _claim_sweep(self, interval: float) -> bool:
+        """Claim this round of sweeping with compare-and-swap on one key: with several
+        engines, one reads the runs bucket per interval instead of each of them."""
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        kv = await self.js.key_value(TRIGGERS_BUCKET)
+        round_ = int(time.time() // interval)
+        try:
+            entry = await kv.get("engine.sweep")
+            last, revision = int(entry.value or b"-1"), entry.revision or 0
+        except KeyNotFoundError:
+            last, revision = -1, 0
+        if last >= round_:
+            return False
+        try:
+            if revision:
+                await kv.update("engine.sweep", str(round_).encode(), last=revision)
+            else:
+                await kv.create("engine.sweep", str(round_).encode())
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def sweep(self, grace: float, now: float | None = None) -> int:
+        """Fire every timer that committed run records hold and that is overdue by more
+        than `grace` seconds; return how many were fired.
+
+        The timer's own firing may have been lost (its engine died before announcing it,
+        or an announcement from an older record replaced it). The firing sent here has an
+        id of its own per sweep round; decide applies it only if the timer is still armed
+        for that time, so a timer that did fire meanwhile costs nothing.
+        """
+        now = time.time() if now is None else now
+        round_ = int(now // max(grace, 1e-3))
+        fired = 0
+        watcher = await self.kv.watch(">", include_history=False, ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                for tid, at, namespace in _overdue_timers(entry.value, now - grace):
+                    body = {"type": "timer", "run": entry.key, "timer": tid, "due": at}
+                    await self.pub.publish(
+                        event_subject(namespace, entry.key),
+                        dumps(body),
+                        {"Nats-Msg-Id": f"sweep:{entry.key}:{tid}:{at:.3f}:{round_}"},
+                    )
+                    fired += 1
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+        return fired
 
     # ------------------------------------------------------------------- metrics
     def _observe(self, state: RunState, events: list[dict[str, Any]], decision: Decision) -> None:
@@ -643,6 +809,8 @@ class Engine:
             elif old == "WaitingApproval" and new != old:
                 metrics.child(metrics.PENDING_APPROVALS, wf).dec()
         for ev in events:
+            if ev.get("type") == "failed" and (ev.get("error") or {}).get("type") == "PoisonTask":
+                metrics.child(metrics.DEAD_LETTERS, TASKS_STREAM, "deliveries").inc()
             if ev.get("type") in ("result", "failed") and ev.get("startedAt") and ev.get("finishedAt"):
                 step = str(ev.get("step"))
                 if ev.get("queuedAt"):
@@ -652,3 +820,19 @@ class Engine:
                 metrics.child(metrics.STEP_EXECUTION, wf, step).observe(
                     max(0.0, ev["finishedAt"] - ev["startedAt"])
                 )
+
+
+def _overdue_timers(data: bytes | None, before: float) -> list[tuple[str, float, str]]:
+    """(timer id, due time, namespace) of the timers in a stored run record due before
+    `before`. Most records hold no timer: those are passed over without parsing."""
+    if not data or b'"timers":{' not in data:
+        return []
+    record = loads(data)
+    if record.get("phase") in ("Succeeded", "Failed", "Cancelled"):
+        return []
+    namespace = record.get("namespace", "default")
+    return [
+        (tid, float(timer["at"]), namespace)
+        for tid, timer in (record.get("timers") or {}).items()
+        if float(timer.get("at", 0)) <= before
+    ]

@@ -90,13 +90,16 @@ class LocalStack:
             self.server = await asyncio.to_thread(NatsServer(store_dir=str(self.log_dir / "jetstream")).start)
         self.nc = await connect_once(self.url, name="cadenza-engine", **nats_options())
         js = self.nc.jetstream()
-        await ensure_infrastructure(js)
+        settings = EngineSettings(name="local")
+        await ensure_infrastructure(
+            js, engine_ack_wait=settings.ack_wait, engine_max_deliveries=settings.max_deliveries
+        )
         self.agents.nats_url = self.url
         for name in sorted(agents):
             agent, path = self.bundle.agents[name]
             await ensure_agent_consumer(js, self.namespace, name, parse_duration(agent.spec.ackWait))
             self.agents.start(agent, path.parent)
-        self.engine = Engine(self.nc, EngineSettings(name="local"))
+        self.engine = Engine(self.nc, settings)
         await self.engine.start()
         for wf in self.bundle.compiled.values():
             await self.engine.publish_definition(wf)
