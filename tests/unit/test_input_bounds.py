@@ -188,6 +188,17 @@ def test_a_run_input_nested_too_deeply_is_rejected_naming_the_field(depth: int) 
     WorkflowRunSpec.model_validate({"workflowRef": "w", "input": deep_list(99)})
 
 
+@pytest.mark.parametrize("depth", [101, 100_000])
+def test_an_engine_start_rejects_an_input_nested_too_deeply(depth: int) -> None:
+    """What a trigger or an API client hands to start_run, not only what the CLI parses."""
+    from cadenza_operator.engine.runtime import InputError, validate_input
+
+    wf = compile_spec({"steps": [agent_step("a")]})
+    with pytest.raises(InputError, match="nested deeper than 100 levels"):
+        validate_input(wf, {"payload": deep_list(depth)})
+    validate_input(wf, {"payload": deep_list(90)})
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(textwrap.dedent(text))
     return path

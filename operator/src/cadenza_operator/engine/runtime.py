@@ -48,7 +48,7 @@ from cadenza._publish import Publisher
 from cadenza._pull import PullConsumer
 
 from .. import metrics
-from ..models import WorkflowSpec
+from ..models import WorkflowSpec, nesting_error
 from .decide import OBJECT_REF_PREFIX, Decision, MissingOutputs, audit_commands, decide
 from .definition import CompiledWorkflow, compile_workflow, definition_document
 from .infra import (
@@ -83,8 +83,11 @@ def max_value_bytes() -> int:
 
 
 def validate_input(wf: CompiledWorkflow, value: Any, max_bytes: int | None = None) -> None:
-    """Reject an input larger than `max_bytes` (default: max_value_bytes()), or one that
-    does not match the workflow's inputSchema."""
+    """Reject an input nested too deeply, larger than `max_bytes` (default:
+    max_value_bytes()), or not matching the workflow's inputSchema."""
+    deep = nesting_error(value)  # before dumps, which would fail on it without saying where
+    if deep is not None:
+        raise InputError("", deep)
     limit = max_value_bytes() if max_bytes is None else max_bytes
     size = len(dumps(value))
     if size > limit:
