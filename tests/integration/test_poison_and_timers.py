@@ -479,3 +479,38 @@ async def test_an_attempt_abandoned_while_queued_is_never_started(fresh_nats: Na
     assert states[busy] is not None and states[busy].phase == "Succeeded"
     assert states[waiting] is not None and states[waiting].phase == "Cancelled"
     assert [run for run, _, _ in executions] == [busy]
+
+
+async def test_a_signal_that_arrives_before_its_run_is_started_is_not_lost(fresh_nats: NatsServer) -> None:
+    """With several engines, a start and a signal sent right after it are handled at once;
+    the signal may reach an engine before the start's record exists. It used to be
+    acknowledged and dropped, leaving the run waiting for ever."""
+    from cadenza_operator.engine.client import send_signal
+
+    namespace = unique_namespace()
+    spec = WorkflowSpec.model_validate(
+        {"steps": [{"name": "go", "waitFor": {"signal": "go"}}], "output": {"got": "${{ steps.go.output }}"}}
+    )
+    wf = compile_workflow("signalled", spec, namespace)
+    nc = await nats.connect(fresh_nats.url)
+    js = nc.jetstream()
+    engine = Engine(nc)
+    await engine.start()
+    try:
+        await engine.publish_definition(wf)
+        await send_signal(js, namespace, "signalled-1", "go", {"n": 1}, by="test")
+        # The engine has seen the signal (and found no run) before the run starts.
+        for _ in range(600):
+            info = await js.consumer_info(EVENTS_STREAM, ENGINE_CONSUMER)
+            if info.delivered.consumer_seq >= 1:
+                break
+            await asyncio.sleep(0.05)
+        assert (await engine.get_run("signalled-1")) is None
+        await engine.start_run(wf, {}, run_id="signalled-1")
+        final = (await phases(engine, ["signalled-1"], timeout=60))["signalled-1"]
+    finally:
+        await engine.stop()
+        await nc.close()
+    assert final is not None
+    assert final.phase == "Succeeded", final.model_dump(exclude_defaults=True)
+    assert final.outputs == {"got": {"n": 1}}

@@ -465,6 +465,8 @@ def test_a_timed_out_attempt_is_cancelled_and_retried() -> None:
     assert not d.succeed("a", "late").changed
     d.fire_next_timer()  # the retry
     assert d.task("a").attempt == 2
+    assert "timeout:a:2" not in d.state.timers  # start-to-close: nothing runs until it starts
+    d.started("a")
     d.fire_next_timer()  # times out again
     assert d.step("a").phase == "Failed"
     assert d.step("a").error is not None and d.step("a").error["retriesExhausted"] is True
@@ -479,13 +481,46 @@ def test_an_agent_reported_timeout_is_retried_too() -> None:
     assert d.state.timers["retry:a:2"].kind == "retry"
 
 
-def test_the_timeout_counts_from_the_dispatch_until_the_agent_reports_the_start() -> None:
+def test_the_timeout_counts_from_the_start_not_from_the_dispatch() -> None:
+    """An attempt queued behind a busy agent is not timed out before it began (it would be
+    retried, and the agent would later run the abandoned attempt too)."""
     d = run({"steps": [agent_step("a", timeout="10s")]})
-    assert d.state.timers["timeout:a:1"].at == T0 + 11
-    d.lose("a")
+    assert not d.state.timers
+    d.now += 60  # queued for a minute
+    d.started("a")
+    assert d.state.timers["timeout:a:1"].at == T0 + 60 + 11
     d.fire_next_timer()
     assert d.step("a").phase == "Failed"
     assert d.step("a").attempts[0].outcome == "TimedOut"
+
+
+def test_an_attempt_no_agent_starts_fails_on_its_queue_timeout_and_is_retried() -> None:
+    d = run(
+        {
+            "steps": [
+                agent_step(
+                    "a",
+                    queueTimeout="5s",
+                    timeout="10s",
+                    retry={"limit": 1, "backoff": {"initial": "1s", "jitter": 0}},
+                )
+            ]
+        }
+    )
+    assert d.state.timers["queue:a:1"].at == T0 + 5
+    d.lose("a")
+    d.fire_next_timer()
+    st = d.step("a")
+    assert st.attempts[0].outcome == "TimedOut"
+    assert st.attempts[0].error is not None and st.attempts[0].error["type"] == "QueueTimeout"
+    d.fire_next_timer()  # the retry
+    assert d.task("a").attempt == 2
+    d.now += 1
+    d.started("a")  # started in time: the queue timer is disarmed, the timeout armed
+    assert "queue:a:2" not in d.state.timers
+    assert d.state.timers["timeout:a:2"].at == d.now + 11
+    d.succeed("a")
+    assert d.phase == "Succeeded"
 
 
 # --------------------------------------------------------------------------- heartbeats
@@ -514,10 +549,10 @@ def test_an_agent_that_stops_heartbeating_times_out() -> None:
     assert d.task("a").attempt == 2
 
 
-def test_an_agent_that_never_starts_its_task_times_out_on_heartbeats() -> None:
+def test_an_agent_that_dies_after_starting_its_task_times_out_on_heartbeats() -> None:
     d = run({"steps": [agent_step("a", heartbeatTimeout="10s")]})
+    d.started("a")
     d.lose("a")
-    d.fire_next_timer()
     d.fire_next_timer()
     assert d.step("a").phase == "Failed"
     assert d.step("a").error is not None and d.step("a").error["type"] == "HeartbeatTimeout"
@@ -533,6 +568,7 @@ def test_a_redelivered_heartbeat_changes_nothing() -> None:
 
 def test_a_redelivered_heartbeat_check_does_not_fail_the_attempt() -> None:
     d = run({"steps": [agent_step("a", heartbeatTimeout="10s")]})
+    d.started("a")
     d.now += 5
     d.heartbeat("a")
     d.fire_next_timer()  # due at 10: re-armed at 15 under the same id

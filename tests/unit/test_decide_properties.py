@@ -224,6 +224,7 @@ class World:
         self.data = data
         self.silent: set[str] = set()  # tasks whose agent died: only a timer answers them
         self.heartbeats: dict[str, int] = {}
+        self.started: set[str] = set()
         # How this run's agents behave, mostly: a mix keeps both long runs and failures common.
         self.mood = self.draw(st.sampled_from(["steady", "flaky", "hostile"]), "mood")
 
@@ -314,7 +315,11 @@ class World:
             )
         elif outcome == "timeout":
             if timed:
-                self.silent.add(task.msg_id)  # the agent hangs or died: the engine's timer decides
+                # The agent started it (a timed step asks to be told), then hung or died:
+                # the engine's timer decides. (One that dies before the start is no case:
+                # JetStream hands the task to another agent.)
+                self.start(task, base)
+                self.silent.add(task.msg_id)
             else:
                 d.tasks.pop(task.msg_id)
                 d.send(
@@ -325,13 +330,19 @@ class World:
                     }
                 )
         elif outcome == "started":
-            d.send({**base, "type": "started"})
+            self.start(task, base)
         elif outcome == "heartbeat":
+            self.start(task, base)
             n = self.heartbeats[task.msg_id] = self.heartbeats.get(task.msg_id, 0) + 1
             if n > 3:  # an agent heartbeats for a while, then gets on with it
                 self.silent.add(task.msg_id)
             d.now += 1
             d.send({**base, "type": "heartbeat"})
+
+    def start(self, task: Task, base: dict[str, Any]) -> None:
+        if task.msg_id not in self.started:
+            self.started.add(task.msg_id)
+            self.d.send({**base, "type": "started"})
 
     def drain(self) -> None:
         """Every outcome comes in: answer what is open with success, fire what is armed."""

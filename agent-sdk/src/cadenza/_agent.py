@@ -237,8 +237,11 @@ class Agent:
                     "worker": worker,
                 }
                 msg_id = f"failed:{task.run_id}.{task.step}.{task.item}.{task.attempt}"
-                await pub.publish(subject, dumps(failed), {"Nats-Msg-Id": msg_id})
-                await dead_letter(js, msg, TASKS_STREAM, reason)
+                try:
+                    await self._publish_outcome(pub, subject, dumps(failed), msg_id, stop, log)
+                    await dead_letter(js, msg, TASKS_STREAM, reason)
+                except Exception:  # it comes back and is dead-lettered then (same ids)
+                    log.warning("dead-lettering failed", exc_info=True)
                 return
             started = time.time()
             report = body.get("heartbeat")
@@ -296,12 +299,16 @@ class Agent:
                 msg_id = f"{event['type']}:{task.run_id}.{task.step}.{task.item}.{task.attempt}"
                 # Durable first, then the ack: a crash in between redelivers the task and
                 # the duplicate result is dropped by Nats-Msg-Id and by the engine.
-                await pub.publish(subject, dumps(event), {"Nats-Msg-Id": msg_id})
+                await self._publish_outcome(pub, subject, dumps(event), msg_id, stop, log)
                 await msg.ack()
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await msg.nak()
                 raise
+            except Exception:
+                # The outcome could not be made durable (NATS gone while stopping): the task
+                # is not acknowledged, so JetStream hands it out again.
+                log.warning("task returned unfinished", exc_info=True)
             finally:
                 self._inflight.pop(key, None)
 
@@ -326,6 +333,25 @@ class Agent:
                 await asyncio.wait_for(nc.drain(), 5)
             with contextlib.suppress(Exception):
                 await nc.close()
+
+    async def _publish_outcome(
+        self, pub: Publisher, subject: str, data: bytes, msg_id: str, stop: asyncio.Event, log: Any
+    ) -> None:
+        """Publish an attempt's outcome, trying again while JetStream does not answer (a
+        server restarting): the work is done, and losing its outcome would mean doing it
+        again. The task stays in flight meanwhile, so its heartbeats keep it ours. Gives up
+        (raising) only once the agent is told to stop."""
+        delay = 0.1
+        while True:
+            try:
+                await pub.publish(subject, data, {"Nats-Msg-Id": msg_id})
+                return
+            except Exception as exc:
+                if stop.is_set():
+                    raise
+                log.warning("outcome not stored yet, retrying", error=repr(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _ensure_consumer(
         self, js: Any, durable: str, ns: str, ack_wait: float, stop: asyncio.Event

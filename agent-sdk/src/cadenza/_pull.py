@@ -47,6 +47,10 @@ def agent_consumer_config(namespace: str, agent: str, ack_wait: float) -> Any:
     )
 
 
+RECONNECT_CHECK = 0.25
+"""Seconds between two looks at the connection's reconnect count."""
+
+
 class PullConsumer:
     TASK_PREFIX = "cadenza-task:"
 
@@ -106,6 +110,8 @@ class PullConsumer:
             # 404/408/409: a request ended (no messages, expired, limits): reclaim what it left.
             left = msg.headers.get("Nats-Pending-Messages")
             self.requested = max(0, self.requested - int(left)) if left else 0
+            if status == "503":  # no JetStream (yet): the watchdog asks again shortly
+                return
         else:
             self.requested = max(0, self.requested - 1)
             job = asyncio.get_running_loop().create_task(
@@ -124,12 +130,20 @@ class PullConsumer:
 
     async def _renew(self) -> None:
         """Pending requests always end with a message or a 408 within `expires`. Silence for
-        longer means they were dropped (a server restart, a consumer update): ask afresh."""
+        longer means they were dropped (a consumer update): ask afresh. A reconnection
+        (a server restart) drops them too, and is seen at once: ask afresh right away
+        rather than idle for `expires` seconds while tasks wait. A request refused with
+        503 (JetStream not ready yet) is asked again at the next look, not in a loop."""
         loop = asyncio.get_running_loop()
         self._heard = loop.time()
+        stats = getattr(self.nc, "stats", None) or {}
+        reconnects = stats.get("reconnects", 0)
         while True:
-            await asyncio.sleep(self.expires)
-            if self.requested and loop.time() - self._heard > self.expires + 2:
+            await asyncio.sleep(RECONNECT_CHECK)
+            if stats.get("reconnects", 0) != reconnects:
+                reconnects = stats.get("reconnects", 0)
+                self.requested = 0
+            elif self.requested and loop.time() - self._heard > self.expires + 2:
                 self.requested = 0
             with contextlib.suppress(Exception):
                 await self._top_up()

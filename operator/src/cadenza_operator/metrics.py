@@ -73,7 +73,7 @@ AGENT_IN_FLIGHT = Gauge(
 DEAD_LETTERS = Counter(
     "cadenza_dead_letters_total",
     "Messages given up on and copied to the dead-letter stream, by source stream and reason "
-    "(malformed, deliveries, definition). Tasks are counted when their agent reports them.",
+    "(malformed, deliveries, definition, unknown-run). Tasks are counted when their agent reports them.",
     ["source", "reason"],
 )
 KUBE_WRITES = Counter(

@@ -291,7 +291,17 @@ class Step(_Model):
         None, ge=1, le=10_000, description="Items of a forEach in flight at once."
     )
     retry: RetryPolicy | None = Field(None, description="Retry policy for failed attempts.")
-    timeout: Duration | None = Field(None, description="Start-to-close limit for one attempt.")
+    timeout: Duration | None = Field(
+        None,
+        description="Start-to-close limit of one attempt: counted from the moment an agent starts it.",
+    )
+    queueTimeout: Duration | None = Field(
+        None,
+        description=(
+            "Schedule-to-start limit of one attempt: how long it may wait for an agent to start "
+            "it. Expiry is a retryable failure (QueueTimeout); unset waits as long as it takes."
+        ),
+    )
     heartbeatTimeout: Duration | None = Field(
         None, description="Fail the attempt when the agent sends no heartbeat for this long."
     )

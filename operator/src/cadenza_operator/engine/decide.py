@@ -391,6 +391,7 @@ class _Decider:
             return
         slot.startedAt = float(self.ev.get("at", self.now))
         self.record_attempt(name, item, startedAt=slot.startedAt, worker=self.ev.get("worker"))
+        self.disarm(self.timer_id("queue", name, item, slot.attempt))
         self.arm_attempt_timers(name, item, slot)
         self.changed()
 
@@ -473,9 +474,22 @@ class _Decider:
                 self.fail_step(name, "timed out waiting for a signal")
         elif timer.kind == "retry":
             self.dispatch(timer.step or "", timer.item, retry=True)
-        elif timer.kind in ("timeout", "heartbeat"):
+        elif timer.kind in ("queue", "timeout", "heartbeat"):
             slot = self.slot(timer.step or "", timer.item)
             if slot is None or not slot.running or slot.attempt != timer.attempt:
+                return
+            if timer.kind == "queue":
+                if slot.startedAt is not None:
+                    return  # started in time (the start disarms it; this is a stale firing)
+                cs = self.step_def(timer.step or "")
+                # The task stays queued; the agent that takes it finds the attempt abandoned.
+                error = {
+                    "type": "QueueTimeout",
+                    "message": f"no agent started the attempt within {cs.queue_timeout:g}s",
+                    "retryable": True,
+                    "timeout": True,
+                }
+                self.attempt_failed(timer.step or "", timer.item, slot, error, "TimedOut")
                 return
             if timer.kind == "heartbeat":
                 cs = self.step_def(timer.step or "")
@@ -553,7 +567,7 @@ class _Decider:
             self.changed()
 
     def disarm_slot(self, name: str, item: int | None, attempt: int) -> None:
-        for kind in ("timeout", "heartbeat"):
+        for kind in ("queue", "timeout", "heartbeat"):
             self.disarm(self.timer_id(kind, name, item, attempt))
 
     def arm_attempt_timers(self, name: str, item: int | None, slot: Slot) -> None:
@@ -831,9 +845,21 @@ class _Decider:
                 body=body,
                 agent=cs.agent,
             )
-            if cs.timeout or cs.heartbeat:
-                # Until the agent reports the start, the timers count from the dispatch.
-                self.arm_attempt_timers(name, item, slot)
+            # `timeout` and `heartbeatTimeout` are start-to-close: their timers are armed
+            # when the agent reports the start (on_started), never at dispatch, so an
+            # attempt waiting behind a busy agent is not timed out (and retried, and then
+            # run twice) before it began. Waiting has a limit of its own: queueTimeout.
+            if cs.queue_timeout is not None:
+                self.arm(
+                    self.timer_id("queue", name, item, slot.attempt),
+                    Timer(
+                        at=self.now + cs.queue_timeout,
+                        kind="queue",
+                        step=name,
+                        item=item,
+                        attempt=slot.attempt,
+                    ),
+                )
         self.changed()
 
     def child_id(self, name: str, item: int | None, attempt: int) -> str:

@@ -42,6 +42,7 @@ class CompiledStep:
     window: int
     timeout: float | None
     heartbeat: float | None
+    queue_timeout: float | None
     retry_limit: int
     backoff_initial: float
     backoff_factor: float
@@ -132,9 +133,9 @@ def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) 
         if step.forEach and kind not in ("agent", "workflow"):
             raise DefinitionError(f"{path}.forEach", f"forEach needs an agent or workflow step, not {kind}")
         unused = {
-            "approval": ("timeout", "heartbeatTimeout", "retry"),  # approval.timeout decides
-            "signal": ("timeout", "heartbeatTimeout", "retry"),  # waitFor.timeout decides
-            "workflow": ("heartbeatTimeout",),  # a child run sends no heartbeats
+            "approval": ("timeout", "queueTimeout", "heartbeatTimeout", "retry"),  # approval.timeout decides
+            "signal": ("timeout", "queueTimeout", "heartbeatTimeout", "retry"),  # waitFor.timeout decides
+            "workflow": ("queueTimeout", "heartbeatTimeout"),  # a child run has no queue, no heartbeats
         }.get(kind, ())
         for name in unused:
             if getattr(step, name) is not None:
@@ -145,12 +146,14 @@ def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) 
         deps = tuple(step.dependsOn)
         on_failure = step.onFailure
         heartbeat = _seconds(step.heartbeatTimeout, f"{path}.heartbeatTimeout")
+        queue_timeout = _seconds(step.queueTimeout, f"{path}.queueTimeout")
         approval_timeout = (
             _seconds(step.approval.timeout, f"{path}.approval.timeout") if step.approval else None
         )
         signal_timeout = _seconds(step.waitFor.timeout, f"{path}.waitFor.timeout") if step.waitFor else None
     else:
         kind, window, deps, on_failure, heartbeat = "agent", 1, (), "fail", None
+        queue_timeout = None
         approval_timeout = signal_timeout = None
     return CompiledStep(
         name=step.name,
@@ -163,6 +166,7 @@ def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) 
         window=window,
         timeout=_seconds(step.timeout, f"{path}.timeout"),
         heartbeat=heartbeat,
+        queue_timeout=queue_timeout,
         retry_limit=retry.limit if retry else 0,
         backoff_initial=_seconds_or(
             backoff.initial if backoff else None, f"{path}.retry.backoff.initial", 1.0

@@ -405,6 +405,24 @@ class Engine:
             # later finds no queue and starts a worker of its own.
             del self._queues[run]
 
+    async def _await_start(self, run: str, msgs: list[Any]) -> None:
+        """Events for a run with no record and no start among them: handed back for later.
+
+        With several engines, a run's start and an event sent right after it (a signal,
+        an approval, a cancel) are handled at once by two engines: the event may come
+        before the start's record is written. Acknowledging it would lose it for good;
+        it comes back with a growing delay, and is dead-lettered only once its
+        deliveries are spent (a run that truly does not exist).
+        """
+        for msg in msgs:
+            count = deliveries(msg)
+            if count >= self.settings.max_deliveries:
+                await self._dead_letter(msg, f"run {run} does not exist ({count} deliveries)", "unknown-run")
+            else:
+                log.info("event for a run not started yet; will look again", run=run, deliveries=count)
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=min(30.0, 0.5 * 2**count))
+
     async def _dead_letter(self, msg: Any, reason: str, kind: str) -> None:
         log.error("event dead-lettered", subject=msg.subject, reason=reason)
         metrics.child(metrics.DEAD_LETTERS, EVENTS_STREAM, kind).inc()
@@ -449,11 +467,7 @@ class Engine:
             if cached is None:
                 cached = await self._initial(events)
                 if cached is None:
-                    log.warning(
-                        "events for an unknown run dropped", run=run, types=[e.get("type") for e in events]
-                    )
-                    for msg in msgs:
-                        await msg.ack()
+                    await self._await_start(run, msgs)
                     return
             # The parsed record is reused between events; decide works on it in place
             # (copy=False) and it is dropped whenever a decision does not get written.

@@ -37,9 +37,9 @@ async def serve(nats_url: str, name: str | None = None, creds: str | None = None
         return
     engine = Engine(nc, EngineSettings(name=name))
     try:
-        await engine.start()
-        log.info("engine serving", nats=nats_url, engine=name)
-        await stop.wait()
+        if await _start(engine, stop, name):
+            log.info("engine serving", nats=nats_url, engine=name)
+            await stop.wait()
     finally:
         # With NATS gone, stopping consumers and draining wait for a reconnection that
         # may never come: bound them, then close, so SIGTERM always ends the process.
@@ -50,3 +50,24 @@ async def serve(nats_url: str, name: str | None = None, creds: str | None = None
         with contextlib.suppress(Exception):
             await nc.close()
         log.info("engine stopped", engine=name)
+
+
+async def _start(engine: Engine, stop: asyncio.Event, name: str) -> bool:
+    """Start the engine, trying again while JetStream does not answer (a server restarting
+    answers the connection before its streams): one log line per attempt, and SIGTERM
+    ends the wait. False when stopped first."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await engine.start()
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("engine could not start, retrying", engine=name, error=repr(exc), retry_in=delay)
+            with contextlib.suppress(Exception):
+                await engine.stop()  # what the failed start had begun (stop leaves it restartable)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 15.0)
+    return False

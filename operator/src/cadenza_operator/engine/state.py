@@ -73,7 +73,7 @@ class StepState(Slot):
 
 class Timer(_State):
     at: float
-    kind: Literal["retry", "timeout", "heartbeat", "approval", "signal", "deadline"]
+    kind: Literal["retry", "queue", "timeout", "heartbeat", "approval", "signal", "deadline"]
     step: str | None = None
     item: int | None = None
     attempt: int | None = None
