@@ -514,3 +514,52 @@ async def test_a_signal_that_arrives_before_its_run_is_started_is_not_lost(fresh
     assert final is not None
     assert final.phase == "Succeeded", final.model_dump(exclude_defaults=True)
     assert final.outputs == {"got": {"n": 1}}
+
+
+async def test_a_timeout_counts_from_the_start_not_from_the_wait_behind_a_busy_agent(
+    fresh_nats: NatsServer,
+) -> None:
+    """An agent with concurrency 1 is busy for 3 s; a step with `timeout: 1s` waits behind
+    it. The timeout is start-to-close: the waiting attempt runs once, and in time."""
+    namespace = unique_namespace()
+    spec = WorkflowSpec.model_validate(
+        {
+            "steps": [
+                {
+                    "name": "a",
+                    "agent": "flaky",
+                    "timeout": "1s",
+                    "input": {"n": "${{ input.n }}", "sleep": "${{ input.sleep }}"},
+                }
+            ]
+        }
+    )
+    wf = compile_workflow("timed", spec, namespace)
+    blocker = compile_workflow(
+        "blocker",
+        WorkflowSpec.model_validate(
+            {"steps": [{"name": "a", "agent": "flaky", "input": {"n": 0, "sleep": "${{ input.sleep }}"}}]}
+        ),
+        namespace,
+    )
+    nc = await nats.connect(fresh_nats.url)
+    engine = Engine(nc)
+    await engine.start()
+    await ensure_agent_consumer(nc.jetstream(), namespace, "flaky")
+    executions: list[tuple[str, str, int]] = []
+    agent = flaky_agent(executions)
+    agent.concurrency = 1
+    try:
+        async with serving(agent, fresh_nats.url, namespace):
+            busy = await engine.start_run(blocker, {"sleep": 3}, run_id="blocker-1")
+            await wait_for(lambda: executions, timeout=30)
+            timed = await engine.start_run(wf, {"n": 5, "sleep": 0}, run_id="timed-1")
+            states = await phases(engine, [busy, timed], timeout=60)
+    finally:
+        await engine.stop()
+        await nc.close()
+    state = states[timed]
+    assert state is not None
+    assert state.phase == "Succeeded", state.steps["a"].attempts
+    assert state.steps["a"].attempt == 1
+    assert [e for e in executions if e[0] == timed] == [(timed, "a", 1)]
