@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +14,9 @@ from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.local.processes import AgentProcess, AgentProcesses
 from cadenza_operator.models import Agent
 
+from ..integration.harness import start_engine
 from .workload import AGENTS_PY, FRAGILE, WORKER
 
-ROOT = Path(__file__).resolve().parents[2]
 ENGINE_ACK_WAIT = 2.0  # seconds: a killed engine's events go to another engine this fast
 AGENT_ACK_WAIT = "2s"
 
@@ -76,16 +75,7 @@ class Cluster:
     def _spawn_engine(self) -> subprocess.Popen[bytes]:
         name = f"engine-{self.engine_serial}"
         self.engine_serial += 1
-        env = {**os.environ, "CADENZA_ENGINE_ACK_WAIT": str(ENGINE_ACK_WAIT), "CADENZA_LOG_FORMAT": "json"}
-        with open(self.workdir / f"{name}.log", "ab") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "cadenza_operator.cli", "engine", "--nats", self.url, "--name", name],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-            )
+        return start_engine(self.url, name, self.workdir, CADENZA_ENGINE_ACK_WAIT=str(ENGINE_ACK_WAIT))
 
     # ------------------------------------------------------------------ faults
     def kill_engine(self, index: int) -> None:

@@ -36,8 +36,9 @@ from cadenza_operator.engine.runtime import Engine, EngineSettings
 from cadenza_operator.engine.state import RunState
 from cadenza_operator.models import WorkflowSpec
 
+from ..conftest import ROOT
 from . import measure
-from .cluster import ENGINE_ACK_WAIT, ROOT, Cluster
+from .cluster import ENGINE_ACK_WAIT, Cluster
 from .workload import FRAGILE, WORKER, WORKFLOWS, PlannedRun, plan_runs
 
 T = TypeVar("T")

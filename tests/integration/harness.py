@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 import uuid
 from pathlib import Path
@@ -11,6 +14,21 @@ from cadenza_operator.local.runner import RunOptions, execute
 from cadenza_operator.manifests import load
 
 from ..kube.fixtures import wait_for
+
+
+def start_engine(url: str, name: str, log_dir: Path, **env: str) -> subprocess.Popen[bytes]:
+    """A `cadenza engine` process, as users run several of them; its output in log_dir/NAME.log."""
+    from ..conftest import ROOT
+
+    with open(log_dir / f"{name}.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cadenza_operator.cli", "engine", "--nats", url, "--name", name],
+            env={**os.environ, "CADENZA_LOG_FORMAT": "json", **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
 
 
 def unique_namespace() -> str:

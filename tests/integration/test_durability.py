@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter
@@ -29,8 +28,7 @@ from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.local.processes import AgentProcesses
 from cadenza_operator.models import Agent, WorkflowSpec
 
-from ..conftest import ROOT
-from .harness import unique_namespace
+from .harness import start_engine, unique_namespace
 
 SEED = 20261121
 RUNS = int(os.environ.get("CRASH_RUNS", "200"))
@@ -82,26 +80,8 @@ SPEC = {
 }
 
 
-def start_engine(url: str, index: int, log_dir: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "CADENZA_ENGINE_ACK_WAIT": "2", "CADENZA_LOG_FORMAT": "json"}
-    with open(log_dir / f"engine-{index}.log", "ab") as log:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cadenza_operator.cli",
-                "engine",
-                "--nats",
-                url,
-                "--name",
-                f"engine-{index}",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=ROOT,
-        )
+def engine(url: str, index: int, log_dir: Path) -> subprocess.Popen[bytes]:
+    return start_engine(url, f"engine-{index}", log_dir, CADENZA_ENGINE_ACK_WAIT="2")
 
 
 async def test_engines_killed_at_random_points_lose_and_duplicate_nothing(tmp_path: Path) -> None:
@@ -130,9 +110,7 @@ async def test_engines_killed_at_random_points_lose_and_duplicate_nothing(tmp_pa
         await ensure_agent_consumer(nc.jetstream(), namespace, "noop", 10)
         agents = AgentProcesses(server.url, namespace, tmp_path)
         agents.start(agent, tmp_path)
-        engines = [
-            start_engine(server.url, i, tmp_path) for i in range(int(os.environ.get("CRASH_ENGINES", "3")))
-        ]
+        engines = [engine(server.url, i, tmp_path) for i in range(int(os.environ.get("CRASH_ENGINES", "3")))]
         # The kill schedule is drawn up front from the seed, and the runs are fed in
         # evenly across its whole window: every kill lands while runs are in flight,
         # however fast or slow the machine is.
@@ -167,7 +145,7 @@ async def test_engines_killed_at_random_points_lose_and_duplicate_nothing(tmp_pa
                 engines[victim].send_signal(signal.SIGKILL)
                 engines[victim].wait()
                 kills += 1
-                engines[victim] = start_engine(server.url, next_index, tmp_path)
+                engines[victim] = engine(server.url, next_index, tmp_path)
                 next_index += 1
             await feeder
 

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,9 +43,9 @@ from cadenza_operator.engine.state import RunState
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.models import WorkflowSpec
 
-from ..conftest import ROOT, cadenza
+from ..conftest import cadenza
 from ..kube.fixtures import wait_for
-from .harness import agent_manifest, run_project, unique_namespace, write_project
+from .harness import agent_manifest, run_project, start_engine, unique_namespace, write_project
 
 TERMINAL = ("Succeeded", "Failed", "Cancelled")
 
@@ -99,30 +98,10 @@ async def serving(agent: Agent, url: str, namespace: str) -> AsyncIterator[None]
 def engine_processes(
     url: str, count: int, log_dir: Path, **env: str
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """`cadenza engine` processes, as a user runs several of them."""
     procs = []
     try:
         for i in range(count):
-            with open(log_dir / f"engine-{i}.log", "ab") as log:
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "cadenza_operator.cli",
-                            "engine",
-                            "--nats",
-                            url,
-                            "--name",
-                            f"e{i}",
-                        ],
-                        env={**os.environ, "CADENZA_LOG_FORMAT": "json", **env},
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        cwd=ROOT,
-                    )
-                )
+            procs.append(start_engine(url, f"e{i}", log_dir, **env))
         yield procs
     finally:
         for proc in procs:
