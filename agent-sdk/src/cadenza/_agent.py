@@ -216,7 +216,15 @@ class Agent:
             }
             subject = event_subject(ns, task.run_id)
             log = self.log.bind(run=task.run_id, step=task.step, item=task.item, attempt=task.attempt)
-            why = await abandoned(runs_kv, body)
+            try:
+                why = await self._currency(runs_kv, body, msg)
+            except Exception as exc:
+                # Cannot tell (JetStream not answering: a server restarting). Running it
+                # could repeat an abandoned attempt; it comes back in a moment instead.
+                log.warning("run record unreadable; task returned for later", error=repr(exc))
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=2.0)
+                return
             if why is not None:
                 # The engine gave up on this attempt (timed out, cancelled, the run ended) or
                 # already has its outcome: running it now could only repeat side effects.
@@ -334,6 +342,20 @@ class Agent:
             with contextlib.suppress(Exception):
                 await nc.close()
 
+    async def _currency(self, runs_kv: Any, body: dict[str, Any], msg: Any) -> str | None:
+        """`abandoned()`, asked again for a few seconds while the record cannot be read,
+        keeping the task ours meanwhile; raises when it still cannot be read."""
+        delay = 0.1
+        for _ in range(6):  # about 6 s in all
+            try:
+                return await abandoned(runs_kv, body)
+            except Exception:
+                await asyncio.sleep(delay)
+                delay *= 2
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+        return await abandoned(runs_kv, body)
+
     async def _publish_outcome(
         self, pub: Publisher, subject: str, data: bytes, msg_id: str, stop: asyncio.Event, log: Any
     ) -> None:
@@ -434,8 +456,8 @@ def parse_task(data: bytes) -> dict[str, Any]:
 
 
 async def abandoned(runs_kv: Any, body: dict[str, Any]) -> str | None:
-    """Why the attempt a task carries is no longer current, or None when it is (or when
-    the run record cannot be read: the engine then ignores an outcome it does not expect).
+    """Why the attempt a task carries is no longer current, or None when it is; raises when
+    the run record cannot be read (NATS errors), as then nobody can tell.
 
     The engine writes a run record before it sends the record's tasks, so the record read
     here is at least as new as the task; an older one (a lagging replica) shows a lower
@@ -447,8 +469,6 @@ async def abandoned(runs_kv: Any, body: dict[str, Any]) -> str | None:
         entry = await runs_kv.get(body["run"])
     except KeyNotFoundError:
         return "the run no longer exists"
-    except Exception:
-        return None
     if not entry.value:
         return "the run no longer exists"
     record = loads(entry.value)
