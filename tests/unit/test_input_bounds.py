@@ -315,3 +315,32 @@ def test_a_recursive_alias_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(InvalidManifests) as caught:
         load([path])
     assert "alias refers to a node that contains it" in str(caught.value)
+
+
+# ------------------------------------------------------------------ the widest forEach
+
+
+def test_the_widest_forEach_window_keeps_the_record_writable() -> None:
+    """maxParallel 10,000 used to pass validation and make the start's record 3.6 MB,
+    which NATS (1 MiB per message) never stores: the run could never start. The widest
+    window allowed keeps the record, with its 1,000 task commands, well under the limit."""
+    from cadenza_operator.engine.decide import audit_commands, decide
+    from cadenza_operator.engine.state import RunState
+    from cadenza_operator.models import MAX_PARALLEL, WorkflowSpec
+
+    with pytest.raises(ValidationError, match="less than or equal to 1000"):
+        WorkflowSpec.model_validate(
+            {"steps": [agent_step("f", forEach="input.xs", maxParallel=10_000, input={"x": "${{ item }}"})]}
+        )
+    for window in ({"maxParallel": MAX_PARALLEL}, {}):  # the widest, and the default
+        wf = compile_spec(
+            {"steps": [agent_step("f", forEach="input.xs", input={"x": "${{ item }}"}, **window)]}
+        )
+        state = RunState(
+            run="r" * 60, workflow="wf", definition=wf.key, createdAt=1.0, input={"xs": list(range(10_000))}
+        )
+        decision = decide(state, {"type": "start", "run": state.run, "at": 1.0}, wf)
+        record = decision.state
+        record.outbox = decision.commands + audit_commands(decision.audit)
+        assert len(decision.commands) == MAX_PARALLEL
+        assert len(record.to_bytes()) < 768 * 1024

@@ -67,6 +67,8 @@ Duration = Annotated[
 ]
 
 
+MAX_PARALLEL = 1000
+"""The largest forEach window (maxParallel); also the default one."""
 MAX_VALUE_DEPTH = 100
 """How deeply a JSON value (a run input, a step input, an output mapping) may nest. The
 engine parses every event and run record with pydantic-core, which refuses JSON nested
@@ -288,7 +290,13 @@ class Step(_Model):
         None, description="CEL list: run the step once per item (binds item and index)."
     )
     maxParallel: int | None = Field(
-        None, ge=1, le=10_000, description="Items of a forEach in flight at once."
+        None,
+        ge=1,
+        # The run record holds one slot and, when they start, one task command per item in
+        # flight: 1,000 keep it near 400 KB, under NATS's 1 MiB message limit. 10,000 made
+        # a 3.6 MB record that could never be written (the run never started).
+        le=MAX_PARALLEL,
+        description=f"Items of a forEach in flight at once (at most {MAX_PARALLEL}, the default).",
     )
     retry: RetryPolicy | None = Field(None, description="Retry policy for failed attempts.")
     timeout: Duration | None = Field(

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..expressions import Expr, ExpressionError, Template, compile_expr, compile_template
-from ..models import OnExitStep, Step, WorkflowSpec, parse_duration
+from ..models import MAX_PARALLEL, OnExitStep, Step, WorkflowSpec, parse_duration
 
-DEFAULT_FOREACH_WINDOW = 1000
+DEFAULT_FOREACH_WINDOW = MAX_PARALLEL
 """Items of a forEach in flight when maxParallel is unset: bounds the run record and memory."""
 
 GRAPH_VARS = frozenset({"input", "steps", "run"})
