@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from cadenza_operator.engine.runtime import _stored_at
+from cadenza._ackinfo import stored_at as _stored_at
 from nats.aio.msg import Msg
 
 

@@ -23,9 +23,10 @@ from typing import Any
 import structlog
 
 from . import _payloads
+from ._ackinfo import deliveries, stored_at
 from ._connect import connect_until_stopped
 from ._context import KVContext
-from ._deadletter import MAX_DELIVERIES, dead_letter, deliveries
+from ._deadletter import MAX_DELIVERIES, dead_letter
 from ._errors import TaskError
 from ._logging import configure_logging
 from ._protocol import (
@@ -42,9 +43,16 @@ from ._protocol import (
 )
 from ._publish import Publisher
 from ._pull import PullConsumer, agent_consumer_config
+from ._reads import SharedReads
 from ._task import Task
 
 Handler = Callable[[Task], Any]
+
+STALE_AFTER = 0.5
+"""Seconds a task may have waited in the queue before the agent reads the run record to
+see whether its attempt is still current (see Agent._may_be_stale)."""
+CANCEL_MEMORY = 60.0
+"""Seconds an agent remembers a run's cancel notice, for tasks of that run still queued."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,7 @@ class Agent:
         self.concurrency = concurrency
         self._handler: Handler | None = None
         self._inflight: dict[str, _InFlight] = {}
+        self._cancels: dict[tuple[str, Any], float] = {}  # (run, step or None) -> when heard
         # Lazy: bound at first use, after agent.run() has configured logging (a .bind() here
         # would keep structlog's unconfigured console output, even where JSON is wanted).
         self.log = structlog.get_logger("cadenza.agent", agent=name)
@@ -171,12 +180,13 @@ class Agent:
         durable = consumer_name(ns, self.name)
         await self._ensure_consumer(js, durable, ns, settings.ack_wait, stop)
         context_kv = await js.key_value(CONTEXT_BUCKET)
-        runs_kv = await js.key_value(RUNS_BUCKET)
+        runs_kv = SharedReads(await js.key_value(RUNS_BUCKET))  # one read per burst of a run's tasks
         worker = f"{socket.gethostname()}:{os.getpid()}"
         heartbeat_every = max(0.2, settings.ack_wait / 3)
 
         async def on_cancel(msg: Any) -> None:
             data = loads(msg.data)
+            self._note_cancel(data.get("run"), data.get("step"))
             for held in list(self._inflight.values()):
                 if held.task.run_id == data.get("run") and data.get("step") in (None, held.task.step):
                     held.task.cancel()
@@ -217,7 +227,7 @@ class Agent:
             subject = event_subject(ns, task.run_id)
             log = self.log.bind(run=task.run_id, step=task.step, item=task.item, attempt=task.attempt)
             try:
-                why = await self._currency(runs_kv, body, msg)
+                why = await self._currency(runs_kv, body, msg) if self._may_be_stale(body, msg) else None
             except Exception as exc:
                 # Cannot tell (JetStream not answering: a server restarting). Running it
                 # could repeat an abandoned attempt; it comes back in a moment instead.
@@ -341,6 +351,38 @@ class Agent:
                 await asyncio.wait_for(nc.drain(), 5)
             with contextlib.suppress(Exception):
                 await nc.close()
+
+    def _note_cancel(self, run: Any, step: Any) -> None:
+        now = time.monotonic()
+        key = (str(run), step)
+        self._cancels.pop(key, None)  # re-inserted last: the dict stays in the order heard
+        self._cancels[key] = now
+        if len(self._cancels) > 10_000:  # bounded: forget the oldest half
+            for key in list(self._cancels)[:5_000]:
+                del self._cancels[key]
+        while self._cancels and now - next(iter(self._cancels.values())) > CANCEL_MEMORY:
+            del self._cancels[next(iter(self._cancels))]
+
+    def _may_be_stale(self, body: dict[str, Any], msg: Any) -> bool:
+        """Whether the engine may have given up on this attempt before it got here.
+
+        It can only have if something happened after the dispatch: the task comes again
+        (a crash, a lost ack), it waited in the queue (a busy agent: a cancel, a failure
+        elsewhere, a queue timeout may have come meanwhile), or a cancel for its run was
+        heard. A task taken at once needs no read of the run record: that read on every
+        task cost a fan-out of 100 tasks twice its time. The wait is measured from the time
+        JetStream stored the task (its server's clock) to this process's clock: clocks
+        apart by more than STALE_AFTER would let an old task pass unread.
+        """
+        if deliveries(msg) > 1:
+            return True
+        now = time.time()
+        limit = STALE_AFTER
+        if body.get("queueTimeout"):
+            limit = min(limit, float(body["queueTimeout"]) / 2)
+        if now - stored_at(msg, now) > limit:
+            return True
+        return (body["run"], None) in self._cancels or (body["run"], body["step"]) in self._cancels
 
     async def _currency(self, runs_kv: Any, body: dict[str, Any], msg: Any) -> str | None:
         """`abandoned()`, asked again for a few seconds while the record cannot be read,

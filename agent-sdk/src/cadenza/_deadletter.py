@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._ackinfo import deliveries, stream_sequence
 from ._protocol import DEAD_LETTER_STREAM
 
 MAX_DELIVERIES = 5
@@ -23,26 +24,6 @@ REASON = "Cadenza-Dead-Reason"
 SOURCE = "Cadenza-Dead-Source"
 SUBJECT = "Cadenza-Dead-Subject"
 DELIVERIES = "Cadenza-Dead-Deliveries"
-
-
-def deliveries(msg: Any) -> int:
-    """How many times JetStream has delivered `msg`, read from its ack subject.
-
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`` (or with ``<domain>.<account>``
-    after ACK): parsing it here avoids nats-py's metadata objects on every message.
-    """
-    tokens = (getattr(msg, "reply", None) or "").split(".")
-    index = 4 if len(tokens) == 9 else 6 if len(tokens) >= 11 else -1
-    try:
-        return int(tokens[index]) if index >= 0 else 1
-    except ValueError:
-        return 1
-
-
-def _stream_sequence(msg: Any) -> str:
-    tokens = (getattr(msg, "reply", None) or "").split(".")
-    index = 5 if len(tokens) == 9 else 7 if len(tokens) >= 11 else -1
-    return tokens[index] if index >= 0 else "0"
 
 
 def _header_text(text: str, limit: int = 2000) -> str:
@@ -63,7 +44,7 @@ async def dead_letter(js: Any, msg: Any, source: str, reason: str) -> None:
         SOURCE: source,
         SUBJECT: msg.subject,
         DELIVERIES: str(deliveries(msg)),
-        "Nats-Msg-Id": f"dead:{source}:{_stream_sequence(msg)}",
+        "Nats-Msg-Id": f"dead:{source}:{stream_sequence(msg)}",
     }
     await js.publish(f"cadenza.dead.{suffix}", msg.data or b"", headers=headers, stream=DEAD_LETTER_STREAM)
     await msg.term()

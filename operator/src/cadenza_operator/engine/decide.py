@@ -835,6 +835,7 @@ class _Decider:
                 "scope": self.s.scope or self.s.run,
                 "timeout": cs.timeout,
                 "heartbeat": cs.heartbeat,
+                "queueTimeout": cs.queue_timeout,
                 "queuedAt": self.now,
                 "notifyStart": bool(cs.timeout or cs.heartbeat),
             }

@@ -103,10 +103,27 @@ async def ensure_infrastructure(
         (TIMERS_BUCKET, 1),
         (TRIGGERS_BUCKET, 1),
     ):
-        with contextlib.suppress(Exception):
-            await js.create_key_value(
-                KeyValueConfig(bucket=bucket, history=history, storage=StorageType.FILE, replicas=replicas)
-            )
+        # Direct gets: a read is answered by the stream itself, not queued behind every
+        # other JetStream API request (0.35 ms instead of 0.8 ms, and concurrent reads no
+        # longer serialise). Agents read a run record before each task (is the attempt
+        # still current?), engines on every cache miss.
+        try:
+            info = await js.stream_info(f"KV_{bucket}")
+        except NotFoundError:
+            with contextlib.suppress(Exception):  # another process created it meanwhile
+                await js.create_key_value(
+                    KeyValueConfig(
+                        bucket=bucket,
+                        history=history,
+                        storage=StorageType.FILE,
+                        replicas=replicas,
+                        direct=True,
+                    )
+                )
+            continue
+        if not info.config.allow_direct:  # a bucket an earlier version created
+            info.config.allow_direct = True
+            await js.update_stream(info.config)
     # The audit trail costs the engine nothing: every run-record revision carries the
     # audit records of its decision (in its outbox), and the server copies each revision of
     # the runs bucket into this stream by itself (a stream source). `read_audit` reads it.

@@ -28,7 +28,8 @@ from typing import Any
 
 import structlog
 from cadenza import _payloads
-from cadenza._deadletter import dead_letter, deliveries
+from cadenza._ackinfo import deliveries, stored_at
+from cadenza._deadletter import dead_letter
 from cadenza._protocol import (
     DEFINITIONS_BUCKET,
     EVENTS_STREAM,
@@ -134,25 +135,6 @@ def parse_event(data: bytes) -> dict[str, Any]:
 
 def new_run_id(workflow: str) -> str:
     return f"{workflow}-{uuid.uuid4().hex[:10]}"
-
-
-def _stored_at(msg: Any, default: float) -> float:
-    """When JetStream stored the event: the timestamp token of its ack subject.
-
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>``, or with
-    ``<domain>.<account hash>`` after ACK and a random token last (the newer form).
-    nats-py's ``msg.metadata`` parses all of it into objects and a datetime: on every
-    event that was a few percent of the engine's CPU, for this one number.
-    """
-    tokens = (msg.reply or "").split(".")
-    try:
-        if len(tokens) == 9:
-            return int(tokens[7]) / 1e9
-        if len(tokens) >= 11:
-            return int(tokens[9]) / 1e9
-    except ValueError:
-        pass
-    return default
 
 
 @dataclass
@@ -454,7 +436,7 @@ class Engine:
         events = []
         now = time.time()
         for msg, ev in batch:
-            ev["at"] = _stored_at(msg, now)
+            ev["at"] = stored_at(msg, now)
             metrics.ENGINE_EVENT_LAG.observe(max(0.0, now - ev["at"]))
             events.append(ev)
         # A start for a run this engine has not seen: create the record right away, no read
