@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cadenza._protocol import AUDIT_STREAM, RUNS_BUCKET, loads
+from cadenza._protocol import loads
+from cadenza_operator.engine.audit import revisions
 from cadenza_operator.engine.state import TERMINAL_RUN, RunState
 
 from .workload import PlannedRun
@@ -100,33 +101,19 @@ class Trail:
 
 async def read_trail(js: Any, namespace: str, idle: float = 2.0) -> Trail:
     trail = Trail(Counter(), {}, {})
-    sub = await js.subscribe(f"$KV.{RUNS_BUCKET}.>", stream=AUDIT_STREAM, ordered_consumer=True)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=idle)
-            except TimeoutError:
-                break
-            if not msg.data:
-                continue
-            state = loads(msg.data)
-            if state.get("namespace", "default") != namespace:
-                continue
-            run = state["run"]
-            at = msg.metadata.timestamp.timestamp()
-            for command in state.get("outbox", []):
-                for rec in command.get("records", []) if command.get("op") == "audit" else []:
-                    if rec["step"] and rec["to"] == "Succeeded" and rec["from"] != "Succeeded":
-                        trail.applied[(run, rec["step"])] += 1
-            if state.get("phase") in TERMINAL and run not in trail.finished:
-                trail.finished[run] = at
-            for name, step in (state.get("steps") or {}).items():
-                for attempt in step.get("attempts") or []:
-                    key = (run, name, attempt["n"])
-                    if attempt.get("outcome") in ABANDONED and key not in trail.given_up:
-                        trail.given_up[key] = (attempt["outcome"], at)
-    finally:
-        await sub.unsubscribe()
+    async for state, at in revisions(js, namespace, idle=idle):
+        run = state["run"]
+        for command in state.get("outbox", []):
+            for rec in command.get("records", []) if command.get("op") == "audit" else []:
+                if rec["step"] and rec["to"] == "Succeeded" and rec["from"] != "Succeeded":
+                    trail.applied[(run, rec["step"])] += 1
+        if state.get("phase") in TERMINAL and run not in trail.finished:
+            trail.finished[run] = at
+        for name, step in (state.get("steps") or {}).items():
+            for attempt in step.get("attempts") or []:
+                key = (run, name, attempt["n"])
+                if attempt.get("outcome") in ABANDONED and key not in trail.given_up:
+                    trail.given_up[key] = (attempt["outcome"], at)
     return trail
 
 

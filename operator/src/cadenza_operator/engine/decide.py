@@ -131,6 +131,11 @@ def decide(
     return d.decision
 
 
+def _timed_out(kind: str, message: str) -> dict[str, Any]:
+    """The failure of an attempt one of its timers ended: retryable, and counted as a timeout."""
+    return {"type": kind, "message": message, "retryable": True, "timeout": True}
+
+
 def _json_size(value: Any) -> int:
     return len(dumps(value))  # the size it will have on the wire and in the record
 
@@ -483,18 +488,15 @@ class _Decider:
                     return  # started in time (the start disarms it; this is a stale firing)
                 cs = self.step_def(timer.step or "")
                 # The task stays queued; the agent that takes it finds the attempt abandoned.
-                error = {
-                    "type": "QueueTimeout",
-                    "message": f"no agent started the attempt within {cs.queue_timeout:g}s",
-                    "retryable": True,
-                    "timeout": True,
-                }
+                error = _timed_out(
+                    "QueueTimeout", f"no agent started the attempt within {cs.queue_timeout:g}s"
+                )
                 self.attempt_failed(timer.step or "", timer.item, slot, error, "TimedOut")
                 return
             if timer.kind == "heartbeat":
                 cs = self.step_def(timer.step or "")
-                # Before the agent reports the start, the dispatch counts (as when armed).
-                last = slot.lastHeartbeat or slot.startedAt or slot.queuedAt or self.now
+                # Armed at the start (start-to-close): the start counts until a heartbeat.
+                last = slot.lastHeartbeat or slot.startedAt or self.now
                 assert cs.heartbeat is not None
                 if last + cs.heartbeat > timer.at + 1e-6:  # a heartbeat came since: look again later
                     self.arm(
@@ -508,20 +510,10 @@ class _Decider:
                         ),
                     )
                     return
-                error = {
-                    "type": "HeartbeatTimeout",
-                    "message": f"no heartbeat for {cs.heartbeat:g}s",
-                    "retryable": True,
-                    "timeout": True,
-                }
+                error = _timed_out("HeartbeatTimeout", f"no heartbeat for {cs.heartbeat:g}s")
             else:
                 cs = self.step_def(timer.step or "")
-                error = {
-                    "type": "Timeout",
-                    "message": f"attempt exceeded its timeout of {cs.timeout:g}s",
-                    "retryable": True,
-                    "timeout": True,
-                }
+                error = _timed_out("Timeout", f"attempt exceeded its timeout of {cs.timeout:g}s")
             if cs.kind == "workflow":  # the attempt is a child run
                 self.cancel_child(self.child_id(cs.name, timer.item, slot.attempt), str(error["message"]))
             else:

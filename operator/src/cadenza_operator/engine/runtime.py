@@ -133,6 +133,13 @@ def parse_event(data: bytes) -> dict[str, Any]:
     return event
 
 
+def retry_delay(deliveries: int) -> float:
+    """Seconds before an event that could not be handled comes back: doubling, so that a
+    failure that lasts (NATS restarting, a start not yet written) spends few of its
+    bounded deliveries, and one that passes (a conflict) costs little time."""
+    return min(30.0, 0.5 * 2.0 ** min(deliveries, 16))
+
+
 def new_run_id(workflow: str) -> str:
     return f"{workflow}-{uuid.uuid4().hex[:10]}"
 
@@ -378,10 +385,8 @@ class Engine:
                     log.exception("event processing failed; will be redelivered", run=run)
                     self._cache.pop(run, None)
                     for msg, _ in batch:
-                        # Later each time: a failure that lasts (NATS restarting) costs few
-                        # deliveries of the bounded budget, a passing one (a conflict) little time.
                         with contextlib.suppress(Exception):
-                            await msg.nak(delay=min(30.0, 0.5 * 2 ** deliveries(msg)))
+                            await msg.nak(delay=retry_delay(deliveries(msg)))
         finally:
             # Checked empty and removed with no await in between: an event that arrives
             # later finds no queue and starts a worker of its own.
@@ -403,7 +408,7 @@ class Engine:
             else:
                 log.info("event for a run not started yet; will look again", run=run, deliveries=count)
                 with contextlib.suppress(Exception):
-                    await msg.nak(delay=min(30.0, 0.5 * 2**count))
+                    await msg.nak(delay=retry_delay(count))
 
     async def _dead_letter(self, msg: Any, reason: str, kind: str) -> None:
         log.error("event dead-lettered", subject=msg.subject, reason=reason)
