@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from ._ackinfo import deliveries, stored_at
 from ._connect import connect_until_stopped
 from ._context import KVContext
 from ._deadletter import MAX_DELIVERIES, dead_letter
-from ._errors import TaskError
+from ._errors import TaskError, failure_of
 from ._logging import configure_logging
 from ._protocol import (
     CONTEXT_BUCKET,
@@ -269,50 +268,32 @@ class Agent:
                 if body.get("notifyStart"):
                     await pub.publish(subject, dumps({"type": "started", **base, "at": started}))
                 task.input = await _payloads.resolve(js, body.get("input"))
+                # asyncio.timeout, not wait_for: a TimeoutError the handler itself raises (an
+                # HTTP client's) is a plain exception, not this attempt's timeout.
+                deadline = asyncio.timeout(task.timeout)
                 try:
-                    coro = self.call(task)
-                    output = await (asyncio.wait_for(coro, task.timeout) if task.timeout else coro)
+                    async with deadline:
+                        output = await self.call(task)
                     output = await _payloads.offload(
                         js, f"{key}.output", output, max_bytes=settings.max_value_bytes, what="the output"
                     )
                     event: dict[str, Any] = {"type": "result", **base, "output": output}
-                except TimeoutError:
-                    task.cancel()
-                    event = {
-                        "type": "failed",
-                        **base,
-                        "error": {
+                except Exception as exc:
+                    if isinstance(exc, TimeoutError) and deadline.expired():
+                        task.cancel()
+                        error: dict[str, Any] = {
                             "type": "Timeout",
                             "message": f"attempt exceeded its timeout of {task.timeout}s",
                             "retryable": True,
                             "timeout": True,
-                        },
-                    }
-                except TaskError as exc:
-                    event = {
-                        "type": "failed",
-                        **base,
-                        "error": {
-                            "type": type(exc).__name__,
-                            "message": exc.message,
-                            "retryable": exc.retryable,
-                            "details": exc.details,
-                        },
-                    }
-                except Exception as exc:
-                    # An unexpected exception is a bug in the handler, not a passing condition:
-                    # it fails the attempt as non-retryable, with the traceback for the author.
-                    task.log.exception("handler raised")
-                    event = {
-                        "type": "failed",
-                        **base,
-                        "error": {
-                            "type": type(exc).__name__,
-                            "message": str(exc) or type(exc).__name__,
-                            "retryable": False,
-                            "traceback": traceback.format_exc(limit=8)[-4000:],
-                        },
-                    }
+                        }
+                    else:
+                        # Retryable under the step's policy unless FatalError; the engine
+                        # applies the step's retry.nonRetryable to the type names sent.
+                        if not isinstance(exc, TaskError):
+                            task.log.exception("handler raised")
+                        error = failure_of(exc)
+                    event = {"type": "failed", **base, "error": error}
                 event.update(startedAt=started, finishedAt=time.time(), worker=worker)
                 msg_id = f"{event['type']}:{task.run_id}.{task.step}.{task.item}.{task.attempt}"
                 # Durable first, then the ack: a crash in between redelivers the task and

@@ -41,7 +41,10 @@ async def offload(
 
     Above `max_bytes` it raises ValueTooLarge, naming the value as `what`.
     """
-    data = dumps(value)
+    try:
+        data = dumps(value)
+    except (TypeError, ValueError) as exc:  # a handler's bug: another attempt returns the same
+        raise FatalError(f"{what} cannot be sent as JSON: {exc}") from exc
     if max_bytes is not None and len(data) > max_bytes:
         raise ValueTooLarge(f"{what} is {too_large(len(data), max_bytes)}")
     if len(data) <= limit:

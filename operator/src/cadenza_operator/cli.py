@@ -347,7 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run one workflow locally, with an embedded nats-server")
+    run = sub.add_parser(
+        "run",
+        help="run one workflow locally, with an embedded nats-server",
+        epilog=(
+            "Failed attempts: every exception a handler raises (ConnectionResetError, KeyError, ...) is "
+            "retried under the step's retry policy (retry.limit, default 0), and so are timeouts; "
+            "FatalError is not, nor the exception types (or their base classes) the step lists in "
+            "retry.nonRetryable, e.g. [OSError, ValueError]."
+        ),
+    )
     run.add_argument("paths", nargs="+", help="manifest files or folders")
     run.add_argument("--workflow", help="workflow to run when the paths define several")
     run.add_argument("--input", help="run input: JSON, or @FILE")

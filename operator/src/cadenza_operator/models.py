@@ -235,13 +235,30 @@ class Backoff(_Model):
     )
 
 
+EXCEPTION_TYPE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+MAX_NON_RETRYABLE = 64
+
+
 class RetryPolicy(_Model):
-    """How a failed attempt is retried. Only RetryableError and timeouts are retried."""
+    """How a failed attempt is retried. As in Temporal, every exception a handler raises is
+    retried, and timeouts and lost heartbeats, except FatalError and the types in nonRetryable."""
 
     limit: int = Field(
         0, ge=0, le=1000, description="Retries after the first attempt (attempts <= limit + 1)."
     )
     backoff: Backoff = Field(default_factory=Backoff, description="Delay between attempts.")
+    nonRetryable: list[
+        Annotated[str, Field(min_length=1, max_length=200, pattern=EXCEPTION_TYPE_PATTERN)]
+    ] = Field(
+        default_factory=list,
+        max_length=MAX_NON_RETRYABLE,
+        description=(
+            "Exception types a handler raises that fail the step without a retry, matched on "
+            "the exception's class and its bases by name (OSError covers ConnectionResetError) "
+            "or by a dotted suffix of module.QualName (requests.exceptions.ConnectionError). "
+            "Every other exception is retried, except FatalError; timeouts are always retryable."
+        ),
+    )
 
 
 class ApprovalSpec(_Model):

@@ -18,8 +18,10 @@ Semantics, in one place:
 * A step whose dependency failed for good never runs: the run fails fast, running steps
   are cancelled, pending ones skipped; `onExit` then runs; the run ends Failed.
 * A fallback step (named by some step's `onFailure`) runs only when that step fails.
-* Retries: only retryable failures (RetryableError, timeouts, heartbeat loss) are retried,
-  up to `retry.limit` more attempts, after exponential backoff with deterministic jitter.
+* Retries: every failure is retried, up to `retry.limit` more attempts, after exponential
+  backoff with deterministic jitter, except a non-retryable one: FatalError (the agent says
+  `retryable: false`) or a handler exception whose class or a base is named in the step's
+  `retry.nonRetryable` (matched here, on the type names the agent sends).
   A winding-down run starts no new attempt, except of `onExit`.
 * forEach: items run up to `maxParallel` at once; the output is the ordered list of item
   outputs; a failed item fails the step and cancels the items in flight. With
@@ -40,6 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cadenza._errors import MAX_TYPE_NAME_CHARS, MAX_TYPE_NAMES, non_retryable_match
 from cadenza._protocol import (
     MAX_VALUE_BYTES,
     REF_KEY,
@@ -444,6 +447,8 @@ class _Decider:
         }
         if error.get("timeout"):
             bounded["timeout"] = True
+        if isinstance(error.get("types"), list):  # what retry.nonRetryable matches
+            bounded["types"] = [str(t)[:MAX_TYPE_NAME_CHARS] for t in error["types"][:MAX_TYPE_NAMES]]
         if "traceback" in error:
             bounded["traceback"] = str(error["traceback"])[-limit:]
         return bounded
@@ -614,6 +619,10 @@ class _Decider:
         self, name: str, item: int | None, slot: Slot, error: dict[str, Any], outcome: str
     ) -> None:
         cs = self.step_def(name)
+        # The step's retry.nonRetryable overrides the agent's verdict: the agent does not
+        # know the step's policy, so it sends the exception's type names and this decides.
+        if error.get("retryable") and (entry := non_retryable_match(error, cs.non_retryable)):
+            error = {**error, "retryable": False, "nonRetryable": entry}
         self.finish_attempt(name, item, slot, outcome, error)
         if outcome == "TimedOut":
             self.decision.timed_out.append(name)

@@ -52,6 +52,7 @@ class CompiledStep:
     approval_timeout: float | None = None
     signal_timeout: float | None = None
     is_exit: bool = False
+    non_retryable: tuple[str, ...] = ()  # exception types never retried (retry.nonRetryable)
 
     @property
     def agent(self) -> str | None:
@@ -178,6 +179,7 @@ def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) 
         approval_timeout=approval_timeout,
         signal_timeout=signal_timeout,
         is_exit=is_exit,
+        non_retryable=tuple(retry.nonRetryable) if retry else (),
     )
 
 
