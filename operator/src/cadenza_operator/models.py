@@ -377,6 +377,14 @@ class NatsTrigger(_Model):
     dedupKey: str | None = Field(
         None, description="CEL over `event` giving an idempotency key; a repeated key starts no new run."
     )
+    input: JsonValue = Field(
+        None,
+        description=(
+            "The run input built from the message, with ${{ event.x }} expressions; unset, the message "
+            "JSON is the input. An event it cannot be evaluated on is dead-lettered, with a Warning."
+        ),
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
 
 
 class ScheduleTrigger(_Model):
@@ -468,6 +476,10 @@ class StepSummary(_Model):
     attempts: int = Field(0, description="Attempts made.")
     message: str = Field("", description="Error or waiting reason.")
     items: dict[str, int] | None = Field(None, description="forEach steps: item counts by phase.")
+    waiting: str = Field(
+        "", description="Time its finished attempts waited: ready to queued plus queued to started."
+    )
+    executing: str = Field("", description="Time agents spent executing its finished attempts.")
 
 
 class WorkflowRunStatus(_Model):
@@ -480,6 +492,12 @@ class WorkflowRunStatus(_Model):
     finishedAt: str | None = Field(None, description="When the run finished.")
     progress: str = Field("", description="Finished steps / all steps.")
     duration: str = Field("", description="Wall-clock duration.")
+    waiting: str = Field(
+        "",
+        description="Time attempts spent ready but not started by an agent (behind maxParallel, "
+        "maxActiveRuns, a busy engine, or in an agent's queue), summed over steps.",
+    )
+    executing: str = Field("", description="Time agents spent executing attempts, summed over steps.")
     steps: dict[str, StepSummary] = Field(default_factory=dict, description="Per-step summary.")
     outputs: Any = Field(
         None,

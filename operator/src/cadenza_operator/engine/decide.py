@@ -67,6 +67,8 @@ from .state import (
     Slot,
     StepState,
     Timer,
+    Timing,
+    attempt_stages,
 )
 
 OBJECT_REF_PREFIX = "obj:"
@@ -99,7 +101,19 @@ class Decision:
     stores: dict[str, Any] = field(default_factory=dict)  # outputs to store *before* the state write
     audit: list[dict[str, Any]] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)  # steps with an attempt that timed out (metrics)
+    # (step, seconds ready -> queued, queued -> started, started -> finished or None) of each
+    # attempt finished by this decision (metrics)
+    timings: list[tuple[str, float, float, float | None]] = field(default_factory=list)
     changed: bool = False
+
+    def absorb(self, later: Decision) -> None:
+        """Add a later decision on the same state (a batch of events) to this one."""
+        self.commands += later.commands
+        self.audit += later.audit
+        self.timed_out += later.timed_out
+        self.timings += later.timings
+        self.stores.update(later.stores)
+        self.changed |= later.changed
 
 
 def decide(
@@ -137,6 +151,14 @@ def decide(
 def _timed_out(kind: str, message: str) -> dict[str, Any]:
     """The failure of an attempt one of its timers ended: retryable, and counted as a timeout."""
     return {"type": kind, "message": message, "retryable": True, "timeout": True}
+
+
+MAX_APPROVAL_MESSAGE = 2000
+"""Characters of a rendered approval message kept: it is stored in the record and the audit."""
+
+
+def _clip_message(text: str) -> str:
+    return text if len(text) <= MAX_APPROVAL_MESSAGE else text[: MAX_APPROVAL_MESSAGE - 1] + "…"
 
 
 def _json_size(value: Any) -> int:
@@ -179,6 +201,13 @@ class _Decider:
         self.wf = wf
         self.ev = event
         self.now = float(event.get("at", 0.0))
+        # When the engine handled the event (`at` is when it was stored): attempts dispatched
+        # now are queued at this time, so a busy engine shows as time spent before the queue.
+        self.handled = max(self.now, float(event.get("handledAt") or self.now))
+        # When steps made ready by this event became ready: its time, or for a run start held
+        # back by maxActiveRuns, when the run was asked for.
+        requested = event.get("requestedAt") if event.get("type") == "start" else None
+        self.ready = min(self.now, float(requested)) if requested is not None else self.now
         self.outputs = outputs
         self.size_of = size_of
         self.decision = Decision(state=state)
@@ -601,15 +630,21 @@ class _Decider:
     ) -> None:
         self.disarm_slot(name, item, slot.attempt)
         started = self.ev.get("startedAt") or slot.startedAt
+        finished = float(self.ev.get("finishedAt") or self.now)
         self.record_attempt(
             name,
             item,
             outcome=outcome,
             error=error,
-            finishedAt=self.ev.get("finishedAt") or self.now,
+            finishedAt=finished,
             startedAt=started,
             worker=self.ev.get("worker"),
         )
+        stages = attempt_stages(slot.readyAt, slot.queuedAt, started, finished)
+        st = self.st(name)
+        st.timing = st.timing or Timing()
+        st.timing.add(*stages)
+        self.decision.timings.append((name, *stages))
         slot.running = False
         if started is not None:
             slot.startedAt = started
@@ -793,16 +828,23 @@ class _Decider:
                 slot.attempt += 1
                 self.item_done(name, item, None, failed=True, error=error)
             return
+        if retry and slot.retryAt is not None:
+            ready = min(slot.retryAt, self.now)  # ready when its backoff ended
+        elif item is not None and slot.attempt == 0:
+            ready = st.startedAt or self.now  # every item is ready when the step starts
+        else:
+            ready = self.ready
         slot.attempt += 1
         slot.running = True
-        slot.queuedAt = self.now
+        slot.readyAt = ready
+        slot.queuedAt = self.handled
         slot.startedAt = None
         slot.lastHeartbeat = None
         slot.retryAt = None
         if item is None:
             st.attempt = slot.attempt
-            st.firstQueuedAt = st.firstQueuedAt or self.now
-            st.attempts.append(Attempt(n=slot.attempt, queuedAt=self.now))
+            st.firstQueuedAt = st.firstQueuedAt or self.handled
+            st.attempts.append(Attempt(n=slot.attempt, readyAt=ready, queuedAt=self.handled))
             del st.attempts[:-MAX_ATTEMPT_RECORDS]
         if cs.kind == "workflow":
             child = self.child_id(name, item, slot.attempt)
@@ -837,8 +879,10 @@ class _Decider:
                 "timeout": cs.timeout,
                 "heartbeat": cs.heartbeat,
                 "queueTimeout": cs.queue_timeout,
-                "queuedAt": self.now,
-                "notifyStart": bool(cs.timeout or cs.heartbeat),
+                "queuedAt": self.handled,
+                # Every attempt reports its start: timeouts count from it, and it splits
+                # waiting from executing while the attempt runs (status, `cadenza run`).
+                "notifyStart": True,
             }
             self.command(
                 op="dispatch",
@@ -925,12 +969,12 @@ class _Decider:
         st.startedAt = self.now
         if cs.kind == "approval":
             st.phase = "WaitingApproval"
-            self.audit(name, "Pending", "WaitingApproval", cs.spec.approval.message or "waiting for approval")  # type: ignore[union-attr]
+            st.message = self.approval_message(cs)
+            self.audit(name, "Pending", "WaitingApproval", st.message)
             if cs.approval_timeout is not None:
                 self.arm(
                     f"approval:{name}", Timer(at=self.now + cs.approval_timeout, kind="approval", step=name)
                 )
-            st.message = cs.spec.approval.message or "waiting for approval"  # type: ignore[union-attr]
             return
         self.audit(name, "Pending", "Running", "dependencies satisfied")
         if cs.kind == "signal":
@@ -957,6 +1001,22 @@ class _Decider:
             self.fill_window(name)
             return
         self.dispatch(name, None)
+
+    def approval_message(self, cs: CompiledStep) -> str:
+        """What the approver is asked, its `${{ }}` rendered once, when the step starts waiting.
+
+        A message that cannot be rendered (a key missing from this run's input) must not
+        fail the run over a prompt: the approver sees the raw text and the error instead.
+        """
+        raw = cs.spec.approval.message or "waiting for approval"  # type: ignore[union-attr]
+        template = cs.approval_message
+        if template is None:
+            return raw
+        try:
+            value = template.render(self.resolve_lazy(self.env(), template.steps))
+        except ExpressionError as exc:
+            return _clip_message(f"{raw} (message not rendered: {exc})")
+        return _clip_message(value if isinstance(value, str) else dumps(value).decode())
 
     def failure_message(self, name: str) -> str:
         """Why the run fails: the step, and each fallback in its chain that failed too."""

@@ -53,6 +53,7 @@ class CompiledStep:
     signal_timeout: float | None = None
     is_exit: bool = False
     non_retryable: tuple[str, ...] = ()  # exception types never retried (retry.nonRetryable)
+    approval_message: Template | None = None  # approval.message, `${{ }}` over input and steps
 
     @property
     def agent(self) -> str | None:
@@ -151,11 +152,20 @@ def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) 
         approval_timeout = (
             _seconds(step.approval.timeout, f"{path}.approval.timeout") if step.approval else None
         )
+        approval_message = None
+        if step.approval and "${{" in step.approval.message:
+            try:
+                approval_message = compile_template(
+                    step.approval.message, f"{path}.approval.message", GRAPH_VARS
+                )
+            except ExpressionError as exc:
+                raise DefinitionError(exc.path, str(exc)) from None
         signal_timeout = _seconds(step.waitFor.timeout, f"{path}.waitFor.timeout") if step.waitFor else None
     else:
         kind, window, deps, on_failure, heartbeat = "agent", 1, (), "fail", None
         queue_timeout = None
         approval_timeout = signal_timeout = None
+        approval_message = None
     return CompiledStep(
         name=step.name,
         spec=step,
@@ -180,6 +190,7 @@ def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) 
         signal_timeout=signal_timeout,
         is_exit=is_exit,
         non_retryable=tuple(retry.nonRetryable) if retry else (),
+        approval_message=approval_message,
     )
 
 
@@ -238,6 +249,8 @@ def compile_workflow(
         for expr in (cs.when, cs.for_each):
             if expr is not None:
                 refs |= expr.steps
+        if cs.approval_message is not None:
+            refs |= cs.approval_message.steps
         for ref in sorted(refs):
             path = f"spec.steps[{index[step_name]}]"
             if ref not in steps:
@@ -276,6 +289,11 @@ def compile_workflow(
         if trigger.nats and trigger.nats.dedupKey:
             try:
                 compile_expr(trigger.nats.dedupKey, f"spec.triggers[{i}].nats.dedupKey", frozenset({"event"}))
+            except ExpressionError as exc:
+                raise DefinitionError(exc.path, str(exc)) from None
+        if trigger.nats and trigger.nats.input is not None:
+            try:
+                compile_template(trigger.nats.input, f"spec.triggers[{i}].nats.input", frozenset({"event"}))
             except ExpressionError as exc:
                 raise DefinitionError(exc.path, str(exc)) from None
         if trigger.schedule:

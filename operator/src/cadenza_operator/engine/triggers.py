@@ -10,8 +10,17 @@ Schedules keep a cursor (the last fire time) in the triggers bucket, advanced wi
 so several engines fire each tick once.
 
 `concurrencyPolicy` decides what an event does while runs of the workflow are active:
-Allow (start another, up to `maxActiveRuns`; beyond it the event waits and is
-redelivered), Forbid (skip it), Replace (cancel the active runs, then start).
+Allow (start another, up to `maxActiveRuns`; beyond it the event waits), Forbid (skip
+it), Replace (cancel the active runs, then start).
+
+An event held back by maxActiveRuns is not poison: its handler keeps it (telling
+JetStream it is in progress) and looks again every RETRY_WHEN_FULL seconds, so waiting
+spends none of its bounded deliveries. An event that can never start a run (its dedupKey
+or input mapping fails on it, or the input schema rejects it) is dead-lettered at once,
+and the Workflow gets a Warning naming the trigger and the expression (a log line here;
+the operator's `on_warning` hook makes it a Kubernetes Event). Any other failure (NATS
+unavailable) is retried with a growing delay, and dead-lettered once the engine's
+delivery limit (CADENZA_ENGINE_MAX_DELIVER) is spent.
 """
 
 from __future__ import annotations
@@ -25,14 +34,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from cadenza._ackinfo import deliveries, stored_at
+from cadenza._deadletter import dead_letter
 from cadenza._protocol import dumps, loads
-from cadenza._pull import PullConsumer
+from cadenza._pull import SERVER_DELIVERY_SLACK, PullConsumer
 
-from ..expressions import compile_expr
+from .. import metrics
+from ..expressions import Expr, ExpressionError, Template, compile_expr, compile_template
 from .client import send_cancel
 from .definition import CompiledWorkflow
 from .infra import TRIGGERS_BUCKET
-from .runtime import Engine, InputError
+from .runtime import Engine, InputError, retry_delay
 
 log = structlog.get_logger("cadenza.triggers")
 
@@ -42,6 +54,53 @@ RETRY_WHEN_FULL = 2.0  # seconds before an event held back by maxActiveRuns is o
 RunStarted = Callable[[CompiledWorkflow, str, dict[str, Any]], Awaitable[None] | None]
 
 
+class TriggerProblem(Exception):
+    """A trigger event that can never start a run, whatever its deliveries: dead-lettered.
+
+    `reason` is the dead-letter reason (expression | input), `field` the trigger field
+    (`spec.triggers[0].nats.dedupKey`), `expression` its source, `error` what went wrong.
+    """
+
+    def __init__(self, reason: str, field: str, expression: str, error: str) -> None:
+        self.reason, self.field, self.expression, self.error = reason, field, expression, error
+        what = f"{field} {expression!r}" if expression else field
+        super().__init__(f"{what} failed on the event: {error}")
+
+
+TriggerWarning = Callable[[CompiledWorkflow, TriggerProblem], Awaitable[None] | None]
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: `*` is one token, `>` one or more at the end."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+class _Route:
+    """One NATS trigger of a workflow, compiled: which subjects, which key, which input."""
+
+    def __init__(self, wf: CompiledWorkflow, index: int) -> None:
+        nats = wf.spec.triggers[index].nats
+        assert nats is not None
+        self.subject = nats.subject
+        self.path = f"spec.triggers[{index}].nats"
+        self.dedup: Expr | None = (
+            compile_expr(nats.dedupKey, f"{self.path}.dedupKey", frozenset({"event"}))
+            if nats.dedupKey
+            else None
+        )
+        self.input: Template | None = (
+            compile_template(nats.input, f"{self.path}.input", frozenset({"event"}))
+            if nats.input is not None
+            else None
+        )
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -49,10 +108,16 @@ def _digest(text: str) -> str:
 class Triggers:
     """Runs the triggers of a set of workflows against one engine."""
 
-    def __init__(self, engine: Engine, on_started: RunStarted | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        on_started: RunStarted | None = None,
+        on_warning: TriggerWarning | None = None,
+    ) -> None:
         self.engine = engine
         self.js = engine.js
         self.on_started = on_started
+        self.on_warning = on_warning
         self.kv: Any = None
         self._workflows: dict[str, CompiledWorkflow] = {}
         self._consumers: dict[str, PullConsumer] = {}
@@ -63,7 +128,7 @@ class Triggers:
 
     async def stop(self) -> None:
         for consumer in self._consumers.values():
-            await consumer.stop()
+            await _stop_consumer(consumer)
         for task in self._schedules.values():
             task.cancel()
         self._consumers.clear()
@@ -88,7 +153,7 @@ class Triggers:
         self._workflows.pop(ident, None)
         consumer = self._consumers.pop(ident, None)
         if consumer:
-            await consumer.stop()
+            await _stop_consumer(consumer)
         for key in [k for k in self._schedules if k.startswith(f"{ident}.")]:
             self._schedules.pop(key).cancel()
 
@@ -129,43 +194,83 @@ class Triggers:
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.NEW,
                 ack_wait=30,
-                max_deliver=-1,
+                # Bounded like the engine's events; waiting for maxActiveRuns costs none.
+                max_deliver=self.engine.settings.max_deliveries + SERVER_DELIVERY_SLACK,
             ),
         )
-        dedup = [
-            compile_expr(t.nats.dedupKey, allowed=frozenset({"event"}))
-            if t.nats and t.nats.dedupKey
-            else None
-            for t in wf.spec.triggers
-            if t.nats
-        ]
-        # One dedupKey per workflow in practice; the first one that is set applies.
-        key_expr = next((d for d in dedup if d is not None), None)
+        routes = [_Route(wf, i) for i, t in enumerate(wf.spec.triggers) if t.nats]
 
         async def handle(msg: Any) -> None:
-            try:
-                decision = await self._on_message(wf, msg, key_expr)
-            except Exception:
-                log.exception("trigger failed", workflow=wf.name)
-                await msg.nak(delay=RETRY_WHEN_FULL)
+            count = deliveries(msg)
+            if count > self.engine.settings.max_deliveries:
+                await self._dead_letter(
+                    wf, msg, f"delivered {count} times and never handled (see the engine logs)", "deliveries"
+                )
                 return
-            if decision == "wait":
-                await msg.nak(delay=RETRY_WHEN_FULL)
-            else:
-                await msg.ack()
+            try:
+                while await self._on_message(wf, msg, routes) == "wait":
+                    await msg.in_progress()  # held, not redelivered: no delivery spent
+                    await asyncio.sleep(RETRY_WHEN_FULL)
+            except asyncio.CancelledError:
+                raise
+            except TriggerProblem as problem:
+                await self._poison(wf, msg, problem)
+                return
+            except Exception:
+                log.exception("trigger failed; will be redelivered", workflow=wf.name, deliveries=count)
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=retry_delay(count))
+                return
+            await msg.ack()
 
         consumer = PullConsumer(self.engine.nc, TRIGGERS_STREAM, durable, handle, concurrency=1)
         await consumer.start()
         return consumer
 
-    async def _on_message(self, wf: CompiledWorkflow, msg: Any, key_expr: Any) -> str:
+    async def _poison(self, wf: CompiledWorkflow, msg: Any, problem: TriggerProblem) -> None:
+        """An event that can never start a run: a Warning for the Workflow, then the dead letters."""
+        log.warning(
+            "trigger event dead-lettered",
+            workflow=f"{wf.namespace}/{wf.name}",
+            trigger=problem.field,
+            expression=problem.expression,
+            error=problem.error,
+            subject=msg.subject,
+        )
+        if self.on_warning is not None:
+            try:
+                result = self.on_warning(wf, problem)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:  # the warning is a courtesy; the dead letter is what counts
+                log.warning("trigger warning hook failed", workflow=wf.name, exc_info=True)
+        await self._dead_letter(wf, msg, f"{problem.reason}: {problem}", problem.reason)
+
+    async def _dead_letter(self, wf: CompiledWorkflow, msg: Any, reason: str, kind: str) -> None:
+        log.error("trigger event dead-lettered", workflow=wf.name, subject=msg.subject, reason=reason)
+        metrics.child(metrics.DEAD_LETTERS, TRIGGERS_STREAM, kind).inc()
+        try:
+            await dead_letter(self.js, msg, TRIGGERS_STREAM, reason)
+        except Exception:
+            log.warning("dead-lettering failed; the event will come back", subject=msg.subject, exc_info=True)
+
+    async def _on_message(self, wf: CompiledWorkflow, msg: Any, routes: list[_Route]) -> str:
         try:
             event = loads(msg.data) if msg.data else {}
         except ValueError:
             event = {"data": msg.data.decode(errors="replace")}
         seq = msg.metadata.sequence.stream
-        if key_expr is not None:
-            key = str(key_expr.evaluate({"event": event}))
+        route = next((r for r in routes if subject_matches(r.subject, msg.subject)), routes[0])
+        # A trigger without a dedupKey of its own uses the workflow's first one (one per
+        # workflow in practice).
+        key_route = route if route.dedup is not None else next((r for r in routes if r.dedup), None)
+        if key_route is not None and key_route.dedup is not None:
+            try:
+                key = str(key_route.dedup.evaluate({"event": event}))
+            except ExpressionError as exc:
+                raise TriggerProblem(
+                    "expression", f"{key_route.path}.dedupKey", key_route.dedup.source, str(exc)
+                ) from None
             run_id = f"{wf.name}-{_digest(key)[:10]}"
             claim = f"dedup.{wf.namespace}.{wf.name}.{_digest(key)}"
         else:
@@ -182,11 +287,23 @@ class Triggers:
                     "trigger event not started", workflow=wf.name, policy=wf.spec.concurrencyPolicy, why=admit
                 )
                 return admit
+            run_input = event
+            if route.input is not None:
+                try:
+                    run_input = route.input.render({"event": event})
+                except ExpressionError as exc:
+                    source = exc.path or f"{route.path}.input"
+                    raise TriggerProblem("expression", source, _template_text(route, exc), str(exc)) from None
             try:
-                await self.engine.start_run(wf, event, run_id=run_id, labels={"cadenza.dev/trigger": "nats"})
+                await self.engine.start_run(
+                    wf,
+                    run_input,
+                    run_id=run_id,
+                    labels={"cadenza.dev/trigger": "nats"},
+                    requested_at=stored_at(msg, time.time()),  # it may have waited for maxActiveRuns
+                )
             except InputError as exc:
-                log.warning("trigger event rejected by the input schema", workflow=wf.name, error=str(exc))
-                return "skip"
+                raise TriggerProblem("input", "spec.inputSchema", "", str(exc)) from None
         if claim:
             with contextlib.suppress(Exception):  # already claimed by a racing engine: same run
                 await self.kv.create(claim, dumps({"run": run_id, "at": time.time(), "key": key}))
@@ -264,6 +381,7 @@ class Triggers:
                     trigger.input if trigger.input is not None else {},
                     run_id=run_id,
                     labels={"cadenza.dev/trigger": "schedule"},
+                    requested_at=fire,
                 )
                 await self._track(wf, run_id)
                 if self.on_started is not None:
@@ -275,3 +393,20 @@ class Triggers:
             except Exception:
                 log.exception("schedule trigger failed; retrying", workflow=wf.name)
                 await asyncio.sleep(5)
+
+
+def _template_text(route: _Route, exc: ExpressionError) -> str:
+    """The source of the input-mapping expression that failed (its error names it)."""
+    assert route.input is not None
+    for expr in route.input.exprs:
+        if repr(expr.source) in str(exc):
+            return expr.source
+    return ", ".join(e.source for e in route.input.exprs)
+
+
+async def _stop_consumer(consumer: PullConsumer) -> None:
+    """Stop pulling, and end the handlers still holding events for maxActiveRuns: they were
+    not acknowledged, so JetStream offers them again (to this or another engine)."""
+    await consumer.stop()
+    for job in list(consumer.jobs):
+        job.cancel()

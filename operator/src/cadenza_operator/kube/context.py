@@ -39,6 +39,9 @@ class OperatorContext:
     triggers: Any = None  # engine.triggers.Triggers, once started
     scaling_history: dict[tuple[str, str], list[tuple[float, int]]] = field(default_factory=dict)
     """Recent replica wishes per Agent (namespace, name), for scale-down stabilization."""
+    crash_loops: dict[tuple[str, str], str] = field(default_factory=dict)
+    """Agents (namespace, name) whose container crash-loops, with its last log line: set by
+    the Agent observer, read by the WorkflowRun mirrors to say why a step waits."""
 
     @property
     def started(self) -> bool:
@@ -67,6 +70,7 @@ class OperatorContext:
 
         from ..engine.triggers import Triggers
         from .runs import mirror_triggered_run
+        from .workflows import workflow_trigger_warning
 
         settings = self.settings
         options: dict[str, Any] = {"user_credentials": settings.nats_creds} if settings.nats_creds else {}
@@ -84,7 +88,10 @@ class OperatorContext:
         async def on_started(wf: Any, run_id: str, info: dict[str, Any]) -> None:
             await mirror_triggered_run(self, wf, run_id, info)
 
-        self.triggers = Triggers(self._engine, on_started=on_started)
+        async def on_warning(wf: Any, problem: Any) -> None:
+            await workflow_trigger_warning(self, wf, problem)
+
+        self.triggers = Triggers(self._engine, on_started=on_started, on_warning=on_warning)
         await self.triggers.start()
         log.info("operator context started", nats=settings.nats_url, engine=settings.peer_id)
 

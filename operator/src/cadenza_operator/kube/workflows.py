@@ -11,10 +11,12 @@ from typing import Any
 import kopf
 import structlog
 
-from ..engine.definition import DefinitionError, compile_workflow
+from ..engine.definition import CompiledWorkflow, DefinitionError, compile_workflow
+from ..engine.triggers import TriggerProblem
 from ..models import API_GROUP, API_VERSION, Workflow
-from .api import workflowrun_path
-from .context import context_of
+from . import events
+from .api import path_of, workflowrun_path
+from .context import OperatorContext, context_of
 from .settings import OperatorSettings
 from .specs import invalid_spec, parse_resource, update_status
 from .status import RunRecord, condition, runs_to_collect, with_transition_times, workflow_run_counts
@@ -79,6 +81,18 @@ async def workflow_refresh(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, 
     for run in runs_to_collect(records, limit):
         if await ctx.api.delete(workflowrun_path(namespace, run)):
             log.info("finished run garbage-collected", workflow=name, run=run, runHistoryLimit=limit)
+
+
+async def workflow_trigger_warning(
+    ctx: OperatorContext, wf: CompiledWorkflow, problem: TriggerProblem
+) -> None:
+    """Triggers' on_warning hook: a Warning Event on the Workflow whose trigger event was
+    dead-lettered, naming the trigger field, the expression and the error."""
+    body = await ctx.api.get(path_of(f"{API_GROUP}/{API_VERSION}", "workflows", wf.namespace, wf.name))
+    if body is None:  # deleted meanwhile: the log line and the dead letter remain
+        return
+    message = f"workflow {wf.name}: trigger event dead-lettered: {problem}"
+    await events.post_direct(ctx.api, body, "Warning", "TriggerEventFailed", message)
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:

@@ -17,14 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+from cadenza._protocol import TASKS_STREAM, consumer_name, dumps, event_subject
+
 from ..engine.definition import CompiledWorkflow
 from ..engine.infra import ensure_agent_consumer, ensure_infrastructure, nats_options
 from ..engine.runtime import Engine, EngineSettings
-from ..engine.state import TERMINAL_RUN, RunState
+from ..engine.state import TERMINAL_RUN, RunState, Timing, run_timing
 from ..manifests import Bundle
 from ..models import parse_duration
 from .nats_server import NatsServer
 from .processes import AgentProcesses
+from .supervision import SUPERVISE_EVERY, Supervisor, Waiting, WaitingAttempts, failed_event
+
+log = structlog.get_logger("cadenza.local")
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 SUMMARY_OUTPUT_BYTES = 16 * 1024  # larger step outputs are named, not printed
@@ -45,6 +51,24 @@ class RunOptions:
     interactive: bool = False
     progress: bool = False
     run_id: str | None = None
+
+
+class MetricsPortError(ValueError):
+    """--metrics-port names a port this process cannot listen on."""
+
+
+def serve_metrics(port: int) -> int:
+    """Serve /metrics on 127.0.0.1:`port` (0: any free port); return the port bound."""
+    from .. import metrics
+
+    try:
+        return metrics.serve(port)
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise MetricsPortError(
+            f"--metrics-port {port}: cannot serve metrics on 127.0.0.1:{port}: {reason} "
+            "(choose another port, or 0 for any free one)"
+        ) from None
 
 
 def agents_needed(bundle: Bundle, wf: CompiledWorkflow) -> set[str]:
@@ -75,8 +99,16 @@ class LocalStack:
         self.engine: Engine | None = None
         self.log_dir = Path(tempfile.mkdtemp(prefix="cadenza-run-"))
         self.agents = AgentProcesses(nats_url or "", namespace, self.log_dir)
+        self.supervisor = Supervisor(self.agents)
+        self.waiting = WaitingAttempts(bundle)
         self._supervisor: asyncio.Task[None] | None = None
-        self.restarts = 0
+        self._server_start: asyncio.Future[Any] | None = None
+        self._failed: set[Waiting] = set()  # attempts already failed as AgentUnavailable
+        self._depths: dict[str, tuple[float, int | None]] = {}  # agent -> (read at, tasks queued)
+
+    @property
+    def restarts(self) -> int:
+        return self.supervisor.restarts
 
     @property
     def url(self) -> str:
@@ -87,7 +119,10 @@ class LocalStack:
         from cadenza._connect import connect_once
 
         if self._external is None:
-            self.server = await asyncio.to_thread(NatsServer(store_dir=str(self.log_dir / "jetstream")).start)
+            # Held before it is started: a signal arriving meanwhile must still stop it.
+            self.server = NatsServer(store_dir=str(self.log_dir / "jetstream"))
+            self._server_start = asyncio.ensure_future(asyncio.to_thread(self.server.start))
+            await asyncio.shield(self._server_start)
         self.nc = await connect_once(self.url, name="cadenza-engine", **nats_options())
         js = self.nc.jetstream()
         settings = EngineSettings(name="local")
@@ -100,6 +135,7 @@ class LocalStack:
             await ensure_agent_consumer(js, self.namespace, name, parse_duration(agent.spec.ackWait))
             self.agents.start(agent, path.parent)
         self.engine = Engine(self.nc, settings)
+        self.engine.on_state(self.waiting.observe)
         await self.engine.start()
         for wf in self.bundle.compiled.values():
             await self.engine.publish_definition(wf)
@@ -107,16 +143,44 @@ class LocalStack:
         return self.engine
 
     async def _supervise(self) -> None:
-        """Restart agent processes that exit, like a Deployment's ReplicaSet would."""
+        """Restart agent processes that exit, like a Deployment's ReplicaSet would; fail the
+        attempts waiting for an Agent that cannot start (see local/supervision.py)."""
         while True:
-            await asyncio.sleep(0.5)
-            for dead in self.agents.dead():
-                self.agents.procs.remove(dead)
-                if self.restarts >= 20:
+            await asyncio.sleep(SUPERVISE_EVERY)
+            self.supervisor.tick()
+            try:
+                await self._fail_waiting()
+            except Exception as exc:  # NATS restarting: the next tick tries again
+                log.warning("could not fail attempts of an unavailable agent", error=repr(exc))
+
+    async def _fail_waiting(self) -> None:
+        for agent, error in self.supervisor.unavailable().items():
+            for w in self.waiting.for_agent(agent):
+                if w in self._failed:
                     continue
-                self.restarts += 1
-                agent, path = self.bundle.agents[dead.agent]
-                self.agents.start(agent, path.parent, replicas=1)
+                event = failed_event(w, error, time.time())
+                where = f"{w.run}.{w.step}.{w.item}.{w.attempt}"
+                # The id an agent's own failure of this attempt has: one of the two counts.
+                headers = {"Nats-Msg-Id": f"failed:{where}"}
+                await self.nc.jetstream().publish(
+                    event_subject(w.namespace, w.run), dumps(event), headers=headers
+                )
+                self._failed.add(w)
+                log.warning("attempt failed: agent unavailable", agent=agent, run=w.run, step=w.step)
+
+    async def queue_depth(self, agent: str) -> int | None:
+        """Tasks waiting in `agent`'s queue, not yet handed to a replica (its consumer's
+        num_pending); read from the server at most once a second per agent."""
+        read_at, depth = self._depths.get(agent, (0.0, None))
+        if time.monotonic() - read_at < 1.0:
+            return depth
+        try:
+            info = await self.nc.jetstream().consumer_info(TASKS_STREAM, consumer_name(self.namespace, agent))
+            depth = int(info.num_pending)
+        except Exception:
+            depth = None
+        self._depths[agent] = (time.monotonic(), depth)
+        return depth
 
     def agent_logs(self, tail: int = 20) -> str:
         out = []
@@ -137,10 +201,23 @@ class LocalStack:
             with contextlib.suppress(Exception):
                 await self.nc.close()
         if self.server:
+            if self._server_start is not None:  # still starting (a signal came meanwhile)
+                with contextlib.suppress(Exception):
+                    await self._server_start
             await asyncio.to_thread(self.server.stop)
         import shutil
 
         shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+def timing_doc(t: Timing) -> dict[str, float]:
+    """Where time went, in seconds: waiting (= scheduling + queued) and executing."""
+    return {
+        "waiting": round(t.waiting, 3),
+        "scheduling": round(t.scheduling, 3),
+        "queued": round(t.queued, 3),
+        "executing": round(t.executing, 3),
+    }
 
 
 def summarize(state: RunState) -> dict[str, Any]:
@@ -162,6 +239,8 @@ def summarize(state: RunState) -> dict[str, Any]:
         entry["finishedAt"] = st.finishedAt
         if st.attempts:
             entry["history"] = [a.model_dump(exclude_none=True) for a in st.attempts]
+        if st.timing is not None:
+            entry["timing"] = timing_doc(st.timing)
         if st.retries:
             entry["retries"] = st.retries
         if st.output is not None:
@@ -191,17 +270,17 @@ def summarize(state: RunState) -> dict[str, Any]:
         "startedAt": state.startedAt,
         "finishedAt": state.finishedAt,
         "durationSeconds": duration,
+        "timing": timing_doc(run_timing(state)),
         "steps": steps,
     }
 
 
 async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any], int]:
     """Run one workflow to its end on a local stack; return (summary, exit code)."""
+    if opts.metrics_port is not None:  # before anything starts: a taken port stops nothing
+        port = serve_metrics(opts.metrics_port)
+        print(f"metrics  http://127.0.0.1:{port}/metrics", file=sys.stderr)
     stack = LocalStack(opts.bundle, opts.nats_url, opts.workflow.namespace)
-    if opts.metrics_port:
-        from .. import metrics
-
-        metrics.serve(opts.metrics_port)
     done: asyncio.Future[RunState] = asyncio.get_running_loop().create_future()
     decided: set[str] = set()
     run_id = ""
@@ -220,7 +299,11 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
                 await publish_decision(name, name in opts.approve)
             elif opts.interactive and name not in prompts:
                 prompts.add(name)
-                asyncio.get_running_loop().create_task(prompt(name, state))
+                # The message as the engine rendered it (`${{ }}` filled in), read now:
+                # the engine goes on working on `state`.
+                cs = opts.workflow.steps.get(name)
+                asked = st.message if cs is not None and cs.spec.approval and cs.spec.approval.message else ""  # type: ignore[union-attr]
+                asyncio.get_running_loop().create_task(prompt(name, asked))
         if state.phase in TERMINAL_RUN and not done.done():
             done.set_result(state)
 
@@ -240,9 +323,21 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
             comment=comment,
         )
 
-    async def prompt(step: str, state: RunState) -> None:
-        cs = opts.workflow.steps.get(step)
-        message = cs.spec.approval.message if cs is not None and cs.spec.approval else ""  # type: ignore[union-attr]
+    async def watch_queues() -> None:
+        """How many tasks wait in the queue of each agent the run waits for: the depth its
+        Queued rows show (read once a second)."""
+        while True:
+            await asyncio.sleep(1.0)
+            depths = {}
+            for agent in stack.waiting.agents_of(run_id):
+                depth = await stack.queue_depth(agent)
+                if depth is not None:
+                    depths[agent] = depth
+            progress.set_queue_depths(depths)
+
+    queues: asyncio.Task[None] | None = None
+
+    async def prompt(step: str, message: str) -> None:
         if progress is not None:
             progress.pause()
         asked = f" — {message.rstrip('?')}" if message else ""
@@ -262,6 +357,8 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
 
         run_id = run_id or new_run_id(opts.workflow.name)
         await engine.start_run(opts.workflow, opts.input, run_id=run_id)
+        if progress is not None and hasattr(progress, "set_queue_depths"):
+            queues = asyncio.get_running_loop().create_task(watch_queues())
         if opts.signals:
             from ..engine.client import send_signal
 
@@ -296,6 +393,8 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
             summary["agentLogs"] = stack.agent_logs(tail=15)
         return summary, EXIT_OK if state.phase == "Succeeded" else EXIT_FAILED
     finally:
+        if queues is not None:
+            queues.cancel()
         await stack.stop()
 
 
