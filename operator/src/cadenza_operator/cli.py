@@ -1,8 +1,10 @@
 """The `cadenza` command line.
 
 Exit codes: 0 the run Succeeded (or the command worked); 1 the run Failed or was
-Cancelled; 2 invalid manifests or input, with a message naming file, object and field;
-3 NATS could not be reached (`cannot reach NATS at URL: reason`, after one bounded attempt).
+Cancelled, or a command was refused (an unknown or finished run, a step not waiting);
+2 invalid manifests or input, with a message naming file, object and field;
+3 NATS could not be reached (`cannot reach NATS at URL: reason`, after one bounded attempt),
+or no engine answered a command that needs one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from .engine.infra import nats_options
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 EXIT_UNREACHABLE = 3  # distinct from 1, so a script can tell a down NATS from a failed run
+CONTROL_WAIT = 5.0
+"""Seconds approve, signal and cancel wait for an engine's answer before exit 3."""
+CONTROL_HELP = (
+    "A running engine checks the command against the run and answers: exit 0 when it was "
+    "applied, 1 when it was refused (unknown or finished run, step not waiting, decider not "
+    "an approver: nothing is sent), 3 when NATS cannot be reached or no engine answers "
+    "within --wait seconds."
+)
 
 
 def _parse_input(raw: str | None, paths: list[str]) -> Any:
@@ -199,36 +209,89 @@ async def _with_js(url: str, fn: Any) -> None:
         await nc.close()
 
 
-def cmd_approve(args: argparse.Namespace) -> int:
-    from .engine.client import send_approval
+async def _ask_engine(
+    url: str, namespace: str, request: dict[str, Any], wait: float
+) -> dict[str, Any] | None:
+    """An engine's answer to a control request (see engine/control.py), or None when no
+    engine answers within `wait` seconds."""
+    from cadenza._connect import connect_once
+    from cadenza._protocol import dumps, loads
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
 
-    asyncio.run(
-        _with_js(
-            args.nats,
-            lambda js: send_approval(
-                js, args.namespace, args.run, args.step, not args.reject, by=args.by, comment=args.comment
-            ),
+    from .engine.control import control_subject
+
+    nc = await connect_once(url, **nats_options())
+    try:
+        msg = await nc.request(control_subject(namespace), dumps(request), timeout=wait)
+    except (NoRespondersError, NatsTimeout):
+        return None
+    finally:
+        await nc.close()
+    reply: dict[str, Any] = loads(msg.data)
+    return reply
+
+
+def _control(args: argparse.Namespace, request: dict[str, Any]) -> int:
+    """Ask an engine to apply a command to a run; say what happened. Exit 0 when it was
+    applied, 1 when refused (unknown or finished run, step not waiting, not an approver),
+    3 when no engine answers."""
+    err = Console(stderr=True)
+    reply = asyncio.run(_ask_engine(args.nats, args.namespace, {**request, "run": args.run}, args.wait))
+    if reply is None:
+        err.print(
+            f"[red]error[/red]: no engine answered on NATS {escape(args.nats)} within {args.wait:g}s; "
+            "is an engine running?",
+            highlight=False,
+            soft_wrap=True,
         )
-    )
-    print(f"{'rejected' if args.reject else 'approved'} {args.run}/{args.step} as {args.by}")
+        return EXIT_UNREACHABLE
+    if not reply.get("ok"):
+        err.print(f"[red]error[/red]: {escape(str(reply.get('error')))}", highlight=False, soft_wrap=True)
+        return EXIT_FAILED
+    print(reply.get("message") or "done")
     return EXIT_OK
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    return _control(
+        args,
+        {
+            "op": "approve",
+            "step": args.step,
+            "approved": not args.reject,
+            "by": args.by,
+            "comment": args.comment,
+        },
+    )
 
 
 def cmd_signal(args: argparse.Namespace) -> int:
-    from .engine.client import send_signal
-
     try:
         payload = _parse_json(args.payload, "--payload") if args.payload else None
     except ValueError as exc:
-        Console(stderr=True).print(f"[red]error[/red]: {escape(str(exc))}", highlight=False)
+        Console(stderr=True).print(f"[red]error[/red]: {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_INVALID
-    asyncio.run(
-        _with_js(
-            args.nats, lambda js: send_signal(js, args.namespace, args.run, args.name, payload, by=args.by)
-        )
-    )
-    print(f"signal {args.name} sent to {args.run}")
-    return EXIT_OK
+    return _control(args, {"op": "signal", "name": args.name, "payload": payload, "by": args.by})
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    return _control(args, {"op": "cancel", "by": args.by, "reason": args.reason})
+
+
+async def _run_namespace(js: Any, run: str) -> str | None:
+    """The namespace of a run the runs bucket holds, or None."""
+    from cadenza._protocol import RUNS_BUCKET, loads
+    from nats.js.errors import InvalidKeyError, KeyNotFoundError
+
+    kv = await js.key_value(RUNS_BUCKET)
+    try:
+        entry = await kv.get(run)
+    except (KeyNotFoundError, InvalidKeyError):
+        return None
+    if not entry.value:
+        return None
+    return str(loads(entry.value).get("namespace", "default"))
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -237,11 +300,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .engine.audit import read_audit
 
     records: list[dict[str, Any]] = []
+    found: list[str | None] = []
 
     async def read(js: Any) -> None:
         records.extend(await read_audit(js, args.namespace, args.run))
+        if not records and args.run != ">":
+            found.append(await _run_namespace(js, args.run))
 
     asyncio.run(_with_js(args.nats, read))
+    if found:  # no record: say whether the run exists at all, and where
+        where = found[0]
+        elsewhere = f" (run {args.run} is in namespace {where})" if where and where != args.namespace else ""
+        if where != args.namespace:
+            print(f"error: no run {args.run} in namespace {args.namespace}{elsewhere}", file=sys.stderr)
+            return EXIT_FAILED
     if args.output == "json":
         print(json.dumps(records, indent=2, default=str))
         return EXIT_OK
@@ -252,18 +324,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
             f"{r['seq']:>4} {when} {r['run']} {r.get('step') or '-':<20} {change:<30} {r['reason']} "
             f"[{r['event']} by {r['actor']}]"
         )
-    return EXIT_OK
-
-
-def cmd_cancel(args: argparse.Namespace) -> int:
-    from .engine.client import send_cancel
-
-    asyncio.run(
-        _with_js(
-            args.nats, lambda js: send_cancel(js, args.namespace, args.run, by=args.by, reason=args.reason)
-        )
-    )
-    print(f"cancellation of {args.run} requested")
     return EXIT_OK
 
 
@@ -413,20 +473,42 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(fn=fn)
         return cmd
 
-    ap = run_command("approve", cmd_approve, "approve (or --reject) a waiting step of a run", "step")
-    ap.add_argument("--reject", action="store_true")
-    ap.add_argument("--by", default="cli")
+    def engine_command(name: str, fn: Any, helptext: str, *positionals: str) -> argparse.ArgumentParser:
+        """A command a running engine checks against the run before applying it."""
+        cmd = run_command(name, fn, f"{helptext}; checked by a running engine", *positionals)
+        cmd.description = f"{helptext[0].upper()}{helptext[1:]}. {CONTROL_HELP}"
+        cmd.add_argument(
+            "--wait",
+            type=float,
+            default=CONTROL_WAIT,
+            metavar="SECONDS",
+            help=f"how long to wait for an engine's answer (default {CONTROL_WAIT:g})",
+        )
+        return cmd
+
+    ap = engine_command(
+        "approve",
+        cmd_approve,
+        "approve (or --reject) a step of a run that waits for approval",
+        "step",
+    )
+    ap.add_argument("--reject", action="store_true", help="reject instead of approving")
+    ap.add_argument("--by", default="cli", help="who decides: must be in the step's approvers, if it has any")
     ap.add_argument("--comment")
 
-    sig = run_command("signal", cmd_signal, "send a named signal to a run", "name")
-    sig.add_argument("--payload", help="JSON payload")
+    sig = engine_command("signal", cmd_signal, "send a named signal to a running run", "name")
+    sig.add_argument("--payload", help="the signal's payload, as JSON (the waiting step's output)")
     sig.add_argument("--by", default="cli")
 
-    can = run_command("cancel", cmd_cancel, "cancel a run")
+    can = engine_command("cancel", cmd_cancel, "cancel a running run")
     can.add_argument("--reason", default="")
     can.add_argument("--by", default="cli")
 
-    aud = run_command("audit", cmd_audit, "print the decisions taken for a run (or every run with '>')")
+    aud = run_command(
+        "audit",
+        cmd_audit,
+        "print the decisions taken for a run (or every run with '>'); exit 1 for an unknown run",
+    )
     aud.add_argument("--output", choices=["text", "json"], default="text")
 
     dead = sub.add_parser("dead-letters", help="list tasks and events given up on, with the reason")

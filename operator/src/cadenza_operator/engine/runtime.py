@@ -50,6 +50,7 @@ from cadenza._pull import PullConsumer
 
 from .. import metrics
 from ..models import WorkflowSpec, nesting_error
+from .control import ControlResponder
 from .decide import OBJECT_REF_PREFIX, Decision, MissingOutputs, audit_commands, decide
 from .definition import CompiledWorkflow, compile_workflow, definition_document
 from .infra import (
@@ -201,6 +202,7 @@ class Engine:
         self._consumer: PullConsumer | None = None
         self._timer_watch: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._control: ControlResponder | None = None  # answers `cadenza approve|signal|cancel`
         self._background: set[asyncio.Task[Any]] = set()
         self.kv: Any = None
         self.outputs_kv: Any = None
@@ -229,9 +231,13 @@ class Engine:
             self.nc, EVENTS_STREAM, ENGINE_CONSUMER, self._on_event, concurrency=self.settings.concurrency
         )
         await self._consumer.start()
+        self._control = ControlResponder(self)
+        await self._control.start()
         log.info("engine started", engine=self.settings.name)
 
     async def stop(self) -> None:
+        if self._control:
+            await self._control.stop()
         if self._consumer:
             await self._consumer.stop()
         for task in (self._timer_watch, self._sweeper):

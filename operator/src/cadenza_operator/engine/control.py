@@ -1,0 +1,183 @@
+"""Commands a person gives a run (approve, reject, signal, cancel), answered by an engine.
+
+Published blindly on the run's event subject, a command cannot tell its sender that the
+run does not exist, has finished, or that the step is not waiting: `decide` drops such an
+event as a no-op, and the sender is told "approved". So the CLI asks an engine over NATS
+request/reply instead (`cadenza.control.<namespace>`): the engine reads the committed
+run record, checks the command against it (`refusal`, pure) and only then publishes the
+event exactly as `engine/client.py` does (same subjects, same de-duplication ids), so an
+accepted command is still durable, ordered with the run's events and idempotent.
+
+Every engine subscribes in one queue group: with several engines, each request is
+answered by one of them. Each engine answers its requests one at a time, in the order
+they came (a check is one KV read: commands from people need no parallelism), so a reply
+from an engine means it has answered everything sent to it before.
+
+The check and the event are not atomic: the run may move on between them (an approval
+timer fires). `decide` still treats the event as it always did, so the worst case is an
+accepted command that turns out to be a no-op, never a run advanced wrongly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from cadenza._protocol import dumps, loads
+
+from .client import send_approval, send_cancel, send_signal
+
+if TYPE_CHECKING:
+    from .definition import CompiledWorkflow
+    from .runtime import Engine
+    from .state import RunState
+
+log = structlog.get_logger("cadenza.engine.control")
+
+CONTROL_PREFIX = "cadenza.control"
+CONTROL_SUBJECTS = f"{CONTROL_PREFIX}.*"
+CONTROL_QUEUE = "cadenza-engines"
+"""The queue group every engine's responder joins: one answer per request."""
+OPERATIONS = frozenset({"approve", "signal", "cancel"})
+
+
+def control_subject(namespace: str) -> str:
+    return f"{CONTROL_PREFIX}.{namespace}"
+
+
+def refusal(request: dict[str, Any], state: RunState | None, wf: CompiledWorkflow | None) -> str | None:
+    """Why `request` cannot be applied to the run as its committed record has it, or None.
+
+    `state` is None for a run the namespace does not hold; `wf` is the run's definition
+    (needed for approve and signal only).
+    """
+    run, namespace = request.get("run"), request.get("namespace", "default")
+    if state is None or state.namespace != namespace:
+        return f"no run {run} in namespace {namespace}"
+    if state.terminal:
+        return f"run {run} already {state.phase}"
+    op = request.get("op")
+    if op == "cancel":
+        if state.failing or state.exitPhase is not None:
+            return f"run {run} is already ending ({state.failing or 'its steps are done'})"
+        return None
+    if wf is None:  # pragma: no cover - the caller loads it for approve and signal
+        return f"run {run}: its workflow definition could not be read"
+    if op == "approve":
+        return _approval_refusal(request, state, wf)
+    if op == "signal":
+        name = str(request.get("name"))
+        if name not in wf.signals:
+            waited = ", ".join(sorted(wf.signals)) or "none"
+            return f"no step of workflow {wf.name} waits for signal {name} (signals: {waited})"
+        if name in state.signals:
+            return f"run {run} already received signal {name}"
+        return None
+    return f"unknown command {op!r}"
+
+
+def _approval_refusal(request: dict[str, Any], state: RunState, wf: CompiledWorkflow) -> str | None:
+    run, step, by = request.get("run"), str(request.get("step")), str(request.get("by") or "")
+    cs = wf.steps.get(step)
+    if cs is None:
+        return f"run {run} has no step {step} (steps: {', '.join(wf.order)})"
+    approval = getattr(cs.spec, "approval", None)
+    if cs.kind != "approval" or approval is None:
+        return f"step {step} of run {run} is not an approval step"
+    st = state.steps.get(step)
+    phase = st.phase if st is not None else "Pending"
+    if phase != "WaitingApproval":
+        return f"step {step} of run {run} is not waiting for approval (it is {phase})"
+    if approval.approvers and by not in approval.approvers:
+        return f"refused: {by} is not an approver of {step} (approvers: {', '.join(approval.approvers)})"
+    return None
+
+
+def waiting_for(state: RunState, wf: CompiledWorkflow, signal: str) -> list[str]:
+    """The steps of the run waiting for `signal` now (none: the run remembers it for later)."""
+    return [
+        name
+        for name, st in state.steps.items()
+        if st.phase == "Running"
+        and (cs := wf.steps.get(name)) is not None
+        and cs.kind == "signal"
+        and getattr(getattr(cs.spec, "waitFor", None), "signal", None) == signal
+    ]
+
+
+class ControlResponder:
+    """An engine's answers to control requests; `start` after the engine's buckets are open."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        self._sub = await self.engine.nc.subscribe(CONTROL_SUBJECTS, queue=CONTROL_QUEUE, cb=self._on_request)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_request(self, msg: Any) -> None:
+        if not msg.reply:
+            return  # a publish, not a request: nobody to answer
+        namespace = msg.subject[len(CONTROL_PREFIX) + 1 :]
+        try:
+            request = loads(msg.data)
+            if not isinstance(request, dict):
+                raise ValueError(f"a JSON {type(request).__name__}, not an object")
+            reply = await self.answer({**request, "namespace": namespace})
+        except asyncio.CancelledError:
+            raise
+        except ValueError as exc:
+            reply = {"ok": False, "error": f"malformed request: {exc}"}
+        except Exception as exc:
+            log.warning("control request failed", subject=msg.subject, error=repr(exc))
+            reply = {"ok": False, "error": f"engine {self.engine.settings.name} failed: {exc}"}
+        reply["engine"] = self.engine.settings.name
+        with contextlib.suppress(Exception):
+            await msg.respond(dumps(reply))
+
+    async def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Check the request against the committed run record; publish its event if accepted."""
+        from .runtime import _RUN_ID
+
+        op, run, namespace = request.get("op"), request.get("run"), request["namespace"]
+        if op not in OPERATIONS:
+            return {"ok": False, "error": f"unknown command {op!r}"}
+        if not isinstance(run, str) or not _RUN_ID.match(run):
+            return {"ok": False, "error": f"{run!r} is not a run id"}
+        state = await self.engine.get_run(run)
+        wf = None
+        if state is not None and op in ("approve", "signal"):
+            wf = await self.engine.definition(state.definition)
+        error = refusal(request, state, wf)
+        by = str(request.get("by") or "cli")
+        if error is not None:
+            log.info("control request refused", op=op, run=run, namespace=namespace, by=by, reason=error)
+            return {"ok": False, "error": error, "phase": state.phase if state else None}
+        js = self.engine.js
+        reply: dict[str, Any] = {"ok": True, "run": run}
+        if op == "approve":
+            approved = bool(request.get("approved", True))
+            await send_approval(
+                js, namespace, run, str(request["step"]), approved, by=by, comment=request.get("comment")
+            )
+            reply["message"] = f"{'approved' if approved else 'rejected'} {run}/{request['step']} as {by}"
+        elif op == "signal":
+            name = str(request.get("name"))
+            await send_signal(js, namespace, run, name, request.get("payload"), by=by)
+            steps = waiting_for(state, wf, name) if state is not None and wf is not None else []
+            reply["message"] = f"signal {name} sent to {run}" + (
+                f" (for {', '.join(steps)})" if steps else " (no step waits for it yet: the run keeps it)"
+            )
+        else:
+            await send_cancel(js, namespace, run, by=by, reason=str(request.get("reason") or ""))
+            reply["message"] = f"cancellation of {run} requested"
+        log.info("control request accepted", op=op, run=run, namespace=namespace, by=by)
+        return reply
