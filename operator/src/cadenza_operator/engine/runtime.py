@@ -107,7 +107,7 @@ def validate_input(wf: CompiledWorkflow, value: Any, max_bytes: int | None = Non
 
 
 EVENT_TYPES = frozenset(
-    {"start", "cancel", "signal", "approval", "started", "heartbeat", "result", "failed", "timer"}
+    {"start", "cancel", "signal", "approval", "started", "heartbeat", "result", "failed", "timer", "context"}
 )
 _RUN_ID = re.compile(r"^[A-Za-z0-9_=-][A-Za-z0-9_.=-]{0,252}$")
 """A run id is one key of the runs bucket and one token of a subject: no wildcards,
@@ -297,8 +297,12 @@ class Engine:
         labels: dict[str, str] | None = None,
         parent: dict[str, Any] | None = None,
         scope: str | None = None,
+        requested_at: float | None = None,
     ) -> str:
         """Validate the input, then start the run. Idempotent for a given run_id.
+
+        `requested_at` is when the run was asked for, if it waited before this call (a
+        trigger event held back by maxActiveRuns): its first steps count as ready from then.
 
         An input too large for an event goes through the object store; a child run's may
         arrive as a reference already (its parent's engine sent it that way).
@@ -321,6 +325,8 @@ class Engine:
             "parent": parent,
             "scope": scope or run,
         }
+        if requested_at is not None:
+            body["requestedAt"] = requested_at
         body["input"] = await _payloads.offload(self.js, f"{run}.input", input)
         await self.pub.publish(event_subject(wf.namespace, run), dumps(body), {"Nats-Msg-Id": f"start:{run}"})
         return run
@@ -448,6 +454,7 @@ class Engine:
         now = time.time()
         for msg, ev in batch:
             ev["at"] = stored_at(msg, now)
+            ev["handledAt"] = now
             metrics.ENGINE_EVENT_LAG.observe(max(0.0, now - ev["at"]))
             events.append(ev)
         # A start for a run this engine has not seen: create the record right away, no read
@@ -576,11 +583,7 @@ class Engine:
                         copy=False,
                         max_value_bytes=self.settings.max_value_bytes,
                     )
-                    total.commands += d.commands
-                    total.audit += d.audit
-                    total.timed_out += d.timed_out
-                    total.stores.update(d.stores)
-                    total.changed |= d.changed
+                    total.absorb(d)
                     cached.outputs.update(d.stores)
                 return total
             except MissingOutputs as missing:
@@ -814,22 +817,21 @@ class Engine:
                 continue
             if rec.get("retry"):
                 metrics.child(metrics.STEP_RETRIES, wf, step).inc()
-            if new == "WaitingApproval":
+            # Only a change of phase moves the gauge: an ignored decision (a non-approver, a
+            # duplicate) is audited as WaitingApproval -> WaitingApproval and changes nothing.
+            if old != new and new == "WaitingApproval":
                 metrics.child(metrics.PENDING_APPROVALS, wf).inc()
-            elif old == "WaitingApproval" and new != old:
+            elif old != new and old == "WaitingApproval":
                 metrics.child(metrics.PENDING_APPROVALS, wf).dec()
         for ev in events:
             if ev.get("type") == "failed" and (ev.get("error") or {}).get("type") == "PoisonTask":
                 metrics.child(metrics.DEAD_LETTERS, TASKS_STREAM, "deliveries").inc()
-            if ev.get("type") in ("result", "failed") and ev.get("startedAt") and ev.get("finishedAt"):
-                step = str(ev.get("step"))
-                if ev.get("queuedAt"):
-                    metrics.child(metrics.STEP_QUEUE, wf, step).observe(
-                        max(0.0, ev["startedAt"] - ev["queuedAt"])
-                    )
-                metrics.child(metrics.STEP_EXECUTION, wf, step).observe(
-                    max(0.0, ev["finishedAt"] - ev["startedAt"])
-                )
+        for step, scheduling, queued, executing in decision.timings:
+            metrics.child(metrics.STEP_SCHEDULING, wf, step).observe(scheduling)
+            metrics.child(metrics.STEP_QUEUE, wf, step).observe(queued)
+            metrics.child(metrics.STEP_WAITING, wf, step).observe(scheduling + queued)
+            if executing is not None:
+                metrics.child(metrics.STEP_EXECUTION, wf, step).observe(executing)
 
 
 def _overdue_timers(data: bytes | None, before: float) -> list[tuple[str, float, str]]:

@@ -1,0 +1,135 @@
+"""`cadenza_pending_approvals` equals the steps waiting for approval, whatever the decisions
+(real nats-server and engine; the gauge read from prometheus_client's registry)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import nats
+from cadenza._protocol import EVENTS_STREAM
+from cadenza_operator.engine.client import send_approval, send_cancel, send_signal
+from cadenza_operator.engine.infra import ENGINE_CONSUMER
+from cadenza_operator.local.dev import DevServer
+from cadenza_operator.local.nats_server import NatsServer
+from cadenza_operator.manifests import load
+from prometheus_client import REGISTRY
+
+from .harness import unique_namespace, write_project
+
+T = TypeVar("T")
+
+# No agents: `go` waits for a signal, and `boom` then fails on its `when` (the run fails
+# while `gate` still waits); `gate` waits for ada, or times out after `timeout`.
+WORKFLOW = """
+apiVersion: cadenza.dev/v1alpha1
+kind: Workflow
+metadata: {{name: {name}}}
+spec:
+  steps:
+    - name: gate
+      approval: {{approvers: [ada], {timeout}}}
+    - name: go
+      waitFor: {{signal: go}}
+    - name: boom
+      dependsOn: [go]
+      waitFor: {{signal: never}}
+      when: "input.missing.field == 1"
+"""
+
+
+async def poll(probe: Callable[[], Awaitable[T | None]], timeout: float = 20.0) -> T:
+    """A bounded wait for something that must happen (not a performance assertion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        assert loop.time() < deadline, f"not true within {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+def pending(workflow: str) -> float:
+    return REGISTRY.get_sample_value("cadenza_pending_approvals", {"workflow": workflow}) or 0.0
+
+
+async def test_the_pending_approvals_gauge_counts_the_steps_waiting(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    namespace = unique_namespace()
+    name, timed = f"g{uuid.uuid4().hex[:8]}", f"t{uuid.uuid4().hex[:8]}"
+    root = write_project(
+        tmp_path / "p",
+        "",
+        WORKFLOW.format(name=name, timeout="onTimeout: reject")
+        + "---"
+        + WORKFLOW.format(name=timed, timeout="timeout: 1s, onTimeout: reject"),
+    )
+    bundle = load([root], namespace=namespace)
+    async with DevServer(bundle, nats_server.url, namespace) as dev:
+        nc = await nats.connect(dev.url)
+        js = nc.jetstream()
+        engine = dev.engine
+
+        async def idle() -> bool:
+            """The engine has handled every event sent so far."""
+            info = await js.consumer_info(EVENTS_STREAM, ENGINE_CONSUMER)
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        async def waiting(runs: list[str]) -> int:
+            await poll(idle)
+            count = 0
+            for run in runs:
+                state = await engine.get_run(run)
+                assert state is not None
+                count += sum(st.phase == "WaitingApproval" for st in state.steps.values())
+            return count
+
+        async def phase_of(run: str, step: str) -> str:
+            state = await engine.get_run(run)
+            return state.steps[step].phase if state and step in state.steps else ""
+
+        try:
+            wf = bundle.compiled[name]
+            runs = [await engine.start_run(wf, {}, run_id=f"{name}-{i}") for i in range(5)]
+            for run in runs:
+                await poll(lambda run=run: _is(phase_of(run, "gate"), "WaitingApproval"))
+            assert pending(name) == await waiting(runs) == 5
+
+            # Ignored decisions: someone not among the approvers, twice.
+            for _ in range(2):
+                await send_approval(js, namespace, runs[0], "gate", True, by="mallory")
+                assert pending(name) == await waiting(runs) == 5
+            # Approved, then the same decision again (a duplicate is ignored).
+            await send_approval(js, namespace, runs[0], "gate", True, by="ada")
+            await poll(lambda: _is(phase_of(runs[0], "gate"), "Succeeded"))
+            await send_approval(js, namespace, runs[0], "gate", True, by="ada")
+            assert pending(name) == await waiting(runs) == 4
+            # Rejected, and a late decision on the rejected step.
+            await send_approval(js, namespace, runs[1], "gate", False, by="ada")
+            await poll(lambda: _is(phase_of(runs[1], "gate"), "Failed"))
+            await send_approval(js, namespace, runs[1], "gate", True, by="ada")
+            assert pending(name) == await waiting(runs) == 3
+            # The run cancelled while waiting.
+            await send_cancel(js, namespace, runs[2], by="test")
+            await poll(lambda: _is(phase_of(runs[2], "gate"), "Cancelled"))
+            assert pending(name) == await waiting(runs) == 2
+            # The run failing while waiting (another step fails).
+            await send_signal(js, namespace, runs[3], "go", None, by="test")
+            await poll(lambda: _is(phase_of(runs[3], "gate"), "Cancelled"))
+            assert pending(name) == await waiting(runs) == 1
+            # No decision within the approval's timeout.
+            slow = await engine.start_run(bundle.compiled[timed], {}, run_id=f"{timed}-0")
+            await poll(lambda: _is(phase_of(slow, "gate"), "Failed"))
+            assert pending(timed) == await waiting([slow]) == 0
+            assert pending(name) == await waiting(runs) == 1
+        finally:
+            await nc.close()
+
+
+async def _is(value: Awaitable[str], expected: str) -> bool:
+    return await value == expected
