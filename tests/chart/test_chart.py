@@ -92,6 +92,7 @@ SCENARIOS["everything"] = EVERYTHING
 # The metrics the dashboard and the alerts are built on (names fixed by the operator).
 DASHBOARD_METRICS = [
     "cadenza_runs_finished_total",
+    "cadenza_step_scheduling_seconds",
     "cadenza_step_queue_seconds",
     "cadenza_step_execution_seconds",
     "cadenza_step_retries_total",

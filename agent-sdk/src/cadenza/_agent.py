@@ -264,9 +264,17 @@ class Agent:
             report = body.get("heartbeat")
             interval = min(heartbeat_every, report / 3) if report else heartbeat_every
             self._inflight[key] = _InFlight(task, msg, subject, base, interval, bool(report), loop.time())
+            start_report: asyncio.Task[None] | None = None
             try:
-                if body.get("notifyStart"):
-                    await pub.publish(subject, dumps({"type": "started", **base, "at": started}))
+                started_event = dumps({"type": "started", **base, "at": started, "startedAt": started})
+                if body.get("notifyStart"):  # the step has timers that count from the start
+                    await pub.publish(subject, started_event)
+                elif body.get("reportStartAfter") is not None:
+                    # Otherwise the start is reported only by an attempt still running after
+                    # a moment: a quick one's result carries its start, and costs no message.
+                    start_report = loop.create_task(
+                        _report_later(pub, subject, started_event, float(body["reportStartAfter"]))
+                    )
                 task.input = await _payloads.resolve(js, body.get("input"))
                 # asyncio.timeout, not wait_for: a TimeoutError the handler itself raises (an
                 # HTTP client's) is a plain exception, not this attempt's timeout.
@@ -309,6 +317,8 @@ class Agent:
                 # is not acknowledged, so JetStream hands it out again.
                 log.warning("task returned unfinished", exc_info=True)
             finally:
+                if start_report is not None:
+                    start_report.cancel()
                 self._inflight.pop(key, None)
 
         consumer = PullConsumer(nc, TASKS_STREAM, durable, execute, concurrency=concurrency)
@@ -515,3 +525,9 @@ async def abandoned(runs_kv: Any, body: dict[str, Any]) -> str | None:
     if attempt == body["attempt"] and not slot.get("running", False):
         return "the attempt has finished"
     return None
+
+
+async def _report_later(pub: Any, subject: str, event: bytes, delay: float) -> None:
+    await asyncio.sleep(delay)
+    with contextlib.suppress(Exception):  # a progress report: the outcome carries the start too
+        await pub.publish(subject, event)

@@ -194,6 +194,20 @@ KINDS: tuple[Kind, ...] = (
             Column("Progress", "string", ".status.progress", "Finished steps / all steps."),
             Column("Duration", "string", ".status.duration", "Wall-clock duration of the run."),
             Column(
+                "Waiting",
+                "string",
+                ".status.waiting",
+                "Time attempts spent ready but not yet started by an agent, summed over steps.",
+                priority=1,
+            ),
+            Column(
+                "Executing",
+                "string",
+                ".status.executing",
+                "Time agents spent executing attempts, summed over steps.",
+                priority=1,
+            ),
+            Column(
                 "Message",
                 "string",
                 ".status.message",

@@ -38,15 +38,31 @@ RUN_DURATION = Histogram(
     "cadenza_run_duration_seconds", "Run wall-clock duration.", ["workflow"], buckets=_TIME_BUCKETS
 )
 ACTIVE_RUNS = Gauge("cadenza_active_runs", "Runs started by this engine and not finished.", ["workflow"])
+# An attempt's life is ready -> queued -> started -> finished; one histogram per stage,
+# observed when the attempt finishes, so "agents wait more than they execute" is
+#   sum(rate(cadenza_step_waiting_seconds_sum[5m])) > sum(rate(cadenza_step_execution_seconds_sum[5m]))
+STEP_SCHEDULING = Histogram(
+    "cadenza_step_scheduling_seconds",
+    "Time an attempt was ready but not yet queued for an agent: behind maxParallel, "
+    "maxActiveRuns, or a busy engine.",
+    ["workflow", "step"],
+    buckets=_TIME_BUCKETS,
+)
 STEP_QUEUE = Histogram(
     "cadenza_step_queue_seconds",
-    "Time a task waited before an agent started it.",
+    "Time an attempt waited in its agent's queue before an agent started it.",
+    ["workflow", "step"],
+    buckets=_TIME_BUCKETS,
+)
+STEP_WAITING = Histogram(
+    "cadenza_step_waiting_seconds",
+    "Time from an attempt being ready to an agent starting it (scheduling + queue).",
     ["workflow", "step"],
     buckets=_TIME_BUCKETS,
 )
 STEP_EXECUTION = Histogram(
     "cadenza_step_execution_seconds",
-    "Time an agent spent executing a task.",
+    "Time an agent spent executing an attempt.",
     ["workflow", "step"],
     buckets=_TIME_BUCKETS,
 )

@@ -77,6 +77,8 @@ INLINE_OUTPUT_BYTES = 32 * 1024
 """Step and run outputs larger than this are stored apart (`stores`), keeping the run record small."""
 
 
+START_REPORT_AFTER = 0.25
+"""Seconds after which an attempt with no timer still running reports its start."""
 MAX_ERROR_BYTES = 16 * 1024
 """An attempt's error larger than this (as JSON) is cut down before the record keeps it."""
 
@@ -426,7 +428,9 @@ class _Decider:
         slot, name, item = self.find_slot()
         if slot is None or slot.startedAt is not None:
             return
-        slot.startedAt = float(self.ev.get("at", self.now))
+        # The agent's start time (a report may come a moment after the start), never later
+        # than the report was stored.
+        slot.startedAt = min(float(self.ev.get("startedAt") or self.now), self.now)
         self.record_attempt(name, item, startedAt=slot.startedAt, worker=self.ev.get("worker"))
         self.disarm(self.timer_id("queue", name, item, slot.attempt))
         self.arm_attempt_timers(name, item, slot)
@@ -880,9 +884,12 @@ class _Decider:
                 "heartbeat": cs.heartbeat,
                 "queueTimeout": cs.queue_timeout,
                 "queuedAt": self.handled,
-                # Every attempt reports its start: timeouts count from it, and it splits
-                # waiting from executing while the attempt runs (status, `cadenza run`).
-                "notifyStart": True,
+                # Timers that count from the start need it at once (a queueTimeout that
+                # fired on a started attempt would run it twice). Otherwise an attempt still
+                # running after a moment reports it, so status tells queued from running;
+                # a quick one's result carries its start time.
+                "notifyStart": bool(cs.timeout or cs.heartbeat or cs.queue_timeout is not None),
+                "reportStartAfter": START_REPORT_AFTER,
             }
             self.command(
                 op="dispatch",

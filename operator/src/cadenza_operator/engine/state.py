@@ -24,7 +24,12 @@ class _State(BaseModel):
 
 
 class Attempt(_State):
+    """One attempt's life: ready (it could have run) -> queued (the engine dispatched it)
+    -> started (an agent began it) -> finished. Ready to queued is time spent behind
+    maxParallel, maxActiveRuns or a busy engine; queued to started, waiting for an agent."""
+
     n: int
+    readyAt: float | None = None
     queuedAt: float
     startedAt: float | None = None
     finishedAt: float | None = None
@@ -38,10 +43,45 @@ class Slot(_State):
 
     attempt: int = 0
     running: bool = False
+    readyAt: float | None = None
     queuedAt: float | None = None
     startedAt: float | None = None
     lastHeartbeat: float | None = None
     retryAt: float | None = None
+
+
+class Timing(_State):
+    """Where a step's time went, summed over its attempts (and items): seconds from ready
+    to queued (scheduling), queued to started (queued) and started to finished (executing)."""
+
+    scheduling: float = 0.0
+    queued: float = 0.0
+    executing: float = 0.0
+    attempts: int = 0  # finished attempts measured
+
+    @property
+    def waiting(self) -> float:
+        return self.scheduling + self.queued
+
+    def add(self, scheduling: float, queued: float, executing: float | None) -> None:
+        self.scheduling += scheduling
+        self.queued += queued
+        self.executing += executing or 0.0
+        self.attempts += 1
+
+
+def attempt_stages(
+    ready: float | None, queued: float | None, started: float | None, finished: float
+) -> tuple[float, float, float | None]:
+    """Seconds an attempt spent ready -> queued, queued -> started and started -> finished
+    (None if it never started: it waited until it ended). The times come from different
+    clocks (engine and agent hosts), so each stage is clamped at zero."""
+    queued = queued if queued is not None else finished
+    ready = ready if ready is not None else queued
+    scheduling = max(0.0, queued - ready)
+    if started is None:
+        return scheduling, max(0.0, finished - queued), None
+    return scheduling, max(0.0, started - queued), max(0.0, finished - started)
 
 
 class ForEachState(_State):
@@ -69,6 +109,7 @@ class StepState(Slot):
     forEach: ForEachState | None = None
     child: str | None = None
     retries: int = 0
+    timing: Timing | None = None
 
 
 class Timer(_State):
@@ -116,3 +157,14 @@ class RunState(_State):
     @classmethod
     def from_bytes(cls, data: bytes) -> RunState:
         return cls.model_validate_json(data)
+
+
+def run_timing(state: RunState) -> Timing:
+    """The run's time summed over its steps' finished attempts. Steps run in parallel, so
+    the sums can exceed the run's wall-clock duration: they say where agent time went."""
+    total = Timing()
+    for st in state.steps.values():
+        if st.timing is not None:
+            total.add(st.timing.scheduling, st.timing.queued, st.timing.executing)
+            total.attempts += st.timing.attempts - 1
+    return total

@@ -17,7 +17,7 @@ from typing import Any
 
 from cadenza._protocol import OUTPUTS_BUCKET
 
-from ..engine.state import TERMINAL_RUN, TERMINAL_STEP, RunState, StepState
+from ..engine.state import TERMINAL_RUN, TERMINAL_STEP, RunState, StepState, run_timing
 
 MAX_STEPS_LISTED = 50
 """Steps listed in WorkflowRun status; beyond it, finished ones are left out first."""
@@ -102,6 +102,9 @@ def step_summary(st: StepState) -> Json:
         summary["approval"] = {k: v for k, v in st.approval.items() if k in ("decision", "by", "comment")}
     if st.child:
         summary["childRun"] = st.child
+    if st.timing is not None:
+        summary["waiting"] = human_duration(st.timing.waiting)
+        summary["executing"] = human_duration(st.timing.executing)
     return summary
 
 
@@ -151,6 +154,31 @@ def waiting_message(state: RunState) -> str:
     )
 
 
+NOT_WITH_AN_AGENT = frozenset(TERMINAL_STEP) | {"Pending", "WaitingApproval"}
+"""Step phases in which a step is not handed to its agent (any other phase is)."""
+
+
+def agent_waits_message(
+    state: RunState, step_agents: Mapping[str, str | None], crash_looping: Mapping[str, str]
+) -> str:
+    """Says "step X waits for agent Y, which is crash-looping: LAST LINE" for the run's started,
+    unfinished steps whose agent crash-loops. `step_agents` maps step names to agents (from
+    the run's definition); `crash_looping` maps agents to their last log line. The run is
+    not failed: Kubernetes keeps restarting the agent, a fix may be rolled out, and the
+    step's queueTimeout bounds the wait."""
+    waits: dict[str, list[str]] = {}
+    for name, st in state.steps.items():
+        agent = step_agents.get(name)
+        if agent and agent in crash_looping and st.phase not in NOT_WITH_AN_AGENT:
+            waits.setdefault(agent, []).append(name)
+    parts = []
+    for agent, steps in waits.items():
+        who = f"step {steps[0]} waits" if len(steps) == 1 else f"steps {', '.join(steps)} wait"
+        line = crash_looping[agent]
+        parts.append(f"{who} for agent {agent}, which is crash-looping" + (f": {line}" if line else ""))
+    return "; ".join(parts)
+
+
 def run_conditions(state: RunState) -> list[Json]:
     """A `Succeeded` condition (Unknown while running), and `WaitingApproval` while a step waits."""
     if state.phase == "Succeeded":
@@ -166,8 +194,10 @@ def run_conditions(state: RunState) -> list[Json]:
     return conds
 
 
-def run_status(state: RunState, *, outputs_limit: int = 8192) -> Json:
-    """WorkflowRun status mirrored from a run record (pure, bounded)."""
+def run_status(state: RunState, *, outputs_limit: int = 8192, blocked: str = "") -> Json:
+    """WorkflowRun status mirrored from a run record (pure, bounded). `blocked` says what
+    the run waits on outside it (`agent_waits_message`): the message shows it after the
+    approvals it waits for, unless the run has ended or has a message of its own."""
     done = sum(1 for st in state.steps.values() if st.phase in TERMINAL_STEP)
     listed = _listed_steps(state.steps)
     status: Json = {
@@ -180,13 +210,26 @@ def run_status(state: RunState, *, outputs_limit: int = 8192) -> Json:
         if state.finishedAt is not None and state.startedAt is not None
         else "",
         "steps": {name: step_summary(state.steps[name]) for name in listed},
+        **_timing_fields(state),
         "outputs": bounded_outputs(state, outputs_limit),
-        "message": _clip(state.message or waiting_message(state)),
+        "message": _clip(state.message or _waits(state, blocked)),
         "conditions": run_conditions(state),
     }
     if len(listed) < len(state.steps):
         status["stepsNotListed"] = len(state.steps) - len(listed)
     return status
+
+
+def _waits(state: RunState, blocked: str) -> str:
+    waits = [waiting_message(state), "" if state.terminal else blocked]
+    return "; ".join(w for w in waits if w)
+
+
+def _timing_fields(state: RunState) -> Json:
+    timing = run_timing(state)
+    if not timing.attempts:
+        return {}
+    return {"waiting": human_duration(timing.waiting), "executing": human_duration(timing.executing)}
 
 
 def merge_patch_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> Json:
@@ -351,10 +394,13 @@ def agent_status(
     in_flight: int | None,
     deployment_problem: str = "",
     queue_problem: str = "",
+    crash_loop: str = "",
     previous: Iterable[Mapping[str, Any]] = (),
     now: float | None = None,
 ) -> Json:
     """Agent status: counts, `ready` as "r/n", and Ready/Degraded conditions with a reason.
+    `crash_loop` describes a crash-looping agent container (`pods.CrashLoop.message`):
+    Degraded with reason CrashLoopBackOff, the most specific thing to say once pods exist.
 
     `previous` conditions keep their lastTransitionTime while their status is unchanged,
     so an unchanged Agent produces an identical status (and no write).
@@ -369,6 +415,8 @@ def agent_status(
         ready = ("False", "ReplicasNotReady", f"{ready_replicas}/{replicas} replicas ready")
     if deployment_problem:
         degraded = ("True", "DeploymentFailed", deployment_problem)
+    elif crash_loop:
+        degraded = ("True", "CrashLoopBackOff", crash_loop)
     elif queue_problem:
         degraded = ("True", "QueueUnavailable", queue_problem)
     elif replicas and ready_replicas == 0 and (pending or 0) > 0:
