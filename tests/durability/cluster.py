@@ -15,7 +15,7 @@ from cadenza_operator.local.processes import AgentProcess, AgentProcesses
 from cadenza_operator.models import Agent
 
 from ..integration.harness import start_engine
-from .workload import AGENTS_PY, FRAGILE, WORKER
+from .workload import AGENTS_PY, BUSY, FRAGILE, WORKER
 
 ENGINE_ACK_WAIT = 2.0  # seconds: a killed engine's events go to another engine this fast
 AGENT_ACK_WAIT = "2s"
@@ -60,7 +60,7 @@ class Cluster:
                     },
                 }
             )
-            for name, concurrency in ((WORKER, 32), (FRAGILE, 2))
+            for name, concurrency in ((WORKER, 32), (FRAGILE, 2), (BUSY, 1))
         ]
 
     def start_agents(self) -> None:

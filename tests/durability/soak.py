@@ -39,7 +39,7 @@ from cadenza_operator.models import WorkflowSpec
 from ..conftest import ROOT
 from . import measure
 from .cluster import ENGINE_ACK_WAIT, Cluster
-from .workload import FRAGILE, WORKER, WORKFLOWS, PlannedRun, plan_runs
+from .workload import BUSY, FRAGILE, WORKER, WORKFLOWS, PlannedRun, plan_runs
 
 T = TypeVar("T")
 TERMINAL = ("Succeeded", "Failed", "Cancelled")
@@ -400,7 +400,7 @@ async def run_soak(config: SoakConfig) -> dict[str, Any]:
         # The client's settings must not reset the engines' ack wait when it opens.
         client = Engine(nc, EngineSettings(name="soak", ack_wait=ENGINE_ACK_WAIT))
         await client.open()
-        for agent in (WORKER, FRAGILE):
+        for agent in (WORKER, FRAGILE, BUSY):
             await ensure_agent_consumer(js, namespace, agent, 2.0)
         workflows = {
             name: compile_workflow(name, WorkflowSpec.model_validate(spec), namespace)

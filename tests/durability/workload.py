@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 WORKER = "worker"  # every ordinary step
 FRAGILE = "fragile"  # only the poison run: its task crash-loops these replicas
+BUSY = "busy"  # one task at a time per replica: the busy runs' tasks queue behind each other
 
 # The agents' handler logs `run step item attempt start-time` when it starts, before any
 # work: the soak compares these starts with the run records to find attempts started after
@@ -148,9 +149,36 @@ POISON = {
     "steps": [{"name": "boom", "agent": FRAGILE, "timeout": "40s", "input": {"op": "crash"}}],
 }
 
-WORKFLOWS = {"soak": MAIN, "soak-auto": AUTO, "soak-poison": POISON}
+# Two steps on an agent that takes one task at a time, so tasks of different runs wait in
+# its queue: `timeout` counts from the start (a queued attempt is never timed out), a first
+# attempt that overruns it is retried, and an attempt that waits longer than `queueTimeout`
+# is abandoned (never started) and retried.
+BUSY_STEP = {
+    "agent": BUSY,
+    "timeout": "1s",
+    "queueTimeout": "2s",
+    "retry": {"limit": 8, "backoff": {"initial": "1ms"}},
+}
+BUSY_RUN = {
+    "steps": [
+        {
+            **BUSY_STEP,
+            "name": "q1",
+            "input": {"op": "slow", "n": "${{ input.n }}", "slowUntil": "${{ input.slow }}"},
+        },
+        {
+            **BUSY_STEP,
+            "name": "q2",
+            "dependsOn": ["q1"],
+            "input": {"op": "slow", "n": "${{ steps.q1.output.n }}", "slowUntil": 0},
+        },
+    ],
+    "output": {"n": "${{ steps.q2.output.n }}"},
+}
 
-Kind = Literal["main", "cancel", "auto", "poison"]
+WORKFLOWS = {"soak": MAIN, "soak-auto": AUTO, "soak-poison": POISON, "soak-busy": BUSY_RUN}
+
+Kind = Literal["main", "cancel", "auto", "poison", "busy"]
 
 
 @dataclass
@@ -163,9 +191,13 @@ class PlannedRun:
 
     @property
     def expected_phase(self) -> str:
-        return {"main": "Succeeded", "auto": "Succeeded", "cancel": "Cancelled", "poison": "Failed"}[
-            self.kind
-        ]
+        return {
+            "main": "Succeeded",
+            "auto": "Succeeded",
+            "busy": "Succeeded",
+            "cancel": "Cancelled",
+            "poison": "Failed",
+        }[self.kind]
 
     def expected_outputs(self) -> Any:
         n = self.input.get("n", 0)
@@ -178,6 +210,8 @@ class PlannedRun:
             }
         if self.kind == "auto":
             return {"v": 2 * n, "decision": "approved", "by": "timeout"}
+        if self.kind == "busy":
+            return {"n": n}
         return None  # a cancelled or failed run's outputs are not compared
 
     @property
@@ -190,10 +224,14 @@ def plan_runs(rng: random.Random, count: int, cli_every: int = 40) -> list[Plann
     runs: list[PlannedRun] = []
     for i in range(count):
         roll = rng.random()
-        kind: Kind = "auto" if roll < 0.15 else "cancel" if roll < 0.2 else "main"
+        kind: Kind = "auto" if roll < 0.15 else "cancel" if roll < 0.2 else "busy" if roll < 0.35 else "main"
         run_id = f"soak-{i:05d}"
         if kind == "auto":
             runs.append(PlannedRun(run_id, kind, "soak-auto", {"n": i, "failA": rng.randrange(3)}))
+            continue
+        if kind == "busy":
+            slow = 1 if rng.random() < 0.2 else 0
+            runs.append(PlannedRun(run_id, kind, "soak-busy", {"n": i, "slow": slow}))
             continue
         items = [rng.randrange(1, 10) for _ in range(rng.randrange(2, 5))]
         spec = {
