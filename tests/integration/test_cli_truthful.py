@@ -308,7 +308,7 @@ async def test_two_engines_answer_each_request_once(fresh_nats: NatsServer, tmp_
                     if len(names) == 2:
                         return
                     await asyncio.sleep(0.02)
-                pytest.fail(f"both engines never answered: {replies}")
+                pytest.fail(f"both engines never answered ({sum(map(len, replies.values()))} answers)")
 
             for i in range(20):
                 await ask(f"bob{i}", {"op": "approve", "run": run, "step": "gate", "by": "bob"})
