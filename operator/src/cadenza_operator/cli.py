@@ -237,6 +237,9 @@ def _control(args: argparse.Namespace, request: dict[str, Any]) -> int:
     applied, 1 when refused (unknown or finished run, step not waiting, not an approver),
     3 when no engine answers."""
     err = Console(stderr=True)
+    if not args.wait > 0:  # also NaN
+        err.print(f"[red]error[/red]: --wait: {args.wait:g} is not a number of seconds above 0")
+        return EXIT_INVALID
     reply = asyncio.run(_ask_engine(args.nats, args.namespace, {**request, "run": args.run}, args.wait))
     if reply is None:
         err.print(
