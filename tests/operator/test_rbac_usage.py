@@ -41,6 +41,8 @@ EXPECTED: set[tuple[str, str, str, str | None]] = {
     ("get", "", "services", None),
     ("create", "", "services", None),
     ("delete", "", "services", None),
+    # an Agent's pods: is its container crash-looping, and what did it log last?
+    ("list", "", "pods", None),
     # runs started by triggers are mirrored as WorkflowRuns; finished ones beyond the
     # Workflow's runHistoryLimit are deleted
     ("create", "cadenza.dev", "workflowruns", None),

@@ -23,6 +23,7 @@ from . import builders, events
 from .api import ApiError, KubeApi, path_of
 from .autoscaling import desired_replicas, prune, stabilized
 from .context import OperatorContext, context_of
+from .pods import CRASH_LOOP_REASON, CrashLoop, crash_loop
 from .settings import OperatorSettings
 from .specs import invalid_spec, parse_resource, update_status
 from .status import agent_status
@@ -75,6 +76,8 @@ async def agent_forget(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     ctx = context_of(memo)
     key = (body.metadata.namespace or "default", body.metadata.name or "")
     ctx.scaling_history.pop(key, None)
+    if ctx.crash_loops.pop(key, None) is not None and ctx.started:
+        ctx.feed.poke()  # runs that said they wait for it stop saying so
     for gauge in (metrics.AGENT_PENDING, metrics.AGENT_IN_FLIGHT):
         with contextlib.suppress(KeyError):
             gauge.remove(*key)
@@ -229,6 +232,7 @@ async def observe_agent(ctx: OperatorContext, agent: Agent, owner: kopf.Body) ->
             log.info("agent scaled", agent=name, namespace=namespace, replicas=target, pending=pending)
             replicas = target
     ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
+    crashing = await _crash_loop(ctx, agent, owner) if deployment is not None else None
     return agent_status(
         generation=int(owner.metadata.get("generation") or 0),
         replicas=replicas,
@@ -237,9 +241,35 @@ async def observe_agent(ctx: OperatorContext, agent: Agent, owner: kopf.Body) ->
         in_flight=in_flight,
         deployment_problem=deployment_problem(deployment),
         queue_problem=queue_problem,
+        crash_loop=crashing.message() if crashing else "",
         previous=dict(owner.status or {}).get("conditions") or [],
         now=time.time(),
     )
+
+
+async def _crash_loop(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> CrashLoop | None:
+    """Whether the agent's container crash-loops, from its pods (one list request); kept
+    in the context for the WorkflowRun mirrors, which are woken when it changes. A Warning
+    Event goes out when the Agent starts crash-looping, not on every observation."""
+    namespace, name = namespace_of(agent), agent.metadata.name
+    selector = ",".join(f"{k}={v}" for k, v in builders.agent_selector(name).items())
+    pods = await ctx.api.list(path_of("v1", "pods", namespace), label_selector=selector)
+    found = crash_loop(pods, time.time())
+    key = (namespace, name)
+    line = found.last_line if found else None
+    if ctx.crash_loops.get(key) != line:
+        if line is None:
+            ctx.crash_loops.pop(key, None)
+            log.info("agent no longer crash-looping", agent=name, namespace=namespace)
+        else:
+            conditions = dict(owner.status or {}).get("conditions") or []
+            reported = any(c.get("reason") == CRASH_LOOP_REASON for c in conditions)
+            if key not in ctx.crash_loops and not reported and found is not None:
+                events.warning(owner, CRASH_LOOP_REASON, found.message())
+                log.warning("agent crash-looping", agent=name, namespace=namespace, last_line=line)
+            ctx.crash_loops[key] = line
+        ctx.feed.poke()
+    return found
 
 
 def _autoscale(ctx: OperatorContext, key: tuple[str, str], load: int, autoscaling: AutoscalingSpec) -> int:

@@ -133,6 +133,9 @@ def build_deployment(
         "env": agent_env(agent, nats_url=nats_url, log_format=log_format, nats_creds=nats_creds),
         "securityContext": container_security_context(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        # An agent that exits non-zero leaves the tail of its log (80 lines, 2 KiB) in its
+        # status, where the operator reads why it crash-loops (pods.py) with no log access.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if agent.spec.command:
         container["command"] = list(agent.spec.command)

@@ -50,6 +50,10 @@ class RunFollower:
         self._raw = data
         self.changed.set()
 
+    def poke(self) -> None:
+        if self._raw is not None:
+            self.changed.set()
+
     def take(self) -> tuple[RunState | None, list[RunEvent]]:
         """The latest record and the Events its transitions since the last take call for.
 
@@ -96,6 +100,13 @@ class RunFeed:
     def unfollow(self, follower: RunFollower) -> None:
         if self._followers.get(follower.run) is follower:
             del self._followers[follower.run]
+
+    def poke(self) -> None:
+        """Wake every follower holding a record, so that its mirror writes status again:
+        something outside the run changed what it shows (an agent began or stopped
+        crash-looping). A mirror whose status comes out the same writes nothing."""
+        for follower in self._followers.values():
+            follower.poke()
 
     async def refresh(self, follower: RunFollower) -> None:
         """Read the run's current record (after `follow`, so no write falls in between)."""

@@ -32,7 +32,15 @@ from .context import OperatorContext, context_of
 from .feed import RunFollower
 from .settings import OperatorSettings
 from .specs import InvalidSpec, load_resource
-from .status import RunRecord, condition, merge_patch_apply, merge_patch_diff, phases_of_status, run_status
+from .status import (
+    RunRecord,
+    agent_waits_message,
+    condition,
+    merge_patch_apply,
+    merge_patch_diff,
+    phases_of_status,
+    run_status,
+)
 
 log = structlog.get_logger("cadenza.operator")
 
@@ -293,13 +301,26 @@ async def _mirror(ctx: OperatorContext, body: kopf.Body, follower: RunFollower) 
             continue
         events.post(body, transitions)
         await _decide_waiting(ctx, body, state, decided)
-        patch = status_patch(written, run_status(state, outputs_limit=ctx.settings.outputs_limit))
+        blocked = await _agent_waits(ctx, state)
+        patch = status_patch(
+            written, run_status(state, outputs_limit=ctx.settings.outputs_limit, blocked=blocked)
+        )
         if patch:
             await _write_status(ctx, body, patch)
             written = merge_patch_apply(written, patch)
             last_write = time.monotonic()
         if state.terminal:
             return
+
+
+async def _agent_waits(ctx: OperatorContext, state: RunState) -> str:
+    """What the run's steps wait for outside the run: crash-looping agents (see agents.py)."""
+    crashing = {agent: line for (ns, agent), line in ctx.crash_loops.items() if ns == state.namespace}
+    if not crashing or state.terminal:
+        return ""
+    wf = await ctx.engine.definition(state.definition)  # kept in memory by the engine
+    steps = [*wf.steps.values(), *([wf.on_exit] if wf.on_exit is not None else [])]
+    return agent_waits_message(state, {step.name: step.agent for step in steps}, crashing)
 
 
 async def _write_status(ctx: OperatorContext, body: kopf.Body, patch: Json) -> None:
