@@ -6,8 +6,9 @@ the reason printed; with it, a missing tool is a failure, not a skip.
 
 What it proves that the emulator tests cannot: the CRDs are accepted by a real API
 server (schema, CEL rules), the chart's RBAC suffices, the operator's Deployment really
-runs agent pods (securityContext included) that reach NATS, and a WorkflowRun created
-with kubectl reaches Succeeded with its status mirrored.
+runs agent pods (securityContext included) that reach NATS, a WorkflowRun created
+with kubectl reaches Succeeded with its status mirrored, and a crash-looping agent's last
+log line (kept by the kubelet) reaches its Agent condition and the waiting run's message.
 """
 
 from __future__ import annotations
@@ -242,4 +243,71 @@ def test_approval_by_annotation_and_cancel_by_delete(installed: Cluster) -> None
     assert status["steps"]["gate"]["approval"]["by"] == "e2e"
     cluster.kubectl(
         "delete", "-n", NAMESPACE, "wfr/gated-delete", "--wait=true", "--timeout=120s", timeout=150
+    )
+
+
+def _agent_condition(cluster: Cluster, agent: str) -> dict[str, Any]:
+    obj = json.loads(cluster.kubectl("get", "-n", NAMESPACE, f"agent/{agent}", "-o", "json"))
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == "Degraded"), {})
+
+
+def test_a_crash_looping_agent_shows_its_last_log_line_on_the_agent_and_the_run(installed: Cluster) -> None:
+    """What the emulator cannot show: a real kubelet puts the tail of the failing container's
+    log into its status (terminationMessagePolicy: FallbackToLogsOnError), and the operator
+    carries it to the Agent's condition and the waiting WorkflowRun's message."""
+    cluster = installed
+    failing = "import sys; print('starting'); sys.exit('agent config missing: CRASHER_TOKEN')"
+    docs = [
+        {
+            "apiVersion": "cadenza.dev/v1alpha1",
+            "kind": "Agent",
+            "metadata": {"name": "crasher", "namespace": NAMESPACE},
+            "spec": {"image": HELLO_IMAGE, "command": ["python", "-c", failing]},
+        },
+        {
+            "apiVersion": "cadenza.dev/v1alpha1",
+            "kind": "Workflow",
+            "metadata": {"name": "crashing", "namespace": NAMESPACE},
+            "spec": {"steps": [{"name": "work", "agent": "crasher"}]},
+        },
+        {
+            "apiVersion": "cadenza.dev/v1alpha1",
+            "kind": "WorkflowRun",
+            "metadata": {"name": "crashing-1", "namespace": NAMESPACE},
+            "spec": {"workflowRef": "crashing"},
+        },
+    ]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    deadline = time.monotonic() + 300
+    while _agent_condition(cluster, "crasher").get("reason") != "CrashLoopBackOff":
+        assert time.monotonic() < deadline, cluster.diagnostics()
+        time.sleep(2)
+    message = _agent_condition(cluster, "crasher")["message"]
+    assert "exit code 1" in message and "agent config missing: CRASHER_TOKEN" in message, message
+    expected = (
+        "step work waits for agent crasher, which is crash-looping: agent config missing: CRASHER_TOKEN"
+    )
+    while expected not in cluster.kubectl(
+        "get", "-n", NAMESPACE, "wfr/crashing-1", "-o", "jsonpath={.status.message}"
+    ):
+        assert time.monotonic() < deadline, cluster.diagnostics()
+        time.sleep(2)
+    phase = cluster.kubectl("get", "-n", NAMESPACE, "wfr/crashing-1", "-o", "jsonpath={.status.phase}")
+    assert phase == "Running"  # not failed: a fix may be rolled out
+
+    # The fix rolled out: new pods stay up, the condition clears, the message goes.
+    patch = {"spec": {"command": ["python", "-c", "import time; time.sleep(3600)"]}}
+    cluster.kubectl("patch", "-n", NAMESPACE, "agent/crasher", "--type=merge", "-p", json.dumps(patch))
+    cluster.kubectl(
+        "rollout", "status", "-n", NAMESPACE, "deployment/crasher-agent", "--timeout=300s", timeout=330
+    )
+    deadline = time.monotonic() + 300
+    while _agent_condition(cluster, "crasher").get("reason") == "CrashLoopBackOff" or "crash-looping" in (
+        cluster.kubectl("get", "-n", NAMESPACE, "wfr/crashing-1", "-o", "jsonpath={.status.message}")
+    ):
+        assert time.monotonic() < deadline, cluster.diagnostics()
+        time.sleep(2)
+    cluster.kubectl(
+        "delete", "-n", NAMESPACE, "wfr/crashing-1", "workflow/crashing", "agent/crasher", "--wait=false"
     )
