@@ -13,9 +13,19 @@ if __name__ == "__main__":
 """
 
 from ._agent import Agent, AgentSettings
+from ._context import ContextConflict
 from ._errors import FatalError, RetryableError, TaskError
 from ._logging import configure_logging
 from ._task import Task
 
-__all__ = ["Agent", "AgentSettings", "FatalError", "RetryableError", "Task", "TaskError", "configure_logging"]
+__all__ = [
+    "Agent",
+    "AgentSettings",
+    "ContextConflict",
+    "FatalError",
+    "RetryableError",
+    "Task",
+    "TaskError",
+    "configure_logging",
+]
 __version__ = "0.1.0"

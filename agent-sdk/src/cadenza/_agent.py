@@ -24,7 +24,7 @@ import structlog
 from . import _payloads
 from ._ackinfo import deliveries, stored_at
 from ._connect import connect_until_stopped
-from ._context import KVContext
+from ._context import KVContext, WriteRecorder
 from ._deadletter import MAX_DELIVERIES, dead_letter
 from ._errors import TaskError, failure_of
 from ._logging import configure_logging
@@ -213,7 +213,6 @@ class Agent:
                 namespace=ns,
                 agent=self.name,
                 timeout=body.get("timeout"),
-                context=KVContext(context_kv, body.get("scope") or body["run"], loop),
             )
             key = f"{task.run_id}.{task.step}.{task.item}.{task.attempt}"
             base = {
@@ -225,6 +224,20 @@ class Agent:
             }
             subject = event_subject(ns, task.run_id)
             log = self.log.bind(run=task.run_id, step=task.step, item=task.item, attempt=task.attempt)
+            scope = body.get("scope") or body["run"]
+            writes = WriteRecorder(  # each context write goes to the run's audit trail
+                lambda data, headers: pub.publish(subject, data, headers),
+                {
+                    "run": task.run_id,
+                    "step": task.step,
+                    "item": task.item,
+                    "attempt": task.attempt,
+                    "worker": worker,
+                },
+                scope,
+                log,
+            )
+            task.context = KVContext(context_kv, scope, loop, on_write=writes)
             try:
                 why = await self._currency(runs_kv, body, msg) if self._may_be_stale(body, msg) else None
             except Exception as exc:
@@ -306,6 +319,7 @@ class Agent:
                 msg_id = f"{event['type']}:{task.run_id}.{task.step}.{task.item}.{task.attempt}"
                 # Durable first, then the ack: a crash in between redelivers the task and
                 # the duplicate result is dropped by Nats-Msg-Id and by the engine.
+                await writes.settle()  # the context writes' records come before the outcome
                 await self._publish_outcome(pub, subject, dumps(event), msg_id, stop, log)
                 await msg.ack()
             except asyncio.CancelledError:

@@ -3,33 +3,68 @@
 The engine owns the run record (phases, attempts, timers); agents never write it. What
 agents want to share (a customer profile, a draft, notes) goes here instead, in its own
 JetStream KV bucket, so the two change at their own rates and cannot corrupt each other.
+
+Writes are recorded in the run's audit trail (key, step, attempt, revision; never the
+value): after each write the agent publishes a small `context` event to the engine, which
+appends the record. The write does not wait for it; the agent awaits those publishes
+together before it sends the attempt's outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
-from collections.abc import Coroutine
+import contextlib
+import inspect
+import random
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from ._protocol import CONTEXT_BUCKET, dumps, loads
 
-_KEY = re.compile(r"^[-_=a-zA-Z0-9]+$")
+_KEY_CHARS = frozenset("-_=abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+MAX_KEY_CHARS = 256
+"""The longest context key: a key is one subject token, and the audit trail keeps it."""
+MAX_UPDATE_ATTEMPTS = 100
+"""Compare-and-swap attempts of one `update` before it gives up (ContextConflict). Each
+conflict means another writer won, so a key with N writers at once needs at most about N;
+a hundred means something writes the key without end."""
 T = TypeVar("T")
+Updater = Callable[[Any], Any]
+"""`fn` of `update`: takes the current value, returns the new one (or an awaitable of it)."""
+
+
+_ABSENT = object()
+
+
+class ContextConflict(RuntimeError):
+    """`context.update` lost its compare-and-swap MAX_UPDATE_ATTEMPTS times in a row."""
 
 
 def _check_key(key: str) -> str:
-    if not _KEY.match(key):
-        raise ValueError(f"context key {key!r} may hold only letters, digits, '-', '_' and '='")
+    if not key or len(key) > MAX_KEY_CHARS or not _KEY_CHARS.issuperset(key):
+        raise ValueError(f"context key {key!r} must be 1 to {MAX_KEY_CHARS} letters, digits, '-', '_' or '='")
     return key
 
 
+def _copy(value: Any) -> Any:
+    """The value as JSON gives it back: what a reader will see, and never the caller's object."""
+    return loads(dumps(value))
+
+
 class Context(Protocol):
-    """What a handler sees as `task.context`."""
+    """What a handler sees as `task.context`: the run's shared context.
+
+    `get(key, default)`, `put(key, value)`, `keys()` (the keys that exist now, sorted) and
+    `update(key, fn, default)`: an atomic read-modify-write, the way to change a value
+    several attempts may change at once (a counter, a list of findings). Sync handlers use
+    the `*_sync` forms.
+    """
 
     async def get(self, key: str, default: Any = None) -> Any: ...
     async def put(self, key: str, value: Any) -> None: ...
     async def keys(self) -> list[str]: ...
+    async def update(self, key: str, fn: Updater, default: Any = None) -> Any: ...
 
 
 class _SyncMixin:
@@ -39,6 +74,7 @@ class _SyncMixin:
 
     def _block(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._loop is None:
+            coro.close()
             raise RuntimeError("no event loop to run the context operation on")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
@@ -48,14 +84,35 @@ class _SyncMixin:
     def put_sync(self, key: str, value: Any) -> None:
         self._block(self.put(key, value))  # type: ignore[attr-defined]
 
+    def keys_sync(self) -> list[str]:
+        result: list[str] = self._block(self.keys())  # type: ignore[attr-defined]
+        return result
+
+    def update_sync(self, key: str, fn: Updater, default: Any = None) -> Any:
+        """`update` for sync handlers; `fn` runs on the agent's event loop, so keep it quick."""
+        return self._block(self.update(key, fn, default))  # type: ignore[attr-defined]
+
 
 class KVContext(_SyncMixin):
-    """The run's context in the JetStream KV bucket `cadenza_context`, keys `<scope>.<key>`."""
+    """The run's context in the JetStream KV bucket `cadenza_context`, keys `<scope>.<key>`.
 
-    def __init__(self, kv: Any, scope: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    `on_write(key, revision)` is called after each write that was stored (the agent
+    records it in the run's audit trail).
+    """
+
+    max_attempts = MAX_UPDATE_ATTEMPTS
+
+    def __init__(
+        self,
+        kv: Any,
+        scope: str,
+        loop: asyncio.AbstractEventLoop | None = None,
+        on_write: Callable[[str, int], None] | None = None,
+    ) -> None:
         self._kv = kv
         self._scope = scope
         self._loop = loop
+        self._on_write = on_write
 
     async def get(self, key: str, default: Any = None) -> Any:
         from nats.js.errors import KeyNotFoundError
@@ -67,39 +124,173 @@ class KVContext(_SyncMixin):
         return default if entry.value is None else loads(entry.value)
 
     async def put(self, key: str, value: Any) -> None:
-        await self._kv.put(f"{self._scope}.{_check_key(key)}", dumps(value))
+        revision = await self._kv.put(f"{self._scope}.{_check_key(key)}", dumps(value))
+        self._written(key, revision)
 
     async def keys(self) -> list[str]:
-        from nats.js.errors import NoKeysError
+        """The keys of this scope that exist now (not deleted or purged), sorted.
 
-        prefix = f"{self._scope}."
+        A watch of `<scope>.*`, as nats.go's ListKeysFiltered does: an ordered consumer
+        that the server filters on the subject, delivering the last message of each key
+        (deliver-last-per-subject) with headers only, so its cost is the scope's keys and
+        never their values or the rest of the bucket; a key whose last message is a
+        delete or purge marker is left out. `*` and not `>`: keys are one token, so a
+        scope `<run>.x` or `<run>0` is never listed. (nats-py's `keys(filters=...)`
+        reads every key of the bucket and matches the filters as substrings: never
+        `<scope>.>`. The stream's subject counts, the other server-side filter, cannot
+        tell a deleted key from a live one: both keep a message.)
+        """
+        watcher = await self._kv.watch(f"{self._scope}.*", meta_only=True, ignore_deletes=True)
+        prefix = len(self._scope) + 1
+        names: set[str] = set()
         try:
-            names = await self._kv.keys(filters=[f"{prefix}>"])
-        except NoKeysError:
-            return []
-        return sorted(k[len(prefix) :] for k in names)
+            async for entry in watcher:
+                if entry is None:  # the end of what existed when the watch began
+                    break
+                names.add(entry.key[prefix:])
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+        return sorted(names)
+
+    async def update(self, key: str, fn: Updater, default: Any = None) -> Any:
+        """Set `key` to `fn(current)` atomically and return the new value.
+
+        `current` is the stored value, or a copy of `default` when the key does not exist.
+        The write is a compare-and-swap on the revision read: when another writer changed
+        the key meanwhile, it reads again and calls `fn` again (so `fn` must have no side
+        effects), after a short random pause. After MAX_UPDATE_ATTEMPTS conflicts in a row
+        it raises ContextConflict. `fn` may be async.
+        """
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        name = f"{self._scope}.{_check_key(key)}"
+        for conflicts in range(self.max_attempts):
+            try:
+                entry = await self._kv.get(name)
+                current = _copy(default) if entry.value is None else loads(entry.value)
+                last = entry.revision
+            except KeyNotFoundError as absent:
+                # Never written (revision 0) or deleted: its marker's revision is the one to
+                # compare with, as KeyValue.create does.
+                current = _copy(default)
+                last = absent.entry.revision if absent.entry is not None else 0
+            new = fn(current)
+            if inspect.isawaitable(new):
+                new = await new
+            data = dumps(new)
+            try:
+                revision = await self._kv.update(name, data, last=last)
+            except KeyWrongLastSequenceError:
+                # Jittered and growing a little: writers that collided do not collide again.
+                await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**conflicts)))
+                continue
+            self._written(key, revision)
+            return loads(data)
+        raise ContextConflict(
+            f"context key {key!r}: update lost its compare-and-swap {self.max_attempts} times "
+            "in a row (other writers change it without end)"
+        )
+
+    def _written(self, key: str, revision: int) -> None:
+        if self._on_write is not None:
+            self._on_write(key, revision)
+
+
+class WriteRecorder:
+    """`on_write` for one attempt: publishes a `context` event per write, for the audit trail.
+
+    The publish is started, not awaited, so a write costs one KV round trip and no more;
+    `settle()` awaits them all, before the attempt's outcome goes out (then the trail
+    holds the writes before the step's end, and none is lost when the process exits).
+    A write whose event cannot be published is logged: the write itself stands.
+    """
+
+    def __init__(
+        self,
+        publish: Callable[[bytes, dict[str, str]], Awaitable[Any]],
+        base: dict[str, Any],
+        scope: str,
+        log: Any,
+    ) -> None:
+        self._publish = publish
+        self._base = base
+        self._scope = scope
+        self._log = log
+        self._pending: list[asyncio.Future[Any]] = []
+
+    def __call__(self, key: str, revision: int) -> None:
+        body = {"type": "context", **self._base, "scope": self._scope, "key": key, "revision": revision}
+        # The revision is unique in the bucket: JetStream drops a repeated event by this id.
+        msg_id = f"context:{self._scope}.{key}:{revision}"
+        self._pending.append(asyncio.ensure_future(self._publish(dumps(body), {"Nats-Msg-Id": msg_id})))
+
+    async def settle(self) -> None:
+        pending, self._pending = self._pending, []
+        for outcome in await asyncio.gather(*pending, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                self._log.warning("context write not recorded in the audit trail", error=repr(outcome))
 
 
 class MemoryContext(_SyncMixin):
-    """An in-memory context for `cadenza.testing`."""
+    """An in-memory context for `cadenza.testing`; `data` holds what handlers wrote."""
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
         self.data: dict[str, Any] = dict(data or {})
+        self._lock = threading.Lock()  # sync handlers run in threads
 
     async def get(self, key: str, default: Any = None) -> Any:
-        return self.data.get(_check_key(key), default)
+        return self.get_sync(key, default)
 
     async def put(self, key: str, value: Any) -> None:
-        self.data[_check_key(key)] = loads(dumps(value))
+        self.put_sync(key, value)
 
     async def keys(self) -> list[str]:
-        return sorted(self.data)
+        return self.keys_sync()
+
+    async def update(self, key: str, fn: Updater, default: Any = None) -> Any:
+        """Like KVContext.update: `fn(current)` is stored only if no other write came in
+        between (else it runs again), as the compare-and-swap does on a server."""
+        while True:
+            with self._lock:
+                current = _copy(self.data.get(_check_key(key), default))
+                seen = self.data.get(key, _ABSENT)
+            new = fn(current)
+            if inspect.isawaitable(new):
+                new = await new
+            with self._lock:
+                if self.data.get(key, _ABSENT) is seen:
+                    self.data[key] = _copy(new)
+                    return _copy(new)
 
     def get_sync(self, key: str, default: Any = None) -> Any:
-        return self.data.get(_check_key(key), default)
+        with self._lock:
+            value = self.data.get(_check_key(key), _ABSENT)
+        return default if value is _ABSENT else _copy(value)
 
     def put_sync(self, key: str, value: Any) -> None:
-        self.data[_check_key(key)] = loads(dumps(value))
+        with self._lock:
+            self.data[_check_key(key)] = _copy(value)
+
+    def keys_sync(self) -> list[str]:
+        with self._lock:
+            return sorted(self.data)
+
+    def update_sync(self, key: str, fn: Updater, default: Any = None) -> Any:
+        with self._lock:
+            current = _copy(self.data.get(_check_key(key), default))
+            new = fn(current)
+            if inspect.isawaitable(new):
+                raise TypeError("update_sync takes a plain function, not an async one")
+            self.data[key] = _copy(new)
+            return _copy(new)
 
 
-__all__ = ["CONTEXT_BUCKET", "Context", "KVContext", "MemoryContext"]
+__all__ = [
+    "CONTEXT_BUCKET",
+    "Context",
+    "ContextConflict",
+    "KVContext",
+    "MemoryContext",
+    "WriteRecorder",
+]

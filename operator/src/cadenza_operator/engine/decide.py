@@ -29,6 +29,8 @@ Semantics, in one place:
   null for the failed items) and dependents go on.
 * onExit runs once the graph is done, whatever its outcome, and sees `run.phase`; its own
   failure is recorded on its step and does not change the run's phase.
+* A `context` event (an agent wrote the shared context) appends one audit record (key,
+  step, item, attempt, revision) and changes nothing else.
 * Cancellation stops the graph like a failure and ends the run Cancelled. Once the run
   winds down (a failure, the deadline, a cancel) or its graph has finished, only onExit
   is left and a cancel changes nothing.
@@ -37,6 +39,7 @@ Semantics, in one place:
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -161,6 +164,15 @@ MAX_APPROVAL_MESSAGE = 2000
 
 def _clip_message(text: str) -> str:
     return text if len(text) <= MAX_APPROVAL_MESSAGE else text[: MAX_APPROVAL_MESSAGE - 1] + "…"
+
+
+_CONTEXT_KEY = re.compile(r"^[-_=a-zA-Z0-9]{1,256}$")
+"""A shared-context key as the SDK allows it (cadenza._context): the audit keeps it."""
+
+
+def _whole(value: Any, least: int) -> bool:
+    """An int (not a bool) of at least `least`: a revision, an attempt, an item index."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def _json_size(value: Any) -> int:
@@ -442,6 +454,36 @@ class _Decider:
             return  # a redelivered (or older) heartbeat says nothing new
         slot.lastHeartbeat = self.now
         self.changed()
+
+    def on_context(self) -> None:
+        """An agent wrote the run's shared context: one audit record (key, step, item,
+        attempt, revision, never the value) and no other change. Recorded whether or not
+        the attempt is still current: the write happened. An event for a step the workflow
+        does not have, or that does not say what was written, records nothing. The agent's
+        repeats are dropped by JetStream (Nats-Msg-Id); an engine redelivery records the
+        write again, under the same key and revision, which tell it is the same write."""
+        name = self.ev.get("step")
+        key, revision, attempt, item, scope = (
+            self.ev.get(k) for k in ("key", "revision", "attempt", "item", "scope")
+        )
+        exit_step = self.wf.on_exit.name if self.wf.on_exit is not None else None
+        if not isinstance(name, str) or (name not in self.wf.steps and name != exit_step):
+            return
+        if not (isinstance(key, str) and _CONTEXT_KEY.match(key)):
+            return
+        if not (_whole(revision, 1) and _whole(attempt, 1) and (item is None or _whole(item, 0))):
+            return
+        self.audit(
+            name,
+            None,
+            None,
+            f"context key {key} written (revision {revision})",
+            key=key,
+            revision=revision,
+            attempt=attempt,
+            item=item,
+            scope=scope if isinstance(scope, str) and scope != self.s.scope and len(scope) <= 253 else None,
+        )
 
     def on_result(self) -> None:
         slot, name, item = self.find_slot()
