@@ -80,7 +80,8 @@ class OperatorSettings:
 
     agent_interval: float = 10.0
     """CADENZA_AGENT_INTERVAL: seconds between two evaluations of an Agent's queue depth
-    (status pending/inFlight, autoscaling). Shorter reacts faster and asks NATS more often."""
+    (status pending/inFlight, autoscaling) and of its pods (crash loops). Shorter reacts
+    faster and asks NATS and the API server (one pod list per Agent) more often."""
 
     scale_down_window: float = 60.0
     """CADENZA_SCALE_DOWN_WINDOW: seconds a lower replica count must be wanted before an
