@@ -253,7 +253,13 @@ async def _crash_loop(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> C
     Event goes out when the Agent starts crash-looping, not on every observation."""
     namespace, name = namespace_of(agent), agent.metadata.name
     selector = ",".join(f"{k}={v}" for k, v in builders.agent_selector(name).items())
-    pods = await ctx.api.list(path_of("v1", "pods", namespace), label_selector=selector)
+    try:
+        pods = await ctx.api.list(path_of("v1", "pods", namespace), label_selector=selector)
+    except ApiError as exc:
+        # E.g. a chart from before pods were listed (no RBAC for it): the rest of the
+        # Agent's status still counts more than this part of it.
+        log.warning("cannot list the agent's pods", agent=name, namespace=namespace, error=str(exc))
+        return None
     found = crash_loop(pods, time.time())
     key = (namespace, name)
     line = found.last_line if found else None
