@@ -404,9 +404,32 @@ def cmd_dev(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+STEP_SEMANTICS = """\
+how a step's attempts behave (details: README.md):
+  timeout           start-to-close: counts from the moment an agent starts the attempt,
+                    never while it waits in the agent's queue; expiry is retryable
+  heartbeatTimeout  the longest an agent may stay silent while running an attempt
+  queueTimeout      schedule-to-start: how long an attempt may wait for an agent to
+                    start it; expiry is a retryable QueueTimeout (the task is skipped)
+  retry             {limit, backoff, nonRetryable}: every exception a handler raises is
+                    retried up to limit (default 0), timeouts too; FatalError is not, nor
+                    the types (or base classes) listed in retry.nonRetryable
+  task.context      shared by the steps of a run: get, put, keys, and
+                    update(key, fn, default) -- an atomic read-modify-write (compare-and-
+                    swap, retried on conflict; update_sync in sync handlers); each write
+                    is in `cadenza audit`
+  timing            --output json and WorkflowRun status split each attempt's time into
+                    waiting (scheduling: ready -> queued, queued: queued -> started) and
+                    executing (started -> finished)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cadenza", description="Multi-agent workflows on NATS JetStream and Kubernetes."
+        prog="cadenza",
+        description="Multi-agent workflows on NATS JetStream and Kubernetes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=STEP_SEMANTICS,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
