@@ -301,6 +301,7 @@ class Soak:
             "phases": dict(outcome.phases),
             "engine_warnings": dict(Counter(str(w.get("event")) for w in warnings)),
             "executions": starts.executions,
+            "busy_runs": busy_report(self.plan, records),
             "attempts_started_twice": starts.repeated,
             "consumers": await persist(self.consumer_settings, self.deadline),
             "poison_run": {r: measure.summary(records.get(r)) for r in poison_run},
@@ -339,6 +340,25 @@ class Soak:
             "engine": {"ack_wait": engine.config.ack_wait, "max_deliver": engine.config.max_deliver},
             "agent": {"ack_wait": agent.config.ack_wait, "max_deliver": agent.config.max_deliver},
         }
+
+
+def busy_report(plan: list[PlannedRun], records: dict[str, RunState | None]) -> dict[str, Any]:
+    """What the busy runs went through: attempts that timed out in the agent's queue or
+    while running, and the time their attempts waited vs executed (from the records)."""
+    errors: Counter[str] = Counter()
+    waited = executed = 0.0
+    for run in plan:
+        state = records.get(run.id) if run.kind == "busy" else None
+        for st in state.steps.values() if state is not None else ():
+            errors.update(str((a.error or {}).get("type")) for a in st.attempts if a.error)
+            if st.timing is not None:
+                waited, executed = waited + st.timing.waiting, executed + st.timing.executing
+    return {
+        "runs": sum(r.kind == "busy" for r in plan),
+        "attempt_errors": dict(errors),
+        "waiting_seconds": round(waited, 1),
+        "executing_seconds": round(executed, 1),
+    }
 
 
 def failures(report: dict[str, Any]) -> list[str]:

@@ -45,6 +45,7 @@ async def handle(task):
     if op == "slow":
         if task.attempt <= spec["slowUntil"]:
             await asyncio.sleep(3)  # beyond the step's timeout: this attempt times out
+        await asyncio.sleep(spec.get("hold", 0))
         return {"n": spec["n"]}
     if op == "join":
         return {"sum": spec["a"] + sum(o["sq"] for o in spec["sq"]) + spec["slow"] + spec["go"]["n"]}
@@ -156,7 +157,7 @@ POISON = {
 BUSY_STEP = {
     "agent": BUSY,
     "timeout": "1s",
-    "queueTimeout": "2s",
+    "queueTimeout": "1s",
     "retry": {"limit": 8, "backoff": {"initial": "1ms"}},
 }
 BUSY_RUN = {
@@ -164,13 +165,23 @@ BUSY_RUN = {
         {
             **BUSY_STEP,
             "name": "q1",
-            "input": {"op": "slow", "n": "${{ input.n }}", "slowUntil": "${{ input.slow }}"},
+            "input": {
+                "op": "slow",
+                "n": "${{ input.n }}",
+                "slowUntil": "${{ input.slow }}",
+                "hold": "${{ input.hold }}",
+            },
         },
         {
             **BUSY_STEP,
             "name": "q2",
             "dependsOn": ["q1"],
-            "input": {"op": "slow", "n": "${{ steps.q1.output.n }}", "slowUntil": 0},
+            "input": {
+                "op": "slow",
+                "n": "${{ steps.q1.output.n }}",
+                "slowUntil": 0,
+                "hold": "${{ input.hold }}",
+            },
         },
     ],
     "output": {"n": "${{ steps.q2.output.n }}"},
@@ -231,7 +242,8 @@ def plan_runs(rng: random.Random, count: int, cli_every: int = 40) -> list[Plann
             continue
         if kind == "busy":
             slow = 1 if rng.random() < 0.2 else 0
-            runs.append(PlannedRun(run_id, kind, "soak-busy", {"n": i, "slow": slow}))
+            hold = round(rng.uniform(0.2, 0.6), 3)  # the agent's two slots are often both taken
+            runs.append(PlannedRun(run_id, kind, "soak-busy", {"n": i, "slow": slow, "hold": hold}))
             continue
         items = [rng.randrange(1, 10) for _ in range(rng.randrange(2, 5))]
         spec = {
