@@ -25,6 +25,10 @@ from .engine.infra import nats_options
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 EXIT_UNREACHABLE = 3  # distinct from 1, so a script can tell a down NATS from a failed run
+METRICS_HELP = (
+    "serve Prometheus metrics on 127.0.0.1:PORT (0: any free port, printed at start); "
+    "none unless asked. A port that is taken: exit 2"
+)
 CONTROL_WAIT = 5.0
 """Seconds approve, signal and cancel wait for an engine's answer before exit 3."""
 CONTROL_HELP = (
@@ -112,8 +116,9 @@ def _pick_workflow(bundle: Any, name: str | None, err: Console) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .engine.runtime import InputError, validate_input
-    from .local.progress import Progress, step_table
-    from .local.runner import SUMMARY_OUTPUT_BYTES, RunOptions, dump_json, execute
+    from .local.progress import Progress, agent_steps, step_table
+    from .local.runner import SUMMARY_OUTPUT_BYTES, MetricsPortError, RunOptions, dump_json, execute
+    from .local.supervision import Interrupted, until_signalled
 
     err = Console(stderr=True)
     bundle = _load(args.paths, err)
@@ -159,18 +164,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         approver=args.by,
         signals=signals,
     )
-    progress = Progress(err, wf.name) if tty else None
-    # SIGTERM stops the run like Ctrl-C does: agents and the embedded server go with it.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    progress = Progress(err, wf.name, agent_steps(wf)) if tty else None
+    # SIGTERM, SIGINT and SIGHUP stop the run: agents and the embedded server go with it.
     try:
         if progress is not None:
             with progress:
-                summary, code = asyncio.run(execute(opts, progress))
+                summary, code = asyncio.run(until_signalled(execute(opts, progress)))
         else:
-            summary, code = asyncio.run(execute(opts, None))
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]: agents and server stopped")
-        return 130
+            summary, code = asyncio.run(until_signalled(execute(opts, None)))
+    except MetricsPortError as exc:
+        err.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return EXIT_INVALID
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        err.print(f"[yellow]interrupted[/yellow] ({signal.Signals(signum).name}): agents and server stopped")
+        return 128 + signum
     if args.output == "json":
         print(dump_json(summary))
     else:
@@ -393,14 +401,24 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 def cmd_dev(args: argparse.Namespace) -> int:
     from .local.dev import dev
+    from .local.runner import MetricsPortError
+    from .local.supervision import Interrupted, until_signalled
 
     err = Console(stderr=True)
     bundle = _load(args.paths, err)
     if bundle is None:
         return EXIT_INVALID
     try:
-        return int(asyncio.run(dev(bundle, nats_url=args.nats, metrics_port=args.metrics_port, console=err)))
-    except KeyboardInterrupt:
+        return int(
+            asyncio.run(
+                until_signalled(dev(bundle, nats_url=args.nats, metrics_port=args.metrics_port, console=err))
+            )
+        )
+    except MetricsPortError as exc:
+        err.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return EXIT_INVALID
+    except (Interrupted, KeyboardInterrupt):  # how dev is stopped: everything it started is
+        err.print("stopped: agents and server too")
         return EXIT_OK
 
 
@@ -463,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--by", default="cli", help="name recorded as the approver")
     run.add_argument("--nats", help="use this NATS server instead of an embedded one")
     run.add_argument("--timeout", type=float, help="cancel the run after this many seconds")
-    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    run.add_argument("--metrics-port", type=int, metavar="PORT", help=METRICS_HELP)
     run.set_defaults(fn=cmd_run)
 
     val = sub.add_parser("validate", help="validate manifests offline")
@@ -473,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="keep NATS, the engine and agents running: triggers, approvals, signals")
     dev.add_argument("paths", nargs="+")
     dev.add_argument("--nats", help="use this NATS server instead of an embedded one")
-    dev.add_argument("--metrics-port", type=int, default=9090)
+    dev.add_argument("--metrics-port", type=int, metavar="PORT", help=METRICS_HELP)
     dev.set_defaults(fn=cmd_dev)
 
     def nats_option(cmd: argparse.ArgumentParser) -> None:

@@ -97,10 +97,11 @@ KUBE_WRITES = Counter(
 )
 
 
-def serve(port: int, addr: str = "127.0.0.1") -> None:
-    """Expose /metrics on `addr:port` (a daemon thread)."""
-    start_http_server(port, addr=addr)
-
+def serve(port: int, addr: str = "127.0.0.1") -> int:
+    """Expose /metrics on `addr:port` (a daemon thread); return the port bound (port 0
+    asks for any free one). OSError when it cannot listen there."""
+    server, _ = start_http_server(port, addr=addr)
+    return int(server.server_port)
 
 @cache
 def child(metric: Any, *labels: str) -> Any:

@@ -14,7 +14,8 @@ from ..engine.runtime import Engine
 from ..engine.state import TERMINAL_RUN, RunState
 from ..engine.triggers import Triggers
 from ..manifests import Bundle
-from .runner import LocalStack
+from .runner import LocalStack, serve_metrics
+from .supervision import run_to_end
 
 
 class DevServer:
@@ -67,10 +68,9 @@ def _describe(wf: CompiledWorkflow) -> str:
 
 
 async def dev(bundle: Bundle, *, nats_url: str | None, metrics_port: int | None, console: Console) -> int:
-    if metrics_port:
-        from .. import metrics
-
-        metrics.serve(metrics_port)
+    # Only when asked, and before anything starts: a taken port is an error (exit 2), not a
+    # stack left half started; 0 takes any free port, printed below.
+    bound = serve_metrics(metrics_port) if metrics_port is not None else None
     seen: dict[tuple[str, str], str] = {}
 
     def on_state(state: RunState) -> None:
@@ -87,19 +87,19 @@ async def dev(bundle: Bundle, *, nats_url: str | None, metrics_port: int | None,
             console.print(f"{state.run}: [bold]{state.phase}[/bold] {state.message}", highlight=False)
 
     server = DevServer(bundle, nats_url)
-    await server.start()
-    server.engine.on_state(on_state)
-    console.print(f"NATS  {server.url}")
-    if metrics_port:
-        console.print(f"metrics  http://127.0.0.1:{metrics_port}/metrics")
-    for wf in bundle.compiled.values():
-        console.print(f"workflow {wf.name}: {_describe(wf)}")
-    console.print(f"publish an event:  cadenza publish SUBJECT '{{...}}' --nats {server.url}")
-    console.print("Ctrl-C stops everything.")
-    try:
+    try:  # stopped even when a signal comes while it starts: nothing it started is left behind
+        await server.start()
+        server.engine.on_state(on_state)
+        console.print(f"NATS  {server.url}")
+        if bound is not None:
+            console.print(f"metrics  http://127.0.0.1:{bound}/metrics")
+        for wf in bundle.compiled.values():
+            console.print(f"workflow {wf.name}: {_describe(wf)}")
+        console.print(f"publish an event:  cadenza publish SUBJECT '{{...}}' --nats {server.url}")
+        console.print("Ctrl-C (or SIGTERM) stops everything.")
         await asyncio.Event().wait()
     finally:
-        await server.stop()
+        await run_to_end(server.stop())
     return 0
 
 

@@ -1,5 +1,9 @@
 """Agents as local processes: each Agent's command started `replicas` times with its
-environment, cwd = the manifest's folder; stopped (SIGTERM, then SIGKILL) as a group."""
+environment, cwd = the manifest's folder; stopped (SIGTERM, then SIGKILL) as a group.
+
+Each process's log (stdout and stderr) goes to LOG_DIR/AGENT-REPLICA.log, appended to on
+every restart; `became_ready` and `log_tail` read the part written by the current process.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ from pathlib import Path
 
 from ..models import Agent, parse_duration
 
+READY_EVENT = "agent ready"
+"""What the SDK logs once an agent consumes tasks (cadenza._agent.Agent.serve)."""
+
 
 @dataclass
 class AgentProcess:
@@ -23,6 +30,15 @@ class AgentProcess:
     spec: Agent | None = None  # what it was started from, to start it again
     cwd: Path | None = None
     restarts: int = 0
+    started: float = field(default_factory=time.monotonic)
+    log_offset: int = 0  # where this process's output begins in log_path
+    # Supervision (LocalStack): consecutive exits before the SDK said "agent ready", and
+    # consecutive exits soon after a start (for the restart backoff).
+    not_ready_exits: int = 0
+    quick_exits: int = 0
+    restart_at: float | None = None  # exited; start again at this monotonic time
+    exit_code: int | None = None
+    last_lines: list[str] = field(default_factory=list)  # of the last process that exited
 
 
 @dataclass
@@ -61,10 +77,35 @@ class AgentProcesses:
         count = agent.spec.replicas if replicas is None else replicas
         for replica in range(max(1, count)):
             log_path = self.log_dir / f"{agent.metadata.name}-{replica}.log"
+            offset = _size(log_path)
             proc = self._spawn(agent, cwd, log_path)
-            started.append(AgentProcess(agent.metadata.name, replica, proc, log_path, agent, cwd))
+            started.append(
+                AgentProcess(agent.metadata.name, replica, proc, log_path, agent, cwd, log_offset=offset)
+            )
         self.procs += started
         return started
+
+    def relaunch(self, p: AgentProcess) -> None:
+        """Start an exited replica again, in place: same Agent, same log (appended to)."""
+        if p.spec is None or p.cwd is None:
+            return
+        p.log_offset = _size(p.log_path)
+        p.proc = self._spawn(p.spec, p.cwd, p.log_path)
+        p.started = time.monotonic()
+        p.restart_at = None
+        p.restarts += 1
+
+    def became_ready(self, p: AgentProcess) -> bool:
+        """Whether the current process of `p` got as far as consuming tasks: the SDK logs
+        READY_EVENT once its consumer is pulling. (A process that is not written with the
+        SDK never says so: each of its exits counts as one before it was ready.)"""
+        return READY_EVENT.encode() in _read_from(p.log_path, p.log_offset)
+
+    def log_tail(self, p: AgentProcess, lines: int = 10, width: int = 300) -> list[str]:
+        """The last `lines` lines the current process of `p` wrote, each cut to `width`."""
+        text = _read_from(p.log_path, p.log_offset, last=lines * (width + 1) * 4).decode(errors="replace")
+        tail = [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
+        return [line if len(line) <= width else line[: width - 1] + "…" for line in tail]
 
     def _spawn(self, agent: Agent, cwd: Path, log_path: Path) -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as log:
@@ -88,8 +129,7 @@ class AgentProcesses:
         for p in self.dead():
             if p.spec is None or p.cwd is None:
                 continue
-            p.proc = self._spawn(p.spec, p.cwd, p.log_path)
-            p.restarts += 1
+            self.relaunch(p)
             restarted.append(p)
         return restarted
 
@@ -109,6 +149,25 @@ class AgentProcesses:
             except subprocess.TimeoutExpired:
                 pass
         self.procs.clear()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path, offset: int, last: int | None = None) -> bytes:
+    """The bytes of `path` from `offset` on (only the `last` ones, when given)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = offset if last is None else max(offset, size - last)
+            f.seek(start)
+            return f.read()
+    except OSError:
+        return b""
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:

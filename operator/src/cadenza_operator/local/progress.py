@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
-from ..engine.state import RunState
+from ..engine.definition import CompiledWorkflow
+from ..engine.state import RunState, StepState
+from .supervision import waits_for_agent
 
 _STYLE = {
     "Succeeded": "green",
@@ -17,6 +21,7 @@ _STYLE = {
     "Cancelled": "yellow",
     "Skipped": "dim",
     "Running": "cyan",
+    "Queued": "blue",
     "WaitingApproval": "magenta",
     "Pending": "white",
 }
@@ -28,7 +33,48 @@ def _seconds(start: float | None, end: float | None) -> str:
     return f"{((end or time.time()) - start):.2f}s"
 
 
-def step_table(state: RunState | None, title: str) -> Table:
+def agent_steps(wf: CompiledWorkflow) -> dict[str, str]:
+    """Step -> the Agent that runs it, for the steps an agent runs."""
+    return {name: cs.agent for name, cs in wf.steps.items() if cs.agent}
+
+
+def shown_phase(st: StepState, agent: str | None, depths: Mapping[str, int]) -> tuple[str, str]:
+    """(phase, detail) of a step as the table shows it. A Running step whose attempts all
+    wait in their agent's queue (dispatched, not started by any agent yet) is Queued, with
+    the number of tasks in that queue when known; it is Running once an agent starts it."""
+    if st.phase != "Running" or agent is None:
+        return st.phase, ""
+    depth = depths.get(agent)
+    in_queue = f"{depth} in {agent}'s queue" if depth is not None else f"waiting for {agent}"
+    if st.forEach is None:
+        return ("Queued", in_queue) if waits_for_agent(st) else ("Running", "")
+    slots = [slot for slot in st.forEach.running.values() if slot.running]
+    queued = sum(1 for slot in slots if waits_for_agent(slot))
+    if not queued:
+        return "Running", f"{len(slots)} in flight"
+    if queued == len(slots):
+        return "Queued", f"{queued} item(s) {in_queue}" if depth is None else f"{queued} item(s), {in_queue}"
+    return "Running", f"{len(slots) - queued} running, {queued} queued ({in_queue})"
+
+
+def _detail(st: StepState) -> str:
+    """What went wrong or was decided, on one line: the first line of the message (a
+    failure's carries the agent's last log line), cut so the table stays readable."""
+    if st.approval:
+        return f"{st.approval['decision']} by {st.approval['by']}"
+    first = st.message.splitlines()[0] if st.message else ""
+    limit = 240 if st.phase == "Failed" else 80
+    return first if len(first) <= limit else first[: limit - 1] + "…"
+
+
+def step_table(
+    state: RunState | None,
+    title: str,
+    agents: Mapping[str, str] | None = None,
+    depths: Mapping[str, int] | None = None,
+) -> Table:
+    """The run's steps. `agents` (step -> Agent, see agent_steps) lets waiting steps show as
+    Queued; `depths` (Agent -> tasks in its queue) adds how many wait there."""
     table = Table(title=title, title_justify="left")
     for col in ("step", "phase", "attempts", "duration", "detail"):
         table.add_column(col)
@@ -36,20 +82,18 @@ def step_table(state: RunState | None, title: str) -> Table:
         return table
     for name, st in state.steps.items():
         attempts = str(st.attempt)
-        detail = st.message
+        phase, waiting = shown_phase(st, (agents or {}).get(name), depths or {})
         if st.forEach is not None:
             done = sum(st.forEach.counts.values())
             attempts = f"{done}/{st.forEach.total}"
-            detail = detail or f"{len(st.forEach.running)} in flight"
-        if st.approval:
-            detail = f"{st.approval['decision']} by {st.approval['by']}"
-        style = _STYLE.get(st.phase, "white")
+        detail = _detail(st) or waiting
+        style = _STYLE.get(phase, "white")
         table.add_row(
             name,
-            f"[{style}]{st.phase}[/{style}]",
+            f"[{style}]{phase}[/{style}]",
             attempts,
             _seconds(st.firstQueuedAt or st.startedAt, st.finishedAt),
-            detail[:80],
+            escape(detail),
         )
     return table
 
@@ -57,9 +101,11 @@ def step_table(state: RunState | None, title: str) -> Table:
 class Progress:
     """Re-renders the step table whenever the run changes."""
 
-    def __init__(self, console: Console, workflow: str) -> None:
+    def __init__(self, console: Console, workflow: str, agents: Mapping[str, str] | None = None) -> None:
         self.console = console
         self.workflow = workflow
+        self.agents = dict(agents or {})
+        self.depths: dict[str, int] = {}
         self.state: RunState | None = None
         self.live = Live(
             step_table(None, f"{workflow}: starting"), console=console, refresh_per_second=8, transient=True
@@ -74,7 +120,18 @@ class Progress:
 
     def update(self, state: RunState) -> None:
         self.state = state
-        self.live.update(step_table(state, f"{self.workflow} {state.run}: {state.phase}"))
+        self.live.update(self.table())
+
+    def set_queue_depths(self, depths: Mapping[str, int]) -> None:
+        """Agent -> tasks in its queue, read by the runner (at most once a second)."""
+        self.depths = dict(depths)
+        if self.state is not None:
+            self.live.update(self.table())
+
+    def table(self) -> Table:
+        state = self.state
+        title = f"{self.workflow} {state.run}: {state.phase}" if state else f"{self.workflow}: starting"
+        return step_table(state, title, self.agents, self.depths)
 
     def pause(self) -> None:
         self.live.stop()

@@ -28,7 +28,7 @@ from ..manifests import Bundle
 from ..models import parse_duration
 from .nats_server import NatsServer
 from .processes import AgentProcesses
-from .supervision import SUPERVISE_EVERY, Supervisor, Waiting, WaitingAttempts, failed_event
+from .supervision import SUPERVISE_EVERY, Supervisor, Waiting, WaitingAttempts, failed_event, run_to_end
 
 log = structlog.get_logger("cadenza.local")
 
@@ -395,7 +395,7 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
     finally:
         if queues is not None:
             queues.cancel()
-        await stack.stop()
+        await run_to_end(stack.stop())
 
 
 def _terminal_user(opts: RunOptions) -> str:
