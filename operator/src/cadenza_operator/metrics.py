@@ -103,6 +103,7 @@ def serve(port: int, addr: str = "127.0.0.1") -> int:
     server, _ = start_http_server(port, addr=addr)
     return int(server.server_port)
 
+
 @cache
 def child(metric: Any, *labels: str) -> Any:
     """``metric.labels(*labels)``, looked up once: labels() validates and locks on every
