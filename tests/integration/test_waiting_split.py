@@ -84,7 +84,7 @@ async def test_queue_and_window_waits_are_split_from_execution(
     for s in ("a", "b"):
         t = steps[s]["timing"]
         assert t["executing"] >= SLEEP * 0.95
-        assert t["waiting"] == round(t["scheduling"] + t["queued"], 3)
+        assert abs(t["waiting"] - (t["scheduling"] + t["queued"])) <= 0.002  # each rounded to 1 ms
         (attempt,) = steps[s]["history"]
         assert attempt["readyAt"] <= attempt["queuedAt"] <= attempt["startedAt"] <= attempt["finishedAt"]
 

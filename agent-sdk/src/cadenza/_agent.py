@@ -277,16 +277,16 @@ class Agent:
             report = body.get("heartbeat")
             interval = min(heartbeat_every, report / 3) if report else heartbeat_every
             self._inflight[key] = _InFlight(task, msg, subject, base, interval, bool(report), loop.time())
-            start_report: asyncio.Task[None] | None = None
+            start_report: asyncio.TimerHandle | None = None
             try:
-                started_event = dumps({"type": "started", **base, "at": started, "startedAt": started})
+                started_event = {"type": "started", **base, "at": started, "startedAt": started}
                 if body.get("notifyStart"):  # the step has timers that count from the start
-                    await pub.publish(subject, started_event)
+                    await pub.publish(subject, dumps(started_event))
                 elif body.get("reportStartAfter") is not None:
                     # Otherwise the start is reported only by an attempt still running after
                     # a moment: a quick one's result carries its start, and costs no message.
-                    start_report = loop.create_task(
-                        _report_later(pub, subject, started_event, float(body["reportStartAfter"]))
+                    start_report = loop.call_later(
+                        float(body["reportStartAfter"]), _report, pub, subject, started_event
                     )
                 task.input = await _payloads.resolve(js, body.get("input"))
                 # asyncio.timeout, not wait_for: a TimeoutError the handler itself raises (an
@@ -541,7 +541,17 @@ async def abandoned(runs_kv: Any, body: dict[str, Any]) -> str | None:
     return None
 
 
-async def _report_later(pub: Any, subject: str, event: bytes, delay: float) -> None:
-    await asyncio.sleep(delay)
-    with contextlib.suppress(Exception):  # a progress report: the outcome carries the start too
-        await pub.publish(subject, event)
+_reports: set[asyncio.Task[Any]] = set()  # start reports in flight (the loop keeps weak references)
+
+
+def _report(pub: Any, subject: str, event: dict[str, Any]) -> None:
+    """Publish a start report; a lost one costs nothing (the outcome carries the start)."""
+    task = asyncio.ensure_future(pub.publish(subject, dumps(event)))
+    _reports.add(task)
+    task.add_done_callback(_reported)
+
+
+def _reported(task: asyncio.Task[Any]) -> None:
+    _reports.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failed progress report is not an error

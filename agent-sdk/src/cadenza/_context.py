@@ -226,6 +226,8 @@ class WriteRecorder:
         self._pending.append(asyncio.ensure_future(self._publish(dumps(body), {"Nats-Msg-Id": msg_id})))
 
     async def settle(self) -> None:
+        if not self._pending:  # most attempts write nothing: no trip through the loop
+            return
         pending, self._pending = self._pending, []
         for outcome in await asyncio.gather(*pending, return_exceptions=True):
             if isinstance(outcome, BaseException):
