@@ -325,17 +325,43 @@ class Triggers:
         return loads(entry.value) if entry.value else None
 
     async def active_runs(self, wf: CompiledWorkflow) -> list[str]:
-        tracked = (await self._get(f"runs.{wf.namespace}.{wf.name}") or {}).get("runs", [])
+        tracked = (await self._get(_tracked_key(wf)) or {}).get("runs", [])
+        return await self._still_active(tracked)
+
+    async def _still_active(self, runs: list[str]) -> list[str]:
         active = []
-        for run in tracked:
+        for run in runs:
             state = await self.engine.get_run(run)
             if state is None or not state.terminal:
                 active.append(run)
         return active
 
     async def _track(self, wf: CompiledWorkflow, run_id: str) -> None:
-        active = await self.active_runs(wf)
-        await self.kv.put(f"runs.{wf.namespace}.{wf.name}", dumps({"runs": [*active, run_id]}))
+        """Add a started run to the workflow's tracked runs, dropping those that ended.
+
+        Compare-and-swap on the key's revision, retried: two engines (or two events of
+        one engine) tracking at once would otherwise each write the list they read, and
+        the run of one would be lost to Forbid and maxActiveRuns.
+        """
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        key = _tracked_key(wf)
+        while True:
+            try:
+                entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                entry = None
+            tracked = loads(entry.value).get("runs", []) if entry is not None and entry.value else []
+            active = [run for run in await self._still_active(tracked) if run != run_id]
+            value = dumps({"runs": [*active, run_id]})
+            try:
+                if entry is None:
+                    await self.kv.create(key, value)
+                else:
+                    await self.kv.update(key, value, last=entry.revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue  # written meanwhile: read it again
 
     async def _admit(self, wf: CompiledWorkflow) -> str:
         active = await self.active_runs(wf)
@@ -393,6 +419,11 @@ class Triggers:
             except Exception:
                 log.exception("schedule trigger failed; retrying", workflow=wf.name)
                 await asyncio.sleep(5)
+
+
+def _tracked_key(wf: CompiledWorkflow) -> str:
+    """The triggers-bucket key listing the runs a workflow's triggers started."""
+    return f"runs.{wf.namespace}.{wf.name}"
 
 
 def _template_text(route: _Route, exc: ExpressionError) -> str:
