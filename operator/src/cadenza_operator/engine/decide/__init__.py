@@ -1,0 +1,94 @@
+"""The pure heart of the engine: `decide(state, event, workflow) -> Decision`.
+
+No I/O and no clock: time comes in the event (`event["at"]`, the JetStream timestamp of
+the message, so a redelivered event carries the same time). Every event is idempotent:
+a result for an attempt that is no longer running, a timer that is no longer armed (or,
+when the event says which time it was armed for, `due`, armed for another time), an
+approval for a step that no longer waits, a heartbeat no newer than the last, change
+nothing. That is what makes redelivery after a crash safe.
+
+Where each part of the semantics is decided:
+
+* `events`: one handler per event type, behind the `HANDLERS` table. A `context` event
+  (an agent wrote the shared context) appends one audit record and changes nothing else.
+* `timers`: one function per timer kind, behind the `TIMERS` table.
+* `attempts`: dispatch, an attempt's timers and end, retries with backoff, failures.
+* `foreach`: items in a window of `maxParallel`, their outcomes, cancelling them.
+* `graph`: readiness, skip propagation, fallbacks, starting a step.
+* `lifecycle`: winding down (a failure, the deadline, a cancel), onExit, the finish.
+  Once the run winds down or its graph has finished, only onExit is left and a cancel
+  changes nothing.
+* `context`: the `Decider` every part shares (state, event, times, helpers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from cadenza._protocol import MAX_VALUE_BYTES
+
+from ..definition import CompiledWorkflow
+from ..state import RunState
+from .attempts import MAX_ERROR_BYTES, START_REPORT_AFTER, capped_backoff
+from .context import (
+    INLINE_OUTPUT_BYTES,
+    OBJECT_REF_PREFIX,
+    Decider,
+    Decision,
+    MissingOutputs,
+    ValueTooLarge,
+    json_size,
+)
+from .events import apply
+
+__all__ = [
+    "INLINE_OUTPUT_BYTES",
+    "MAX_ERROR_BYTES",
+    "OBJECT_REF_PREFIX",
+    "START_REPORT_AFTER",
+    "Decision",
+    "MissingOutputs",
+    "ValueTooLarge",
+    "audit_commands",
+    "capped_backoff",
+    "decide",
+]
+
+
+def decide(
+    state: RunState,
+    event: Mapping[str, Any],
+    wf: CompiledWorkflow,
+    outputs: Mapping[str, Any] | None = None,
+    *,
+    memo: dict[str, Any] | None = None,
+    copy: bool = True,
+    size_of: Callable[[Any], int] | None = None,
+    max_value_bytes: int = MAX_VALUE_BYTES,
+) -> Decision:
+    """Apply one event to a copy of `state`; return the new state and what to do.
+
+    `outputs` holds values stored outside the record (outputs-bucket keys -> values) that
+    the runtime has loaded; when one is needed and missing, MissingOutputs is raised.
+    `memo` caches values that cannot change once computed (a started forEach's list);
+    `copy=False` lets a caller that parsed `state` for this call skip the deep copy.
+    A step input or run output that renders larger than `max_value_bytes` fails.
+    """
+    d = Decider(
+        state.model_copy(deep=True) if copy else state,
+        wf,
+        event,
+        outputs=outputs or {},
+        size_of=size_of or json_size,
+        memo=memo if memo is not None else {},
+        max_value_bytes=max_value_bytes,
+    )
+    apply(d)
+    return d.decision
+
+
+def audit_commands(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A decision's audit records, kept in the run record's outbox: the server copies each
+    record revision into the audit stream, so writing the record is appending to the trail."""
+    return [{"op": "audit", "records": records}] if records else []

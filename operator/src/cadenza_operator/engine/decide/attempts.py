@@ -1,0 +1,316 @@
+"""Attempts: dispatch (a task for an agent, or a child run), the attempt's timers, its
+end, and what a failure leads to (a retry after backoff, or the step's failure).
+
+Retries: every failure is retried, up to `retry.limit` more attempts, after exponential
+backoff with deterministic jitter, except a non-retryable one: FatalError (the agent
+says `retryable: false`) or a handler exception whose class or a base is named in the
+step's `retry.nonRetryable` (matched here, on the type names the agent sends). A
+winding-down run starts no new attempt, except of `onExit`.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any
+
+from cadenza._errors import MAX_TYPE_NAME_CHARS, MAX_TYPE_NAMES, non_retryable_match
+from cadenza._protocol import task_id, task_subject
+
+from ...expressions import ExpressionError
+from ..definition import CompiledStep
+from ..state import MAX_ATTEMPT_RECORDS, Attempt, Slot, Timer, Timing, attempt_stages
+from . import foreach, graph
+from .context import Decider, ValueTooLarge, timer_id
+
+START_REPORT_AFTER = 0.25
+"""Seconds after which an attempt with no timer still running reports its start."""
+MAX_ERROR_BYTES = 16 * 1024
+"""An attempt's error larger than this (as JSON) is cut down before the record keeps it."""
+
+
+def timed_out(kind: str, message: str) -> dict[str, Any]:
+    """The failure of an attempt one of its timers ended: retryable, and counted as a timeout."""
+    return {"type": kind, "message": message, "retryable": True, "timeout": True}
+
+
+def capped_backoff(initial: float, factor: float, cap: float, attempt: int) -> float:
+    """`initial * factor ** (attempt - 1)`, at most `cap`, for any attempt.
+
+    Compared in log space: the power itself overflows a float (factor 1e308 at the
+    third attempt raised OverflowError, and the run never decided again), whereas its
+    logarithm stays small and tells whether the cap is reached.
+    """
+    if initial <= 0 or cap <= 0:
+        return 0.0
+    exponent = math.log(initial) + (attempt - 1) * math.log(max(factor, 1.0))
+    if exponent >= math.log(cap):
+        return cap
+    try:
+        return min(cap, initial * factor ** (attempt - 1))  # exact, for the usual factors
+    except OverflowError:  # a tiny initial times a power that alone overflows
+        return math.exp(exponent)
+
+
+def backoff(d: Decider, cs: CompiledStep, name: str, item: int | None, attempt: int) -> float:
+    base = capped_backoff(cs.backoff_initial, cs.backoff_factor, cs.backoff_max, attempt)
+    # Jitter without a random source: a hash of the attempt's identity, so decide stays
+    # pure and a replay computes the same delay.
+    seed = zlib.crc32(f"{d.s.run}/{name}/{item}/{attempt}".encode()) / 0xFFFFFFFF
+    return max(0.0, base * (1 - cs.backoff_jitter * seed))
+
+
+def bounded_error(d: Decider, error: dict[str, Any]) -> dict[str, Any]:
+    """An attempt's error, cut to MAX_ERROR_BYTES: the record keeps it three times over
+    (step, attempt, audit), and a handler's message may be megabytes."""
+    if d.size_of(error) <= MAX_ERROR_BYTES:
+        return error
+    limit = MAX_ERROR_BYTES // 4
+
+    def clip(text: Any) -> str:
+        text = str(text)
+        return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters in all)"
+
+    bounded: dict[str, Any] = {
+        "type": clip(error.get("type", "Error"))[:200],
+        "message": clip(error.get("message", "")),
+        "retryable": bool(error.get("retryable")),
+        "truncated": True,
+    }
+    if error.get("timeout"):
+        bounded["timeout"] = True
+    if isinstance(error.get("types"), list):  # what retry.nonRetryable matches
+        bounded["types"] = [str(t)[:MAX_TYPE_NAME_CHARS] for t in error["types"][:MAX_TYPE_NAMES]]
+    if "traceback" in error:
+        bounded["traceback"] = str(error["traceback"])[-limit:]
+    return bounded
+
+
+# ------------------------------------------------------------------ dispatch
+def dispatch(d: Decider, name: str, item: int | None, retry: bool = False) -> None:
+    """Send attempt N+1 of a step or item: a task for an agent, or a child run."""
+    cs = d.step_def(name)
+    st = d.st(name)
+    slot = st if item is None else (st.forEach.running.get(str(item)) if st.forEach else None)
+    if slot is None or (retry and slot.running):
+        return
+    if retry and st.phase != "Running":
+        return
+    try:
+        if item is None:
+            payload = cs.input.render(d.resolve_lazy(d.env(), cs.input.steps))
+        else:
+            items = foreach.foreach_items(d, name)
+            payload = cs.input.render(d.resolve_lazy(d.env(items[item], item), cs.input.steps))
+        d.sized("the input", payload)
+    except (ExpressionError, ValueTooLarge) as exc:
+        error = {
+            "type": "ValueTooLarge" if isinstance(exc, ValueTooLarge) else "ExpressionError",
+            "message": str(exc),
+        }
+        if item is None:
+            st.error = error
+            graph.fail_step(d, name, str(exc) if isinstance(exc, ValueTooLarge) else f"input: {exc}")
+        else:
+            slot.running = True
+            slot.attempt += 1
+            foreach.item_done(d, name, item, None, failed=True, error=error)
+        return
+    if retry and slot.retryAt is not None:
+        ready = min(slot.retryAt, d.now)  # ready when its backoff ended
+    elif item is not None and slot.attempt == 0:
+        ready = st.startedAt or d.now  # every item is ready when the step starts
+    else:
+        ready = d.ready
+    slot.attempt += 1
+    slot.running = True
+    slot.readyAt = ready
+    slot.queuedAt = d.handled
+    slot.startedAt = None
+    slot.lastHeartbeat = None
+    slot.retryAt = None
+    if item is None:
+        st.attempt = slot.attempt
+        st.firstQueuedAt = st.firstQueuedAt or d.handled
+        st.attempts.append(Attempt(n=slot.attempt, readyAt=ready, queuedAt=d.handled))
+        del st.attempts[:-MAX_ATTEMPT_RECORDS]
+    if cs.kind == "workflow":
+        child = d.child_id(name, item, slot.attempt)
+        st.child = child if item is None else st.child
+        d.command(
+            op="startChild",
+            run=child,
+            workflow=cs.workflow,
+            namespace=d.s.namespace,
+            input=payload,
+            scope=d.s.scope or d.s.run,
+            parent={
+                "run": d.s.run,
+                "namespace": d.s.namespace,
+                "step": name,
+                "item": item,
+                "attempt": slot.attempt,
+            },
+        )
+        slot.startedAt = d.now
+        if cs.timeout:
+            arm_attempt_timers(d, name, item, slot)
+    else:
+        body = {
+            "run": d.s.run,
+            "workflow": d.s.workflow,
+            "step": name,
+            "item": item,
+            "attempt": slot.attempt,
+            "input": payload,
+            "scope": d.s.scope or d.s.run,
+            "timeout": cs.timeout,
+            "heartbeat": cs.heartbeat,
+            "queueTimeout": cs.queue_timeout,
+            "queuedAt": d.handled,
+            # Timers that count from the start need it at once (a queueTimeout that
+            # fired on a started attempt would run it twice). Otherwise an attempt still
+            # running after a moment reports it, so status tells queued from running;
+            # a quick one's result carries its start time.
+            "notifyStart": bool(cs.timeout or cs.heartbeat or cs.queue_timeout is not None),
+            "reportStartAfter": START_REPORT_AFTER,
+        }
+        d.command(
+            op="dispatch",
+            subject=task_subject(d.s.namespace, cs.agent or ""),
+            msgId=task_id(d.s.run, name, item, slot.attempt),
+            body=body,
+            agent=cs.agent,
+        )
+        # `timeout` and `heartbeatTimeout` are start-to-close: their timers are armed
+        # when the agent reports the start (on_started), never at dispatch, so an
+        # attempt waiting behind a busy agent is not timed out (and retried, and then
+        # run twice) before it began. Waiting has a limit of its own: queueTimeout.
+        if cs.queue_timeout is not None:
+            d.arm(
+                timer_id("queue", name, item, slot.attempt),
+                Timer(at=d.now + cs.queue_timeout, kind="queue", step=name, item=item, attempt=slot.attempt),
+            )
+    d.changed()
+
+
+def arm_attempt_timers(d: Decider, name: str, item: int | None, slot: Slot) -> None:
+    cs = d.step_def(name)
+    start = slot.startedAt or d.now
+    if cs.timeout is not None:
+        # The agent enforces the timeout itself; this timer is the backstop for one
+        # that died or hangs, with a little grace so the agent's own report wins.
+        d.arm(
+            timer_id("timeout", name, item, slot.attempt),
+            Timer(at=start + cs.timeout + 1.0, kind="timeout", step=name, item=item, attempt=slot.attempt),
+        )
+    if cs.heartbeat is not None:
+        d.arm(
+            timer_id("heartbeat", name, item, slot.attempt),
+            Timer(at=start + cs.heartbeat, kind="heartbeat", step=name, item=item, attempt=slot.attempt),
+        )
+
+
+# ---------------------------------------------------------------- the end
+def record_attempt(d: Decider, name: str, item: int | None, **fields: Any) -> None:
+    if item is not None:
+        return  # items keep counts only: the record stays bounded for 10,000 items
+    st = d.st(name)
+    for rec in reversed(st.attempts):
+        if rec.n == st.attempt:
+            for k, v in fields.items():
+                if v is not None:
+                    setattr(rec, k, v)
+            return
+
+
+def finish_attempt(
+    d: Decider, name: str, item: int | None, slot: Slot, outcome: str, error: dict[str, Any] | None
+) -> None:
+    d.disarm_slot(name, item, slot.attempt)
+    started = d.ev.get("startedAt") or slot.startedAt
+    finished = float(d.ev.get("finishedAt") or d.now)
+    record_attempt(
+        d,
+        name,
+        item,
+        outcome=outcome,
+        error=error,
+        finishedAt=finished,
+        startedAt=started,
+        worker=d.ev.get("worker"),
+    )
+    stages = attempt_stages(slot.readyAt, slot.queuedAt, started, finished)
+    st = d.st(name)
+    st.timing = st.timing or Timing()
+    st.timing.add(*stages)
+    d.decision.timings.append((name, *stages))
+    slot.running = False
+    if started is not None:
+        slot.startedAt = started
+
+
+def abandon(d: Decider, name: str, item: int | None, slot: Slot, error: dict[str, Any]) -> None:
+    """End an attempt the engine gave up on (its timeout, a missed heartbeat): stop it
+    where it runs, then treat it as a timed-out failure."""
+    cs = d.step_def(name)
+    if cs.kind == "workflow":  # the attempt is a child run
+        d.cancel_child(d.child_id(cs.name, item, slot.attempt), str(error["message"]))
+    else:
+        d.cancel_tasks(step=name, item=item)
+    attempt_failed(d, name, item, slot, error, "TimedOut")
+
+
+def attempt_failed(
+    d: Decider, name: str, item: int | None, slot: Slot, error: dict[str, Any], outcome: str
+) -> None:
+    cs = d.step_def(name)
+    # The step's retry.nonRetryable overrides the agent's verdict: the agent does not
+    # know the step's policy, so it sends the exception's type names and this decides.
+    if error.get("retryable") and (entry := non_retryable_match(error, cs.non_retryable)):
+        error = {**error, "retryable": False, "nonRetryable": entry}
+    finish_attempt(d, name, item, slot, outcome, error)
+    if outcome == "TimedOut":
+        d.decision.timed_out.append(name)
+    st = d.st(name)
+    retryable = bool(error.get("retryable"))
+    # A winding-down run starts no new attempts, except of onExit, which runs *because*
+    # the run is winding down.
+    if retryable and slot.attempt < cs.retry_limit + 1 and (cs.is_exit or not d.s.failing):
+        delay = backoff(d, cs, name, item, slot.attempt)
+        slot.retryAt = d.now + delay
+        st.retries += 1
+        if st.forEach is not None:
+            st.forEach.retries += 1
+        # One timer id per attempt it starts: a redelivered fire of the timer that
+        # started attempt N cannot start attempt N+1 early.
+        d.arm(
+            timer_id("retry", name, item, slot.attempt + 1),
+            Timer(at=d.now + delay, kind="retry", step=name, item=item, attempt=slot.attempt + 1),
+        )
+        where = name if item is None else f"{name}[{item}]"
+        d.audit(
+            name,
+            "Running",
+            "Running",
+            f"attempt {slot.attempt} of {where} failed ({error.get('type')}: {error.get('message')}); "
+            f"retry in {delay:.2f}s",
+            item=item,
+            attempt=slot.attempt,
+            retry=True,
+        )
+        if item is None:
+            st.message = f"retrying after {error.get('type')}: {error.get('message')}"
+        return
+    if retryable and slot.attempt >= cs.retry_limit + 1 and cs.retry_limit > 0:
+        error = {**error, "retriesExhausted": True}
+    if item is None:
+        st.error = error
+        graph.fail_step(
+            d,
+            name,
+            f"{error.get('type', 'Error')}: {error.get('message', '')}",
+            exhausted=bool(error.get("retriesExhausted")),
+        )
+    else:
+        foreach.item_done(d, name, item, None, failed=True, error=error)

@@ -1,0 +1,192 @@
+"""One handler per event type, and the table `apply` dispatches on.
+
+Each handler is idempotent: an event about an attempt that is no longer current, a
+signal already received, an approval for a step that no longer waits, a heartbeat no
+newer than the last, changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..state import Timer
+from . import attempts, foreach, graph, lifecycle, timers
+from .context import CONTEXT_KEY, Decider, timer_id, whole
+
+
+def apply(d: Decider) -> None:
+    """Apply the event to the state, then let the graph move on."""
+    kind = d.ev.get("type")
+    if d.s.terminal and kind != "start":
+        return
+    handler = HANDLERS.get(kind) if isinstance(kind, str) else None
+    if handler is None:
+        return
+    handler(d)
+    if d.s.phase == "Running":
+        graph.advance(d)
+
+
+def on_start(d: Decider) -> None:
+    if d.s.phase != "Pending":
+        return
+    d.s.phase = "Running"
+    d.s.startedAt = d.now
+    d.audit(None, "Pending", "Running", "run started")
+    if d.wf.deadline is not None:
+        d.arm("deadline", Timer(at=d.now + d.wf.deadline, kind="deadline"))
+    for name in d.wf.order:
+        d.st(name)
+
+
+def on_cancel(d: Decider) -> None:
+    # Once the run winds down (a failure, the deadline, a cancel) or its graph is done,
+    # only onExit is left, and onExit always runs: a cancel has nothing left to stop.
+    if d.s.phase != "Running" or d.s.failing or d.s.exitPhase is not None:
+        return
+    d.s.cancelledBy = d.actor
+    lifecycle.wind_down(
+        d,
+        "cancelled",
+        f"cancelled by {d.actor}" + (f": {d.ev['reason']}" if d.ev.get("reason") else ""),
+    )
+
+
+def on_signal(d: Decider) -> None:
+    name = str(d.ev.get("name"))
+    if name in d.s.signals:
+        return
+    if name not in d.wf.signals:
+        return  # no step waits for it: kept, any sender could grow the record without end
+    d.s.signals[name] = d.ev.get("payload")
+    d.audit(None, None, None, f"signal {name} received")
+    for step_name, st in d.s.steps.items():
+        cs = d.wf.steps.get(step_name)
+        if cs and cs.kind == "signal" and st.phase == "Running" and cs.spec.waitFor.signal == name:  # type: ignore[union-attr]
+            d.disarm(f"signal:{step_name}")
+            graph.succeed_step(d, step_name, d.ev.get("payload"), f"signal {name} received")
+
+
+def on_approval(d: Decider) -> None:
+    name = str(d.ev.get("step"))
+    st = d.s.steps.get(name)
+    cs = d.wf.steps.get(name)
+    if st is None or cs is None or st.phase != "WaitingApproval" or cs.spec.approval is None:  # type: ignore[union-attr]
+        return
+    approvers = cs.spec.approval.approvers  # type: ignore[union-attr]
+    by = str(d.ev.get("by") or "unknown")
+    if approvers and by not in approvers:
+        if st.deniedAt is not None and d.now <= st.deniedAt:
+            return  # that decision was ignored (and audited) already: a redelivery
+        st.deniedAt = d.now
+        d.audit(name, st.phase, st.phase, f"decision by {by!r} ignored: not an approver")
+        return
+    decide_approval(d, name, bool(d.ev.get("approved")), by, d.ev.get("comment"))
+
+
+def decide_approval(d: Decider, name: str, approved: bool, by: str, comment: Any) -> None:
+    """An approval step's outcome: from an approver, or from its timeout (`onTimeout`)."""
+    st = d.st(name)
+    d.disarm(f"approval:{name}")
+    st.approval = {
+        "decision": "approved" if approved else "rejected",
+        "by": by,
+        "at": d.now,
+        "comment": comment,
+    }
+    if approved:
+        graph.succeed_step(d, name, dict(st.approval), f"approved by {by}")
+    else:
+        st.error = {
+            "type": "Rejected",
+            "message": f"rejected by {by}" + (f": {comment}" if comment else ""),
+        }
+        graph.fail_step(d, name, st.error["message"])
+
+
+def on_started(d: Decider) -> None:
+    slot, name, item = d.find_slot()
+    if slot is None or slot.startedAt is not None:
+        return
+    # The agent's start time (a report may come a moment after the start), never later
+    # than the report was stored.
+    slot.startedAt = min(float(d.ev.get("startedAt") or d.now), d.now)
+    attempts.record_attempt(d, name, item, startedAt=slot.startedAt, worker=d.ev.get("worker"))
+    d.disarm(timer_id("queue", name, item, slot.attempt))
+    attempts.arm_attempt_timers(d, name, item, slot)
+    d.changed()
+
+
+def on_heartbeat(d: Decider) -> None:
+    slot, _, _ = d.find_slot()
+    if slot is None or (slot.lastHeartbeat is not None and slot.lastHeartbeat >= d.now):
+        return  # a redelivered (or older) heartbeat says nothing new
+    slot.lastHeartbeat = d.now
+    d.changed()
+
+
+def on_context(d: Decider) -> None:
+    """An agent wrote the run's shared context: one audit record (key, step, item,
+    attempt, revision, never the value) and no other change. Recorded whether or not
+    the attempt is still current: the write happened. An event for a step the workflow
+    does not have, or that does not say what was written, records nothing. The agent's
+    repeats are dropped by JetStream (Nats-Msg-Id); an engine redelivery records the
+    write again, under the same key and revision, which tell it is the same write."""
+    name = d.ev.get("step")
+    key, revision, attempt, item, scope = (
+        d.ev.get(k) for k in ("key", "revision", "attempt", "item", "scope")
+    )
+    exit_step = d.wf.on_exit.name if d.wf.on_exit is not None else None
+    if not isinstance(name, str) or (name not in d.wf.steps and name != exit_step):
+        return
+    if not (isinstance(key, str) and CONTEXT_KEY.match(key)):
+        return
+    if not (whole(revision, 1) and whole(attempt, 1) and (item is None or whole(item, 0))):
+        return
+    d.audit(
+        name,
+        None,
+        None,
+        f"context key {key} written (revision {revision})",
+        key=key,
+        revision=revision,
+        attempt=attempt,
+        item=item,
+        scope=scope if isinstance(scope, str) and scope != d.s.scope and len(scope) <= 253 else None,
+    )
+
+
+def on_result(d: Decider) -> None:
+    slot, name, item = d.find_slot()
+    if slot is None:
+        return
+    attempts.finish_attempt(d, name, item, slot, "Succeeded", None)
+    output = d.ev.get("output")
+    if item is None:
+        graph.succeed_step(d, name, output, "attempt succeeded")
+    else:
+        foreach.item_done(d, name, item, output, failed=False)
+
+
+def on_failed(d: Decider) -> None:
+    slot, name, item = d.find_slot()
+    if slot is None:
+        return
+    error = attempts.bounded_error(d, dict(d.ev.get("error") or {}))
+    attempts.attempt_failed(d, name, item, slot, error, "TimedOut" if error.get("timeout") else "Failed")
+
+
+HANDLERS: dict[str, Callable[[Decider], None]] = {
+    "start": on_start,
+    "cancel": on_cancel,
+    "signal": on_signal,
+    "approval": on_approval,
+    "started": on_started,
+    "heartbeat": on_heartbeat,
+    "context": on_context,
+    "result": on_result,
+    "failed": on_failed,
+    "timer": timers.on_timer,
+}
+"""Every event type decide acts on; any other type changes nothing."""

@@ -1,0 +1,126 @@
+"""The run's end: winding down (a failure, the deadline, a cancel), onExit, the finish.
+
+* A step whose dependency failed for good never runs: the run fails fast, running steps
+  are cancelled, pending ones skipped; `onExit` then runs; the run ends Failed.
+* onExit runs once the graph is done, whatever its outcome, and sees `run.phase`; its own
+  failure is recorded on its step and does not change the run's phase.
+* Cancellation stops the graph like a failure and ends the run Cancelled.
+* A sub-workflow run tells its parent how it ended (a result or a failure event).
+"""
+
+from __future__ import annotations
+
+from cadenza._protocol import event_subject
+
+from ...expressions import ExpressionError
+from ..state import TERMINAL_STEP
+from . import attempts, foreach, graph
+from .context import Decider, ValueTooLarge
+
+
+def wind_down(d: Decider, why: str, message: str) -> None:
+    """Stop the graph: cancel what runs, skip what waits; onExit and the end follow."""
+    if d.s.failing:
+        return
+    d.s.failing = why
+    d.s.message = message
+    d.audit(None, "Running", "Running", f"winding down: {message}")
+    any_running = False
+    for name, st in d.s.steps.items():
+        if d.wf.on_exit is not None and name == d.wf.on_exit.name:
+            continue
+        if st.phase in ("Running", "WaitingApproval"):
+            any_running = True
+            if st.forEach is not None:
+                foreach.cancel_items(d, name, message)
+            for tid in [t for t, tm in d.s.timers.items() if tm.step == name]:
+                d.disarm(tid)
+            if st.child and st.forEach is None:
+                d.cancel_child(st.child, message)
+            st.message = message  # not the approval prompt or the wait it was in
+            d.set_phase(name, "Cancelled", message)
+    if any_running:
+        d.cancel_tasks()
+    d.disarm("deadline")
+    maybe_finish(d)
+
+
+def maybe_finish(d: Decider) -> None:
+    """Once nothing runs or can start: settle the run's phase and output, skip what never
+    ran, start onExit; finish when onExit (if any) is done."""
+    if d.s.phase != "Running" or graph.active(d):
+        return
+    exit_def = d.wf.on_exit
+    if d.s.exitPhase is None:
+        phase = {"cancelled": "Cancelled", "failed": "Failed", "deadline": "Failed"}.get(d.s.failing or "")
+        if phase is None:
+            phase = "Succeeded"
+            try:
+                outputs = d.wf.output.render(d.resolve_lazy(d.env(), d.wf.output.steps))
+                d.s.outputs, d.s.outputsRef = d.stored_apart(
+                    f"{d.s.run}._output", outputs, d.sized("the output", outputs)
+                )
+            except ValueTooLarge as exc:
+                phase = "Failed"
+                d.s.message = str(exc)
+            except ExpressionError as exc:
+                phase = "Failed"
+                d.s.message = f"output: {exc}"
+        d.s.exitPhase = phase  # type: ignore[assignment]
+        for name in d.wf.order:
+            st = d.st(name)
+            if st.phase == "Pending":
+                why = (
+                    "not needed: no step failed over to it"
+                    if name in d.wf.fallbacks
+                    else "not run: the run stopped before it"
+                )
+                d.set_phase(name, "Skipped", why)
+        if exit_def is not None:
+            d.st(exit_def.name).phase = "Running"
+            d.st(exit_def.name).startedAt = d.now
+            d.audit(exit_def.name, "Pending", "Running", f"onExit (run {phase})")
+            attempts.dispatch(d, exit_def.name, None)
+            if d.st(exit_def.name).phase == "Running":
+                return
+    if exit_def is not None and d.st(exit_def.name).phase not in TERMINAL_STEP:
+        return
+    finish(d, d.s.exitPhase or "Succeeded")
+
+
+def finish(d: Decider, phase: str) -> None:
+    old = d.s.phase
+    d.s.phase = phase  # type: ignore[assignment]
+    d.s.finishedAt = d.now
+    d.s.timers.clear()
+    if phase == "Succeeded":
+        d.s.message = ""
+    d.audit(None, old, phase, d.s.message or "all steps finished")
+    parent = d.s.parent
+    if parent:
+        base = {
+            "run": parent["run"],
+            "step": parent["step"],
+            "item": parent.get("item"),
+            "attempt": parent["attempt"],
+            "worker": f"run:{d.s.run}",
+        }
+        if phase == "Succeeded":
+            body = {"type": "result", **base, "output": d.run_output()}
+        else:
+            body = {
+                "type": "failed",
+                **base,
+                "error": {
+                    "type": f"Child{phase}",
+                    "message": f"sub-workflow {d.s.workflow} {phase.lower()}: {d.s.message}",
+                    "retryable": False,
+                    "child": d.s.run,
+                },
+            }
+        d.command(
+            op="publish",
+            subject=event_subject(parent.get("namespace", d.s.namespace), parent["run"]),
+            msgId=f"child:{d.s.run}",
+            body=body,
+        )
