@@ -17,7 +17,9 @@ from typing import Any
 
 from cadenza._protocol import OUTPUTS_BUCKET
 
-from ..engine.state import TERMINAL_RUN, TERMINAL_STEP, RunState, StepState, run_timing
+from ..engine.state import TERMINAL_RUN, TERMINAL_STEP, RunState
+from ..engine.view import RunView, StepView, run_view
+from ..engine.view import transitions as changes
 
 MAX_STEPS_LISTED = 50
 """Steps listed in WorkflowRun status; beyond it, finished ones are left out first."""
@@ -78,33 +80,28 @@ def with_transition_times(
 # --------------------------------------------------------------------- WorkflowRun
 
 
-def step_summary(st: StepState) -> Json:
+def step_summary(s: StepView) -> Json:
     """One step, bounded: phase, attempts, message; forEach steps as counts per phase."""
-    summary: Json = {"phase": st.phase, "attempts": st.attempt}
-    message = st.message or (str(st.error.get("message", "")) if st.error else "")
-    if message:
-        summary["message"] = _clip(message)
-    if st.forEach is not None:
-        fe = st.forEach
-        done = sum(fe.counts.values())
-        running = len(fe.running)
-        counts = {"total": fe.total, **{k: v for k, v in sorted(fe.counts.items())}}
-        if running:
-            counts["Running"] = running
-        pending = max(0, fe.total - done - running)
-        if pending and st.phase not in TERMINAL_STEP:
-            counts["Pending"] = pending
+    summary: Json = {"phase": s.phase, "attempts": s.attempts}
+    if s.reason:
+        summary["message"] = _clip(s.reason)
+    if s.items is not None:
+        items = s.items
+        counts = {"total": items.total, **{k: v for k, v in sorted(items.counts.items())}}
+        if items.in_flight:
+            counts["Running"] = items.in_flight
+        if items.pending and not s.terminal:
+            counts["Pending"] = items.pending
         summary["items"] = counts
-        summary["attempts"] = done + fe.retries
-        if fe.failed:
-            summary["failedItems"] = list(fe.failed)
-    if st.approval:
-        summary["approval"] = {k: v for k, v in st.approval.items() if k in ("decision", "by", "comment")}
-    if st.child:
-        summary["childRun"] = st.child
-    if st.timing is not None:
-        summary["waiting"] = human_duration(st.timing.waiting)
-        summary["executing"] = human_duration(st.timing.executing)
+        if items.failed:
+            summary["failedItems"] = list(items.failed)
+    if s.approval:
+        summary["approval"] = {k: v for k, v in s.approval.items() if k in ("decision", "by", "comment")}
+    if s.child:
+        summary["childRun"] = s.child
+    if s.timing is not None:
+        summary["waiting"] = human_duration(s.timing.waiting)
+        summary["executing"] = human_duration(s.timing.executing)
     return summary
 
 
@@ -119,7 +116,7 @@ _STEP_INTEREST = {
 }
 
 
-def _listed_steps(steps: Mapping[str, StepState]) -> list[str]:
+def _listed_steps(steps: Mapping[str, StepView]) -> list[str]:
     names = list(steps)
     if len(names) <= MAX_STEPS_LISTED:
         return names
@@ -143,8 +140,9 @@ def bounded_outputs(state: RunState, limit: int) -> Any:
     return f"kv://cadenza_runs/{state.run}#outputs ({size} bytes; too large for status)"
 
 
-def waiting_message(state: RunState) -> str:
-    waiting = [n for n, st in state.steps.items() if st.phase == "WaitingApproval"]
+def waiting_message(state: RunState | RunView) -> str:
+    view = state if isinstance(state, RunView) else run_view(state)
+    waiting = view.waiting_approval
     if not waiting:
         return ""
     return (
@@ -179,18 +177,18 @@ def agent_waits_message(
     return "; ".join(parts)
 
 
-def run_conditions(state: RunState) -> list[Json]:
+def run_conditions(state: RunState | RunView) -> list[Json]:
     """A `Succeeded` condition (Unknown while running), and `WaitingApproval` while a step waits."""
-    if state.phase == "Succeeded":
-        conds = [condition("Succeeded", "True", "Succeeded", "the run succeeded", state.finishedAt)]
-    elif state.phase in ("Failed", "Cancelled"):
-        conds = [condition("Succeeded", "False", state.phase, state.message, state.finishedAt)]
+    view = state if isinstance(state, RunView) else run_view(state)
+    if view.phase == "Succeeded":
+        conds = [condition("Succeeded", "True", "Succeeded", "the run succeeded", view.finished_at)]
+    elif view.phase in ("Failed", "Cancelled"):
+        conds = [condition("Succeeded", "False", view.phase, view.message, view.finished_at)]
     else:
-        reason = "Running" if state.phase == "Running" else "Pending"
-        conds = [condition("Succeeded", "Unknown", reason, "", state.startedAt or state.createdAt)]
-    waiting = [n for n, st in state.steps.items() if st.phase == "WaitingApproval"]
-    if waiting and not state.terminal:
-        conds.append(condition("WaitingApproval", "True", "ApprovalRequested", waiting_message(state)))
+        reason = "Running" if view.phase == "Running" else "Pending"
+        conds = [condition("Succeeded", "Unknown", reason, "", view.started_at or view.created_at)]
+    if view.waiting_approval and not view.terminal:
+        conds.append(condition("WaitingApproval", "True", "ApprovalRequested", waiting_message(view)))
     return conds
 
 
@@ -198,35 +196,34 @@ def run_status(state: RunState, *, outputs_limit: int = 8192, blocked: str = "")
     """WorkflowRun status mirrored from a run record (pure, bounded). `blocked` says what
     the run waits on outside it (`agent_waits_message`): the message shows it after the
     approvals it waits for, unless the run has ended or has a message of its own."""
-    done = sum(1 for st in state.steps.values() if st.phase in TERMINAL_STEP)
-    listed = _listed_steps(state.steps)
+    view = run_view(state)
+    listed = _listed_steps(view.steps)
+    duration = view.duration
     status: Json = {
-        "phase": state.phase,
-        "runId": state.run,
-        "startedAt": rfc3339(state.startedAt),
-        "finishedAt": rfc3339(state.finishedAt),
-        "progress": f"{done}/{len(state.steps)}" if state.steps else "",
-        "duration": human_duration(state.finishedAt - state.startedAt)
-        if state.finishedAt is not None and state.startedAt is not None
-        else "",
-        "steps": {name: step_summary(state.steps[name]) for name in listed},
-        **_timing_fields(state),
+        "phase": view.phase,
+        "runId": view.run,
+        "startedAt": rfc3339(view.started_at),
+        "finishedAt": rfc3339(view.finished_at),
+        "progress": f"{view.finished_steps}/{len(view.steps)}" if view.steps else "",
+        "duration": human_duration(duration) if duration is not None else "",
+        "steps": {name: step_summary(view.steps[name]) for name in listed},
+        **_timing_fields(view),
         "outputs": bounded_outputs(state, outputs_limit),
-        "message": _clip(state.message or _waits(state, blocked)),
-        "conditions": run_conditions(state),
+        "message": _clip(view.message or _waits(view, blocked)),
+        "conditions": run_conditions(view),
     }
-    if len(listed) < len(state.steps):
-        status["stepsNotListed"] = len(state.steps) - len(listed)
+    if len(listed) < len(view.steps):
+        status["stepsNotListed"] = len(view.steps) - len(listed)
     return status
 
 
-def _waits(state: RunState, blocked: str) -> str:
-    waits = [waiting_message(state), "" if state.terminal else blocked]
+def _waits(view: RunView, blocked: str) -> str:
+    waits = [waiting_message(view), "" if view.terminal else blocked]
     return "; ".join(w for w in waits if w)
 
 
-def _timing_fields(state: RunState) -> Json:
-    timing = run_timing(state)
+def _timing_fields(view: RunView) -> Json:
+    timing = view.timing
     if not timing.attempts:
         return {}
     return {"waiting": human_duration(timing.waiting), "executing": human_duration(timing.executing)}
@@ -278,9 +275,7 @@ class RunEvent:
 
 def phases_of(state: RunState) -> dict[str, str]:
     """What transitions are computed from: the run's phase (key "") and each step's."""
-    phases: dict[str, str] = {name: st.phase for name, st in state.steps.items()}
-    phases[""] = state.phase
-    return phases
+    return run_view(state).phases()
 
 
 def phases_of_status(status: Mapping[str, Any]) -> dict[str, str]:
@@ -294,40 +289,25 @@ def phases_of_status(status: Mapping[str, Any]) -> dict[str, str]:
 def transitions(before: Mapping[str, str], state: RunState) -> list[RunEvent]:
     """Events for what changed since `before`: run started/succeeded/failed/cancelled,
     step failed, retries exhausted, approval waiting."""
+    view = run_view(state)
     events: list[RunEvent] = []
-    old = before.get("")
-    if state.phase != old:
-        if state.phase == "Running" or (old in (None, "", "Pending") and state.terminal):
-            events.append(RunEvent("Normal", "RunStarted", f"run {state.run} started"))
-        if state.phase == "Succeeded":
-            took = human_duration((state.finishedAt or 0) - (state.startedAt or 0)) if state.startedAt else ""
-            events.append(
-                RunEvent(
-                    "Normal", "RunSucceeded", f"run {state.run} succeeded" + (f" in {took}" if took else "")
-                )
-            )
-        elif state.phase == "Failed":
-            events.append(RunEvent("Warning", "RunFailed", _clip(state.message or f"run {state.run} failed")))
-        elif state.phase == "Cancelled":
-            events.append(
-                RunEvent("Warning", "RunCancelled", _clip(state.message or f"run {state.run} cancelled"))
-            )
-    for name, st in state.steps.items():
-        if st.phase == before.get(name):
+    for change in changes(before, view):
+        if change.step == "":
+            events += _run_events(view, change.before)
             continue
-        if st.phase == "Failed":
-            error = st.message or (str(st.error.get("message", "")) if st.error else "")
-            if st.attempt > 1:
+        name, s = change.step, view.steps[change.step]
+        if s.phase == "Failed":
+            if s.attempt > 1:
                 events.append(
                     RunEvent(
                         "Warning",
                         "RetriesExhausted",
-                        _clip(f"step {name} failed after {st.attempt} attempts: {error}"),
+                        _clip(f"step {name} failed after {s.attempt} attempts: {s.reason}"),
                     )
                 )
             else:
-                events.append(RunEvent("Warning", "StepFailed", _clip(f"step {name} failed: {error}")))
-        elif st.phase == "WaitingApproval":
+                events.append(RunEvent("Warning", "StepFailed", _clip(f"step {name} failed: {s.reason}")))
+        elif s.phase == "WaitingApproval":
             events.append(
                 RunEvent(
                     "Normal",
@@ -335,10 +315,26 @@ def transitions(before: Mapping[str, str], state: RunState) -> list[RunEvent]:
                     _clip(
                         f"step {name} waits for approval: "
                         f"kubectl annotate wfr NAME cadenza.dev/approve={name}"
-                        + (f" ({st.message})" if st.message else "")
+                        + (f" ({s.message})" if s.message else "")
                     ),
                 )
             )
+    return events
+
+
+def _run_events(view: RunView, old: str | None) -> list[RunEvent]:
+    events = []
+    if view.phase == "Running" or (old in (None, "", "Pending") and view.terminal):
+        events.append(RunEvent("Normal", "RunStarted", f"run {view.run} started"))
+    if view.phase == "Succeeded":
+        took = human_duration((view.finished_at or 0) - (view.started_at or 0)) if view.started_at else ""
+        events.append(
+            RunEvent("Normal", "RunSucceeded", f"run {view.run} succeeded" + (f" in {took}" if took else ""))
+        )
+    elif view.phase == "Failed":
+        events.append(RunEvent("Warning", "RunFailed", _clip(view.message or f"run {view.run} failed")))
+    elif view.phase == "Cancelled":
+        events.append(RunEvent("Warning", "RunCancelled", _clip(view.message or f"run {view.run} cancelled")))
     return events
 
 
