@@ -344,7 +344,7 @@ class Agent:
         finally:
             self.log.info("agent stopping", in_flight=len(self._inflight))
             await consumer.pause()
-            await self._drain(settings.drain_timeout)
+            await self._drain(consumer.jobs, settings.drain_timeout)
             beats.cancel()
             # With NATS unreachable, unsubscribing and draining wait for a reconnection
             # that may never come: bound them, then close, so SIGTERM always ends the process.
@@ -466,8 +466,13 @@ class Agent:
                             held.subject, dumps({"type": "heartbeat", **held.base, "at": time.time()})
                         )
 
-    async def _drain(self, timeout: float) -> None:
-        pending = [t for t in asyncio.all_tasks() if t.get_name().startswith(PullConsumer.TASK_PREFIX)]
+    async def _drain(self, jobs: set[asyncio.Task[None]], timeout: float) -> None:
+        """Let this agent's in-flight tasks finish for `timeout` seconds, then return the rest.
+
+        Only its own (its consumer's jobs): the process may hold other work, another
+        agent or an engine, that this stop must neither wait for nor cancel.
+        """
+        pending = list(jobs)
         if not pending:
             return
         _, still = await asyncio.wait(pending, timeout=timeout)
