@@ -62,3 +62,7 @@ def test_cancelled_approval_step_says_why() -> None:
     d.send({"type": "cancel", "by": "oncall", "reason": "false alarm"})
     assert d.step("approve").phase == "Cancelled"
     assert d.step("approve").message != "Apply the fix?"
+    # What `cadenza get` and the WorkflowRun's status show: who cancelled, and why.
+    assert d.step("approve").message == "cancelled by oncall: false alarm"
+    assert d.phase == "Cancelled"
+    assert d.state.message == "cancelled by oncall: false alarm"
