@@ -11,8 +11,9 @@ from rich.console import Console
 from ..engine.definition import CompiledWorkflow
 from ..engine.infra import nats_options
 from ..engine.runtime import Engine
-from ..engine.state import TERMINAL_RUN, RunState
+from ..engine.state import RunState
 from ..engine.triggers import Triggers
+from ..engine.view import run_view, transitions
 from ..manifests import Bundle
 from .runner import LocalStack, serve_metrics
 from .supervision import run_to_end
@@ -71,20 +72,21 @@ async def dev(bundle: Bundle, *, nats_url: str | None, metrics_port: int | None,
     # Only when asked, and before anything starts: a taken port is an error (exit 2), not a
     # stack left half started; 0 takes any free port, printed below.
     bound = serve_metrics(metrics_port) if metrics_port is not None else None
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[str, dict[str, str]] = {}  # run -> the phases last shown (RunView.phases)
 
     def on_state(state: RunState) -> None:
-        for name, st in state.steps.items():
-            key = (state.run, name)
-            if seen.get(key) != st.phase:
-                seen[key] = st.phase
-                line = f"{state.run} {name}: {st.phase}"
-                if st.phase == "WaitingApproval":
-                    line += f"  -> cadenza approve {state.run} {name} --nats {server.url} [--reject]"
-                console.print(line, highlight=False)
-        if state.phase in TERMINAL_RUN and seen.get((state.run, "")) != state.phase:
-            seen[(state.run, "")] = state.phase
-            console.print(f"{state.run}: [bold]{state.phase}[/bold] {state.message}", highlight=False)
+        view = run_view(state)
+        changes = transitions(seen.get(view.run, {}), view)
+        seen[view.run] = view.phases()
+        for change in changes:
+            if not change.step:
+                continue
+            line = f"{view.run} {change.step}: {change.after}"
+            if change.after == "WaitingApproval":
+                line += f"  -> cadenza approve {view.run} {change.step} --nats {server.url} [--reject]"
+            console.print(line, highlight=False)
+        if view.terminal and any(not change.step for change in changes):
+            console.print(f"{view.run}: [bold]{view.phase}[/bold] {view.message}", highlight=False)
 
     server = DevServer(bundle, nats_url)
     try:  # stopped even when a signal comes while it starts: nothing it started is left behind

@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..engine.definition import CompiledWorkflow
-from ..engine.state import RunState, StepState
-from .supervision import waits_for_agent
+from ..engine.state import RunState
+from ..engine.view import StepView, run_view
 
 _STYLE = {
     "Succeeded": "green",
@@ -38,32 +38,31 @@ def agent_steps(wf: CompiledWorkflow) -> dict[str, str]:
     return {name: cs.agent for name, cs in wf.steps.items() if cs.agent}
 
 
-def shown_phase(st: StepState, agent: str | None, depths: Mapping[str, int]) -> tuple[str, str]:
+def shown_phase(s: StepView, agent: str | None, depths: Mapping[str, int]) -> tuple[str, str]:
     """(phase, detail) of a step as the table shows it. A Running step whose attempts all
     wait in their agent's queue (dispatched, not started by any agent yet) is Queued, with
     the number of tasks in that queue when known; it is Running once an agent starts it."""
-    if st.phase != "Running" or agent is None:
-        return st.phase, ""
+    if s.phase != "Running" or agent is None:
+        return s.phase, ""
     depth = depths.get(agent)
     in_queue = f"{depth} in {agent}'s queue" if depth is not None else f"waiting for {agent}"
-    if st.forEach is None:
-        return ("Queued", in_queue) if waits_for_agent(st) else ("Running", "")
-    slots = [slot for slot in st.forEach.running.values() if slot.running]
-    queued = sum(1 for slot in slots if waits_for_agent(slot))
+    queued = s.queued
+    if s.items is None:
+        return ("Queued", in_queue) if queued else ("Running", "")
     if not queued:
-        return "Running", f"{len(slots)} in flight"
-    if queued == len(slots):
+        return "Running", f"{s.dispatched} in flight"
+    if queued == s.dispatched:
         return "Queued", f"{queued} item(s) {in_queue}" if depth is None else f"{queued} item(s), {in_queue}"
-    return "Running", f"{len(slots) - queued} running, {queued} queued ({in_queue})"
+    return "Running", f"{s.dispatched - queued} running, {queued} queued ({in_queue})"
 
 
-def _detail(st: StepState) -> str:
+def _detail(s: StepView) -> str:
     """What went wrong or was decided, on one line: the first line of the message (a
     failure's carries the agent's last log line), cut so the table stays readable."""
-    if st.approval:
-        return f"{st.approval['decision']} by {st.approval['by']}"
-    first = st.message.splitlines()[0] if st.message else ""
-    limit = 240 if st.phase == "Failed" else 80
+    if s.approval:
+        return f"{s.approval['decision']} by {s.approval['by']}"
+    first = s.message.splitlines()[0] if s.message else ""
+    limit = 240 if s.phase == "Failed" else 80
     return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
@@ -80,19 +79,16 @@ def step_table(
         table.add_column(col)
     if state is None:
         return table
-    for name, st in state.steps.items():
-        attempts = str(st.attempt)
-        phase, waiting = shown_phase(st, (agents or {}).get(name), depths or {})
-        if st.forEach is not None:
-            done = sum(st.forEach.counts.values())
-            attempts = f"{done}/{st.forEach.total}"
-        detail = _detail(st) or waiting
+    for name, s in run_view(state).steps.items():
+        attempts = str(s.attempt) if s.items is None else f"{s.items.done}/{s.items.total}"
+        phase, waiting = shown_phase(s, (agents or {}).get(name), depths or {})
+        detail = _detail(s) or waiting
         style = _STYLE.get(phase, "white")
         table.add_row(
             name,
             f"[{style}]{phase}[/{style}]",
             attempts,
-            _seconds(st.firstQueuedAt or st.startedAt, st.finishedAt),
+            _seconds(s.queued_at or s.started_at, s.finished_at),
             escape(detail),
         )
     return table

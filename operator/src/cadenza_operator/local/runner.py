@@ -23,7 +23,9 @@ from cadenza._protocol import TASKS_STREAM, consumer_name, dumps, event_subject
 from ..engine.definition import CompiledWorkflow
 from ..engine.infra import ensure_agent_consumer, ensure_infrastructure, nats_options
 from ..engine.runtime import Engine, EngineSettings
-from ..engine.state import TERMINAL_RUN, RunState, Timing, run_timing
+from ..engine.state import TERMINAL_RUN, RunState
+from ..engine.view import SUMMARY_OUTPUT_BYTES as SUMMARY_OUTPUT_BYTES  # noqa: PLC0414 (cli.py reads it here)
+from ..engine.view import document, run_view
 from ..manifests import Bundle
 from ..models import parse_duration
 from .nats_server import NatsServer
@@ -33,7 +35,6 @@ from .supervision import SUPERVISE_EVERY, Supervisor, Waiting, WaitingAttempts, 
 log = structlog.get_logger("cadenza.local")
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
-SUMMARY_OUTPUT_BYTES = 16 * 1024  # larger step outputs are named, not printed
 
 
 @dataclass
@@ -210,69 +211,9 @@ class LocalStack:
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
-def timing_doc(t: Timing) -> dict[str, float]:
-    """Where time went, in seconds: waiting (= scheduling + queued) and executing."""
-    return {
-        "waiting": round(t.waiting, 3),
-        "scheduling": round(t.scheduling, 3),
-        "queued": round(t.queued, 3),
-        "executing": round(t.executing, 3),
-    }
-
-
 def summarize(state: RunState) -> dict[str, Any]:
-    """The `--output json` document."""
-    steps: dict[str, Any] = {}
-    for name, st in state.steps.items():
-        entry: dict[str, Any] = {"phase": st.phase, "attempts": st.attempt}
-        if st.forEach is not None:
-            entry["attempts"] = (
-                st.forEach.counts.get("Succeeded", 0)
-                + st.forEach.counts.get("Failed", 0)
-                + st.forEach.retries
-            )
-            entry["items"] = {"total": st.forEach.total, **st.forEach.counts, "retries": st.forEach.retries}
-            if st.forEach.failed:
-                entry["failedItems"] = st.forEach.failed
-        entry["queuedAt"] = st.firstQueuedAt
-        entry["startedAt"] = st.startedAt
-        entry["finishedAt"] = st.finishedAt
-        if st.attempts:
-            entry["history"] = [a.model_dump(exclude_none=True) for a in st.attempts]
-        if st.timing is not None:
-            entry["timing"] = timing_doc(st.timing)
-        if st.retries:
-            entry["retries"] = st.retries
-        if st.output is not None:
-            size = len(json.dumps(st.output, default=str))
-            entry["output"] = st.output if size <= SUMMARY_OUTPUT_BYTES else {"omitted": f"{size} bytes"}
-        elif st.outputRef:
-            entry["outputRef"] = st.outputRef
-        if st.error:
-            entry["error"] = st.error
-        if st.message:
-            entry["message"] = st.message
-        if st.approval:
-            entry["approval"] = st.approval
-        if st.recoveredBy:
-            entry["recoveredBy"] = st.recoveredBy
-        if st.child:
-            entry["childRun"] = st.child
-        steps[name] = entry
-    duration = (state.finishedAt - state.startedAt) if state.finishedAt and state.startedAt else None
-    return {
-        "workflow": state.workflow,
-        "run": state.run,
-        "namespace": state.namespace,
-        "phase": state.phase,
-        "outputs": state.outputs,
-        "message": state.message,
-        "startedAt": state.startedAt,
-        "finishedAt": state.finishedAt,
-        "durationSeconds": duration,
-        "timing": timing_doc(run_timing(state)),
-        "steps": steps,
-    }
+    """The `--output json` document (see engine/view.py)."""
+    return document(run_view(state))
 
 
 async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any], int]:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import structlog
 
 from ..engine.state import RunState, Slot
+from ..engine.view import waits_for_agent
 from ..manifests import Bundle
 from .processes import AgentProcess, AgentProcesses
 
@@ -44,11 +45,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 log = structlog.get_logger("cadenza.local")
 T = TypeVar("T")
-
-
-def waits_for_agent(slot: Slot) -> bool:
-    """Dispatched to an agent and not started by one yet (a slot of an agent step)."""
-    return slot.running and slot.queuedAt is not None and slot.startedAt is None
 
 
 @dataclass(frozen=True)
