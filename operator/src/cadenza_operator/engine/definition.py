@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..expressions import Expr, ExpressionError, Template, compile_expr, compile_template
-from ..models import MAX_PARALLEL, OnExitStep, Step, WorkflowSpec, parse_duration
+from ..models import MAX_PARALLEL, ApprovalSpec, OnExitStep, Step, WorkflowSpec, parse_duration
 
 DEFAULT_FOREACH_WINDOW = MAX_PARALLEL
 """Items of a forEach in flight when maxParallel is unset: bounds the run record and memory."""
@@ -62,6 +62,21 @@ class CompiledStep:
     @property
     def workflow(self) -> str | None:
         return getattr(self.spec, "workflow", None)
+
+    @property
+    def approval(self) -> ApprovalSpec | None:
+        """An approval step's settings (onExit is never one)."""
+        return self.spec.approval if isinstance(self.spec, Step) else None
+
+    @property
+    def signal(self) -> str | None:
+        """The signal a signal step waits for."""
+        return self.spec.waitFor.signal if isinstance(self.spec, Step) and self.spec.waitFor else None
+
+    @property
+    def skipped_with_deps(self) -> bool:
+        """Skipped when all its dependencies were (`ifDependenciesSkipped: skip`)."""
+        return isinstance(self.spec, Step) and self.spec.ifDependenciesSkipped == "skip"
 
 
 @dataclass

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from cadenza.protocol import RunPhase, StepPhase
 from pydantic import BaseModel, ConfigDict, Field
 
-RunPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"]
-StepPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled", "Skipped", "WaitingApproval"]
-
-TERMINAL_RUN = frozenset({"Succeeded", "Failed", "Cancelled"})
-TERMINAL_STEP = frozenset({"Succeeded", "Failed", "Cancelled", "Skipped"})
+# The terminal phases as sets, for code that holds a phase as a string (a status dict);
+# a phase of the record says it itself: `state.phase.is_terminal`.
+TERMINAL_RUN = frozenset(p for p in RunPhase if p.is_terminal)
+TERMINAL_STEP = frozenset(p for p in StepPhase if p.is_terminal)
 MAX_ATTEMPT_RECORDS = 20
 MAX_FAILED_ITEMS = 20
 
@@ -94,7 +94,7 @@ class ForEachState(_State):
 
 
 class StepState(Slot):
-    phase: StepPhase = "Pending"
+    phase: StepPhase = StepPhase.PENDING
     attempts: list[Attempt] = Field(default_factory=list)
     output: Any = None
     outputRef: str | None = None  # key in the outputs bucket (forEach and large outputs)
@@ -125,7 +125,7 @@ class RunState(_State):
     namespace: str = "default"
     workflow: str
     definition: str  # key of the compiled definition
-    phase: RunPhase = "Pending"
+    phase: RunPhase = RunPhase.PENDING
     input: Any = None
     inputRef: str | None = None  # a large input lives in the outputs bucket under this key
     createdAt: float
@@ -148,7 +148,7 @@ class RunState(_State):
 
     @property
     def terminal(self) -> bool:
-        return self.phase in TERMINAL_RUN
+        return self.phase in TERMINAL_RUN  # a str set by hand compares too
 
     def to_bytes(self) -> bytes:
         # The serializer's bytes directly: model_dump_json would build a str to encode again.

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from cadenza.protocol import RunPhase, StepPhase
+
 from ..state import Timer
 from . import attempts, foreach, graph, lifecycle, timers
 from .context import CONTEXT_KEY, Decider, timer_id, whole
@@ -24,16 +26,16 @@ def apply(d: Decider) -> None:
     if handler is None:
         return
     handler(d)
-    if d.s.phase == "Running":
+    if d.s.phase == RunPhase.RUNNING:
         graph.advance(d)
 
 
 def on_start(d: Decider) -> None:
-    if d.s.phase != "Pending":
+    if d.s.phase != RunPhase.PENDING:
         return
-    d.s.phase = "Running"
+    d.s.phase = RunPhase.RUNNING
     d.s.startedAt = d.now
-    d.audit(None, "Pending", "Running", "run started")
+    d.audit(None, RunPhase.PENDING, RunPhase.RUNNING, "run started")
     if d.wf.deadline is not None:
         d.arm("deadline", Timer(at=d.now + d.wf.deadline, kind="deadline"))
     for name in d.wf.order:
@@ -43,7 +45,7 @@ def on_start(d: Decider) -> None:
 def on_cancel(d: Decider) -> None:
     # Once the run winds down (a failure, the deadline, a cancel) or its graph is done,
     # only onExit is left, and onExit always runs: a cancel has nothing left to stop.
-    if d.s.phase != "Running" or d.s.failing or d.s.exitPhase is not None:
+    if d.s.phase != RunPhase.RUNNING or d.s.failing or d.s.exitPhase is not None:
         return
     d.s.cancelledBy = d.actor
     lifecycle.wind_down(
@@ -63,7 +65,7 @@ def on_signal(d: Decider) -> None:
     d.audit(None, None, None, f"signal {name} received")
     for step_name, st in d.s.steps.items():
         cs = d.wf.steps.get(step_name)
-        if cs and cs.kind == "signal" and st.phase == "Running" and cs.spec.waitFor.signal == name:  # type: ignore[union-attr]
+        if cs and cs.kind == "signal" and st.phase == StepPhase.RUNNING and cs.signal == name:
             d.disarm(f"signal:{step_name}")
             graph.succeed_step(d, step_name, d.ev.get("payload"), f"signal {name} received")
 
@@ -72,9 +74,9 @@ def on_approval(d: Decider) -> None:
     name = str(d.ev.get("step"))
     st = d.s.steps.get(name)
     cs = d.wf.steps.get(name)
-    if st is None or cs is None or st.phase != "WaitingApproval" or cs.spec.approval is None:  # type: ignore[union-attr]
+    if st is None or cs is None or st.phase != StepPhase.WAITING_APPROVAL or cs.approval is None:
         return
-    approvers = cs.spec.approval.approvers  # type: ignore[union-attr]
+    approvers = cs.approval.approvers
     by = str(d.ev.get("by") or "unknown")
     if approvers and by not in approvers:
         if st.deniedAt is not None and d.now <= st.deniedAt:

@@ -6,7 +6,9 @@ for the failed items) and dependents go on.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
+
+from cadenza.protocol import StepPhase
 
 from ...expressions import ExpressionError
 from ..state import MAX_FAILED_ITEMS, Slot
@@ -19,7 +21,7 @@ def foreach_items(d: Decider, name: str) -> list[Any]:
     # per engine and run, not once per item dispatched.
     key = f"{d.s.run}/{name}/items"
     if key in d.memo:
-        return d.memo[key]  # type: ignore[no-any-return]
+        return cast("list[Any]", d.memo[key])
     cs = d.step_def(name)
     assert cs.for_each is not None
     value = cs.for_each.evaluate(d.resolve_lazy(d.env(), cs.for_each.steps))
@@ -57,7 +59,13 @@ def item_done(
         if len(fe.failed) < MAX_FAILED_ITEMS:
             fe.failed.append(item)
         st.error = {**(error or {}), "item": item}
-        d.audit(name, "Running", "Running", f"item {item} failed: {(error or {}).get('message')}", item=item)
+        d.audit(
+            name,
+            StepPhase.RUNNING,
+            StepPhase.RUNNING,
+            f"item {item} failed: {(error or {}).get('message')}",
+            item=item,
+        )
         if d.step_def(name).on_failure != "continue":
             message = f"item {item} failed: {(error or {}).get('type')}: {(error or {}).get('message')}"
             cancel_items(d, name, message)
@@ -69,9 +77,9 @@ def item_done(
         n_failed = fe.counts.get("Failed", 0)
         if n_failed:
             st.message = f"{n_failed} of {fe.total} items failed"
-            d.set_phase(name, "Failed", st.message)
+            d.set_phase(name, StepPhase.FAILED, st.message)
         else:
-            d.set_phase(name, "Succeeded", f"{fe.total} items succeeded")
+            d.set_phase(name, StepPhase.SUCCEEDED, f"{fe.total} items succeeded")
 
 
 def cancel_items(d: Decider, name: str, reason: str) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from cadenza.protocol import StepPhase
+
 from ..state import Slot, Timer
 from . import attempts, events, graph, lifecycle
 from .context import Decider, timer_id
@@ -34,20 +36,20 @@ def deadline_passed(d: Decider, timer: Timer) -> None:
 
 def approval_timed_out(d: Decider, timer: Timer) -> None:
     cs = d.wf.steps[timer.step or ""]
-    on_timeout = cs.spec.approval.onTimeout  # type: ignore[union-attr]
-    if d.st(cs.name).phase == "WaitingApproval":
+    approval = cs.approval
+    if approval is not None and d.st(cs.name).phase == StepPhase.WAITING_APPROVAL:
         events.decide_approval(
             d,
             cs.name,
-            on_timeout == "approve",
+            approval.onTimeout == "approve",
             "timeout",
-            f"no decision within {cs.spec.approval.timeout}",  # type: ignore[union-attr]
+            f"no decision within {approval.timeout}",
         )
 
 
 def signal_timed_out(d: Decider, timer: Timer) -> None:
     name = timer.step or ""
-    if d.st(name).phase == "Running":
+    if d.st(name).phase == StepPhase.RUNNING:
         d.st(name).error = {"type": "Timeout", "message": "no signal in time"}
         graph.fail_step(d, name, "timed out waiting for a signal")
 

@@ -1,0 +1,226 @@
+"""The wire protocol between agents, clients and the engine, typed.
+
+Every message on a run's event subject is one of the `Event` models, told apart by
+`"type"`. The models describe the JSON as it is sent; fields that an older sender does
+not send have defaults, and fields a newer sender adds are kept (`extra="allow"`), so
+an agent built on an earlier SDK and an engine built on a later one understand each
+other. `parse_event` validates once; nothing needs to validate the same event again.
+
+`TaskFailure` is the one shape of an attempt's error, whoever builds it: the SDK
+(`failure_of`, a timeout, a poison task), the engine (a timer, a child run, a child that
+could not start) or the local supervisor (an agent that cannot start). `wire()` gives
+its JSON: exactly the fields that were set, so the JSON stays what it was.
+
+`StepPhase` and `RunPhase` are `StrEnum`s: a member equals its string ("Running"), so
+records, status and tests that hold strings compare as before.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+__all__ = [
+    "ApprovalEvent",
+    "CancelEvent",
+    "ContextEvent",
+    "Event",
+    "FailedEvent",
+    "HeartbeatEvent",
+    "ResultEvent",
+    "RunPhase",
+    "SignalEvent",
+    "StartEvent",
+    "StartedEvent",
+    "StepPhase",
+    "TaskFailure",
+    "TimerEvent",
+    "parse_event",
+]
+
+
+class StepPhase(enum.StrEnum):
+    """Where a step is. Skipped and WaitingApproval are a step's only."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    WAITING_APPROVAL = "WaitingApproval"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+    SKIPPED = "Skipped"
+
+    @property
+    def is_terminal(self) -> bool:
+        """The step is done: it will not run (again) in this run."""
+        return self in _TERMINAL_STEP
+
+
+class RunPhase(enum.StrEnum):
+    """Where a run is."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """The run is over: no event changes it any more."""
+        return self in _TERMINAL_RUN
+
+
+_TERMINAL_STEP = frozenset({StepPhase.SUCCEEDED, StepPhase.FAILED, StepPhase.CANCELLED, StepPhase.SKIPPED})
+_TERMINAL_RUN = frozenset({RunPhase.SUCCEEDED, RunPhase.FAILED, RunPhase.CANCELLED})
+
+
+class TaskFailure(BaseModel):
+    """Why an attempt failed. Only `type` and `message` are always there; the rest is sent
+    where it means something, and `wire()` leaves out what was not set."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(
+        "Error", description="The exception's class name, or the engine's reason (Timeout, ...)."
+    )
+    message: str = ""
+    retryable: bool | None = Field(None, description="False: no retry, whatever the step's policy.")
+    timeout: bool | None = Field(
+        None, description="A timeout ended the attempt (counted apart, never matched by nonRetryable)."
+    )
+    types: list[str] | None = Field(
+        None, description="The class and its bases, `module.QualName`: what nonRetryable matches."
+    )
+    traceback: str | None = None
+    details: Any = Field(None, description="A TaskError's details, as the handler gave them.")
+    truncated: bool | None = Field(None, description="The engine cut the error down to its size limit.")
+    nonRetryable: str | None = Field(None, description="The step's retry.nonRetryable entry that matched.")
+    retriesExhausted: bool | None = None
+    child: str | None = Field(None, description="The child run that failed, for a sub-workflow step.")
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON object sent and stored: the fields set, in the order they were set."""
+        return self.model_dump(exclude_unset=True)
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    run: str
+    at: float | None = Field(
+        None, description="When the event was stored (the engine sets it from JetStream)."
+    )
+    handledAt: float | None = None
+
+
+class StartEvent(_Event):
+    type: Literal["start"] = "start"
+    workflow: str | None = None
+    namespace: str | None = None
+    definition: str | None = None
+    input: Any = None
+    labels: dict[str, str] | None = None
+    parent: dict[str, Any] | None = None
+    requestedAt: float | None = None
+
+
+class CancelEvent(_Event):
+    type: Literal["cancel"] = "cancel"
+    by: str | None = None
+    reason: str | None = None
+
+
+class SignalEvent(_Event):
+    type: Literal["signal"] = "signal"
+    name: Any = None
+    payload: Any = None
+    by: str | None = None
+
+
+class ApprovalEvent(_Event):
+    type: Literal["approval"] = "approval"
+    step: Any = None
+    approved: Any = None
+    by: str | None = None
+    comment: Any = None
+    sentAt: float | None = None
+
+
+class TimerEvent(_Event):
+    type: Literal["timer"] = "timer"
+    timer: Any = None
+    due: float | None = None
+
+
+class _AttemptEvent(_Event):
+    """About one attempt of a step (or of one forEach item), sent by the agent running it
+    (or, for a sub-workflow step, by the child run)."""
+
+    step: Any = None
+    item: Any = None
+    attempt: Any = None
+    worker: str | None = None
+
+
+class StartedEvent(_AttemptEvent):
+    type: Literal["started"] = "started"
+    startedAt: float | None = None
+
+
+class HeartbeatEvent(_AttemptEvent):
+    type: Literal["heartbeat"] = "heartbeat"
+
+
+class ResultEvent(_AttemptEvent):
+    """An attempt succeeded; also how a child run reports success to its parent."""
+
+    type: Literal["result"] = "result"
+    output: Any = None
+    startedAt: float | None = None
+    finishedAt: float | None = None
+
+
+class FailedEvent(_AttemptEvent):
+    """An attempt failed; also how a child run reports its failure to its parent."""
+
+    type: Literal["failed"] = "failed"
+    error: TaskFailure = Field(default_factory=TaskFailure)
+    startedAt: float | None = None
+    finishedAt: float | None = None
+
+
+class ContextEvent(_AttemptEvent):
+    """The agent wrote the run's shared context (audited, nothing else changes)."""
+
+    type: Literal["context"] = "context"
+    scope: Any = None
+    key: Any = None
+    revision: Any = None
+
+
+Event = Annotated[
+    StartEvent
+    | CancelEvent
+    | SignalEvent
+    | ApprovalEvent
+    | TimerEvent
+    | StartedEvent
+    | HeartbeatEvent
+    | ResultEvent
+    | FailedEvent
+    | ContextEvent,
+    Field(discriminator="type"),
+]
+
+_EVENT: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def parse_event(data: bytes | str | dict[str, Any]) -> Event:
+    """One event, validated once: JSON bytes (or an already decoded object).
+    Raises pydantic.ValidationError for anything that is not an event."""
+    if isinstance(data, dict):
+        return _EVENT.validate_python(data)
+    return _EVENT.validate_json(data)
