@@ -208,7 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _with_js(url: str, fn: Any) -> None:
-    from cadenza._connect import connect_once
+    from cadenza.nats import connect_once
 
     nc = await connect_once(url, **nats_options())
     try:
@@ -222,8 +222,8 @@ async def _ask_engine(
 ) -> dict[str, Any] | None:
     """An engine's answer to a control request (see engine/control.py), or None when no
     engine answers within `wait` seconds."""
-    from cadenza._connect import connect_once
-    from cadenza._protocol import dumps, loads
+    from cadenza.nats import connect_once
+    from cadenza.wire import dumps, loads
     from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
 
@@ -292,7 +292,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 async def _run_namespace(js: Any, run: str) -> str | None:
     """The namespace of a run the runs bucket holds, or None."""
-    from cadenza._protocol import RUNS_BUCKET, loads
+    from cadenza.wire import RUNS_BUCKET, loads
     from nats.js.errors import InvalidKeyError, KeyNotFoundError
 
     kv = await js.key_value(RUNS_BUCKET)
@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Logs go to stderr; the CLI's own output (and --output json) alone to stdout.
     configure_logging(level="INFO" if args.command in ("operator", "dev", "engine") else "WARNING")
-    from cadenza._connect import NatsUnreachable
+    from cadenza.nats import NatsUnreachable
 
     try:
         code: int = args.fn(args)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cadenza._ackinfo import stored_at
-from cadenza._protocol import AUDIT_STREAM, RUNS_BUCKET, loads
+from cadenza.nats import stored_at
+from cadenza.wire import AUDIT_STREAM, RUNS_BUCKET, loads
 
 
 async def revisions(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from cadenza._protocol import dumps, event_subject
+from cadenza.wire import dumps, event_subject
 
 
 async def send_approval(

@@ -25,7 +25,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from cadenza._protocol import dumps, loads
+from cadenza.wire import dumps, loads
 
 from .client import send_approval, send_cancel, send_signal
 

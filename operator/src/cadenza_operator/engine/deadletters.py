@@ -5,8 +5,13 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from cadenza import _deadletter
-from cadenza._protocol import DEAD_LETTER_STREAM
+from cadenza.nats import (
+    DEAD_LETTER_DELIVERIES_HEADER,
+    DEAD_LETTER_REASON_HEADER,
+    DEAD_LETTER_SOURCE_HEADER,
+    DEAD_LETTER_SUBJECT_HEADER,
+)
+from cadenza.wire import DEAD_LETTER_STREAM
 
 
 async def read_dead_letters(js: Any, limit: int = 100) -> list[dict[str, Any]]:
@@ -35,10 +40,10 @@ async def read_dead_letters(js: Any, limit: int = 100) -> list[dict[str, Any]]:
         records.append(
             {
                 "seq": msg.seq,
-                "source": headers.get(_deadletter.SOURCE, ""),
-                "subject": headers.get(_deadletter.SUBJECT, ""),
-                "deliveries": int(headers.get(_deadletter.DELIVERIES, "0") or 0),
-                "reason": headers.get(_deadletter.REASON, ""),
+                "source": headers.get(DEAD_LETTER_SOURCE_HEADER, ""),
+                "subject": headers.get(DEAD_LETTER_SUBJECT_HEADER, ""),
+                "deliveries": int(headers.get(DEAD_LETTER_DELIVERIES_HEADER, "0") or 0),
+                "reason": headers.get(DEAD_LETTER_REASON_HEADER, ""),
                 "size": len(data),
                 # The original body, unchanged: as text when it is text, else base64.
                 "data": text if text is not None else None,

@@ -6,7 +6,8 @@ import contextlib
 import os
 from typing import Any
 
-from cadenza._protocol import (
+from cadenza.nats import SERVER_DELIVERY_SLACK, agent_consumer_config
+from cadenza.wire import (
     AUDIT_STREAM,
     CONTEXT_BUCKET,
     DEAD_LETTER_STREAM,
@@ -20,7 +21,6 @@ from cadenza._protocol import (
     TASK_SUBJECTS,
     TASKS_STREAM,
 )
-from cadenza._pull import SERVER_DELIVERY_SLACK, agent_consumer_config
 from nats.js.errors import NotFoundError
 
 TIMERS_BUCKET = "cadenza_timers"  # run -> armed timers, watched by every engine

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cadenza import _payloads
-from cadenza._protocol import OFFLOAD_BYTES, OUTPUTS_BUCKET, dumps, is_ref
+from cadenza.nats import store_payload
+from cadenza.wire import OFFLOAD_BYTES, OUTPUTS_BUCKET, dumps, is_ref
 
 from .state import RunState
 
@@ -36,7 +36,7 @@ async def store_apart(js: Any, pub: Any, key: str, value: Any) -> None:
     large for a KV value, the bucket entry then holding its reference."""
     data = dumps(value)
     if len(data) > OFFLOAD_BYTES:
-        data = dumps(await _payloads.store(js, key, data))
+        data = dumps(await store_payload(js, key, data))
     await pub.kv_put(OUTPUTS_BUCKET, key, data)
 
 
@@ -58,7 +58,7 @@ async def fit_record(js: Any, state: RunState) -> bytes:
     for size, holder, field, name, raw in payloads:
         if excess <= 0 or size < MIN_PAYLOAD_APART:
             break
-        holder[field] = await _payloads.store(js, name, raw)
+        holder[field] = await store_payload(js, name, raw)
         excess -= size - len(dumps(holder[field]))
     return state.to_bytes()
 

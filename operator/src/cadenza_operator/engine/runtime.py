@@ -27,10 +27,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from cadenza import _payloads
-from cadenza._ackinfo import deliveries, stored_at
-from cadenza._deadletter import dead_letter
-from cadenza._protocol import (
+from cadenza.nats import (
+    Publisher,
+    PullConsumer,
+    dead_letter,
+    deliveries,
+    offload_payload,
+    resolve_payload,
+    stored_at,
+)
+from cadenza.wire import (
     DEFINITIONS_BUCKET,
     EVENTS_STREAM,
     MAX_VALUE_BYTES,
@@ -45,8 +51,6 @@ from cadenza._protocol import (
     loads,
     too_large,
 )
-from cadenza._publish import Publisher
-from cadenza._pull import PullConsumer
 
 from .. import metrics
 from ..models import WorkflowSpec, nesting_error
@@ -310,7 +314,7 @@ class Engine:
         if not is_ref(input):
             validate_input(wf, input, self.settings.max_value_bytes)
         elif wf.spec.inputSchema is not None:
-            validate_input(wf, await _payloads.resolve(self.js, input), self.settings.max_value_bytes)
+            validate_input(wf, await resolve_payload(self.js, input), self.settings.max_value_bytes)
         if wf.key not in self._definitions:
             await self.publish_definition(wf)
         run = run_id or new_run_id(wf.name)
@@ -327,7 +331,7 @@ class Engine:
         }
         if requested_at is not None:
             body["requestedAt"] = requested_at
-        body["input"] = await _payloads.offload(self.js, f"{run}.input", input)
+        body["input"] = await offload_payload(self.js, f"{run}.input", input)
         await self.pub.publish(event_subject(wf.namespace, run), dumps(body), {"Nats-Msg-Id": f"start:{run}"})
         return run
 
@@ -595,19 +599,19 @@ class Engine:
 
         for key in keys:
             if key.startswith(OBJECT_REF_PREFIX):
-                into[key] = await _payloads.resolve(self.js, {REF_KEY: key[len(OBJECT_REF_PREFIX) :]})
+                into[key] = await resolve_payload(self.js, {REF_KEY: key[len(OBJECT_REF_PREFIX) :]})
             elif key.endswith(".*"):
                 watcher = await self.outputs_kv.watch(key)
                 async for entry in watcher:
                     if entry is None:
                         break
                     if entry.value is not None:
-                        into[entry.key] = await _payloads.resolve(self.js, loads(entry.value))
+                        into[entry.key] = await resolve_payload(self.js, loads(entry.value))
                 await watcher.stop()
             else:
                 try:
                     entry = await self.outputs_kv.get(key)
-                    into[key] = await _payloads.resolve(self.js, loads(entry.value))
+                    into[key] = await resolve_payload(self.js, loads(entry.value))
                 except KeyNotFoundError:
                     into[key] = None
 
@@ -642,7 +646,7 @@ class Engine:
         body = cmd["body"]
         data = dumps(body)
         if cmd["op"] == "dispatch" and len(data) > OFFLOAD_BYTES:
-            body = {**body, "input": await _payloads.offload(self.js, f"{cmd['msgId']}.input", body["input"])}
+            body = {**body, "input": await offload_payload(self.js, f"{cmd['msgId']}.input", body["input"])}
             data = dumps(body)
         await self.pub.publish(cmd["subject"], data, {"Nats-Msg-Id": cmd["msgId"]})
 

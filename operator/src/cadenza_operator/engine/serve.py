@@ -14,7 +14,7 @@ import socket
 from typing import Any
 
 import structlog
-from cadenza._connect import connect_until_stopped
+from cadenza.nats import connect_until_stopped
 
 from .runtime import Engine, EngineSettings
 

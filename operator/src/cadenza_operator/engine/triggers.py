@@ -34,10 +34,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from cadenza._ackinfo import deliveries, stored_at
-from cadenza._deadletter import dead_letter
-from cadenza._protocol import dumps, loads
-from cadenza._pull import SERVER_DELIVERY_SLACK, PullConsumer
+from cadenza.nats import SERVER_DELIVERY_SLACK, PullConsumer, dead_letter, deliveries, stored_at
+from cadenza.wire import dumps, loads
 
 from .. import metrics
 from ..expressions import Expr, ExpressionError, Template, compile_expr, compile_template

@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 import structlog
-from cadenza._protocol import TASKS_STREAM, consumer_name
+from cadenza.wire import TASKS_STREAM, consumer_name
 from pydantic import ValidationError
 
 from .. import metrics

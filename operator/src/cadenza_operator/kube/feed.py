@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
-from cadenza._protocol import RUNS_BUCKET
+from cadenza.wire import RUNS_BUCKET
 
 from ..engine.state import RunState
 from .status import RunEvent, phases_of, transitions

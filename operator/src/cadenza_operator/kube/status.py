@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from cadenza._protocol import OUTPUTS_BUCKET
+from cadenza.wire import OUTPUTS_BUCKET
 
 from ..engine.state import TERMINAL_RUN, TERMINAL_STEP, RunState
 from ..engine.view import RunView, StepView, run_view

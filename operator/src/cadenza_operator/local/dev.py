@@ -106,8 +106,8 @@ async def dev(bundle: Bundle, *, nats_url: str | None, metrics_port: int | None,
 
 
 async def publish(url: str, subject: str, payload: Any) -> None:
-    from cadenza._connect import connect_once
-    from cadenza._protocol import dumps
+    from cadenza.nats import connect_once
+    from cadenza.wire import dumps
 
     nc = await connect_once(url, **nats_options())
     try:

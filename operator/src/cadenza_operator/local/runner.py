@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from cadenza._protocol import TASKS_STREAM, consumer_name, dumps, event_subject
+from cadenza.wire import TASKS_STREAM, consumer_name, dumps, event_subject
 
 from ..engine.definition import CompiledWorkflow
 from ..engine.infra import ensure_agent_consumer, ensure_infrastructure, nats_options
@@ -117,7 +117,7 @@ class LocalStack:
 
     async def start(self, agents: set[str]) -> Engine:
         """Start everything; `NatsUnreachable` at once when a --nats server cannot be reached."""
-        from cadenza._connect import connect_once
+        from cadenza.nats import connect_once
 
         if self._external is None:
             # Held before it is started: a signal arriving meanwhile must still stop it.

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from cadenza._protocol import MAX_VALUE_BYTES
+from cadenza.wire import MAX_VALUE_BYTES
 
 from ..definition import CompiledWorkflow
 from ..state import RunState

@@ -14,9 +14,8 @@ import math
 import zlib
 from typing import Any
 
-from cadenza._errors import MAX_TYPE_NAME_CHARS, MAX_TYPE_NAMES, non_retryable_match
-from cadenza._protocol import task_id, task_subject
-from cadenza.protocol import StepPhase
+from cadenza.errors import MAX_TYPE_NAME_CHARS, MAX_TYPE_NAMES, non_retryable_match
+from cadenza.wire import task_id, task_subject
 
 from ...expressions import ExpressionError
 from ..definition import CompiledStep
@@ -95,7 +94,7 @@ def dispatch(d: Decider, name: str, item: int | None, retry: bool = False) -> No
     slot = st if item is None else (st.forEach.running.get(str(item)) if st.forEach else None)
     if slot is None or (retry and slot.running):
         return
-    if retry and st.phase != StepPhase.RUNNING:
+    if retry and st.phase != "Running":
         return
     try:
         if item is None:
@@ -292,8 +291,8 @@ def attempt_failed(
         where = name if item is None else f"{name}[{item}]"
         d.audit(
             name,
-            StepPhase.RUNNING,
-            StepPhase.RUNNING,
+            "Running",
+            "Running",
             f"attempt {slot.attempt} of {where} failed ({error.get('type')}: {error.get('message')}); "
             f"retry in {delay:.2f}s",
             item=item,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cadenza._protocol import (
+from cadenza.wire import (
     MAX_VALUE_BYTES,
     REF_KEY,
     cancel_subject,
@@ -23,10 +23,9 @@ from cadenza._protocol import (
     task_id,
     too_large,
 )
-from cadenza.protocol import StepPhase
 
 from ..definition import CompiledStep, CompiledWorkflow
-from ..state import RunState, Slot, StepState, Timer
+from ..state import TERMINAL_STEP, RunState, Slot, StepState, Timer
 
 OBJECT_REF_PREFIX = "obj:"
 """An outputRef naming an object-store entry rather than an outputs-bucket key."""
@@ -176,13 +175,13 @@ class Decider:
             st = self.s.steps[name] = StepState()
         return st
 
-    def set_phase(self, name: str, phase: StepPhase, reason: str, **extra: Any) -> None:
+    def set_phase(self, name: str, phase: str, reason: str, **extra: Any) -> None:
         st = self.st(name)
         old = st.phase
         if old == phase:
             return
-        st.phase = phase
-        if phase.is_terminal:
+        st.phase = phase  # type: ignore[assignment]
+        if phase in TERMINAL_STEP:
             st.finishedAt = self.now
             st.running = False
         self.audit(name, old, phase, reason, **extra)
@@ -205,7 +204,7 @@ class Decider:
         slot = self.slot(name, item)
         if slot is None or not slot.running or slot.attempt != self.ev.get("attempt"):
             return None, name, item
-        if self.st(name).phase != StepPhase.RUNNING:
+        if self.st(name).phase != "Running":
             return None, name, item
         return slot, name, item
 

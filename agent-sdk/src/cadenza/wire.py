@@ -1,0 +1,69 @@
+"""Where each message goes and how it is encoded: names and JSON, no I/O.
+
+Every process (agents, engines, the operator, the CLI) agrees on these: the JetStream
+streams and key-value buckets, the subjects of tasks, events and cancellations, the
+durable consumer of an Agent, the id of a task attempt (its `Nats-Msg-Id`, so JetStream
+drops duplicates), the JSON encoding of every message, and the size limits of values
+(larger ones travel through the object store as `{REF_KEY: name}`; see `cadenza.nats`).
+
+Pure: the engine's decision function uses it. What a message says, typed, is in
+`cadenza.protocol`.
+"""
+
+from __future__ import annotations
+
+from ._protocol import (
+    AUDIT_STREAM,
+    CONTEXT_BUCKET,
+    DEAD_LETTER_STREAM,
+    DEAD_LETTER_SUBJECTS,
+    DEFINITIONS_BUCKET,
+    EVENT_SUBJECTS,
+    EVENTS_STREAM,
+    MAX_VALUE_BYTES,
+    OFFLOAD_BYTES,
+    OUTPUTS_BUCKET,
+    PAYLOADS_STORE,
+    REF_KEY,
+    RUNS_BUCKET,
+    TASK_SUBJECTS,
+    TASKS_STREAM,
+    TERMINAL_RUN_PHASES,
+    cancel_subject,
+    consumer_name,
+    dumps,
+    event_subject,
+    is_ref,
+    loads,
+    task_id,
+    task_subject,
+    too_large,
+)
+
+__all__ = [
+    "AUDIT_STREAM",
+    "CONTEXT_BUCKET",
+    "DEAD_LETTER_STREAM",
+    "DEAD_LETTER_SUBJECTS",
+    "DEFINITIONS_BUCKET",
+    "EVENTS_STREAM",
+    "EVENT_SUBJECTS",
+    "MAX_VALUE_BYTES",
+    "OFFLOAD_BYTES",
+    "OUTPUTS_BUCKET",
+    "PAYLOADS_STORE",
+    "REF_KEY",
+    "RUNS_BUCKET",
+    "TASKS_STREAM",
+    "TASK_SUBJECTS",
+    "TERMINAL_RUN_PHASES",
+    "cancel_subject",
+    "consumer_name",
+    "dumps",
+    "event_subject",
+    "is_ref",
+    "loads",
+    "task_id",
+    "task_subject",
+    "too_large",
+]
