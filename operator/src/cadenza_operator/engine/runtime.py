@@ -1,4 +1,4 @@
-"""The engine's I/O edge: the event loop of DESIGN.md around the pure `decide`.
+"""The engine's I/O edge: the event loop (docs/architecture.md) around the pure `decide`.
 
 For each event: load the run (JetStream KV, with its revision) -> decide -> store large
 outputs -> write the run with compare-and-swap -> carry out the commands (tasks with a
