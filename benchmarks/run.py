@@ -48,9 +48,10 @@ if str(HERE) not in sys.path:
 import baseline  # noqa: E402
 from cadenza import configure_logging  # noqa: E402
 from cadenza._protocol import TASKS_STREAM, consumer_name  # noqa: E402
+from cadenza_operator.engine.client import new_run_id  # noqa: E402
 from cadenza_operator.engine.definition import CompiledWorkflow, compile_workflow  # noqa: E402
 from cadenza_operator.engine.infra import ensure_agent_consumer, ensure_infrastructure  # noqa: E402
-from cadenza_operator.engine.runtime import Engine, EngineSettings, new_run_id  # noqa: E402
+from cadenza_operator.engine.runtime import Engine, EngineSettings  # noqa: E402
 from cadenza_operator.engine.state import TERMINAL_RUN, RunState  # noqa: E402
 from cadenza_operator.local.nats_server import NatsServer  # noqa: E402
 from cadenza_operator.local.processes import AgentProcesses  # noqa: E402
@@ -175,7 +176,7 @@ class CadenzaSystem:
         fut: asyncio.Future[RunState] = asyncio.get_running_loop().create_future()
         self._done[run] = fut
         try:
-            await self.engine.start_run(wf, run_input(shape), run_id=run)
+            await self.engine.client.start(wf, run_input(shape), run_id=run)
             state = await asyncio.wait_for(fut, RUN_TIMEOUT)
         finally:
             self._done.pop(run, None)
@@ -501,7 +502,7 @@ async def bench(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
             if shape.workflow not in workflows:
                 wf = compile_workflow(shape.workflow, workflow_spec(shape), NAMESPACE)
                 workflows[shape.workflow] = wf
-                await engine.publish_definition(wf)
+                await engine.client.publish_definition(wf)
         orch = baseline.Baseline(base_nc, concurrency=WORKER_CONCURRENCY, transport=args.baseline_transport)
         await orch.start()
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import nats
 from cadenza._protocol import EVENTS_STREAM, TASKS_STREAM, consumer_name, event_subject, task_subject
-from cadenza_operator.engine.client import send_approval, send_cancel, send_signal
+from cadenza_operator.engine.client import RunClient
 from cadenza_operator.engine.definition import CompiledWorkflow, compile_workflow
 from cadenza_operator.engine.infra import ENGINE_CONSUMER, ensure_agent_consumer
 from cadenza_operator.engine.runtime import Engine, EngineSettings
@@ -120,7 +120,7 @@ def cli_output(*args: str) -> str | None:
 class Soak:
     config: SoakConfig
     cluster: Cluster
-    client: Engine
+    client: RunClient
     js: Any
     plan: list[PlannedRun]
     faults: list[Fault]
@@ -153,9 +153,7 @@ class Soak:
             if time.monotonic() > self.deadline - RESERVE:
                 break
             wf = self.workflows[run.workflow]
-            await persist(
-                functools.partial(self.client.start_run, wf, run.input, run_id=run.id), self.deadline
-            )
+            await persist(functools.partial(self.client.start, wf, run.input, run_id=run.id), self.deadline)
             self.started.add(run.id)
             payload = run.signal
             if payload is not None:
@@ -164,7 +162,7 @@ class Soak:
                 if by_cli % 40 == 20 and await asyncio.to_thread(cli, *args, "--namespace", self.namespace):
                     self.count("signals_by_cli")
                 else:
-                    signal = functools.partial(send_signal, self.js, self.namespace, run.id, "go", payload)
+                    signal = functools.partial(self.client.signal, self.namespace, run.id, "go", payload)
                     await persist(signal, self.deadline)
             await asyncio.sleep(1 / self.config.feed_rate)
         self.feeding = False
@@ -222,11 +220,11 @@ class Soak:
             await asyncio.sleep(0.5)
 
     async def get_runs(self, runs: list[str]) -> list[RunState | None]:
-        return list(await asyncio.gather(*(self.client.get_run(r) for r in runs)))
+        return list(await asyncio.gather(*(self.client.get(r) for r in runs)))
 
     async def act(self, run: PlannedRun) -> None:
         if run.kind == "cancel":
-            await persist(lambda: send_cancel(self.js, self.namespace, run.id, by="soak"), self.deadline)
+            await persist(lambda: self.client.cancel(self.namespace, run.id, by="soak"), self.deadline)
         elif run.approve_by == "cli":
             args = ("approve", run.id, "gate", "--by", "cli", "--nats", self.cluster.url)
             if not await asyncio.to_thread(cli, *args, "--namespace", self.namespace):
@@ -234,7 +232,7 @@ class Soak:
             self.count("approvals_by_cli")
         elif run.approve_by == "soak":
             await persist(
-                lambda: send_approval(self.js, self.namespace, run.id, "gate", True, by="soak"), self.deadline
+                lambda: self.client.approve(self.namespace, run.id, "gate", True, by="soak"), self.deadline
             )
         self.acted.add(run.id)
 
@@ -418,8 +416,9 @@ async def run_soak(config: SoakConfig) -> dict[str, Any]:
         )
         js = nc.jetstream()
         # The client's settings must not reset the engines' ack wait when it opens.
-        client = Engine(nc, EngineSettings(name="soak", ack_wait=ENGINE_ACK_WAIT))
-        await client.open()
+        engine_side = Engine(nc, EngineSettings(name="soak", ack_wait=ENGINE_ACK_WAIT))
+        await engine_side.open()  # the infrastructure, as an engine makes it
+        client = engine_side.client
         for agent in (WORKER, FRAGILE, BUSY):
             await ensure_agent_consumer(js, namespace, agent, 2.0)
         workflows = {

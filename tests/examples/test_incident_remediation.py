@@ -14,7 +14,7 @@ import nats
 import pytest
 from cadenza import FatalError
 from cadenza.testing import MemoryContext, call_handler, run_handler
-from cadenza_operator.engine.client import send_approval
+from cadenza_operator.engine.client import RunClient
 from cadenza_operator.engine.state import TERMINAL_RUN
 from cadenza_operator.local.dev import DevServer
 from cadenza_operator.manifests import load
@@ -192,7 +192,7 @@ async def test_same_alert_twice_on_nats_starts_one_run_that_oncall_approves() ->
             )
 
         run = (await eventually(waiting)).run
-        await send_approval(js, "default", run, "approve_fix", True, by="oncall")
+        await RunClient(nc).approve("default", run, "approve_fix", True, by="oncall")
         final = await eventually(lambda: states[run] if states[run].phase in TERMINAL_RUN else None)
         assert final.phase == "Succeeded", final.message
         approval = final.steps["approve_fix"].approval

@@ -23,6 +23,7 @@ import nats
 import pytest
 from cadenza._protocol import dumps, loads
 from cadenza_operator.engine.audit import read_audit
+from cadenza_operator.engine.client import RunClient
 from cadenza_operator.engine.control import control_subject
 from cadenza_operator.engine.definition import CompiledWorkflow, compile_workflow
 from cadenza_operator.engine.runtime import Engine
@@ -88,31 +89,31 @@ def one_engine(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory
 class Runs:
     """Starts runs and reads their records, as any client of the engine's buckets may."""
 
-    def __init__(self, client: Engine, namespace: str) -> None:
+    def __init__(self, client: RunClient, namespace: str) -> None:
         self.client = client
         self.namespace = namespace
         self.wf: CompiledWorkflow = compile_workflow("gated", GATED, namespace)
 
     async def start(self) -> str:
-        run = await self.client.start_run(self.wf, {})
+        run = await self.client.start(self.wf, {})
         await self.step_is(run, "gate", "WaitingApproval")
         return run
 
     async def state(self, run: str) -> RunState:
-        state = await self.client.get_run(run)
+        state = await self.client.get(run)
         assert state is not None, run
         return state
 
     async def step_is(self, run: str, step: str, phase: str) -> None:
         async def check() -> bool:
-            state = await self.client.get_run(run)
+            state = await self.client.get(run)
             return state is not None and step in state.steps and state.steps[step].phase == phase
 
         await poll(check, f"{run}: {step} {phase}")
 
     async def run_is(self, run: str, phase: str) -> RunState:
         async def check() -> RunState | None:
-            state = await self.client.get_run(run)
+            state = await self.client.get(run)
             return state if state is not None and state.phase == phase else None
 
         return await poll(check, f"{run} {phase}")
@@ -133,8 +134,9 @@ async def poll(check: Any, what: str, timeout: float = 30) -> Any:
 @pytest.fixture
 async def runs(one_engine: str) -> AsyncIterator[Runs]:
     nc = await nats.connect(one_engine)
-    client = Engine(nc)
-    await client.open()  # buckets only: this process executes nothing
+    engine_side = Engine(nc)
+    await engine_side.open()  # infrastructure and buckets only: this process executes nothing
+    client = engine_side.client
     try:
         yield Runs(client, unique_namespace())
     finally:
@@ -281,8 +283,9 @@ async def test_two_engines_answer_each_request_once(fresh_nats: NatsServer, tmp_
     with engines(url, tmp_path, 2):
         await answering(url, 2)
         nc = await nats.connect(url)
-        client = Engine(nc)
-        await client.open()
+        engine_side = Engine(nc)
+        await engine_side.open()  # the infrastructure, as an engine makes it
+        client = engine_side.client
         try:
             runs = Runs(client, unique_namespace())
             run = await runs.start()

@@ -14,7 +14,7 @@ from typing import Any
 
 import nats
 from cadenza_operator.engine.audit import read_audit
-from cadenza_operator.engine.client import send_approval, send_cancel
+from cadenza_operator.engine.client import RunClient
 from cadenza_operator.engine.runtime import Engine
 from cadenza_operator.engine.state import RunState
 from cadenza_operator.local.dev import DevServer
@@ -86,7 +86,7 @@ spec:
     try:
         engine = await stack.start({"worker"})
         engine.on_state(measure)
-        run = await engine.start_run(wf, {"items": list(range(10_000))})
+        run = await engine.client.start(wf, {"items": list(range(10_000))})
         state = await asyncio.wait_for(done, 240)
         audit = await read_audit(stack.nc.jetstream(), wf.namespace, run)
     finally:
@@ -166,9 +166,9 @@ spec:
     stack = LocalStack(bundle, fresh_nats.url, wf.namespace)
     try:
         engine = await stack.start({"worker"})
-        run = await engine.start_run(wf, {})
+        run = await engine.client.start(wf, {})
         for _ in range(100):
-            state = await engine.get_run(run)
+            state = await engine.client.get(run)
             if state and state.steps.get("gate") and state.steps["gate"].phase == "WaitingApproval":
                 break
             await asyncio.sleep(0.05)
@@ -180,7 +180,7 @@ spec:
         await successor.start()
         try:
             for _ in range(200):
-                state = await successor.get_run(run)
+                state = await successor.client.get(run)
                 if state and state.terminal:
                     break
                 await asyncio.sleep(0.05)
@@ -233,7 +233,7 @@ async def test_dev_triggers_dedup_forbid_and_cli_approval(tmp_path: Path, nats_s
             assert len(active) == 1
             run = active[0]
             # An approver who is not on the list is ignored; the CLI approves as ada.
-            await send_approval(js, namespace, run, "gate", True, by="mallory")
+            await RunClient(nc).approve(namespace, run, "gate", True, by="mallory")
             result = await asyncio.to_thread(
                 cadenza,
                 "approve",
@@ -251,7 +251,7 @@ async def test_dev_triggers_dedup_forbid_and_cli_approval(tmp_path: Path, nats_s
             assert result.returncode == 0, result.stderr
             state = None
             for _ in range(100):
-                state = await dev.engine.get_run(run)
+                state = await dev.engine.client.get(run)
                 if state and state.terminal:
                     break
                 await asyncio.sleep(0.1)
@@ -387,15 +387,15 @@ spec:
     stack = LocalStack(bundle, nats_server.url, wf.namespace)
     try:
         engine = await stack.start({"worker"})
-        run = await engine.start_run(wf, {"marker": str(marker)})
+        run = await engine.client.start(wf, {"marker": str(marker)})
         for _ in range(300):
             if Path(f"{marker}.started").exists():
                 break
             await asyncio.sleep(0.05)
-        await send_cancel(stack.nc.jetstream(), wf.namespace, run, by="ops", reason="not needed")
+        await RunClient(stack.nc).cancel(wf.namespace, run, by="ops", reason="not needed")
         state = None
         for _ in range(200):
-            state = await engine.get_run(run)
+            state = await engine.client.get(run)
             if state and state.terminal and marker.exists():
                 break
             await asyncio.sleep(0.05)

@@ -105,8 +105,9 @@ async def test_engines_killed_at_random_points_lose_and_duplicate_nothing(tmp_pa
 
     with NatsServer() as server:
         nc = await nats.connect(server.url)
-        client = Engine(nc)
-        await client.open()
+        engine_side = Engine(nc)
+        await engine_side.open()  # the infrastructure, as an engine makes it
+        client = engine_side.client
         await ensure_agent_consumer(nc.jetstream(), namespace, "noop", 10)
         agents = AgentProcesses(server.url, namespace, tmp_path)
         agents.start(agent, tmp_path)
@@ -123,13 +124,13 @@ async def test_engines_killed_at_random_points_lose_and_duplicate_nothing(tmp_pa
 
         async def feed() -> None:
             for i, run_id in enumerate(run_ids):
-                started.append(await client.start_run(wf, {"n": i}, run_id=run_id))
+                started.append(await client.start(wf, {"n": i}, run_id=run_id))
                 await asyncio.sleep(window / RUNS)
 
         async def poll(runs: list[str]) -> list[str]:
             """Refresh the phases of ``runs``; return those not finished."""
             pending = [r for r in runs if states.get(r) not in ("Succeeded", "Failed", "Cancelled")]
-            for state in await asyncio.gather(*(client.get_run(r) for r in pending)):
+            for state in await asyncio.gather(*(client.get(r) for r in pending)):
                 if state is not None:
                     states[state.run] = state.phase
             return [r for r in pending if states.get(r) not in ("Succeeded", "Failed", "Cancelled")]
@@ -185,14 +186,14 @@ async def test_engines_killed_at_random_points_lose_and_duplicate_nothing(tmp_pa
                 f"agent executions={sum(executions.values())}/{expected_executions}"
             )
             for run in [r for r in run_ids if states.get(r) not in ("Succeeded", "Failed", "Cancelled")][:3]:
-                state = await client.get_run(run)
+                state = await client.get(run)
                 print("STUCK", run, state.model_dump_json(exclude_defaults=True)[:1500] if state else None)
             # Most kills must hit a busy engine fleet, or the test proves little.
             assert kills_with_runs_in_flight >= kills * 2 // 3, "the kills missed the runs"
             assert (lost, stuck, failed, steps_duplicated, applied_twice, audit_missing) == (0, 0, 0, 0, 0, 0)
             assert len(executions) == expected_executions
             for run in run_ids[:5]:
-                state = await client.get_run(run)
+                state = await client.get(run)
                 assert state is not None
                 assert state.outputs == {"items": [{"step": "c", "item": i} for i in range(3)]}
         finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cadenza_operator.engine.runtime import InputError
+from cadenza_operator.engine.inputs import InputError
 from cadenza_operator.local.nats_server import NatsServer
 
 from ..conftest import cadenza

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import nats
 from cadenza._protocol import EVENTS_STREAM
-from cadenza_operator.engine.client import send_approval, send_cancel, send_signal
+from cadenza_operator.engine.client import RunClient
 from cadenza_operator.engine.infra import ENGINE_CONSUMER
 from cadenza_operator.local.dev import DevServer
 from cadenza_operator.local.nats_server import NatsServer
@@ -84,46 +84,46 @@ async def test_the_pending_approvals_gauge_counts_the_steps_waiting(
             await poll(idle)
             count = 0
             for run in runs:
-                state = await engine.get_run(run)
+                state = await engine.client.get(run)
                 assert state is not None
                 count += sum(st.phase == "WaitingApproval" for st in state.steps.values())
             return count
 
         async def phase_of(run: str, step: str) -> str:
-            state = await engine.get_run(run)
+            state = await engine.client.get(run)
             return state.steps[step].phase if state and step in state.steps else ""
 
         try:
             wf = bundle.compiled[name]
-            runs = [await engine.start_run(wf, {}, run_id=f"{name}-{i}") for i in range(5)]
+            runs = [await engine.client.start(wf, {}, run_id=f"{name}-{i}") for i in range(5)]
             for run in runs:
                 await poll(lambda run=run: _is(phase_of(run, "gate"), "WaitingApproval"))
             assert pending(name) == await waiting(runs) == 5
 
             # Ignored decisions: someone not among the approvers, twice.
             for _ in range(2):
-                await send_approval(js, namespace, runs[0], "gate", True, by="mallory")
+                await RunClient(nc).approve(namespace, runs[0], "gate", True, by="mallory")
                 assert pending(name) == await waiting(runs) == 5
             # Approved, then the same decision again (a duplicate is ignored).
-            await send_approval(js, namespace, runs[0], "gate", True, by="ada")
+            await RunClient(nc).approve(namespace, runs[0], "gate", True, by="ada")
             await poll(lambda: _is(phase_of(runs[0], "gate"), "Succeeded"))
-            await send_approval(js, namespace, runs[0], "gate", True, by="ada")
+            await RunClient(nc).approve(namespace, runs[0], "gate", True, by="ada")
             assert pending(name) == await waiting(runs) == 4
             # Rejected, and a late decision on the rejected step.
-            await send_approval(js, namespace, runs[1], "gate", False, by="ada")
+            await RunClient(nc).approve(namespace, runs[1], "gate", False, by="ada")
             await poll(lambda: _is(phase_of(runs[1], "gate"), "Failed"))
-            await send_approval(js, namespace, runs[1], "gate", True, by="ada")
+            await RunClient(nc).approve(namespace, runs[1], "gate", True, by="ada")
             assert pending(name) == await waiting(runs) == 3
             # The run cancelled while waiting.
-            await send_cancel(js, namespace, runs[2], by="test")
+            await RunClient(nc).cancel(namespace, runs[2], by="test")
             await poll(lambda: _is(phase_of(runs[2], "gate"), "Cancelled"))
             assert pending(name) == await waiting(runs) == 2
             # The run failing while waiting (another step fails).
-            await send_signal(js, namespace, runs[3], "go", None, by="test")
+            await RunClient(nc).signal(namespace, runs[3], "go", None, by="test")
             await poll(lambda: _is(phase_of(runs[3], "gate"), "Cancelled"))
             assert pending(name) == await waiting(runs) == 1
             # No decision within the approval's timeout.
-            slow = await engine.start_run(bundle.compiled[timed], {}, run_id=f"{timed}-0")
+            slow = await engine.client.start(bundle.compiled[timed], {}, run_id=f"{timed}-0")
             await poll(lambda: _is(phase_of(slow, "gate"), "Failed"))
             assert pending(timed) == await waiting([slow]) == 0
             assert pending(name) == await waiting(runs) == 1

@@ -33,7 +33,7 @@ from cadenza._protocol import (
     event_subject,
     task_subject,
 )
-from cadenza_operator.engine.client import send_cancel
+from cadenza_operator.engine.client import RunClient
 from cadenza_operator.engine.deadletters import read_dead_letters
 from cadenza_operator.engine.decide import decide
 from cadenza_operator.engine.definition import compile_workflow
@@ -109,12 +109,12 @@ def engine_processes(
             proc.wait()
 
 
-async def phases(client: Engine, runs: list[str], timeout: float) -> dict[str, RunState | None]:
+async def phases(client: RunClient, runs: list[str], timeout: float) -> dict[str, RunState | None]:
     """The runs' records once all are terminal, or as they are when `timeout` runs out."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        states = dict(zip(runs, await asyncio.gather(*(client.get_run(r) for r in runs)), strict=True))
+        states = dict(zip(runs, await asyncio.gather(*(client.get(r) for r in runs)), strict=True))
         if all(s is not None and s.phase in TERMINAL for s in states.values()) or loop.time() > deadline:
             return states
         await asyncio.sleep(0.2)
@@ -130,15 +130,16 @@ async def test_two_engines_never_lose_a_retry_timer(tmp_path: Path, fresh_nats: 
     namespace = unique_namespace()
     wf = compile_workflow("retrying", RETRYING, namespace)
     nc = await nats.connect(fresh_nats.url)
-    client = Engine(nc)
-    await client.open()
+    engine_side = Engine(nc)
+    await engine_side.open()  # the infrastructure, as an engine makes it
+    client = engine_side.client
     await client.publish_definition(wf)
     await ensure_agent_consumer(nc.jetstream(), namespace, "flaky")
     # The sweeper would mend a lost timer within its interval: make it slower than the
     # test's bound, so that this test shows timers are not lost in the first place.
     with engine_processes(fresh_nats.url, 2, tmp_path, CADENZA_ENGINE_SWEEP_INTERVAL="3600"):
         async with serving(flaky_agent(), fresh_nats.url, namespace):
-            runs = [await client.start_run(wf, {"n": i}, run_id=f"retrying-{i:03d}") for i in range(100)]
+            runs = [await client.start(wf, {"n": i}, run_id=f"retrying-{i:03d}") for i in range(100)]
             states = await phases(client, runs, timeout=120)
     await nc.close()
     stuck = {r: s.timers if s else None for r, s in states.items() if s is None or s.phase not in TERMINAL}
@@ -171,8 +172,9 @@ async def test_a_committed_timer_that_nobody_announced_still_fires(fresh_nats: N
     state.outbox = []
 
     nc = await nats.connect(fresh_nats.url)
-    client = Engine(nc, EngineSettings(sweep_interval=3600))
-    await client.open()
+    engine_side = Engine(nc, EngineSettings(sweep_interval=3600))
+    await engine_side.open()  # the infrastructure, as an engine makes it
+    client = engine_side.client
     await client.publish_definition(wf)
     await ensure_agent_consumer(nc.jetstream(), namespace, "flaky")
     await client.kv.put(run, state.to_bytes())
@@ -319,7 +321,7 @@ async def test_an_event_that_fails_every_time_is_dead_lettered_after_bounded_del
     try:
         runs = await js.key_value(RUNS_BUCKET)
         await runs.put("broken-1", b"\x00 not a run record")
-        await send_cancel(js, namespace, "broken-1", by="test")
+        await RunClient(nc).cancel(namespace, "broken-1", by="test")
         found = await dead_letters(js, 1)
         await settled(js, EVENTS_STREAM, ENGINE_CONSUMER)
     finally:
@@ -410,7 +412,7 @@ spec:
 
 async def wait_until_dispatched(engine: Engine, run: str) -> None:
     for _ in range(600):
-        state = await engine.get_run(run)
+        state = await engine.client.get(run)
         if state and state.steps.get("a") and state.steps["a"].running:
             return
         await asyncio.sleep(0.05)
@@ -444,13 +446,13 @@ async def test_an_attempt_abandoned_while_queued_is_never_started(fresh_nats: Na
     agent.concurrency = 1
     try:
         async with serving(agent, fresh_nats.url, namespace):
-            busy = await engine.start_run(wf, {"n": 1, "sleep": 2}, run_id="queued-busy")
+            busy = await engine.client.start(wf, {"n": 1, "sleep": 2}, run_id="queued-busy")
             await wait_for(lambda: executions, timeout=30)
-            waiting = await engine.start_run(wf, {"n": 2, "sleep": 0}, run_id="queued-waiting")
+            waiting = await engine.client.start(wf, {"n": 2, "sleep": 0}, run_id="queued-waiting")
 
             await wait_until_dispatched(engine, waiting)
-            await send_cancel(js, namespace, waiting, by="test")
-            states = await phases(engine, [busy, waiting], timeout=60)
+            await RunClient(nc).cancel(namespace, waiting, by="test")
+            states = await phases(engine.client, [busy, waiting], timeout=60)
             await settled(js, TASKS_STREAM, consumer_name(namespace, "flaky"))
     finally:
         await engine.stop()
@@ -464,7 +466,7 @@ async def test_a_signal_that_arrives_before_its_run_is_started_is_not_lost(fresh
     """With several engines, a start and a signal sent right after it are handled at once;
     the signal may reach an engine before the start's record exists. It used to be
     acknowledged and dropped, leaving the run waiting for ever."""
-    from cadenza_operator.engine.client import send_signal
+    from cadenza_operator.engine.client import RunClient
 
     namespace = unique_namespace()
     spec = WorkflowSpec.model_validate(
@@ -476,17 +478,17 @@ async def test_a_signal_that_arrives_before_its_run_is_started_is_not_lost(fresh
     engine = Engine(nc)
     await engine.start()
     try:
-        await engine.publish_definition(wf)
-        await send_signal(js, namespace, "signalled-1", "go", {"n": 1}, by="test")
+        await engine.client.publish_definition(wf)
+        await RunClient(nc).signal(namespace, "signalled-1", "go", {"n": 1}, by="test")
         # The engine has seen the signal (and found no run) before the run starts.
         for _ in range(600):
             info = await js.consumer_info(EVENTS_STREAM, ENGINE_CONSUMER)
             if info.delivered.consumer_seq >= 1:
                 break
             await asyncio.sleep(0.05)
-        assert (await engine.get_run("signalled-1")) is None
-        await engine.start_run(wf, {}, run_id="signalled-1")
-        final = (await phases(engine, ["signalled-1"], timeout=60))["signalled-1"]
+        assert (await engine.client.get("signalled-1")) is None
+        await engine.client.start(wf, {}, run_id="signalled-1")
+        final = (await phases(engine.client, ["signalled-1"], timeout=60))["signalled-1"]
     finally:
         await engine.stop()
         await nc.close()
@@ -530,10 +532,10 @@ async def test_a_timeout_counts_from_the_start_not_from_the_wait_behind_a_busy_a
     agent.concurrency = 1
     try:
         async with serving(agent, fresh_nats.url, namespace):
-            busy = await engine.start_run(blocker, {"sleep": 3}, run_id="blocker-1")
+            busy = await engine.client.start(blocker, {"sleep": 3}, run_id="blocker-1")
             await wait_for(lambda: executions, timeout=30)
-            timed = await engine.start_run(wf, {"n": 5, "sleep": 0}, run_id="timed-1")
-            states = await phases(engine, [busy, timed], timeout=60)
+            timed = await engine.client.start(wf, {"n": 5, "sleep": 0}, run_id="timed-1")
+            states = await phases(engine.client, [busy, timed], timeout=60)
     finally:
         await engine.stop()
         await nc.close()

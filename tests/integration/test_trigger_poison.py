@@ -13,7 +13,7 @@ import nats
 import pytest
 import structlog
 from cadenza_operator.engine import triggers as triggers_module
-from cadenza_operator.engine.client import send_approval
+from cadenza_operator.engine.client import RunClient
 from cadenza_operator.engine.triggers import TRIGGERS_STREAM
 from cadenza_operator.local.dev import DevServer
 from cadenza_operator.local.nats_server import NatsServer
@@ -107,7 +107,7 @@ async def _poison_then_good(
             wf = bundle.compiled[name]
             runs = await poll(lambda: dev.triggers.active_runs(wf))  # type: ignore[union-attr]
             assert len(runs) == 1
-            state = await poll(lambda: dev.engine.get_run(runs[0]))
+            state = await poll(lambda: dev.engine.client.get(runs[0]))
 
             letters = await poll(lambda: _dead_letters(js, subject))
             # The good event started its run; the bad one is in the dead letters, once.
@@ -194,7 +194,7 @@ async def test_an_event_held_back_by_max_active_runs_is_not_poison(
             info = await js.consumer_info(TRIGGERS_STREAM, consumer)
             assert info.num_ack_pending == 1 and info.num_redelivered == 0
             assert await dev.triggers.active_runs(wf) == [first]
-            await send_approval(js, namespace, first, "gate", True, by="test")
+            await RunClient(nc).approve(namespace, first, "gate", True, by="test")
 
             async def second_run() -> list[str]:
                 return [r for r in await dev.triggers.active_runs(wf) if r != first]  # type: ignore[union-attr]
@@ -227,7 +227,7 @@ async def test_approval_message_is_rendered_in_status_and_audit(
             run = (await poll(lambda: dev.triggers.active_runs(wf)))[0]  # type: ignore[union-attr]
 
             async def waiting() -> Any:
-                state = await dev.engine.get_run(run)
+                state = await dev.engine.client.get(run)
                 return state if state and state.steps["gate"].phase == "WaitingApproval" else None
 
             state = await poll(waiting)

@@ -140,7 +140,7 @@ async def test_a_run_held_back_by_maxActiveRuns_waited_from_its_event(
                 states = [
                     state
                     for key in await kv.keys()
-                    if (state := await dev.engine.get_run(key)) is not None
+                    if (state := await dev.engine.client.get(key)) is not None
                     and state.namespace == namespace
                     and state.terminal
                 ]

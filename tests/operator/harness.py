@@ -120,7 +120,7 @@ class RunningOperator:
         return self.ctx
 
     async def call(self, fn: Callable[[OperatorContext], Awaitable[T]]) -> T:
-        """`await op.call(lambda ctx: ctx.engine.get_run(run))`, run in the operator's loop."""
+        """`await op.call(lambda ctx: ctx.engine.client.get(run))`, run in the operator's loop."""
         if self._loop is None:
             raise AssertionError("the operator is not running")
         ctx = self.context

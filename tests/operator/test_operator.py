@@ -345,7 +345,7 @@ async def test_invalid_workflow_gets_an_invalid_condition_and_a_warning_event(
     status = status_of(kube_emulator, WORKFLOWS, "broken")
     assert status["steps"] == 1
     assert status["observedGeneration"] == 2
-    definition = await operator.call(lambda ctx: ctx.engine.latest_definition(NAMESPACE, "broken"))
+    definition = await operator.call(lambda ctx: ctx.client.latest_definition(NAMESPACE, "broken"))
     assert definition.key == status["definition"]
 
 
@@ -429,7 +429,7 @@ async def test_workflowrun_succeeds_with_status_mirrored_and_bounded_api_writes(
         lambda: (r := reasons_for(kube_emulator, "hello-ada")) and "RunSucceeded" in r and r
     )
     assert reasons.count("RunStarted") == 1 and reasons.count("RunSucceeded") == 1
-    state = await operator.call(lambda ctx: ctx.engine.get_run(status["runId"]))
+    state = await operator.call(lambda ctx: ctx.engine.client.get(status["runId"]))
     assert state is not None and state.phase == "Succeeded"
     assert state.labels == {"cadenza.dev/workflowrun": "hello-ada"}
 
@@ -603,7 +603,7 @@ async def test_deleting_a_running_workflowrun_cancels_the_run(
     await wait_for(lambda: get(kube_emulator, WORKFLOWRUNS, "gated-delete") is None, timeout=20)
 
     async def cancelled() -> Any:
-        state = await operator.call(lambda ctx: ctx.engine.get_run(run_id))
+        state = await operator.call(lambda ctx: ctx.engine.client.get(run_id))
         return state if state is not None and state.phase == "Cancelled" else None
 
     state = await eventually(cancelled)
@@ -715,7 +715,7 @@ async def test_deleting_a_workflowrun_right_after_it_started_cancels_the_run(
     run_id = run_id_of(kopf.Body(obj))
 
     async def cancelled() -> Any:
-        state = await operator.call(lambda ctx: ctx.engine.get_run(run_id))
+        state = await operator.call(lambda ctx: ctx.engine.client.get(run_id))
         return state if state is not None and state.phase == "Cancelled" else None
 
     await eventually(cancelled)

@@ -191,7 +191,7 @@ def test_a_run_input_nested_too_deeply_is_rejected_naming_the_field(depth: int) 
 @pytest.mark.parametrize("depth", [101, 100_000])
 def test_an_engine_start_rejects_an_input_nested_too_deeply(depth: int) -> None:
     """What a trigger or an API client hands to start_run, not only what the CLI parses."""
-    from cadenza_operator.engine.runtime import InputError, validate_input
+    from cadenza_operator.engine.inputs import InputError, validate_input
 
     wf = compile_spec({"steps": [agent_step("a")]})
     with pytest.raises(InputError, match="nested deeper than 100 levels"):

@@ -115,7 +115,7 @@ def _pick_workflow(bundle: Any, name: str | None, err: Console) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .engine.runtime import InputError, validate_input
+    from .engine.inputs import InputError, validate_input
     from .local.progress import Progress, agent_steps, step_table
     from .local.runner import SUMMARY_OUTPUT_BYTES, MetricsPortError, RunOptions, dump_json, execute
     from .local.supervision import Interrupted, until_signalled
@@ -207,14 +207,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
-async def _with_js(url: str, fn: Any) -> None:
+async def _with_nc(url: str, fn: Any) -> None:
     from cadenza.nats import connect_once
 
     nc = await connect_once(url, **nats_options())
     try:
-        await fn(nc.jetstream())
+        await fn(nc)
     finally:
         await nc.close()
+
+
+async def _with_js(url: str, fn: Any) -> None:
+    await _with_nc(url, lambda nc: fn(nc.jetstream()))
 
 
 async def _ask_engine(
@@ -223,21 +227,14 @@ async def _ask_engine(
     """An engine's answer to a control request (see engine/control.py), or None when no
     engine answers within `wait` seconds."""
     from cadenza.nats import connect_once
-    from cadenza.wire import dumps, loads
-    from nats.errors import NoRespondersError
-    from nats.errors import TimeoutError as NatsTimeout
 
-    from .engine.control import control_subject
+    from .engine.client import RunClient
 
     nc = await connect_once(url, **nats_options())
     try:
-        msg = await nc.request(control_subject(namespace), dumps(request), timeout=wait)
-    except (NoRespondersError, NatsTimeout):
-        return None
+        return await RunClient(nc).request(namespace, request, wait)
     finally:
         await nc.close()
-    reply: dict[str, Any] = loads(msg.data)
-    return reply
 
 
 def _control(args: argparse.Namespace, request: dict[str, Any]) -> int:
@@ -290,35 +287,22 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return _control(args, {"op": "cancel", "by": args.by, "reason": args.reason})
 
 
-async def _run_namespace(js: Any, run: str) -> str | None:
-    """The namespace of a run the runs bucket holds, or None."""
-    from cadenza.wire import RUNS_BUCKET, loads
-    from nats.js.errors import InvalidKeyError, KeyNotFoundError
-
-    kv = await js.key_value(RUNS_BUCKET)
-    try:
-        entry = await kv.get(run)
-    except (KeyNotFoundError, InvalidKeyError):
-        return None
-    if not entry.value:
-        return None
-    return str(loads(entry.value).get("namespace", "default"))
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from .engine.audit import read_audit
+    from .engine.client import RunClient
 
     records: list[dict[str, Any]] = []
     found: list[str | None] = []
 
-    async def read(js: Any) -> None:
-        records.extend(await read_audit(js, args.namespace, args.run))
+    async def read(nc: Any) -> None:
+        client = await RunClient(nc).open()
+        records.extend(await client.audit(args.namespace, args.run))
         if not records and args.run != ">":
-            found.append(await _run_namespace(js, args.run))
+            state = await client.get(args.run)  # no record: does the run exist, and where?
+            found.append(state.namespace if state is not None else None)
 
-    asyncio.run(_with_js(args.nats, read))
+    asyncio.run(_with_nc(args.nats, read))
     if found:  # no record: say whether the run exists at all, and where
         where = found[0]
         elsewhere = f" (run {args.run} is in namespace {where})" if where and where != args.namespace else ""
@@ -376,9 +360,21 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
-    from .engine.serve import serve
+    import socket
 
-    asyncio.run(serve(args.nats, args.name, args.creds))
+    from .engine.serve import serve
+    from .engine.settings import EngineSettings, SettingsError
+
+    # Options win over the environment; the rest comes from it (CADENZA_ENGINE_*, ...).
+    given = {"nats_url": args.nats, "nats_creds": args.creds, "name": args.name}
+    try:
+        settings = EngineSettings(**{k: v for k, v in given.items() if v})
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if not args.name and "name" not in settings.model_fields_set:
+        settings.name = f"engine-{socket.gethostname()}-{os.getpid()}"
+    asyncio.run(serve(settings))
     return EXIT_OK
 
 
@@ -569,8 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     eng = sub.add_parser("engine", help="run a standalone engine process against a NATS server")
     nats_option(eng)
-    eng.add_argument("--name")
-    eng.add_argument("--creds", help="NATS credentials file")
+    eng.add_argument(
+        "--name", help="the engine's name in logs (default: $CADENZA_ENGINE_NAME, else engine-HOST-PID)"
+    )
+    eng.add_argument("--creds", help="NATS credentials file (default: $CADENZA_NATS_CREDS)")
     eng.set_defaults(fn=cmd_engine)
 
     crds = sub.add_parser("crds", help="regenerate the CRDs from the models")
@@ -590,11 +588,16 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(level="INFO" if args.command in ("operator", "dev", "engine") else "WARNING")
     from cadenza.nats import NatsUnreachable
 
+    from .engine.settings import SettingsError
+
     try:
         code: int = args.fn(args)
     except NatsUnreachable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except SettingsError as exc:  # a malformed CADENZA_* variable, named in the message
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     return code
 
 

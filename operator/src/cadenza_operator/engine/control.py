@@ -5,7 +5,7 @@ run does not exist, has finished, or that the step is not waiting: `decide` drop
 event as a no-op, and the sender is told "approved". So the CLI asks an engine over NATS
 request/reply instead (`cadenza.control.<namespace>`): the engine reads the committed
 run record, checks the command against it (`refusal`, pure) and only then publishes the
-event exactly as `engine/client.py` does (same subjects, same de-duplication ids), so an
+event with the engine's `RunClient` (same subjects, same de-duplication ids), so an
 accepted command is still durable, ordered with the run's events and idempotent.
 
 Every engine subscribes in one queue group: with several engines, each request is
@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from cadenza.wire import dumps, loads
-
-from .client import send_approval, send_cancel, send_signal
 
 if TYPE_CHECKING:
     from .definition import CompiledWorkflow
@@ -152,32 +150,32 @@ class ControlResponder:
             return {"ok": False, "error": f"unknown command {op!r}"}
         if not isinstance(run, str) or not _RUN_ID.match(run):
             return {"ok": False, "error": f"{run!r} is not a run id"}
-        state = await self.engine.get_run(run)
+        client = self.engine.client
+        state = await client.get(run)
         wf = None
         if state is not None and op in ("approve", "signal"):
-            wf = await self.engine.definition(state.definition)
+            wf = await client.definition(state.definition)
         error = refusal(request, state, wf)
         by = str(request.get("by") or "cli")
         if error is not None:
             log.info("control request refused", op=op, run=run, namespace=namespace, by=by, reason=error)
             return {"ok": False, "error": error, "phase": state.phase if state else None}
-        js = self.engine.js
         reply: dict[str, Any] = {"ok": True, "run": run}
         if op == "approve":
             approved = bool(request.get("approved", True))
-            await send_approval(
-                js, namespace, run, str(request["step"]), approved, by=by, comment=request.get("comment")
+            await client.approve(
+                namespace, run, str(request["step"]), approved, by=by, comment=request.get("comment")
             )
             reply["message"] = f"{'approved' if approved else 'rejected'} {run}/{request['step']} as {by}"
         elif op == "signal":
             name = str(request.get("name"))
-            await send_signal(js, namespace, run, name, request.get("payload"), by=by)
+            await client.signal(namespace, run, name, request.get("payload"), by=by)
             steps = waiting_for(state, wf, name) if state is not None and wf is not None else []
             reply["message"] = f"signal {name} sent to {run}" + (
                 f" (for {', '.join(steps)})" if steps else " (no step waits for it yet: the run keeps it)"
             )
         else:
-            await send_cancel(js, namespace, run, by=by, reason=str(request.get("reason") or ""))
+            await client.cancel(namespace, run, by=by, reason=str(request.get("reason") or ""))
             reply["message"] = f"cancellation of {run} requested"
         log.info("control request accepted", op=op, run=run, namespace=namespace, by=by)
         return reply

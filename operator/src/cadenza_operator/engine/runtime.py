@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from cadenza import protocol
 from cadenza.nats import (
     Publisher,
     PullConsumer,
@@ -36,12 +35,10 @@ from cadenza.nats import (
     resolve_payload,
     stored_at,
 )
+from cadenza.protocol import Event, FailedEvent, StartEvent
 from cadenza.wire import (
-    DEFINITIONS_BUCKET,
     EVENTS_STREAM,
-    MAX_VALUE_BYTES,
     OFFLOAD_BYTES,
-    OUTPUTS_BUCKET,
     REF_KEY,
     RUNS_BUCKET,
     TASKS_STREAM,
@@ -49,22 +46,22 @@ from cadenza.wire import (
     event_subject,
     is_ref,
     loads,
-    too_large,
 )
+from pydantic import ValidationError
 
 from .. import metrics
-from ..models import WorkflowSpec, nesting_error
+from .client import DefinitionNotFound, RunClient
 from .control import ControlResponder
 from .decide import OBJECT_REF_PREFIX, Decision, MissingOutputs, audit_commands, decide
-from .definition import CompiledWorkflow, compile_workflow, definition_document
+from .definition import CompiledWorkflow
 from .infra import (
     ENGINE_CONSUMER,
-    ENGINE_MAX_DELIVERIES,
     TIMERS_BUCKET,
     TRIGGERS_BUCKET,
     ensure_infrastructure,
 )
 from .payloads import fit_record, store_apart
+from .settings import EngineSettings
 from .state import RunState
 
 log = structlog.get_logger("cadenza.engine")
@@ -73,41 +70,6 @@ INLINE_INPUT_BYTES = 16 * 1024
 """Run inputs larger than this are kept apart from the run record."""
 
 StateListener = Callable[[RunState], Awaitable[None] | None]
-
-
-class InputError(ValueError):
-    """A run input rejected before the run starts; `path` names the failing field."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"input{path}: {message}" if path else f"input: {message}")
-        self.path = path
-
-
-def max_value_bytes() -> int:
-    """CADENZA_MAX_VALUE_BYTES, else MAX_VALUE_BYTES: the largest value a run may carry."""
-    return int(os.environ.get("CADENZA_MAX_VALUE_BYTES") or MAX_VALUE_BYTES)
-
-
-def validate_input(wf: CompiledWorkflow, value: Any, max_bytes: int | None = None) -> None:
-    """Reject an input nested too deeply, larger than `max_bytes` (default:
-    max_value_bytes()), or not matching the workflow's inputSchema."""
-    deep = nesting_error(value)  # before dumps, which would fail on it without saying where
-    if deep is not None:
-        raise InputError("", deep)
-    limit = max_value_bytes() if max_bytes is None else max_bytes
-    size = len(dumps(value))
-    if size > limit:
-        raise InputError("", too_large(size, limit))
-    schema = wf.spec.inputSchema
-    if schema is None:
-        return
-    import jsonschema
-
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.path))
-    if errors:
-        err = errors[0]
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
-        raise InputError(path, err.message)
 
 
 EVENT_TYPES = frozenset(
@@ -122,8 +84,20 @@ class PermanentEventError(Exception):
     """An event that can never be applied, however often it is delivered: dead-lettered."""
 
 
-def parse_event(data: bytes) -> dict[str, Any]:
-    """An event as the engine handles it, or PermanentEventError saying what is wrong."""
+def parse_event(data: bytes) -> Event:
+    """An event as the engine handles it, validated once (cadenza.protocol), or
+    PermanentEventError saying what is wrong."""
+    try:
+        event = protocol.parse_event(data)
+    except ValueError:
+        raise PermanentEventError(_what_is_wrong(data)) from None
+    if not _RUN_ID.match(event.run):
+        raise PermanentEventError(_what_is_wrong(data))
+    return event
+
+
+def _what_is_wrong(data: bytes) -> str:
+    """Why `data` is not an event, in the words the dead letter keeps."""
     try:
         event = loads(data)
     except ValueError as exc:
@@ -134,8 +108,13 @@ def parse_event(data: bytes) -> dict[str, Any]:
     if not isinstance(run, str) or not _RUN_ID.match(run):
         raise PermanentEventError(f"malformed event: 'run' is {run!r}, not a run id")
     if kind not in EVENT_TYPES:
-        raise PermanentEventError(f"malformed event: unknown type {kind!r}")
-    return event
+        return f"malformed event: unknown type {kind!r}"
+    try:
+        protocol.parse_event(data)
+    except ValidationError as exc:
+        where = ".".join(str(part) for part in exc.errors()[0]["loc"][1:])
+        return f"malformed event: {where}: {exc.errors()[0]['msg']}"
+    return "malformed event"
 
 
 def retry_delay(deliveries: int) -> float:
@@ -143,10 +122,6 @@ def retry_delay(deliveries: int) -> float:
     failure that lasts (NATS restarting, a start not yet written) spends few of its
     bounded deliveries, and one that passes (a conflict) costs little time."""
     return min(30.0, 0.5 * 2.0 ** min(deliveries, 16))
-
-
-def new_run_id(workflow: str) -> str:
-    return f"{workflow}-{uuid.uuid4().hex[:10]}"
 
 
 @dataclass
@@ -159,35 +134,6 @@ class _Cached:
     outputs: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class EngineSettings:
-    name: str = "engine"
-    """Identifies this engine in logs and as the actor of its own decisions."""
-    concurrency: int = 1024
-    """Events in flight at once across all runs."""
-    cache_size: int = 10_000
-    """Run records kept in memory between events (a cache hit skips one KV read)."""
-    ack_wait: float = field(default_factory=lambda: float(os.environ.get("CADENZA_ENGINE_ACK_WAIT", "30")))
-    """CADENZA_ENGINE_ACK_WAIT: seconds before the events held by an engine that died go to
-    another engine. Short means fast take-over; it must exceed the time one batch takes."""
-    max_deliveries: int = field(
-        default_factory=lambda: int(os.environ.get("CADENZA_ENGINE_MAX_DELIVER", str(ENGINE_MAX_DELIVERIES)))
-    )
-    """CADENZA_ENGINE_MAX_DELIVER: deliveries of one event before it is dead-lettered
-    instead of retried again (an event that fails every time must not wedge the engines)."""
-    sweep_interval: float = field(
-        default_factory=lambda: float(os.environ.get("CADENZA_ENGINE_SWEEP_INTERVAL", "30"))
-    )
-    """CADENZA_ENGINE_SWEEP_INTERVAL: seconds between two sweeps of the committed run
-    records for timers that are due and did not fire (an engine killed between writing a
-    record and announcing its timers). One engine sweeps per interval; a timer missed that
-    way fires at most about two intervals late."""
-    max_value_bytes: int = field(default_factory=max_value_bytes)
-    """CADENZA_MAX_VALUE_BYTES: the largest value (run input, step input, run output) as
-    JSON. A larger input is rejected at start, a larger rendered step input or run output
-    fails its step or run: the engine holds such a value in memory a few times over."""
-
-
 class Engine:
     """Executes workflow runs. Several engines may share one NATS: CAS keeps them apart."""
 
@@ -196,9 +142,10 @@ class Engine:
         self.js = nc.jetstream()
         self.pub = Publisher(nc)  # the hot path's publishes and KV writes
         self.settings = settings or EngineSettings()
-        self._definitions: dict[str, CompiledWorkflow] = {}
+        self.client = RunClient(nc, max_value_bytes=self.settings.max_value_bytes, publisher=self.pub)
+        """Starts child runs; reads definitions and run outputs for this engine."""
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
-        self._queues: dict[str, list[tuple[Any, dict[str, Any]]]] = {}  # run -> (message, parsed event)
+        self._queues: dict[str, list[tuple[Any, Event]]] = {}  # run -> (message, parsed event)
         self._workers: dict[str, asyncio.Task[Any]] = {}  # run -> the task processing it
         self._timers: dict[tuple[str, str], tuple[asyncio.TimerHandle, float]] = {}
         self._timer_revisions: OrderedDict[str, int] = OrderedDict()  # run -> record revision scheduled
@@ -215,20 +162,22 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
-        """Connect to the buckets only: enough to publish definitions and start or read runs."""
+        """Create or update the infrastructure, then open the buckets (no consuming yet)."""
         await ensure_infrastructure(
             self.js,
             engine_ack_wait=self.settings.ack_wait,
             engine_max_deliveries=self.settings.max_deliveries,
         )
-        self.kv = await self.js.key_value(RUNS_BUCKET)
-        self.outputs_kv = await self.js.key_value(OUTPUTS_BUCKET)
-        self.defs_kv = await self.js.key_value(DEFINITIONS_BUCKET)
+        await self.client.open()
+        self.kv = self.client.kv
+        self.outputs_kv = self.client.outputs_kv
+        self.defs_kv = self.client.defs_kv
         self.timers_kv = await self.js.key_value(TIMERS_BUCKET)
 
     async def start(self) -> None:
-        """Open the buckets and start executing: consume events, fire timers."""
-        await self.open()
+        """Open the buckets (unless open already) and start executing: consume events, fire timers."""
+        if self.kv is None:
+            await self.open()
         self._timer_watch = asyncio.get_running_loop().create_task(self._watch_timers())
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         self._consumer = PullConsumer(
@@ -265,92 +214,12 @@ class Engine:
         self._listeners.append(listener)
 
     # --------------------------------------------------------------- definitions
-    async def publish_definition(self, wf: CompiledWorkflow) -> str:
-        """Store a compiled workflow so any engine can execute (and resume) its runs."""
-        self._definitions[wf.key] = wf
-        doc = dumps(definition_document(wf))
-        await self.defs_kv.put(f"wf.{wf.key}", doc)
-        await self.defs_kv.put(f"latest.{wf.namespace}.{wf.name}", wf.key.encode())
-        return wf.key
-
-    async def definition(self, key: str) -> CompiledWorkflow:
-        from nats.js.errors import InvalidKeyError, KeyNotFoundError
-
-        wf = self._definitions.get(key)
-        if wf is None:
-            try:
-                entry = await self.defs_kv.get(f"wf.{key}")
-            except (KeyNotFoundError, InvalidKeyError):
-                raise PermanentEventError(f"workflow definition {key!r} not found") from None
-            doc = loads(entry.value)
-            wf = compile_workflow(doc["name"], WorkflowSpec.model_validate(doc["spec"]), doc["namespace"])
-            self._definitions[key] = wf
-        return wf
-
-    async def latest_definition(self, namespace: str, name: str) -> CompiledWorkflow:
-        entry = await self.defs_kv.get(f"latest.{namespace}.{name}")
-        return await self.definition(entry.value.decode())
-
-    # ----------------------------------------------------------------- client API
-    async def start_run(
-        self,
-        wf: CompiledWorkflow,
-        input: Any = None,
-        *,
-        run_id: str | None = None,
-        labels: dict[str, str] | None = None,
-        parent: dict[str, Any] | None = None,
-        scope: str | None = None,
-        requested_at: float | None = None,
-    ) -> str:
-        """Validate the input, then start the run. Idempotent for a given run_id.
-
-        `requested_at` is when the run was asked for, if it waited before this call (a
-        trigger event held back by maxActiveRuns): its first steps count as ready from then.
-
-        An input too large for an event goes through the object store; a child run's may
-        arrive as a reference already (its parent's engine sent it that way).
-        """
-        if not is_ref(input):
-            validate_input(wf, input, self.settings.max_value_bytes)
-        elif wf.spec.inputSchema is not None:
-            validate_input(wf, await resolve_payload(self.js, input), self.settings.max_value_bytes)
-        if wf.key not in self._definitions:
-            await self.publish_definition(wf)
-        run = run_id or new_run_id(wf.name)
-        body = {
-            "type": "start",
-            "run": run,
-            "workflow": wf.name,
-            "namespace": wf.namespace,
-            "definition": wf.key,
-            "input": input,
-            "labels": labels or {},
-            "parent": parent,
-            "scope": scope or run,
-        }
-        if requested_at is not None:
-            body["requestedAt"] = requested_at
-        body["input"] = await offload_payload(self.js, f"{run}.input", input)
-        await self.pub.publish(event_subject(wf.namespace, run), dumps(body), {"Nats-Msg-Id": f"start:{run}"})
-        return run
-
-    async def get_run(self, run: str) -> RunState | None:
-        from nats.js.errors import KeyNotFoundError
-
+    async def _definition(self, key: str) -> CompiledWorkflow:
+        """A run's definition; one no engine published can never be executed."""
         try:
-            entry = await self.kv.get(run)
-        except KeyNotFoundError:
-            return None
-        return RunState.from_bytes(entry.value) if entry.value else None
-
-    async def run_outputs(self, state: RunState) -> Any:
-        """The run's outputs, loaded from where they are kept when too large for the record."""
-        if state.outputsRef is None:
-            return state.outputs
-        loaded: dict[str, Any] = {}
-        await self._load_outputs({state.outputsRef}, loaded)
-        return loaded[state.outputsRef]
+            return await self.client.definition(key)
+        except DefinitionNotFound as exc:
+            raise PermanentEventError(str(exc)) from None
 
     # -------------------------------------------------------------------- events
     async def _on_event(self, msg: Any) -> None:
@@ -371,7 +240,7 @@ class Engine:
                 msg, f"delivered {count} times and never handled (see the engine logs)", "deliveries"
             )
             return
-        run = event["run"]
+        run = event.run
         queue = self._queues.get(run)
         if queue is not None:  # the run's worker takes it with its next batch
             queue.append((msg, event))
@@ -450,20 +319,20 @@ class Engine:
         cached = _Cached(entry.value, entry.revision or 0, executed=False)
         return cached
 
-    async def _process(self, run: str, batch: list[tuple[Any, dict[str, Any]]]) -> None:
+    async def _process(self, run: str, batch: list[tuple[Any, Event]]) -> None:
         from nats.js.errors import KeyWrongLastSequenceError
 
         msgs = [msg for msg, _ in batch]
         events = []
         now = time.time()
         for msg, ev in batch:
-            ev["at"] = stored_at(msg, now)
-            ev["handledAt"] = now
-            metrics.ENGINE_EVENT_LAG.observe(max(0.0, now - ev["at"]))
+            ev.at = at = stored_at(msg, now)
+            ev.handledAt = now
+            metrics.ENGINE_EVENT_LAG.observe(max(0.0, now - at))
             events.append(ev)
         # A start for a run this engine has not seen: create the record right away, no read
         # first; only if it already exists (a redelivered start) is it loaded.
-        fresh_start = run not in self._cache and any(e.get("type") == "start" for e in events)
+        fresh_start = run not in self._cache and any(e.type == "start" for e in events)
         for _ in range(50):  # CAS conflicts: another engine advanced the run, load and redo
             from_cache = run in self._cache
             cached = await self._initial(events) if fresh_start else await self._load(run)
@@ -479,7 +348,7 @@ class Engine:
             if not cached.executed and state.outbox:
                 await self._execute(state, state.outbox)  # a previous writer may have died before this
                 cached.executed = True
-            wf = await self.definition(state.definition)
+            wf = await self._definition(state.definition)
             armed_before = {tid: t.at for tid, t in state.timers.items()}
             decision = await self._decide_all(state, events, wf, cached)
             if not decision.changed:
@@ -538,39 +407,39 @@ class Engine:
         for msg in msgs:
             await msg.ack()
 
-    async def _initial(self, events: list[dict[str, Any]]) -> _Cached | None:
-        start = next((e for e in events if e.get("type") == "start"), None)
+    async def _initial(self, events: list[Event]) -> _Cached | None:
+        start = next((e for e in events if isinstance(e, StartEvent)), None)
         if start is None:
             return None
-        value = start.get("input")
+        value = start.input
         cached = _Cached(b"", 0, executed=True)
         input_ref = None
         if is_ref(value) or len(dumps(value)) > INLINE_INPUT_BYTES:
             # A large input (a 10,000-item list) would be re-read and re-written with every
             # event: it is stored apart once and the record keeps a reference. One that came
             # through the object store stays there: the bucket entry holds its reference.
-            input_ref = f"{start['run']}._input"
+            input_ref = f"{start.run}._input"
             await store_apart(self.js, self.pub, input_ref, value)
             if not is_ref(value):
                 cached.outputs[input_ref] = value
         state = RunState(
-            run=start["run"],
-            namespace=start.get("namespace", "default"),
-            workflow=start["workflow"],
-            definition=start["definition"],
+            run=start.run,
+            namespace=start.namespace or "default",
+            workflow=start.workflow,
+            definition=start.definition,
             input=None if input_ref else value,
             inputRef=input_ref,
-            createdAt=start["at"],
-            parent=start.get("parent"),
-            scope=start.get("scope") or start["run"],
-            labels=start.get("labels") or {},
+            createdAt=start.at,
+            parent=start.parent,
+            scope=start.scope or start.run,
+            labels=start.labels or {},
         )
         cached.data = state.to_bytes()  # a decision that must be redone starts again from this
         cached.state = state
         return cached
 
     async def _decide_all(
-        self, state: RunState, events: list[dict[str, Any]], wf: CompiledWorkflow, cached: _Cached
+        self, state: RunState, events: list[Event], wf: CompiledWorkflow, cached: _Cached
     ) -> Decision:
         """Apply a batch of events; load outputs stored apart from the record when asked to."""
         for _ in range(10):
@@ -653,8 +522,8 @@ class Engine:
     async def _start_child(self, cmd: dict[str, Any]) -> None:
         parent = cmd["parent"]
         try:
-            wf = await self.latest_definition(cmd["namespace"], cmd["workflow"])
-            await self.start_run(wf, cmd["input"], run_id=cmd["run"], parent=parent, scope=cmd["scope"])
+            wf = await self.client.latest_definition(cmd["namespace"], cmd["workflow"])
+            await self.client.start(wf, cmd["input"], run_id=cmd["run"], parent=parent, scope=cmd["scope"])
         except Exception as exc:
             body = {
                 "type": "failed",
@@ -803,7 +672,7 @@ class Engine:
         return fired
 
     # ------------------------------------------------------------------- metrics
-    def _observe(self, state: RunState, events: list[dict[str, Any]], decision: Decision) -> None:
+    def _observe(self, state: RunState, events: list[Event], decision: Decision) -> None:
         wf = state.workflow
         for timed_out in decision.timed_out:  # counted where it is decided, once per attempt
             metrics.child(metrics.STEP_TIMEOUTS, wf, timed_out).inc()
@@ -828,7 +697,7 @@ class Engine:
             elif old != new and old == "WaitingApproval":
                 metrics.child(metrics.PENDING_APPROVALS, wf).dec()
         for ev in events:
-            if ev.get("type") == "failed" and (ev.get("error") or {}).get("type") == "PoisonTask":
+            if isinstance(ev, FailedEvent) and ev.error.type == "PoisonTask":
                 metrics.child(metrics.DEAD_LETTERS, TASKS_STREAM, "deliveries").inc()
         for step, scheduling, queued, executing in decision.timings:
             metrics.child(metrics.STEP_SCHEDULING, wf, step).observe(scheduling)

@@ -39,10 +39,10 @@ from cadenza.wire import dumps, loads
 
 from .. import metrics
 from ..expressions import Expr, ExpressionError, Template, compile_expr, compile_template
-from .client import send_cancel
 from .definition import CompiledWorkflow
 from .infra import TRIGGERS_BUCKET
-from .runtime import Engine, InputError, retry_delay
+from .inputs import InputError
+from .runtime import Engine, retry_delay
 
 log = structlog.get_logger("cadenza.triggers")
 
@@ -278,7 +278,7 @@ class Triggers:
             return "skip"
         # The run id is derived from the event, and starting is idempotent per run id, so
         # a crash anywhere here ends in exactly one run once the event is redelivered.
-        if await self.engine.get_run(run_id) is None:
+        if await self.engine.client.get(run_id) is None:
             admit = await self._admit(wf)
             if admit != "start":
                 log.info(
@@ -293,7 +293,7 @@ class Triggers:
                     source = exc.path or f"{route.path}.input"
                     raise TriggerProblem("expression", source, _template_text(route, exc), str(exc)) from None
             try:
-                await self.engine.start_run(
+                await self.engine.client.start(
                     wf,
                     run_input,
                     run_id=run_id,
@@ -329,7 +329,7 @@ class Triggers:
     async def _still_active(self, runs: list[str]) -> list[str]:
         active = []
         for run in runs:
-            state = await self.engine.get_run(run)
+            state = await self.engine.client.get(run)
             if state is None or not state.terminal:
                 active.append(run)
         return active
@@ -368,7 +368,9 @@ class Triggers:
             return "skip"
         if active and policy == "Replace":
             for run in active:
-                await send_cancel(self.js, wf.namespace, run, by="trigger", reason="replaced by a newer run")
+                await self.engine.client.cancel(
+                    wf.namespace, run, by="trigger", reason="replaced by a newer run"
+                )
             return "start"
         if wf.spec.maxActiveRuns is not None and len(active) >= wf.spec.maxActiveRuns:
             return "wait"
@@ -400,7 +402,7 @@ class Triggers:
                 if await self._admit(wf) != "start":
                     continue
                 run_id = f"{wf.name}-s{int(fire)}"
-                await self.engine.start_run(
+                await self.engine.client.start(
                     wf,
                     trigger.input if trigger.input is not None else {},
                     run_id=run_id,

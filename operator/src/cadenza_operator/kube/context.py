@@ -12,6 +12,7 @@ by then, not be cut off in the middle of a run's event.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,11 @@ from typing import Any
 import kopf
 import structlog
 
-from ..engine.runtime import Engine, EngineSettings
+from ..engine.client import RunClient
+from ..engine.host import EngineHost
+from ..engine.runtime import Engine
+from ..engine.settings import EngineSettings
+from ..engine.triggers import RunStarted, Triggers, TriggerWarning
 from .api import KubeApi
 from .feed import RunFeed
 from .settings import OperatorSettings
@@ -33,10 +38,9 @@ MEMO_KEY = "cadenza"
 class OperatorContext:
     settings: OperatorSettings
     api: KubeApi
-    nc: Any = None
-    _engine: Engine | None = None
+    _host: EngineHost | None = None
     _feed: RunFeed | None = None
-    triggers: Any = None  # engine.triggers.Triggers, once started
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     scaling_history: dict[tuple[str, str], list[tuple[float, int]]] = field(default_factory=dict)
     """Recent replica wishes per Agent (namespace, name), for scale-down stabilization."""
     crash_loops: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -46,13 +50,22 @@ class OperatorContext:
     @property
     def started(self) -> bool:
         """The engine side runs (false before kopf's startup handler and after its cleanup)."""
-        return self._engine is not None
+        return self._feed is not None
 
     @property
     def engine(self) -> Engine:
-        if self._engine is None:
+        if self._host is None or self._host.engine is None:
             raise RuntimeError("the engine is not started")
-        return self._engine
+        return self._host.engine
+
+    @property
+    def triggers(self) -> Triggers | None:
+        """The Workflows' triggers, once started."""
+        return self._host.triggers if self._host is not None else None
+
+    @property
+    def nc(self) -> Any:
+        return self._host.nc if self._host is not None else None
 
     @property
     def feed(self) -> RunFeed:
@@ -61,54 +74,46 @@ class OperatorContext:
         return self._feed
 
     @property
+    def client(self) -> RunClient:
+        """Starts, reads and steers runs (the engine's own client: one cache of definitions)."""
+        return self.engine.client
+
+    @property
     def js(self) -> Any:
         return self.engine.js
 
-    async def start(self) -> None:
-        """Connect to NATS; start the engine, the run feed and the triggers."""
-        import nats
-
-        from ..engine.triggers import Triggers
-        from .runs import mirror_triggered_run
-        from .workflows import workflow_trigger_warning
-
+    async def start(
+        self, on_started: RunStarted | None = None, on_warning: TriggerWarning | None = None
+    ) -> None:
+        """Connect to NATS (waiting while it is unreachable, until `stop`); start the
+        engine, the run feed and the triggers (`on_started`/`on_warning` are theirs)."""
         settings = self.settings
-        options: dict[str, Any] = {"user_credentials": settings.nats_creds} if settings.nats_creds else {}
-        self.nc = await nats.connect(
-            settings.nats_url,
-            name=f"cadenza-operator-{settings.peer_id}",
-            max_reconnect_attempts=-1,
-            **options,
+        self._stopping.clear()
+        engine_settings = EngineSettings(
+            name=settings.peer_id, nats_url=settings.nats_url, nats_creds=settings.nats_creds
         )
-        self._engine = Engine(self.nc, EngineSettings(name=settings.peer_id))
-        await self._engine.start()
-        self._feed = RunFeed(self.nc.jetstream())
-        await self._feed.start()
-
-        async def on_started(wf: Any, run_id: str, info: dict[str, Any]) -> None:
-            await mirror_triggered_run(self, wf, run_id, info)
-
-        async def on_warning(wf: Any, problem: Any) -> None:
-            await workflow_trigger_warning(self, wf, problem)
-
-        self.triggers = Triggers(self._engine, on_started=on_started, on_warning=on_warning)
-        await self.triggers.start()
+        self._host = EngineHost(engine_settings, connection_name=f"cadenza-operator-{settings.peer_id}")
+        if not await self._host.start(self._stopping):
+            return
+        feed = RunFeed(self._host.js)
+        await feed.start()
+        self._feed = feed
+        await self._host.start_triggers(on_started=on_started, on_warning=on_warning)
         log.info("operator context started", nats=settings.nats_url, engine=settings.peer_id)
 
     async def stop(self) -> None:
         """Stop everything started; safe to call twice, or after a failed start. The API
         client stays open: kopf may still be stopping daemons that write with it."""
-        steps = [
-            self.triggers.stop if self.triggers else None,
-            self._feed.stop if self._feed else None,
-            self._engine.stop if self._engine else None,
-            self.nc.drain if self.nc else None,
-        ]
-        for step in steps:
-            if step is not None:
-                with contextlib.suppress(Exception):
-                    await step()
-        self.triggers, self._feed, self._engine, self.nc = None, None, None, None
+        self._stopping.set()  # a start still waiting for NATS gives up
+        if self._host is not None and self._host.triggers is not None:
+            with contextlib.suppress(Exception):
+                await self._host.triggers.stop()
+        if self._feed is not None:
+            with contextlib.suppress(Exception):
+                await self._feed.stop()
+        if self._host is not None:
+            await self._host.stop()
+        self._feed, self._host = None, None
 
 
 def make_memo(ctx: OperatorContext) -> kopf.Memo:

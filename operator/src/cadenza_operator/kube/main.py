@@ -43,7 +43,14 @@ def build_registry(settings: OperatorSettings, ctx: OperatorContext) -> kopf.Ope
         return ctx.api.connection_info()
 
     async def operator_startup(**_: Any) -> None:
-        await ctx.start()
+        # The hooks are handed in here, so that context.py needs neither runs.py nor workflows.py.
+        async def on_started(wf: Any, run_id: str, info: dict[str, Any]) -> None:
+            await runs.mirror_triggered_run(ctx, wf, run_id, info)
+
+        async def on_warning(wf: Any, problem: Any) -> None:
+            await workflows.workflow_trigger_warning(ctx, wf, problem)
+
+        await ctx.start(on_started=on_started, on_warning=on_warning)
 
     async def operator_cleanup(**_: Any) -> None:
         await ctx.stop()

@@ -21,9 +21,8 @@ import kopf
 import structlog
 
 from .. import metrics
-from ..engine.client import send_approval, send_cancel
 from ..engine.definition import CompiledWorkflow
-from ..engine.runtime import InputError
+from ..engine.inputs import InputError
 from ..engine.state import TERMINAL_RUN, RunState
 from ..models import API_GROUP, API_VERSION, GROUP_VERSION, WorkflowRun
 from . import events
@@ -142,13 +141,13 @@ async def workflowrun_start(
     except InvalidSpec as exc:
         _fail(body, patch, "InvalidSpec", str(exc))
     run_id = run_id_of(body)
-    if await ctx.engine.get_run(run_id) is not None:
+    if await ctx.client.get(run_id) is not None:
         return  # started before an operator restart; the mirror daemon follows it
     namespace = run.metadata.namespace or "default"
     wf = await _definition(ctx, body, patch, namespace, run.spec.workflowRef, retry)
     labels = {WORKFLOWRUN_LABEL: run.metadata.name}
     try:
-        await ctx.engine.start_run(wf, run.spec.input, run_id=run_id, labels=labels)
+        await ctx.client.start(wf, run.spec.input, run_id=run_id, labels=labels)
     except InputError as exc:
         _fail(body, patch, "InvalidInput", f"spec.{exc}")
     log.info("run started", run=run_id, workflow=wf.name, namespace=namespace, workflowrun=run.metadata.name)
@@ -179,7 +178,7 @@ async def workflowrun_cancel(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
     """delete: a running run is cancelled before the WorkflowRun goes (finalizer)."""
     ctx = context_of(memo)
     run_id = run_id_of(body)
-    state = await ctx.engine.get_run(run_id)
+    state = await ctx.client.get(run_id)
     if state is not None and state.terminal:
         return
     if state is None and dict(body.status or {}).get("phase") in TERMINAL_RUN:
@@ -187,7 +186,7 @@ async def workflowrun_cancel(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
     # No record yet may still mean a start event on its way: the cancel follows it on the
     # run's subject (ordered), and the engine drops it if no run ever comes of it.
     namespace = state.namespace if state is not None else body.metadata.namespace or "default"
-    await send_cancel(ctx.js, namespace, run_id, by="kubectl delete", reason="the WorkflowRun was deleted")
+    await ctx.client.cancel(namespace, run_id, by="kubectl delete", reason="the WorkflowRun was deleted")
     events.warning(body, "RunCancelling", f"run {run_id} cancelled: the WorkflowRun was deleted")
     log.info("run cancelled on deletion", run=run_id, workflowrun=body.metadata.name)
 
@@ -265,7 +264,7 @@ async def _definition(
     from nats.js.errors import KeyNotFoundError
 
     try:
-        return await ctx.engine.latest_definition(namespace, workflow)
+        return await ctx.client.latest_definition(namespace, workflow)
     except KeyNotFoundError:
         pass
     # Back off while waiting: 1, 2, 4 ... 30 s between checks (each is a write by kopf).
@@ -318,7 +317,7 @@ async def _agent_waits(ctx: OperatorContext, state: RunState) -> str:
     crashing = {agent: line for (ns, agent), line in ctx.crash_loops.items() if ns == state.namespace}
     if not crashing or state.terminal:
         return ""
-    wf = await ctx.engine.definition(state.definition)  # kept in memory by the engine
+    wf = await ctx.client.definition(state.definition)  # kept in memory by the engine
     steps = [*wf.steps.values(), *([wf.on_exit] if wf.on_exit is not None else [])]
     return agent_waits_message(state, {step.name: step.agent for step in steps}, crashing)
 
@@ -346,7 +345,7 @@ async def _decide_waiting(ctx: OperatorContext, body: kopf.Body, state: RunState
 
 
 async def _decide_now(ctx: OperatorContext, body: kopf.Body) -> None:
-    state = await ctx.engine.get_run(run_id_of(body))
+    state = await ctx.client.get(run_id_of(body))
     if state is None:
         return  # not started yet: the mirror daemon sends it once the step waits
     for step, approved in decisions_from_annotations(body.metadata.annotations or {}).items():
@@ -365,7 +364,7 @@ async def _send_decision(
     annotations = body.metadata.annotations or {}
     by = str(annotations.get(APPROVED_BY_ANNOTATION) or "kubectl")
     comment = annotations.get(COMMENT_ANNOTATION)
-    await send_approval(ctx.js, state.namespace, state.run, step, approved, by=by, comment=comment)
+    await ctx.client.approve(state.namespace, state.run, step, approved, by=by, comment=comment)
     verb = "approved" if approved else "rejected"
     events.normal(body, "ApprovalSent", f"step {step} {verb} by {by}")
     log.info("approval sent", run=state.run, step=step, approved=approved, by=by)

@@ -36,7 +36,7 @@ async def workflow_reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch
     except DefinitionError as exc:
         patch.status["steps"] = len(workflow.spec.steps)
         invalid_spec(body, patch, exc.path, exc.message, condition_type="Valid", reason="Invalid")
-    key = await ctx.engine.publish_definition(compiled)
+    key = await ctx.client.publish_definition(compiled)
     if ctx.triggers is not None:
         await ctx.triggers.set_workflow(compiled)
     log.info("workflow published", workflow=name, namespace=namespace, definition=key)

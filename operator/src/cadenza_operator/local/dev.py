@@ -38,8 +38,8 @@ class DevServer:
 
     async def start(self) -> DevServer:
         await self.stack.start(set(self.bundle.agents))
-        self.triggers = Triggers(self.engine)
-        await self.triggers.start()
+        assert self.stack.host is not None  # started above
+        self.triggers = await self.stack.host.start_triggers()
         for wf in self.bundle.compiled.values():
             await self.triggers.set_workflow(wf)
         return self

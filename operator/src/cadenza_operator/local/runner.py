@@ -21,8 +21,10 @@ import structlog
 from cadenza.wire import TASKS_STREAM, consumer_name, dumps, event_subject
 
 from ..engine.definition import CompiledWorkflow
-from ..engine.infra import ensure_agent_consumer, ensure_infrastructure, nats_options
-from ..engine.runtime import Engine, EngineSettings
+from ..engine.host import EngineHost
+from ..engine.infra import ensure_agent_consumer
+from ..engine.runtime import Engine
+from ..engine.settings import EngineSettings
 from ..engine.state import TERMINAL_RUN, RunState
 from ..engine.view import SUMMARY_OUTPUT_BYTES as SUMMARY_OUTPUT_BYTES  # noqa: PLC0414 (cli.py reads it here)
 from ..engine.view import document, run_view
@@ -96,6 +98,7 @@ class LocalStack:
         self.namespace = namespace
         self._external = nats_url
         self.server: NatsServer | None = None
+        self.host: EngineHost | None = None
         self.nc: Any = None
         self.engine: Engine | None = None
         self.log_dir = Path(tempfile.mkdtemp(prefix="cadenza-run-"))
@@ -117,29 +120,25 @@ class LocalStack:
 
     async def start(self, agents: set[str]) -> Engine:
         """Start everything; `NatsUnreachable` at once when a --nats server cannot be reached."""
-        from cadenza.nats import connect_once
-
         if self._external is None:
             # Held before it is started: a signal arriving meanwhile must still stop it.
             self.server = NatsServer(store_dir=str(self.log_dir / "jetstream"))
             self._server_start = asyncio.ensure_future(asyncio.to_thread(self.server.start))
             await asyncio.shield(self._server_start)
-        self.nc = await connect_once(self.url, name="cadenza-engine", **nats_options())
-        js = self.nc.jetstream()
-        settings = EngineSettings(name="local")
-        await ensure_infrastructure(
-            js, engine_ack_wait=settings.ack_wait, engine_max_deliveries=settings.max_deliveries
+        self.host = EngineHost(
+            EngineSettings(name="local", nats_url=self.url), connection_name="cadenza-engine"
         )
+        self.engine = await self.host.open()
+        self.nc = self.host.nc
+        js = self.host.js
         self.agents.nats_url = self.url
         for name in sorted(agents):
             agent, path = self.bundle.agents[name]
             await ensure_agent_consumer(js, self.namespace, name, parse_duration(agent.spec.ackWait))
             self.agents.start(agent, path.parent)
-        self.engine = Engine(self.nc, settings)
-        self.engine.on_state(self.waiting.observe)
-        await self.engine.start()
+        await self.host.start(on_state=self.waiting.observe)
         for wf in self.bundle.compiled.values():
-            await self.engine.publish_definition(wf)
+            await self.engine.client.publish_definition(wf)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
         return self.engine
 
@@ -195,12 +194,8 @@ class LocalStack:
         if self._supervisor:
             self._supervisor.cancel()
         self.agents.stop()
-        if self.engine:
-            with contextlib.suppress(Exception):
-                await self.engine.stop()
-        if self.nc:
-            with contextlib.suppress(Exception):
-                await self.nc.close()
+        if self.host is not None:
+            await self.host.stop()
         if self.server:
             if self._server_start is not None:  # still starting (a signal came meanwhile)
                 with contextlib.suppress(Exception):
@@ -251,11 +246,7 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
     async def publish_decision(
         step: str, approved: bool, comment: str | None = None, by: str | None = None
     ) -> None:
-        from ..engine.client import send_approval
-
-        assert stack.nc is not None
-        await send_approval(
-            stack.nc.jetstream(),
+        await engine.client.approve(
             opts.workflow.namespace,
             run_id,
             step,
@@ -294,26 +285,19 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
         engine = await stack.start(agents_needed(opts.bundle, opts.workflow))
         engine.on_state(on_state)
         run_id = opts.run_id or ""
-        from ..engine.runtime import new_run_id
+        from ..engine.client import new_run_id
 
         run_id = run_id or new_run_id(opts.workflow.name)
-        await engine.start_run(opts.workflow, opts.input, run_id=run_id)
+        await engine.client.start(opts.workflow, opts.input, run_id=run_id)
         if progress is not None and hasattr(progress, "set_queue_depths"):
             queues = asyncio.get_running_loop().create_task(watch_queues())
         if opts.signals:
-            from ..engine.client import send_signal
-
             for name, payload in opts.signals.items():
-                await send_signal(
-                    stack.nc.jetstream(), opts.workflow.namespace, run_id, name, payload, by=opts.approver
-                )
+                await engine.client.signal(opts.workflow.namespace, run_id, name, payload, by=opts.approver)
         try:
             state = await asyncio.wait_for(asyncio.shield(done), opts.timeout)
         except TimeoutError:
-            from ..engine.client import send_cancel
-
-            await send_cancel(
-                stack.nc.jetstream(),
+            await engine.client.cancel(
                 opts.workflow.namespace,
                 run_id,
                 by="cadenza run",
@@ -322,14 +306,14 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
             try:
                 state = await asyncio.wait_for(asyncio.shield(done), 10)
             except TimeoutError:
-                state = await engine.get_run(run_id) or RunState(
+                state = await engine.client.get(run_id) or RunState(
                     run=run_id,
                     workflow=opts.workflow.name,
                     definition=opts.workflow.key,
                     createdAt=time.time(),
                 )
         summary = summarize(state)
-        summary["outputs"] = await engine.run_outputs(state)  # large ones are kept apart from the record
+        summary["outputs"] = await engine.client.outputs(state)  # large ones are kept apart from the record
         if state.phase != "Succeeded" and stack.agent_logs():
             summary["agentLogs"] = stack.agent_logs(tail=15)
         return summary, EXIT_OK if state.phase == "Succeeded" else EXIT_FAILED

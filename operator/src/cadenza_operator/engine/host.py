@@ -1,0 +1,153 @@
+"""`EngineHost`: the one way a process starts an engine.
+
+`cadenza operator`, `cadenza engine` and `cadenza run`/`dev` all host an engine the same
+way, from one `EngineSettings`:
+
+1. connect to NATS: once for a command (`NatsUnreachable` at once), or until connected
+   or told to stop for a long-running process (one log line per attempt);
+2. create or update the infrastructure (streams, buckets, the engine's consumer);
+3. start the engine (its event consumer, timers and the control responder that answers
+   `cadenza approve|signal|cancel`), trying again while JetStream does not answer yet
+   (a server restarting answers the connection before its streams);
+4. start the triggers, when asked.
+
+`stop` undoes them in reverse order, each step bounded: with NATS gone, stopping
+consumers and draining would wait for a reconnection that may never come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from cadenza.nats import connect_once, connect_until_stopped
+
+from .client import RunClient
+from .runtime import Engine, StateListener
+from .settings import EngineSettings
+from .triggers import RunStarted, Triggers, TriggerWarning
+
+log = structlog.get_logger("cadenza.engine")
+
+ENGINE_STOP_TIMEOUT = 10.0
+DRAIN_TIMEOUT = 5.0
+
+
+class EngineHost:
+    """NATS, the infrastructure, an engine and (optionally) its triggers, started and
+    stopped together. `connection_name` names the NATS client (default: the engine's name)."""
+
+    def __init__(self, settings: EngineSettings, *, connection_name: str | None = None) -> None:
+        self.settings = settings
+        self.connection_name = connection_name or settings.name
+        self.nc: Any = None
+        self.engine: Engine | None = None
+        self.triggers: Triggers | None = None
+        self.log = log.bind(engine=settings.name)
+
+    @property
+    def client(self) -> RunClient:
+        """The engine's client: start, read and steer runs."""
+        if self.engine is None:
+            raise RuntimeError("the engine host is not connected")
+        return self.engine.client
+
+    @property
+    def js(self) -> Any:
+        return self.nc.jetstream()
+
+    async def connect(self, stop: asyncio.Event | None = None) -> bool:
+        """Connect to NATS. Without `stop`: one attempt (`NatsUnreachable`). With it: try
+        until connected (True) or until `stop` is set (False)."""
+        if self.nc is None:
+            options = {"name": self.connection_name, **self.settings.connect_options()}
+            if stop is None:
+                self.nc = await connect_once(self.settings.nats_url, log=self.log, **options)
+            else:
+                self.nc = await connect_until_stopped(self.settings.nats_url, stop, log=self.log, **options)
+                if self.nc is None:
+                    return False
+        if self.engine is None:
+            self.engine = Engine(self.nc, self.settings)
+        return True
+
+    async def open(self) -> Engine:
+        """Connect (once, unless connected) and create or update the infrastructure; the
+        engine does not consume yet, so callers may add what it needs first."""
+        await self.connect()
+        assert self.engine is not None  # connect made it
+        if self.engine.kv is None:
+            await self.engine.open()
+        return self.engine
+
+    async def start(
+        self,
+        stop: asyncio.Event | None = None,
+        *,
+        on_state: StateListener | None = None,
+        triggers: bool = False,
+    ) -> bool:
+        """Connect, open, start the engine (and the triggers, or later: `start_triggers`).
+        With `stop`, wait for NATS and JetStream until they answer or `stop` is set
+        (False); without, fail at once."""
+        if not await self.connect(stop):
+            self.log.info("engine stopped before reaching NATS", nats=self.settings.nats_url)
+            return False
+        engine = self.engine
+        assert engine is not None  # connect made it
+        if on_state is not None:
+            engine.on_state(on_state)
+        if stop is None:
+            await self.open()
+            await engine.start()
+        elif not await self._start_until_stopped(engine, stop):
+            return False
+        if triggers:
+            await self.start_triggers()
+        self.log.info("engine serving", nats=self.settings.nats_url)
+        return True
+
+    async def start_triggers(
+        self, on_started: RunStarted | None = None, on_warning: TriggerWarning | None = None
+    ) -> Triggers:
+        """Start the triggers of the started engine (with no workflow yet: `set_workflow`)."""
+        if self.engine is None:
+            raise RuntimeError("the engine host is not started")
+        self.triggers = Triggers(self.engine, on_started=on_started, on_warning=on_warning)
+        await self.triggers.start()
+        return self.triggers
+
+    async def _start_until_stopped(self, engine: Engine, stop: asyncio.Event) -> bool:
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await engine.start()
+                return True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.warning("engine could not start, retrying", error=repr(exc), retry_in=delay)
+                with contextlib.suppress(Exception):
+                    await engine.stop()  # what the failed start had begun (stop leaves it restartable)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 15.0)
+        return False
+
+    async def stop(self) -> None:
+        """Stop triggers, engine, connection, in that order; safe to call twice or after a
+        failed start."""
+        if self.triggers is not None:
+            with contextlib.suppress(Exception):
+                await self.triggers.stop()
+        if self.engine is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.engine.stop(), ENGINE_STOP_TIMEOUT)
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), DRAIN_TIMEOUT)
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        self.triggers, self.engine, self.nc = None, None, None
