@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 from cadenza._protocol import dumps
+from cadenza.protocol import Event
 from cadenza_operator.engine.runtime import Engine
 
 
@@ -29,8 +30,8 @@ async def test_one_worker_per_run_batches_what_arrives_while_it_works() -> None:
     batches: list[tuple[str, list[int]]] = []
     release = asyncio.Event()
 
-    async def process(run: str, batch: list[tuple[Any, dict[str, Any]]]) -> None:
-        batches.append((run, [ev["n"] for _, ev in batch]))
+    async def process(run: str, batch: list[tuple[Any, Event]]) -> None:
+        batches.append((run, [(ev.model_extra or {})["n"] for _, ev in batch]))
         await release.wait()
 
     engine._process = process  # type: ignore[method-assign]
@@ -61,8 +62,8 @@ async def test_a_failed_batch_is_nacked_and_the_worker_goes_on() -> None:
     seen: list[list[int]] = []
     gate = asyncio.Event()
 
-    async def process(run: str, batch: list[tuple[Any, dict[str, Any]]]) -> None:
-        seen.append([ev["n"] for _, ev in batch])
+    async def process(run: str, batch: list[tuple[Any, Event]]) -> None:
+        seen.append([(ev.model_extra or {})["n"] for _, ev in batch])
         if len(seen) == 1:
             await gate.wait()
             raise RuntimeError("KV unavailable")

@@ -95,7 +95,7 @@ def test_the_engine_accepts_context_events() -> None:
     from cadenza_operator.engine.runtime import parse_event
 
     event = parse_event(b'{"type": "context", "run": "r1", "step": "a", "key": "k", "revision": 1}')
-    assert event["type"] == "context"
+    assert event.type == "context"
 
 
 # ------------------------------------------------------ the SDK's in-memory context

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 __all__ = [
     "ApprovalEvent",
+    "AttemptEvent",
     "CancelEvent",
     "ContextEvent",
     "Event",
@@ -109,7 +110,7 @@ class TaskFailure(BaseModel):
 class _Event(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    run: str
+    run: str = ""  # the engine refuses an event without one before it is parsed
     at: float | None = Field(
         None, description="When the event was stored (the engine sets it from JetStream)."
     )
@@ -124,6 +125,7 @@ class StartEvent(_Event):
     input: Any = None
     labels: dict[str, str] | None = None
     parent: dict[str, Any] | None = None
+    scope: str | None = None
     requestedAt: float | None = None
 
 
@@ -155,7 +157,7 @@ class TimerEvent(_Event):
     due: float | None = None
 
 
-class _AttemptEvent(_Event):
+class AttemptEvent(_Event):
     """About one attempt of a step (or of one forEach item), sent by the agent running it
     (or, for a sub-workflow step, by the child run)."""
 
@@ -165,16 +167,16 @@ class _AttemptEvent(_Event):
     worker: str | None = None
 
 
-class StartedEvent(_AttemptEvent):
+class StartedEvent(AttemptEvent):
     type: Literal["started"] = "started"
     startedAt: float | None = None
 
 
-class HeartbeatEvent(_AttemptEvent):
+class HeartbeatEvent(AttemptEvent):
     type: Literal["heartbeat"] = "heartbeat"
 
 
-class ResultEvent(_AttemptEvent):
+class ResultEvent(AttemptEvent):
     """An attempt succeeded; also how a child run reports success to its parent."""
 
     type: Literal["result"] = "result"
@@ -183,7 +185,7 @@ class ResultEvent(_AttemptEvent):
     finishedAt: float | None = None
 
 
-class FailedEvent(_AttemptEvent):
+class FailedEvent(AttemptEvent):
     """An attempt failed; also how a child run reports its failure to its parent."""
 
     type: Literal["failed"] = "failed"
@@ -192,7 +194,7 @@ class FailedEvent(_AttemptEvent):
     finishedAt: float | None = None
 
 
-class ContextEvent(_AttemptEvent):
+class ContextEvent(AttemptEvent):
     """The agent wrote the run's shared context (audited, nothing else changes)."""
 
     type: Literal["context"] = "context"

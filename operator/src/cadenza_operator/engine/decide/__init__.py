@@ -26,7 +26,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from cadenza.protocol import Event, parse_event
 from cadenza.wire import MAX_VALUE_BYTES
+from pydantic import BaseModel
 
 from ..definition import CompiledWorkflow
 from ..state import RunState
@@ -40,7 +42,7 @@ from .context import (
     ValueTooLarge,
     json_size,
 )
-from .events import apply
+from .events import HANDLERS, apply
 
 __all__ = [
     "INLINE_OUTPUT_BYTES",
@@ -58,7 +60,7 @@ __all__ = [
 
 def decide(
     state: RunState,
-    event: Mapping[str, Any],
+    event: Event | Mapping[str, Any],
     wf: CompiledWorkflow,
     outputs: Mapping[str, Any] | None = None,
     *,
@@ -74,7 +76,13 @@ def decide(
     `memo` caches values that cannot change once computed (a started forEach's list);
     `copy=False` lets a caller that parsed `state` for this call skip the deep copy.
     A step input or run output that renders larger than `max_value_bytes` fails.
+    `event` is a parsed `cadenza.protocol.Event` (the runtime parses each event once), or
+    its JSON object, validated here.
     """
+    if not isinstance(event, BaseModel):
+        if event.get("type") not in HANDLERS:  # a type this engine does not know changes nothing
+            return Decision(state=state.model_copy(deep=True) if copy else state)
+        event = parse_event(dict(event))
     d = Decider(
         state.model_copy(deep=True) if copy else state,
         wf,

@@ -15,6 +15,7 @@ import zlib
 from typing import Any
 
 from cadenza.errors import MAX_TYPE_NAME_CHARS, MAX_TYPE_NAMES, non_retryable_match
+from cadenza.protocol import AttemptEvent, FailedEvent, ResultEvent, StepPhase
 from cadenza.wire import task_id, task_subject
 
 from ...expressions import ExpressionError
@@ -94,7 +95,7 @@ def dispatch(d: Decider, name: str, item: int | None, retry: bool = False) -> No
     slot = st if item is None else (st.forEach.running.get(str(item)) if st.forEach else None)
     if slot is None or (retry and slot.running):
         return
-    if retry and st.phase != "Running":
+    if retry and st.phase != StepPhase.RUNNING:
         return
     try:
         if item is None:
@@ -228,8 +229,12 @@ def finish_attempt(
     d: Decider, name: str, item: int | None, slot: Slot, outcome: str, error: dict[str, Any] | None
 ) -> None:
     d.disarm_slot(name, item, slot.attempt)
-    started = d.ev.get("startedAt") or slot.startedAt
-    finished = float(d.ev.get("finishedAt") or d.now)
+    # An agent's outcome says when it started and finished; the engine's own end of an
+    # attempt (a timer, a cancel) does not.
+    ev = d.ev
+    outcome_event = ev if isinstance(ev, ResultEvent | FailedEvent) else None
+    started = (outcome_event.startedAt if outcome_event else None) or slot.startedAt
+    finished = float((outcome_event.finishedAt if outcome_event else None) or d.now)
     record_attempt(
         d,
         name,
@@ -238,7 +243,7 @@ def finish_attempt(
         error=error,
         finishedAt=finished,
         startedAt=started,
-        worker=d.ev.get("worker"),
+        worker=ev.worker if isinstance(ev, AttemptEvent) else None,
     )
     stages = attempt_stages(slot.readyAt, slot.queuedAt, started, finished)
     st = d.st(name)
@@ -291,8 +296,8 @@ def attempt_failed(
         where = name if item is None else f"{name}[{item}]"
         d.audit(
             name,
-            "Running",
-            "Running",
+            StepPhase.RUNNING,
+            StepPhase.RUNNING,
             f"attempt {slot.attempt} of {where} failed ({error.get('type')}: {error.get('message')}); "
             f"retry in {delay:.2f}s",
             item=item,

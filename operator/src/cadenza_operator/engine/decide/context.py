@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cadenza.protocol import AttemptEvent, Event, StartEvent, StepPhase
 from cadenza.wire import (
     MAX_VALUE_BYTES,
     REF_KEY,
@@ -25,7 +26,7 @@ from cadenza.wire import (
 )
 
 from ..definition import CompiledStep, CompiledWorkflow
-from ..state import TERMINAL_STEP, RunState, Slot, StepState, Timer
+from ..state import RunState, Slot, StepState, Timer
 
 OBJECT_REF_PREFIX = "obj:"
 """An outputRef naming an object-store entry rather than an outputs-bucket key."""
@@ -92,7 +93,7 @@ class Decider:
         self,
         state: RunState,
         wf: CompiledWorkflow,
-        event: Mapping[str, Any],
+        event: Event,
         *,
         outputs: Mapping[str, Any],
         size_of: Callable[[Any], int],
@@ -104,18 +105,19 @@ class Decider:
         self.s = state
         self.wf = wf
         self.ev = event
-        self.now = float(event.get("at", 0.0))
+        self.now = float(event.at or 0.0)
         # When the engine handled the event (`at` is when it was stored): attempts dispatched
         # now are queued at this time, so a busy engine shows as time spent before the queue.
-        self.handled = max(self.now, float(event.get("handledAt") or self.now))
+        self.handled = max(self.now, float(event.handledAt or self.now))
         # When steps made ready by this event became ready: its time, or for a run start held
         # back by maxActiveRuns, when the run was asked for.
-        requested = event.get("requestedAt") if event.get("type") == "start" else None
+        requested = event.requestedAt if isinstance(event, StartEvent) else None
         self.ready = min(self.now, float(requested)) if requested is not None else self.now
         self.outputs = outputs
         self.size_of = size_of
         self.decision = Decision(state=state)
-        self.actor = str(event.get("by") or event.get("worker") or "engine")
+        # Who caused the event: a person or client (`by`), the agent's worker, or the engine.
+        self.actor = str(getattr(event, "by", None) or getattr(event, "worker", None) or "engine")
 
     # ------------------------------------------------------------ the decision
     def changed(self) -> None:
@@ -129,7 +131,7 @@ class Decider:
             "workflow": self.s.workflow,
             "namespace": self.s.namespace,
             "step": step,
-            "event": self.ev.get("type"),
+            "event": self.ev.type,
             "from": old,
             "to": new,
             "reason": reason,
@@ -175,13 +177,13 @@ class Decider:
             st = self.s.steps[name] = StepState()
         return st
 
-    def set_phase(self, name: str, phase: str, reason: str, **extra: Any) -> None:
+    def set_phase(self, name: str, phase: StepPhase, reason: str, **extra: Any) -> None:
         st = self.st(name)
         old = st.phase
         if old == phase:
             return
-        st.phase = phase  # type: ignore[assignment]
-        if phase in TERMINAL_STEP:
+        st.phase = phase
+        if phase.is_terminal:
             st.finishedAt = self.now
             st.running = False
         self.audit(name, old, phase, reason, **extra)
@@ -197,14 +199,14 @@ class Decider:
             return None
         return st.forEach.running.get(str(item))
 
-    def find_slot(self) -> tuple[Slot | None, str, int | None]:
+    def find_slot(self, ev: AttemptEvent) -> tuple[Slot | None, str, int | None]:
         """The running attempt the event is about, if it is still the current one."""
-        name = str(self.ev.get("step"))
-        item = self.ev.get("item")
+        name = str(ev.step)
+        item = ev.item
         slot = self.slot(name, item)
-        if slot is None or not slot.running or slot.attempt != self.ev.get("attempt"):
+        if slot is None or not slot.running or slot.attempt != ev.attempt:
             return None, name, item
-        if self.st(name).phase != "Running":
+        if self.st(name).phase != StepPhase.RUNNING:
             return None, name, item
         return slot, name, item
 

@@ -10,7 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cadenza.protocol import RunPhase, StepPhase
+from cadenza.protocol import (
+    ApprovalEvent,
+    CancelEvent,
+    ContextEvent,
+    FailedEvent,
+    HeartbeatEvent,
+    ResultEvent,
+    RunPhase,
+    SignalEvent,
+    StartedEvent,
+    StartEvent,
+    StepPhase,
+)
 
 from ..state import Timer
 from . import attempts, foreach, graph, lifecycle, timers
@@ -19,18 +31,15 @@ from .context import CONTEXT_KEY, Decider, timer_id, whole
 
 def apply(d: Decider) -> None:
     """Apply the event to the state, then let the graph move on."""
-    kind = d.ev.get("type")
-    if d.s.terminal and kind != "start":
+    ev = d.ev
+    if d.s.terminal and ev.type != "start":
         return
-    handler = HANDLERS.get(kind) if isinstance(kind, str) else None
-    if handler is None:
-        return
-    handler(d)
+    HANDLERS[ev.type](d, ev)
     if d.s.phase == RunPhase.RUNNING:
         graph.advance(d)
 
 
-def on_start(d: Decider) -> None:
+def on_start(d: Decider, ev: StartEvent) -> None:
     if d.s.phase != RunPhase.PENDING:
         return
     d.s.phase = RunPhase.RUNNING
@@ -42,7 +51,7 @@ def on_start(d: Decider) -> None:
         d.st(name)
 
 
-def on_cancel(d: Decider) -> None:
+def on_cancel(d: Decider, ev: CancelEvent) -> None:
     # Once the run winds down (a failure, the deadline, a cancel) or its graph is done,
     # only onExit is left, and onExit always runs: a cancel has nothing left to stop.
     if d.s.phase != RunPhase.RUNNING or d.s.failing or d.s.exitPhase is not None:
@@ -51,40 +60,40 @@ def on_cancel(d: Decider) -> None:
     lifecycle.wind_down(
         d,
         "cancelled",
-        f"cancelled by {d.actor}" + (f": {d.ev['reason']}" if d.ev.get("reason") else ""),
+        f"cancelled by {d.actor}" + (f": {ev.reason}" if ev.reason else ""),
     )
 
 
-def on_signal(d: Decider) -> None:
-    name = str(d.ev.get("name"))
+def on_signal(d: Decider, ev: SignalEvent) -> None:
+    name = str(ev.name)
     if name in d.s.signals:
         return
     if name not in d.wf.signals:
         return  # no step waits for it: kept, any sender could grow the record without end
-    d.s.signals[name] = d.ev.get("payload")
+    d.s.signals[name] = ev.payload
     d.audit(None, None, None, f"signal {name} received")
     for step_name, st in d.s.steps.items():
         cs = d.wf.steps.get(step_name)
         if cs and cs.kind == "signal" and st.phase == StepPhase.RUNNING and cs.signal == name:
             d.disarm(f"signal:{step_name}")
-            graph.succeed_step(d, step_name, d.ev.get("payload"), f"signal {name} received")
+            graph.succeed_step(d, step_name, ev.payload, f"signal {name} received")
 
 
-def on_approval(d: Decider) -> None:
-    name = str(d.ev.get("step"))
+def on_approval(d: Decider, ev: ApprovalEvent) -> None:
+    name = str(ev.step)
     st = d.s.steps.get(name)
     cs = d.wf.steps.get(name)
     if st is None or cs is None or st.phase != StepPhase.WAITING_APPROVAL or cs.approval is None:
         return
     approvers = cs.approval.approvers
-    by = str(d.ev.get("by") or "unknown")
+    by = str(ev.by or "unknown")
     if approvers and by not in approvers:
         if st.deniedAt is not None and d.now <= st.deniedAt:
             return  # that decision was ignored (and audited) already: a redelivery
         st.deniedAt = d.now
         d.audit(name, st.phase, st.phase, f"decision by {by!r} ignored: not an approver")
         return
-    decide_approval(d, name, bool(d.ev.get("approved")), by, d.ev.get("comment"))
+    decide_approval(d, name, bool(ev.approved), by, ev.comment)
 
 
 def decide_approval(d: Decider, name: str, approved: bool, by: str, comment: Any) -> None:
@@ -107,38 +116,35 @@ def decide_approval(d: Decider, name: str, approved: bool, by: str, comment: Any
         graph.fail_step(d, name, st.error["message"])
 
 
-def on_started(d: Decider) -> None:
-    slot, name, item = d.find_slot()
+def on_started(d: Decider, ev: StartedEvent) -> None:
+    slot, name, item = d.find_slot(ev)
     if slot is None or slot.startedAt is not None:
         return
     # The agent's start time (a report may come a moment after the start), never later
     # than the report was stored.
-    slot.startedAt = min(float(d.ev.get("startedAt") or d.now), d.now)
-    attempts.record_attempt(d, name, item, startedAt=slot.startedAt, worker=d.ev.get("worker"))
+    slot.startedAt = min(float(ev.startedAt or d.now), d.now)
+    attempts.record_attempt(d, name, item, startedAt=slot.startedAt, worker=ev.worker)
     d.disarm(timer_id("queue", name, item, slot.attempt))
     attempts.arm_attempt_timers(d, name, item, slot)
     d.changed()
 
 
-def on_heartbeat(d: Decider) -> None:
-    slot, _, _ = d.find_slot()
+def on_heartbeat(d: Decider, ev: HeartbeatEvent) -> None:
+    slot, _, _ = d.find_slot(ev)
     if slot is None or (slot.lastHeartbeat is not None and slot.lastHeartbeat >= d.now):
         return  # a redelivered (or older) heartbeat says nothing new
     slot.lastHeartbeat = d.now
     d.changed()
 
 
-def on_context(d: Decider) -> None:
+def on_context(d: Decider, ev: ContextEvent) -> None:
     """An agent wrote the run's shared context: one audit record (key, step, item,
     attempt, revision, never the value) and no other change. Recorded whether or not
     the attempt is still current: the write happened. An event for a step the workflow
     does not have, or that does not say what was written, records nothing. The agent's
     repeats are dropped by JetStream (Nats-Msg-Id); an engine redelivery records the
     write again, under the same key and revision, which tell it is the same write."""
-    name = d.ev.get("step")
-    key, revision, attempt, item, scope = (
-        d.ev.get(k) for k in ("key", "revision", "attempt", "item", "scope")
-    )
+    name, key, revision, attempt, item, scope = ev.step, ev.key, ev.revision, ev.attempt, ev.item, ev.scope
     exit_step = d.wf.on_exit.name if d.wf.on_exit is not None else None
     if not isinstance(name, str) or (name not in d.wf.steps and name != exit_step):
         return
@@ -159,27 +165,27 @@ def on_context(d: Decider) -> None:
     )
 
 
-def on_result(d: Decider) -> None:
-    slot, name, item = d.find_slot()
+def on_result(d: Decider, ev: ResultEvent) -> None:
+    slot, name, item = d.find_slot(ev)
     if slot is None:
         return
     attempts.finish_attempt(d, name, item, slot, "Succeeded", None)
-    output = d.ev.get("output")
+    output = ev.output
     if item is None:
         graph.succeed_step(d, name, output, "attempt succeeded")
     else:
         foreach.item_done(d, name, item, output, failed=False)
 
 
-def on_failed(d: Decider) -> None:
-    slot, name, item = d.find_slot()
+def on_failed(d: Decider, ev: FailedEvent) -> None:
+    slot, name, item = d.find_slot(ev)
     if slot is None:
         return
-    error = attempts.bounded_error(d, dict(d.ev.get("error") or {}))
+    error = attempts.bounded_error(d, ev.error.wire())
     attempts.attempt_failed(d, name, item, slot, error, "TimedOut" if error.get("timeout") else "Failed")
 
 
-HANDLERS: dict[str, Callable[[Decider], None]] = {
+HANDLERS: dict[str, Callable[[Decider, Any], None]] = {
     "start": on_start,
     "cancel": on_cancel,
     "signal": on_signal,
@@ -191,4 +197,4 @@ HANDLERS: dict[str, Callable[[Decider], None]] = {
     "failed": on_failed,
     "timer": timers.on_timer,
 }
-"""Every event type decide acts on; any other type changes nothing."""
+"""Every event type (cadenza.protocol.Event) and its handler."""

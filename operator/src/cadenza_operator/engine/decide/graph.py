@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from cadenza.protocol import RunPhase, StepPhase
 from cadenza.wire import dumps
 
 from ...expressions import ExpressionError
@@ -36,11 +37,11 @@ def _clip_message(text: str) -> str:
 def dep_state(d: Decider, dep: str) -> DepState:
     """What a step's outcome means to the steps that depend on it (reads only)."""
     st = d.st(dep)
-    if st.phase == "Succeeded":
+    if st.phase == StepPhase.SUCCEEDED:
         return "ok"
-    if st.phase == "Skipped":
+    if st.phase == StepPhase.SKIPPED:
         return "skipped"
-    if st.phase == "Failed":
+    if st.phase == StepPhase.FAILED:
         cs = d.step_def(dep)
         if cs.on_failure == "continue":
             return "ok"
@@ -49,7 +50,7 @@ def dep_state(d: Decider, dep: str) -> DepState:
         fallback = dep_state(d, cs.on_failure)
         # A fallback that was skipped (its `when`) recovered nothing: the failure stands.
         return "blocked" if fallback == "skipped" else fallback
-    if st.phase == "Cancelled":
+    if st.phase == StepPhase.CANCELLED:
         return "blocked"
     return "wait"
 
@@ -57,9 +58,9 @@ def dep_state(d: Decider, dep: str) -> DepState:
 def active(d: Decider) -> bool:
     """Whether any step still runs, waits, or can still start."""
     for name, st in d.s.steps.items():
-        if st.phase in ("Running", "WaitingApproval"):
+        if st.phase in (StepPhase.RUNNING, StepPhase.WAITING_APPROVAL):
             return True
-        if st.phase == "Pending" and not d.s.failing and name in d.wf.steps:
+        if st.phase == StepPhase.PENDING and not d.s.failing and name in d.wf.steps:
             cs = d.wf.steps[name]
             if name in d.wf.fallbacks and not st.activated:
                 continue
@@ -76,7 +77,7 @@ def failure_message(d: Decider, name: str) -> str:
     while fallback not in ("fail", "continue") and fallback not in seen:
         seen.add(fallback)
         st = d.st(fallback)
-        if st.phase != "Failed":
+        if st.phase != StepPhase.FAILED:
             break
         message += f"; its fallback {fallback} failed too: {st.message}"
         fallback = d.step_def(fallback).on_failure
@@ -88,12 +89,12 @@ def advance(d: Decider) -> None:
     """Start every step that became ready, skip what can no longer run, and stop the run
     when a failure stands; until nothing changes. Then the run may finish."""
     progress = True
-    while progress and d.s.phase == "Running":
+    while progress and d.s.phase == RunPhase.RUNNING:
         progress = False
         if not d.s.failing:
             for name in d.wf.order:
                 st = d.st(name)
-                if st.phase != "Pending":
+                if st.phase != StepPhase.PENDING:
                     continue
                 cs = d.wf.steps[name]
                 if name in d.wf.fallbacks and not st.activated:
@@ -101,16 +102,14 @@ def advance(d: Decider) -> None:
                 states = [dep_state(d, dep) for dep in cs.deps]
                 if "wait" in states or "blocked" in states:
                     continue
-                if (
-                    states and all(x == "skipped" for x in states) and cs.spec.ifDependenciesSkipped == "skip"  # type: ignore[union-attr]
-                ):
-                    d.set_phase(name, "Skipped", "all dependencies were skipped")
+                if states and all(x == "skipped" for x in states) and cs.skipped_with_deps:
+                    d.set_phase(name, StepPhase.SKIPPED, "all dependencies were skipped")
                 else:
                     start_step(d, name)
                 progress = True
             blocked = []
             for name in d.wf.order:
-                if d.st(name).phase != "Failed":
+                if d.st(name).phase != StepPhase.FAILED:
                     continue
                 outcome = dep_state(d, name)
                 if outcome == "blocked":
@@ -142,20 +141,20 @@ def start_step(d: Decider, name: str) -> None:
             fail_step(d, name, f"when: {exc}")
             return
         if not go:
-            d.set_phase(name, "Skipped", f"when {cs.when.source!r} is {str(go).lower()}")
+            d.set_phase(name, StepPhase.SKIPPED, f"when {cs.when.source!r} is {str(go).lower()}")
             return
-    st.phase = "Running"
+    st.phase = StepPhase.RUNNING
     st.startedAt = d.now
     if cs.kind == "approval":
-        st.phase = "WaitingApproval"
+        st.phase = StepPhase.WAITING_APPROVAL
         st.message = approval_message(d, cs)
-        d.audit(name, "Pending", "WaitingApproval", st.message)
+        d.audit(name, StepPhase.PENDING, StepPhase.WAITING_APPROVAL, st.message)
         if cs.approval_timeout is not None:
             d.arm(f"approval:{name}", Timer(at=d.now + cs.approval_timeout, kind="approval", step=name))
         return
-    d.audit(name, "Pending", "Running", "dependencies satisfied")
+    d.audit(name, StepPhase.PENDING, StepPhase.RUNNING, "dependencies satisfied")
     if cs.kind == "signal":
-        signal = cs.spec.waitFor.signal  # type: ignore[union-attr]
+        signal = cs.signal or ""
         if signal in d.s.signals:
             succeed_step(d, name, d.s.signals[signal], f"signal {signal} already received")
             return
@@ -173,7 +172,7 @@ def start_step(d: Decider, name: str) -> None:
         st.forEach = ForEachState(total=len(items))
         if not items:
             st.outputRef = f"{d.s.run}.{name}.*"
-            d.set_phase(name, "Succeeded", "forEach over an empty list")
+            d.set_phase(name, StepPhase.SUCCEEDED, "forEach over an empty list")
             return
         foreach.fill_window(d, name)
         return
@@ -186,7 +185,7 @@ def approval_message(d: Decider, cs: CompiledStep) -> str:
     A message that cannot be rendered (a key missing from this run's input) must not
     fail the run over a prompt: the approver sees the raw text and the error instead.
     """
-    raw = cs.spec.approval.message or "waiting for approval"  # type: ignore[union-attr]
+    raw = (cs.approval.message if cs.approval else None) or "waiting for approval"
     template = cs.approval_message
     if template is None:
         return raw
@@ -202,7 +201,7 @@ def fail_step(d: Decider, name: str, message: str, exhausted: bool = False) -> N
     """A step failed for good; its fallback, if it names one, is called in."""
     st = d.st(name)
     st.message = message
-    d.set_phase(name, "Failed", message, retriesExhausted=exhausted or None)
+    d.set_phase(name, StepPhase.FAILED, message, retriesExhausted=exhausted or None)
     cs = d.step_def(name)
     if cs.on_failure not in ("fail", "continue") and not d.s.failing:
         fallback = d.st(cs.on_failure)
@@ -215,4 +214,4 @@ def succeed_step(d: Decider, name: str, output: Any, reason: str) -> None:
     st = d.st(name)
     st.output, st.outputRef = d.stored_apart(f"{d.s.run}.{name}", output)
     st.message = ""
-    d.set_phase(name, "Succeeded", reason)
+    d.set_phase(name, StepPhase.SUCCEEDED, reason)

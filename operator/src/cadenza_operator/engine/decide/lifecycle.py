@@ -10,10 +10,10 @@
 
 from __future__ import annotations
 
+from cadenza.protocol import RunPhase, StepPhase
 from cadenza.wire import event_subject
 
 from ...expressions import ExpressionError
-from ..state import TERMINAL_STEP
 from . import attempts, foreach, graph
 from .context import Decider, ValueTooLarge
 
@@ -24,12 +24,12 @@ def wind_down(d: Decider, why: str, message: str) -> None:
         return
     d.s.failing = why
     d.s.message = message
-    d.audit(None, "Running", "Running", f"winding down: {message}")
+    d.audit(None, RunPhase.RUNNING, RunPhase.RUNNING, f"winding down: {message}")
     any_running = False
     for name, st in d.s.steps.items():
         if d.wf.on_exit is not None and name == d.wf.on_exit.name:
             continue
-        if st.phase in ("Running", "WaitingApproval"):
+        if st.phase in (StepPhase.RUNNING, StepPhase.WAITING_APPROVAL):
             any_running = True
             if st.forEach is not None:
                 foreach.cancel_items(d, name, message)
@@ -38,7 +38,7 @@ def wind_down(d: Decider, why: str, message: str) -> None:
             if st.child and st.forEach is None:
                 d.cancel_child(st.child, message)
             st.message = message  # not the approval prompt or the wait it was in
-            d.set_phase(name, "Cancelled", message)
+            d.set_phase(name, StepPhase.CANCELLED, message)
     if any_running:
         d.cancel_tasks()
     d.disarm("deadline")
@@ -48,52 +48,54 @@ def wind_down(d: Decider, why: str, message: str) -> None:
 def maybe_finish(d: Decider) -> None:
     """Once nothing runs or can start: settle the run's phase and output, skip what never
     ran, start onExit; finish when onExit (if any) is done."""
-    if d.s.phase != "Running" or graph.active(d):
+    if d.s.phase != RunPhase.RUNNING or graph.active(d):
         return
     exit_def = d.wf.on_exit
     if d.s.exitPhase is None:
-        phase = {"cancelled": "Cancelled", "failed": "Failed", "deadline": "Failed"}.get(d.s.failing or "")
+        phase = {"cancelled": RunPhase.CANCELLED, "failed": RunPhase.FAILED, "deadline": RunPhase.FAILED}.get(
+            d.s.failing or ""
+        )
         if phase is None:
-            phase = "Succeeded"
+            phase = RunPhase.SUCCEEDED
             try:
                 outputs = d.wf.output.render(d.resolve_lazy(d.env(), d.wf.output.steps))
                 d.s.outputs, d.s.outputsRef = d.stored_apart(
                     f"{d.s.run}._output", outputs, d.sized("the output", outputs)
                 )
             except ValueTooLarge as exc:
-                phase = "Failed"
+                phase = RunPhase.FAILED
                 d.s.message = str(exc)
             except ExpressionError as exc:
-                phase = "Failed"
+                phase = RunPhase.FAILED
                 d.s.message = f"output: {exc}"
-        d.s.exitPhase = phase  # type: ignore[assignment]
+        d.s.exitPhase = phase
         for name in d.wf.order:
             st = d.st(name)
-            if st.phase == "Pending":
+            if st.phase == StepPhase.PENDING:
                 why = (
                     "not needed: no step failed over to it"
                     if name in d.wf.fallbacks
                     else "not run: the run stopped before it"
                 )
-                d.set_phase(name, "Skipped", why)
+                d.set_phase(name, StepPhase.SKIPPED, why)
         if exit_def is not None:
-            d.st(exit_def.name).phase = "Running"
+            d.st(exit_def.name).phase = StepPhase.RUNNING
             d.st(exit_def.name).startedAt = d.now
-            d.audit(exit_def.name, "Pending", "Running", f"onExit (run {phase})")
+            d.audit(exit_def.name, StepPhase.PENDING, StepPhase.RUNNING, f"onExit (run {phase})")
             attempts.dispatch(d, exit_def.name, None)
-            if d.st(exit_def.name).phase == "Running":
+            if d.st(exit_def.name).phase == StepPhase.RUNNING:
                 return
-    if exit_def is not None and d.st(exit_def.name).phase not in TERMINAL_STEP:
+    if exit_def is not None and not d.st(exit_def.name).phase.is_terminal:
         return
-    finish(d, d.s.exitPhase or "Succeeded")
+    finish(d, d.s.exitPhase or RunPhase.SUCCEEDED)
 
 
-def finish(d: Decider, phase: str) -> None:
+def finish(d: Decider, phase: RunPhase) -> None:
     old = d.s.phase
-    d.s.phase = phase  # type: ignore[assignment]
+    d.s.phase = phase
     d.s.finishedAt = d.now
     d.s.timers.clear()
-    if phase == "Succeeded":
+    if phase == RunPhase.SUCCEEDED:
         d.s.message = ""
     d.audit(None, old, phase, d.s.message or "all steps finished")
     parent = d.s.parent
@@ -105,7 +107,7 @@ def finish(d: Decider, phase: str) -> None:
             "attempt": parent["attempt"],
             "worker": f"run:{d.s.run}",
         }
-        if phase == "Succeeded":
+        if phase == RunPhase.SUCCEEDED:
             body = {"type": "result", **base, "output": d.run_output()}
         else:
             body = {

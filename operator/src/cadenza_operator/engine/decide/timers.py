@@ -8,19 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cadenza.protocol import StepPhase
+from cadenza.protocol import StepPhase, TimerEvent
 
 from ..state import Slot, Timer
 from . import attempts, events, graph, lifecycle
 from .context import Decider, timer_id
 
 
-def on_timer(d: Decider) -> None:
-    tid = str(d.ev.get("timer"))
+def on_timer(d: Decider, ev: TimerEvent) -> None:
+    tid = str(ev.timer)
     timer = d.s.timers.get(tid)
     if timer is None:
         return
-    due = d.ev.get("due")
+    due = ev.due
     if due is not None and abs(float(due) - timer.at) > 1e-3:
         # A fire of an earlier arming of this id (a heartbeat check re-arms its own id),
         # redelivered: the timer armed now is not due.
