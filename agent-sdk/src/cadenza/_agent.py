@@ -44,6 +44,7 @@ from ._publish import Publisher
 from ._pull import PullConsumer, agent_consumer_config
 from ._reads import SharedReads
 from ._task import Task
+from .protocol import TaskFailure
 
 Handler = Callable[[Task], Any]
 
@@ -263,7 +264,7 @@ class Agent:
                 failed = {
                     "type": "failed",
                     **base,
-                    "error": {"type": "PoisonTask", "message": reason, "retryable": False},
+                    "error": TaskFailure(type="PoisonTask", message=reason, retryable=False).wire(),
                     "worker": worker,
                 }
                 msg_id = f"failed:{task.run_id}.{task.step}.{task.item}.{task.attempt}"
@@ -302,12 +303,12 @@ class Agent:
                 except Exception as exc:
                     if isinstance(exc, TimeoutError) and deadline.expired():
                         task.cancel()
-                        error: dict[str, Any] = {
-                            "type": "Timeout",
-                            "message": f"attempt exceeded its timeout of {task.timeout}s",
-                            "retryable": True,
-                            "timeout": True,
-                        }
+                        error = TaskFailure(
+                            type="Timeout",
+                            message=f"attempt exceeded its timeout of {task.timeout}s",
+                            retryable=True,
+                            timeout=True,
+                        ).wire()
                     else:
                         # Retryable under the step's policy unless FatalError; the engine
                         # applies the step's retry.nonRetryable to the type names sent.

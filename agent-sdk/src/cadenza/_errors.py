@@ -14,6 +14,8 @@ import traceback
 from collections.abc import Iterable
 from typing import Any
 
+from .protocol import TaskFailure
+
 MAX_TYPE_NAMES = 16
 """Classes of an exception's MRO sent with a failure: deep hierarchies are cut, most specific kept."""
 MAX_TYPE_NAME_CHARS = 200
@@ -73,17 +75,13 @@ def failure_of(exc: BaseException) -> dict[str, Any]:
     subclasses that say so); the engine also applies the step's `retry.nonRetryable`
     to `types`. Call it inside the `except` block: the traceback is the one being handled.
     """
-    error: dict[str, Any] = {
-        "type": type(exc).__name__,
-        "types": type_names(exc),
-        "retryable": True,
-    }
+    failure = TaskFailure(type=type(exc).__name__, types=type_names(exc), retryable=True)
     if isinstance(exc, TaskError):
-        error.update(message=exc.message, retryable=bool(exc.retryable), details=exc.details)
+        failure.message, failure.retryable, failure.details = exc.message, bool(exc.retryable), exc.details
     else:
-        error["message"] = str(exc) or type(exc).__name__
-        error["traceback"] = traceback.format_exc(limit=8)[-MAX_TRACEBACK_CHARS:]
-    return error
+        failure.message = str(exc) or type(exc).__name__
+        failure.traceback = traceback.format_exc(limit=8)[-MAX_TRACEBACK_CHARS:]
+    return failure.wire()
 
 
 def non_retryable_match(error: dict[str, Any], non_retryable: Iterable[str]) -> str | None:

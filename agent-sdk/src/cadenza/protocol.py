@@ -103,7 +103,8 @@ class TaskFailure(BaseModel):
     child: str | None = Field(None, description="The child run that failed, for a sub-workflow step.")
 
     def wire(self) -> dict[str, Any]:
-        """The JSON object sent and stored: the fields set, in the order they were set."""
+        """The JSON object sent and stored: only the fields that were set (a None given
+        explicitly, like a TaskError's missing details, is kept)."""
         return self.model_dump(exclude_unset=True)
 
 

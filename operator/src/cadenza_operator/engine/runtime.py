@@ -35,7 +35,7 @@ from cadenza.nats import (
     resolve_payload,
     stored_at,
 )
-from cadenza.protocol import Event, FailedEvent, StartEvent
+from cadenza.protocol import Event, FailedEvent, StartEvent, TaskFailure
 from cadenza.wire import (
     EVENTS_STREAM,
     OFFLOAD_BYTES,
@@ -531,7 +531,7 @@ class Engine:
                 "step": parent["step"],
                 "item": parent.get("item"),
                 "attempt": parent["attempt"],
-                "error": {"type": "ChildStartError", "message": str(exc), "retryable": False},
+                "error": TaskFailure(type="ChildStartError", message=str(exc), retryable=False).wire(),
             }
             await self.pub.publish(
                 event_subject(parent["namespace"], parent["run"]),

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
+from cadenza.protocol import TaskFailure
 
 from ..engine.state import RunState, Slot
 from ..engine.view import waits_for_agent
@@ -148,16 +149,16 @@ class Supervisor:
 
 def unavailable_error(agent: str, p: AgentProcess) -> dict[str, Any]:
     last = f": {p.last_lines[-1]}" if p.last_lines else " (it wrote nothing)"
-    return {
-        "type": "AgentUnavailable",
-        "message": (
+    return TaskFailure(
+        type="AgentUnavailable",
+        message=(
             f"agent {agent} is not available: its process exited {p.not_ready_exits} times in a row "
             f"before it was ready (last exit code {p.exit_code}){last}"
         ),
-        "retryable": False,
-        "exitCode": p.exit_code,
-        "log": p.last_lines,
-    }
+        retryable=False,
+        exitCode=p.exit_code,
+        log=p.last_lines,
+    ).wire()
 
 
 def failed_event(w: Waiting, error: dict[str, Any], at: float) -> dict[str, Any]:

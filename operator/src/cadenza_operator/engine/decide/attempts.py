@@ -15,7 +15,7 @@ import zlib
 from typing import Any
 
 from cadenza.errors import MAX_TYPE_NAME_CHARS, MAX_TYPE_NAMES, non_retryable_match
-from cadenza.protocol import AttemptEvent, FailedEvent, ResultEvent, StepPhase
+from cadenza.protocol import AttemptEvent, FailedEvent, ResultEvent, StepPhase, TaskFailure
 from cadenza.wire import task_id, task_subject
 
 from ...expressions import ExpressionError
@@ -32,7 +32,7 @@ MAX_ERROR_BYTES = 16 * 1024
 
 def timed_out(kind: str, message: str) -> dict[str, Any]:
     """The failure of an attempt one of its timers ended: retryable, and counted as a timeout."""
-    return {"type": kind, "message": message, "retryable": True, "timeout": True}
+    return TaskFailure(type=kind, message=message, retryable=True, timeout=True).wire()
 
 
 def capped_backoff(initial: float, factor: float, cap: float, attempt: int) -> float:
@@ -72,19 +72,19 @@ def bounded_error(d: Decider, error: dict[str, Any]) -> dict[str, Any]:
         text = str(text)
         return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters in all)"
 
-    bounded: dict[str, Any] = {
-        "type": clip(error.get("type", "Error"))[:200],
-        "message": clip(error.get("message", "")),
-        "retryable": bool(error.get("retryable")),
-        "truncated": True,
-    }
+    bounded = TaskFailure(
+        type=clip(error.get("type", "Error"))[:200],
+        message=clip(error.get("message", "")),
+        retryable=bool(error.get("retryable")),
+        truncated=True,
+    )
     if error.get("timeout"):
-        bounded["timeout"] = True
+        bounded.timeout = True
     if isinstance(error.get("types"), list):  # what retry.nonRetryable matches
-        bounded["types"] = [str(t)[:MAX_TYPE_NAME_CHARS] for t in error["types"][:MAX_TYPE_NAMES]]
+        bounded.types = [str(t)[:MAX_TYPE_NAME_CHARS] for t in error["types"][:MAX_TYPE_NAMES]]
     if "traceback" in error:
-        bounded["traceback"] = str(error["traceback"])[-limit:]
-    return bounded
+        bounded.traceback = str(error["traceback"])[-limit:]
+    return bounded.wire()
 
 
 # ------------------------------------------------------------------ dispatch
@@ -105,10 +105,9 @@ def dispatch(d: Decider, name: str, item: int | None, retry: bool = False) -> No
             payload = cs.input.render(d.resolve_lazy(d.env(items[item], item), cs.input.steps))
         d.sized("the input", payload)
     except (ExpressionError, ValueTooLarge) as exc:
-        error = {
-            "type": "ValueTooLarge" if isinstance(exc, ValueTooLarge) else "ExpressionError",
-            "message": str(exc),
-        }
+        error = TaskFailure(
+            type="ValueTooLarge" if isinstance(exc, ValueTooLarge) else "ExpressionError", message=str(exc)
+        ).wire()
         if item is None:
             st.error = error
             graph.fail_step(d, name, str(exc) if isinstance(exc, ValueTooLarge) else f"input: {exc}")

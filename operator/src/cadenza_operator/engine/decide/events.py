@@ -22,6 +22,7 @@ from cadenza.protocol import (
     StartedEvent,
     StartEvent,
     StepPhase,
+    TaskFailure,
 )
 
 from ..state import Timer
@@ -109,11 +110,11 @@ def decide_approval(d: Decider, name: str, approved: bool, by: str, comment: Any
     if approved:
         graph.succeed_step(d, name, dict(st.approval), f"approved by {by}")
     else:
-        st.error = {
-            "type": "Rejected",
-            "message": f"rejected by {by}" + (f": {comment}" if comment else ""),
-        }
-        graph.fail_step(d, name, st.error["message"])
+        rejected = TaskFailure(
+            type="Rejected", message=f"rejected by {by}" + (f": {comment}" if comment else "")
+        )
+        st.error = rejected.wire()
+        graph.fail_step(d, name, rejected.message)
 
 
 def on_started(d: Decider, ev: StartedEvent) -> None:

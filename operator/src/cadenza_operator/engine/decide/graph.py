@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from cadenza.protocol import RunPhase, StepPhase
+from cadenza.protocol import RunPhase, StepPhase, TaskFailure
 from cadenza.wire import dumps
 
 from ...expressions import ExpressionError
@@ -137,7 +137,7 @@ def start_step(d: Decider, name: str) -> None:
             if not isinstance(go, bool):
                 raise ExpressionError(f"{cs.when.source!r} gave {type(go).__name__}, not a bool")
         except ExpressionError as exc:
-            st.error = {"type": "ExpressionError", "message": str(exc)}
+            st.error = TaskFailure(type="ExpressionError", message=str(exc)).wire()
             fail_step(d, name, f"when: {exc}")
             return
         if not go:
@@ -166,7 +166,7 @@ def start_step(d: Decider, name: str) -> None:
         try:
             items = foreach.foreach_items(d, name)
         except ExpressionError as exc:
-            st.error = {"type": "ExpressionError", "message": str(exc)}
+            st.error = TaskFailure(type="ExpressionError", message=str(exc)).wire()
             fail_step(d, name, f"forEach: {exc}")
             return
         st.forEach = ForEachState(total=len(items))

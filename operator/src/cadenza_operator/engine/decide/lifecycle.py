@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from cadenza.protocol import RunPhase, StepPhase
+from cadenza.protocol import RunPhase, StepPhase, TaskFailure
 from cadenza.wire import event_subject
 
 from ...expressions import ExpressionError
@@ -113,12 +113,12 @@ def finish(d: Decider, phase: RunPhase) -> None:
             body = {
                 "type": "failed",
                 **base,
-                "error": {
-                    "type": f"Child{phase}",
-                    "message": f"sub-workflow {d.s.workflow} {phase.lower()}: {d.s.message}",
-                    "retryable": False,
-                    "child": d.s.run,
-                },
+                "error": TaskFailure(
+                    type=f"Child{phase}",
+                    message=f"sub-workflow {d.s.workflow} {phase.lower()}: {d.s.message}",
+                    retryable=False,
+                    child=d.s.run,
+                ).wire(),
             }
         d.command(
             op="publish",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cadenza.protocol import StepPhase, TimerEvent
+from cadenza.protocol import StepPhase, TaskFailure, TimerEvent
 
 from ..state import Slot, Timer
 from . import attempts, events, graph, lifecycle
@@ -50,7 +50,7 @@ def approval_timed_out(d: Decider, timer: Timer) -> None:
 def signal_timed_out(d: Decider, timer: Timer) -> None:
     name = timer.step or ""
     if d.st(name).phase == StepPhase.RUNNING:
-        d.st(name).error = {"type": "Timeout", "message": "no signal in time"}
+        d.st(name).error = TaskFailure(type="Timeout", message="no signal in time").wire()
         graph.fail_step(d, name, "timed out waiting for a signal")
 
 
