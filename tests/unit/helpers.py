@@ -103,10 +103,11 @@ class Driver:
             seq += 1
         assert decision.state.auditSeq == seq
         self.audit += decision.audit
-        self.commands += decision.commands
+        commands = [c.wire() for c in decision.commands]  # as the run record's outbox keeps them
+        self.commands += commands
         self.store.update(decision.stores)  # stored before the state write, as the runtime does
         self.loaded.update(decision.stores)
-        for cmd in decision.commands:
+        for cmd in commands:
             task = None
             if cmd["op"] == "dispatch":
                 body = cmd["body"]

@@ -167,7 +167,7 @@ class CheckedDriver(Driver):
         exit_name = wf.on_exit.name if wf.on_exit else None
         if was_terminal:
             assert not decision.changed, "a finished run changed"
-        for cmd in decision.commands:
+        for cmd in (c.wire() for c in decision.commands):
             if cmd["op"] not in ("dispatch", "startChild"):
                 continue
             p = cmd["body"] if cmd["op"] == "dispatch" else cmd["parent"]

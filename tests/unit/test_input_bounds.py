@@ -324,7 +324,7 @@ def test_the_widest_forEach_window_keeps_the_record_writable() -> None:
     """maxParallel 10,000 used to pass validation and make the start's record 3.6 MB,
     which NATS (1 MiB per message) never stores: the run could never start. The widest
     window allowed keeps the record, with its 1,000 task commands, well under the limit."""
-    from cadenza_operator.engine.decide import audit_commands, decide
+    from cadenza_operator.engine.decide import decide, outbox
     from cadenza_operator.engine.state import RunState
     from cadenza_operator.models import MAX_PARALLEL, WorkflowSpec
 
@@ -341,6 +341,6 @@ def test_the_widest_forEach_window_keeps_the_record_writable() -> None:
         )
         decision = decide(state, {"type": "start", "run": state.run, "at": 1.0}, wf)
         record = decision.state
-        record.outbox = decision.commands + audit_commands(decision.audit)
+        record.outbox = outbox(decision)
         assert len(decision.commands) == MAX_PARALLEL
         assert len(record.to_bytes()) < 768 * 1024

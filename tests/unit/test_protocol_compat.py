@@ -40,7 +40,7 @@ class Engine:
         event.at = at
         decision = decide(self.state, event, WF)
         self.state = decision.state
-        self.commands += decision.commands
+        self.commands += [c.wire() for c in decision.commands]
         return decision.changed
 
 

@@ -50,9 +50,10 @@ from cadenza.wire import (
 from pydantic import ValidationError
 
 from .. import metrics
+from . import commands
 from .client import DefinitionNotFound, RunClient
 from .control import ControlResponder
-from .decide import OBJECT_REF_PREFIX, Decision, MissingOutputs, audit_commands, decide
+from .decide import OBJECT_REF_PREFIX, Decision, MissingOutputs, decide, outbox
 from .definition import CompiledWorkflow
 from .infra import (
     ENGINE_CONSUMER,
@@ -346,7 +347,8 @@ class Engine:
             # (copy=False) and it is dropped whenever a decision does not get written.
             state, cached.state = cached.state or RunState.from_bytes(cached.data), None
             if not cached.executed and state.outbox:
-                await self._execute(state, state.outbox)  # a previous writer may have died before this
+                # A previous writer may have died before carrying out its commands.
+                await self._execute(state, [c for c in map(commands.from_wire, state.outbox) if c])
                 cached.executed = True
             wf = await self._definition(state.definition)
             armed_before = {tid: t.at for tid, t in state.timers.items()}
@@ -361,7 +363,7 @@ class Engine:
                 self._remember(run, cached, state.terminal)
                 break
             new = decision.state
-            new.outbox = decision.commands + audit_commands(decision.audit)
+            new.outbox = outbox(decision)
             if decision.stores:
                 await asyncio.gather(
                     *(store_apart(self.js, self.pub, k, v) for k, v in decision.stores.items())
@@ -383,7 +385,7 @@ class Engine:
                     self._cache.pop(run, None)
                     continue
             fresh = _Cached(data, revision, executed=False, memo=cached.memo, outputs=cached.outputs)
-            await self._execute(new, new.outbox)
+            await self._execute(new, decision.commands)
             fresh.executed = True
             fresh.state = new
             self._remember(run, fresh, new.terminal)
@@ -494,36 +496,34 @@ class Engine:
             self._cache.popitem(last=False)
 
     # ------------------------------------------------------------------ commands
-    async def _execute(self, state: RunState, commands: list[dict[str, Any]]) -> None:
+    async def _execute(self, state: RunState, todo: list[commands.Command]) -> None:
         jobs = []
-        for cmd in commands:
-            op = cmd["op"]
-            if op == "audit":
-                continue  # stored with the record; the server copies it into the audit stream
-            if op in ("dispatch", "publish"):
+        for cmd in todo:
+            if isinstance(cmd, commands.Dispatch | commands.Publish):
                 jobs.append(self._publish(cmd))
-            elif op == "cancelTasks":
-                jobs.append(self.nc.publish(cmd["subject"], dumps(cmd["body"])))
-            elif op == "startChild":
+            elif isinstance(cmd, commands.CancelTasks):
+                jobs.append(self.nc.publish(cmd.subject, dumps(cmd.body)))
+            elif isinstance(cmd, commands.StartChild):
                 jobs.append(self._start_child(cmd))
+            # Audit: stored with the record; the server copies it into the audit stream
         if len(jobs) == 1:
             await jobs[0]  # the usual case (one task to send): no gather, which wraps it in a task
         elif jobs:
             await asyncio.gather(*jobs)
 
-    async def _publish(self, cmd: dict[str, Any]) -> None:
-        body = cmd["body"]
+    async def _publish(self, cmd: commands.Dispatch | commands.Publish) -> None:
+        body = cmd.body
         data = dumps(body)
-        if cmd["op"] == "dispatch" and len(data) > OFFLOAD_BYTES:
-            body = {**body, "input": await offload_payload(self.js, f"{cmd['msgId']}.input", body["input"])}
+        if isinstance(cmd, commands.Dispatch) and len(data) > OFFLOAD_BYTES:
+            body = {**body, "input": await offload_payload(self.js, f"{cmd.msg_id}.input", body["input"])}
             data = dumps(body)
-        await self.pub.publish(cmd["subject"], data, {"Nats-Msg-Id": cmd["msgId"]})
+        await self.pub.publish(cmd.subject, data, {"Nats-Msg-Id": cmd.msg_id})
 
-    async def _start_child(self, cmd: dict[str, Any]) -> None:
-        parent = cmd["parent"]
+    async def _start_child(self, cmd: commands.StartChild) -> None:
+        parent = cmd.parent
         try:
-            wf = await self.client.latest_definition(cmd["namespace"], cmd["workflow"])
-            await self.client.start(wf, cmd["input"], run_id=cmd["run"], parent=parent, scope=cmd["scope"])
+            wf = await self.client.latest_definition(cmd.namespace, cmd.workflow or "")
+            await self.client.start(wf, cmd.input, run_id=cmd.run, parent=parent, scope=cmd.scope)
         except Exception as exc:
             body = {
                 "type": "failed",
@@ -536,7 +536,7 @@ class Engine:
             await self.pub.publish(
                 event_subject(parent["namespace"], parent["run"]),
                 dumps(body),
-                {"Nats-Msg-Id": f"child:{cmd['run']}"},
+                {"Nats-Msg-Id": f"child:{cmd.run}"},
             )
 
     # -------------------------------------------------------------------- timers

@@ -30,6 +30,7 @@ from cadenza.protocol import Event, parse_event
 from cadenza.wire import MAX_VALUE_BYTES
 from pydantic import BaseModel
 
+from ..commands import Audit
 from ..definition import CompiledWorkflow
 from ..state import RunState
 from .attempts import MAX_ERROR_BYTES, START_REPORT_AFTER, capped_backoff
@@ -55,6 +56,7 @@ __all__ = [
     "audit_commands",
     "capped_backoff",
     "decide",
+    "outbox",
 ]
 
 
@@ -99,4 +101,9 @@ def decide(
 def audit_commands(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A decision's audit records, kept in the run record's outbox: the server copies each
     record revision into the audit stream, so writing the record is appending to the trail."""
-    return [{"op": "audit", "records": records}] if records else []
+    return [Audit(records).wire()] if records else []
+
+
+def outbox(decision: Decision) -> list[dict[str, Any]]:
+    """What the run record keeps of a decision: its commands and audit records, as JSON."""
+    return [cmd.wire() for cmd in decision.commands] + audit_commands(decision.audit)

@@ -19,6 +19,7 @@ from cadenza.protocol import AttemptEvent, FailedEvent, ResultEvent, StepPhase, 
 from cadenza.wire import task_id, task_subject
 
 from ...expressions import ExpressionError
+from ..commands import Dispatch, StartChild
 from ..definition import CompiledStep
 from ..state import MAX_ATTEMPT_RECORDS, Attempt, Slot, Timer, Timing, attempt_stages
 from . import foreach, graph
@@ -138,19 +139,20 @@ def dispatch(d: Decider, name: str, item: int | None, retry: bool = False) -> No
         child = d.child_id(name, item, slot.attempt)
         st.child = child if item is None else st.child
         d.command(
-            op="startChild",
-            run=child,
-            workflow=cs.workflow,
-            namespace=d.s.namespace,
-            input=payload,
-            scope=d.s.scope or d.s.run,
-            parent={
-                "run": d.s.run,
-                "namespace": d.s.namespace,
-                "step": name,
-                "item": item,
-                "attempt": slot.attempt,
-            },
+            StartChild(
+                run=child,
+                workflow=cs.workflow,
+                namespace=d.s.namespace,
+                input=payload,
+                scope=d.s.scope or d.s.run,
+                parent={
+                    "run": d.s.run,
+                    "namespace": d.s.namespace,
+                    "step": name,
+                    "item": item,
+                    "attempt": slot.attempt,
+                },
+            )
         )
         slot.startedAt = d.now
         if cs.timeout:
@@ -176,11 +178,12 @@ def dispatch(d: Decider, name: str, item: int | None, retry: bool = False) -> No
             "reportStartAfter": START_REPORT_AFTER,
         }
         d.command(
-            op="dispatch",
-            subject=task_subject(d.s.namespace, cs.agent or ""),
-            msgId=task_id(d.s.run, name, item, slot.attempt),
-            body=body,
-            agent=cs.agent,
+            Dispatch(
+                subject=task_subject(d.s.namespace, cs.agent or ""),
+                msg_id=task_id(d.s.run, name, item, slot.attempt),
+                body=body,
+                agent=cs.agent,
+            )
         )
         # `timeout` and `heartbeatTimeout` are start-to-close: their timers are armed
         # when the agent reports the start (on_started), never at dispatch, so an

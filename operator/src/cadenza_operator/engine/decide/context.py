@@ -25,6 +25,7 @@ from cadenza.wire import (
     too_large,
 )
 
+from ..commands import CancelTasks, Command, Publish
 from ..definition import CompiledStep, CompiledWorkflow
 from ..state import RunState, Slot, StepState, Timer
 
@@ -53,7 +54,7 @@ class ValueTooLarge(ValueError):
 @dataclass
 class Decision:
     state: RunState
-    commands: list[dict[str, Any]] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)
     stores: dict[str, Any] = field(default_factory=dict)  # outputs to store *before* the state write
     audit: list[dict[str, Any]] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)  # steps with an attempt that timed out (metrics)
@@ -142,24 +143,21 @@ class Decider:
         self.decision.audit.append(record)
         self.changed()
 
-    def command(self, **cmd: Any) -> None:
+    def command(self, cmd: Command) -> None:
         self.decision.commands.append(cmd)
         self.changed()
 
     def cancel_tasks(self, **scope: Any) -> None:
         """Tell agents to stop this run's tasks: all of them, or those of `step` (and `item`)."""
-        self.command(
-            op="cancelTasks",
-            subject=cancel_subject(self.s.namespace, self.s.run),
-            body={"run": self.s.run, **scope},
-        )
+        self.command(CancelTasks(cancel_subject(self.s.namespace, self.s.run), {"run": self.s.run, **scope}))
 
     def cancel_child(self, child: str, reason: str) -> None:
         self.command(
-            op="publish",
-            subject=event_subject(self.s.namespace, child),
-            msgId=f"cancel:{child}",
-            body={"type": "cancel", "run": child, "by": self.actor, "reason": reason},
+            Publish(
+                event_subject(self.s.namespace, child),
+                f"cancel:{child}",
+                {"type": "cancel", "run": child, "by": self.actor, "reason": reason},
+            )
         )
 
     def child_id(self, name: str, item: int | None, attempt: int) -> str:

@@ -14,6 +14,7 @@ from cadenza.protocol import RunPhase, StepPhase, TaskFailure
 from cadenza.wire import event_subject
 
 from ...expressions import ExpressionError
+from ..commands import Publish
 from . import attempts, foreach, graph
 from .context import Decider, ValueTooLarge
 
@@ -121,8 +122,9 @@ def finish(d: Decider, phase: RunPhase) -> None:
                 ).wire(),
             }
         d.command(
-            op="publish",
-            subject=event_subject(parent.get("namespace", d.s.namespace), parent["run"]),
-            msgId=f"child:{d.s.run}",
-            body=body,
+            Publish(
+                subject=event_subject(parent.get("namespace", d.s.namespace), parent["run"]),
+                msg_id=f"child:{d.s.run}",
+                body=body,
+            )
         )
