@@ -111,7 +111,7 @@ async def test_concurrent_trigger_events_on_two_engines_track_every_run(
             assert len(started) == EVENTS
 
             async def all_started() -> bool:
-                return all([await one.engine.get_run(run) is not None for run in started])
+                return all([await one.engine.client.get(run) is not None for run in started])
 
             await poll(all_started)
             # Both engines started runs (else nothing here ran concurrently)...
