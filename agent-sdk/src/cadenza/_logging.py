@@ -11,6 +11,18 @@ import structlog
 _configured = False
 
 
+class _CurrentStderr:
+    """sys.stderr as it is when a line is written, not when logging was configured: a
+    stream swapped later (a test's capture, a daemon's redirect) is followed, and a closed
+    earlier one is never written to."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
     """Configure structlog and stdlib logging. Later calls are no-ops."""
     global _configured
@@ -33,7 +45,7 @@ def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level_no),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(level_no, logging.WARNING), stream=sys.stderr)

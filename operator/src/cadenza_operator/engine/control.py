@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from cadenza.wire import dumps, loads
 
+from .state import RUN_ID
+
 if TYPE_CHECKING:
     from .definition import CompiledWorkflow
     from .runtime import Engine
@@ -143,12 +145,10 @@ class ControlResponder:
 
     async def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """Check the request against the committed run record; publish its event if accepted."""
-        from .runtime import _RUN_ID
-
         op, run, namespace = request.get("op"), request.get("run"), request["namespace"]
         if op not in OPERATIONS:
             return {"ok": False, "error": f"unknown command {op!r}"}
-        if not isinstance(run, str) or not _RUN_ID.match(run):
+        if not isinstance(run, str) or not RUN_ID.match(run):
             return {"ok": False, "error": f"{run!r} is not a run id"}
         client = self.engine.client
         state = await client.get(run)

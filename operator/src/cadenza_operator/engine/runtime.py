@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -63,7 +62,7 @@ from .infra import (
 )
 from .payloads import fit_record, store_apart
 from .settings import EngineSettings
-from .state import RunState
+from .state import RUN_ID, RunState
 
 log = structlog.get_logger("cadenza.engine")
 
@@ -76,7 +75,6 @@ StateListener = Callable[[RunState], Awaitable[None] | None]
 EVENT_TYPES = frozenset(
     {"start", "cancel", "signal", "approval", "started", "heartbeat", "result", "failed", "timer", "context"}
 )
-_RUN_ID = re.compile(r"^[A-Za-z0-9_=-][A-Za-z0-9_.=-]{0,252}$")
 """A run id is one key of the runs bucket and one token of a subject: no wildcards,
 no dots at the start, nothing a KV key refuses."""
 
@@ -92,7 +90,7 @@ def parse_event(data: bytes) -> Event:
         event = protocol.parse_event(data)
     except ValueError:
         raise PermanentEventError(_what_is_wrong(data)) from None
-    if not _RUN_ID.match(event.run):
+    if not RUN_ID.match(event.run):
         raise PermanentEventError(_what_is_wrong(data))
     return event
 
@@ -106,7 +104,7 @@ def _what_is_wrong(data: bytes) -> str:
     if not isinstance(event, dict):
         raise PermanentEventError(f"malformed event: a JSON {type(event).__name__}, not an object")
     run, kind = event.get("run"), event.get("type")
-    if not isinstance(run, str) or not _RUN_ID.match(run):
+    if not isinstance(run, str) or not RUN_ID.match(run):
         raise PermanentEventError(f"malformed event: 'run' is {run!r}, not a run id")
     if kind not in EVENT_TYPES:
         return f"malformed event: unknown type {kind!r}"

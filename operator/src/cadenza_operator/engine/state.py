@@ -6,6 +6,7 @@ forEach keeps only its in-flight items and counts, attempts are capped.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from cadenza.protocol import RunPhase, StepPhase
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 TERMINAL_RUN = frozenset(p for p in RunPhase if p.is_terminal)
 TERMINAL_STEP = frozenset(p for p in StepPhase if p.is_terminal)
 MAX_ATTEMPT_RECORDS = 20
+RUN_ID = re.compile(r"^[A-Za-z0-9_=-][A-Za-z0-9_.=-]{0,252}$")
+"""A run id: a JetStream KV key and one subject token (no dots first, no wildcards)."""
 MAX_FAILED_ITEMS = 20
 
 
