@@ -218,10 +218,11 @@ class Driver:
             return None
         return min(self.state.timers.items(), key=lambda kv: (kv[1].at, kv[0]))
 
-    def fire(self, timer_id: str) -> Decision:
+    def fire(self, timer_id: str, **fields: Any) -> Decision:
+        """Fire an armed timer; `fields` are what the runtime adds (a queue timer's claim)."""
         timer = self.state.timers[timer_id]
         self.now = max(self.now, timer.at)
-        return self.send({"type": "timer", "timer": timer_id, "due": timer.at})
+        return self.send({"type": "timer", "timer": timer_id, "due": timer.at, **fields})
 
     def fire_next_timer(self) -> Decision | None:
         nxt = self.next_timer()

@@ -1164,3 +1164,75 @@ def test_the_driver_catches_a_decide_that_breaks_its_rules(monkeypatch: pytest.M
         monkeypatch.setattr(helpers, "decide", broken)
         with pytest.raises(AssertionError, match=message):
             run({"steps": [agent_step("a")]})
+
+
+# ------------------------------------------------------------- queue timers and claims
+
+
+def queued(**fields: Any) -> Driver:
+    step = agent_step(
+        "a", queueTimeout="5s", timeout="10s", retry={"limit": 1, "backoff": {"initial": "1s", "jitter": 0}}
+    )
+    return run({"steps": [step]}, **fields)
+
+
+def test_a_queue_timer_whose_attempt_an_agent_claimed_starts_it_instead_of_failing_it() -> None:
+    """The agent claimed the attempt (cadenza.nats.claim_attempt) before the engine could;
+    its start report has not arrived yet. The attempt is the one that runs: no retry,
+    started when it was claimed, its timeout counting from then."""
+    d = queued()
+    claimed_at = T0 + 4.5
+    decision = d.fire("queue:a:1", claimed=True, claimedBy="host:1", claimedAt=claimed_at)
+    assert decision.changed
+    st = d.step("a")
+    assert (st.phase, st.attempt, st.running, st.startedAt) == ("Running", 1, True, claimed_at)
+    assert (st.attempts[0].startedAt, st.attempts[0].worker, st.attempts[0].outcome) == (
+        claimed_at,
+        "host:1",
+        None,
+    )
+    assert st.retries == 0 and "retry:a:2" not in d.state.timers and "queue:a:1" not in d.state.timers
+    assert d.state.timers["timeout:a:1"].at == claimed_at + 11
+    assert not d.started("a").changed  # the start report, arriving after, changes nothing
+    assert not d.replay(d.applied[-1]).changed  # nor does the timer, redelivered
+    d.succeed("a")
+    assert d.phase == "Succeeded"
+    assert [t.attempt for t in d.dispatched] == [1]
+
+
+def test_a_claim_time_after_the_timer_counts_as_the_timer_time() -> None:
+    d = queued()
+    d.fire("queue:a:1", claimed=True, claimedBy="host:1", claimedAt=T0 + 60)  # a clock ahead
+    assert d.step("a").startedAt == T0 + 5
+
+
+def test_a_queue_timer_whose_attempt_the_engine_claimed_fails_it_and_retries() -> None:
+    d = queued()
+    d.fire("queue:a:1", claimed=False)
+    st = d.step("a")
+    assert st.attempts[0].outcome == "TimedOut"
+    assert st.attempts[0].error is not None and st.attempts[0].error["type"] == "QueueTimeout"
+    assert not d.replay(d.applied[-1]).changed  # the timer redelivered
+    d.fire_next_timer()  # the retry
+    assert d.task("a").attempt == 2
+    assert "queue:a:2" in d.state.timers
+
+
+def test_a_claimed_forEach_item_is_started_not_retried() -> None:
+    d = run(
+        {
+            "steps": [
+                agent_step(
+                    "f", forEach="input.xs", maxParallel=2, queueTimeout="5s", heartbeatTimeout="3s"
+                )
+            ]
+        },
+        input={"xs": [1, 2]},
+    )
+    d.fire("queue:f:0:1", claimed=True, claimedBy="host:1", claimedAt=T0 + 1)
+    slot = d.step("f").forEach
+    assert slot is not None and slot.running["0"].startedAt == T0 + 1 and slot.retries == 0
+    assert d.state.timers["heartbeat:f:0:1"].at == T0 + 4
+    d.fire("queue:f:1:1", claimed=False)  # no retry policy: the item fails
+    each = d.step("f").forEach
+    assert each is not None and each.failed == [1] and each.counts == {"Failed": 1}

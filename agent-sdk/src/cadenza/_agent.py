@@ -23,12 +23,14 @@ import structlog
 
 from . import _payloads
 from ._ackinfo import deliveries, stored_at
+from ._claims import Claim, claim
 from ._connect import connect_until_stopped
 from ._context import KVContext, WriteRecorder
 from ._deadletter import MAX_DELIVERIES, dead_letter
 from ._errors import TaskError, failure_of
 from ._logging import configure_logging
 from ._protocol import (
+    CLAIMS_BUCKET,
     CONTEXT_BUCKET,
     MAX_VALUE_BYTES,
     RUNS_BUCKET,
@@ -39,6 +41,7 @@ from ._protocol import (
     dumps,
     event_subject,
     loads,
+    task_id,
 )
 from ._publish import Publisher
 from ._pull import PullConsumer, agent_consumer_config
@@ -183,6 +186,21 @@ class Agent:
         runs_kv = SharedReads(await js.key_value(RUNS_BUCKET))  # one read per burst of a run's tasks
         worker = f"{socket.gethostname()}:{os.getpid()}"
         heartbeat_every = max(0.2, settings.ack_wait / 3)
+        claims_kv: Any = None  # bound at the first task with a queueTimeout
+
+        async def claim_start(body: dict[str, Any], at: float) -> Claim | None:
+            """Claim the attempt for this worker (cadenza._claims); who holds it, or None
+            where the engine keeps no claims (one from before them claims nothing either)."""
+            from nats.js.errors import NotFoundError
+
+            nonlocal claims_kv
+            if claims_kv is None:
+                try:
+                    claims_kv = await js.key_value(CLAIMS_BUCKET)
+                except NotFoundError:
+                    return None
+            key = task_id(body["run"], body["step"], body.get("item"), body["attempt"])
+            return await claim(claims_kv, key, worker, at)
 
         async def on_cancel(msg: Any) -> None:
             data = loads(msg.data)
@@ -275,6 +293,21 @@ class Agent:
                     log.warning("dead-lettering failed", exc_info=True)
                 return
             started = time.time()
+            if body.get("queueTimeout") is not None:
+                # The attempt's queue timer races this start: one claim decides, atomically
+                # (the currency check above cannot: the engine may abandon the attempt right
+                # after the read, and a shared read may be older than that commit).
+                try:
+                    holder = await claim_start(body, started)
+                except Exception as exc:
+                    log.warning("attempt claim unanswered; task returned for later", error=repr(exc))
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=2.0)
+                    return
+                if holder is not None and holder.abandoned:
+                    log.info("attempt not started: abandoned", why="its queueTimeout expired first")
+                    await msg.ack()
+                    return
             report = body.get("heartbeat")
             interval = min(heartbeat_every, report / 3) if report else heartbeat_every
             self._inflight[key] = _InFlight(task, msg, subject, base, interval, bool(report), loop.time())
@@ -515,6 +548,14 @@ async def abandoned(runs_kv: Any, body: dict[str, Any]) -> str | None:
     The engine writes a run record before it sends the record's tasks, so the record read
     here is at least as new as the task; an older one (a lagging replica) shows a lower
     attempt, which counts as current.
+
+    Reading then starting is not atomic. For a queueTimeout, the one abandonment that
+    races every start of a busy agent, the attempt's claim decides instead (`_claims`).
+    For the others (the run cancelled, failing or past its deadline, the step cancelled)
+    a decision committed after this read (SharedReads never gives a read begun before the
+    task arrived) is not seen, and the attempt starts; that window is the hop from the
+    read to the handler's start, and the cancel notice the engine sends with the decision
+    then cancels the running handler.
     """
     from nats.js.errors import KeyNotFoundError
 

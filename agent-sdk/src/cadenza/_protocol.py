@@ -30,6 +30,12 @@ OUTPUTS_BUCKET = "cadenza_outputs"  # forEach item outputs and large step output
 CONTEXT_BUCKET = "cadenza_context"  # shared context agents read and write, apart from execution state
 DEFINITIONS_BUCKET = "cadenza_definitions"  # compiled workflow and agent definitions
 PAYLOADS_STORE = "cadenza_payloads"  # inputs/outputs larger than OFFLOAD_BYTES
+CLAIMS_BUCKET = "cadenza_claims"  # task id -> who may start it: an agent, or the engine's "abandoned"
+CLAIM_MAX_AGE = 86400.0
+"""Seconds a claim is kept. A claim decides between an agent's start and the attempt's
+queueTimeout, both within the queueTimeout (plus delivery delays) of the dispatch; a day
+bounds the bucket by a day of attempts with a queueTimeout. A task taken from the queue
+after its claim has expired is still checked against the run record (see cadenza._agent)."""
 
 OFFLOAD_BYTES = 512 * 1024
 """A value whose JSON is larger travels through the object store (PAYLOADS_STORE) as a

@@ -11,7 +11,9 @@ engine and the operator use the very code agents use, rather than a copy that dr
 - deliveries: how often a message was delivered and when it was stored, and the
   dead-letter stream for messages given up on (with the reason in its headers);
 - large values: what does not fit in a message travels through the object store as a
-  reference (`offload_payload`, `resolve_payload`).
+  reference (`offload_payload`, `resolve_payload`);
+- claims: one per attempt with a queueTimeout, deciding whether an agent starts it or
+  the engine abandons it (`claim_attempt`, `Claim`).
 
 The implementation lives in the SDK's private modules; this module is its public face.
 The names these use (streams, buckets, subjects) and the JSON encoding are in
@@ -21,6 +23,8 @@ The names these use (streams, buckets, subjects) and the JSON encoding are in
 from __future__ import annotations
 
 from ._ackinfo import deliveries, stored_at
+from ._claims import Claim
+from ._claims import claim as claim_attempt
 from ._connect import NatsUnreachable, connect_once, connect_until_stopped
 from ._deadletter import DELIVERIES as DEAD_LETTER_DELIVERIES_HEADER
 from ._deadletter import MAX_DELIVERIES, dead_letter
@@ -41,11 +45,13 @@ __all__ = [
     "DEAD_LETTER_SUBJECT_HEADER",
     "MAX_DELIVERIES",
     "SERVER_DELIVERY_SLACK",
+    "Claim",
     "NatsUnreachable",
     "Publisher",
     "PullConsumer",
     "ValueTooLarge",
     "agent_consumer_config",
+    "claim_attempt",
     "connect_once",
     "connect_until_stopped",
     "dead_letter",

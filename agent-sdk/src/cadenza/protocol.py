@@ -156,6 +156,14 @@ class TimerEvent(_Event):
     type: Literal["timer"] = "timer"
     timer: Any = None
     due: float | None = None
+    # Set by the engine that handles a queue timer, never sent: the outcome of its claim
+    # on the attempt (cadenza.nats.claim_attempt), so that decide, which does no I/O,
+    # knows whether an agent claimed the attempt first.
+    claimed: bool | None = Field(
+        None, description="An agent claimed the attempt before its queueTimeout (None: not asked)."
+    )
+    claimedBy: str | None = Field(None, description="The worker that claimed it.")
+    claimedAt: float | None = Field(None, description="When it claimed it: the attempt's start.")
 
 
 class AttemptEvent(_Event):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from ._protocol import (
     AUDIT_STREAM,
+    CLAIM_MAX_AGE,
+    CLAIMS_BUCKET,
     CONTEXT_BUCKET,
     DEAD_LETTER_STREAM,
     DEAD_LETTER_SUBJECTS,
@@ -42,6 +44,8 @@ from ._protocol import (
 
 __all__ = [
     "AUDIT_STREAM",
+    "CLAIMS_BUCKET",
+    "CLAIM_MAX_AGE",
     "CONTEXT_BUCKET",
     "DEAD_LETTER_STREAM",
     "DEAD_LETTER_SUBJECTS",

@@ -9,6 +9,8 @@ from typing import Any
 from cadenza.nats import SERVER_DELIVERY_SLACK, agent_consumer_config
 from cadenza.wire import (
     AUDIT_STREAM,
+    CLAIM_MAX_AGE,
+    CLAIMS_BUCKET,
     CONTEXT_BUCKET,
     DEAD_LETTER_STREAM,
     DEAD_LETTER_SUBJECTS,
@@ -95,13 +97,16 @@ async def ensure_infrastructure(
             await js.stream_info(cfg.name)
         except NotFoundError:
             await js.add_stream(cfg)
-    for bucket, history in (
-        (RUNS_BUCKET, RUNS_HISTORY),
-        (OUTPUTS_BUCKET, 1),
-        (CONTEXT_BUCKET, 1),
-        (DEFINITIONS_BUCKET, 1),
-        (TIMERS_BUCKET, 1),
-        (TRIGGERS_BUCKET, 1),
+    for bucket, history, ttl in (
+        (RUNS_BUCKET, RUNS_HISTORY, None),
+        (OUTPUTS_BUCKET, 1, None),
+        (CONTEXT_BUCKET, 1, None),
+        (DEFINITIONS_BUCKET, 1, None),
+        (TIMERS_BUCKET, 1, None),
+        (TRIGGERS_BUCKET, 1, None),
+        # Claims of attempts with a queueTimeout (cadenza._claims): only needed while the
+        # attempt can still be started or timed out, so they expire instead of growing.
+        (CLAIMS_BUCKET, 1, CLAIM_MAX_AGE),
     ):
         # Direct gets: a read is answered by the stream itself, not queued behind every
         # other JetStream API request (0.35 ms instead of 0.8 ms, and concurrent reads no
@@ -118,6 +123,7 @@ async def ensure_infrastructure(
                         storage=StorageType.FILE,
                         replicas=replicas,
                         direct=True,
+                        ttl=ttl,
                     )
                 )
             continue

@@ -28,14 +28,16 @@ from cadenza import protocol
 from cadenza.nats import (
     Publisher,
     PullConsumer,
+    claim_attempt,
     dead_letter,
     deliveries,
     offload_payload,
     resolve_payload,
     stored_at,
 )
-from cadenza.protocol import Event, FailedEvent, StartEvent, TaskFailure
+from cadenza.protocol import Event, FailedEvent, StartEvent, TaskFailure, TimerEvent
 from cadenza.wire import (
+    CLAIMS_BUCKET,
     EVENTS_STREAM,
     OFFLOAD_BYTES,
     REF_KEY,
@@ -45,6 +47,7 @@ from cadenza.wire import (
     event_subject,
     is_ref,
     loads,
+    task_id,
 )
 from pydantic import ValidationError
 
@@ -158,6 +161,7 @@ class Engine:
         self.outputs_kv: Any = None
         self.defs_kv: Any = None
         self.timers_kv: Any = None
+        self.claims_kv: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
@@ -172,6 +176,7 @@ class Engine:
         self.outputs_kv = self.client.outputs_kv
         self.defs_kv = self.client.defs_kv
         self.timers_kv = await self.js.key_value(TIMERS_BUCKET)
+        self.claims_kv = await self.js.key_value(CLAIMS_BUCKET)
 
     async def start(self) -> None:
         """Open the buckets (unless open already) and start executing: consume events, fire timers."""
@@ -349,6 +354,7 @@ class Engine:
                 await self._execute(state, [c for c in map(commands.from_wire, state.outbox) if c])
                 cached.executed = True
             wf = await self._definition(state.definition)
+            await self._claim_queue_timers(state, events)
             armed_before = {tid: t.at for tid, t in state.timers.items()}
             decision = await self._decide_all(state, events, wf, cached)
             if not decision.changed:
@@ -406,6 +412,32 @@ class Engine:
             raise RuntimeError(f"run {run}: too many concurrent writers")
         for msg in msgs:
             await msg.ack()
+
+    async def _claim_queue_timers(self, state: RunState, events: list[Event]) -> None:
+        """Claim, for the engine, each attempt whose queue timer is about to be decided.
+
+        An agent claims an attempt with a queueTimeout before it starts it; the engine
+        claims it as `abandoned` here. One create of one key decides (cadenza._claims): if
+        an agent was first, decide counts the attempt as started instead of failing it; if
+        the engine was, decide abandons it and the agent that takes the task later does not
+        start it. A redelivered timer reads the same holder. decide does no I/O, so the
+        outcome reaches it on the event. Only a timer decide would act on is claimed (armed,
+        for this time): claiming for a stale firing would keep a live attempt from starting.
+        """
+        if state.terminal:
+            return
+        for ev in events:
+            if not isinstance(ev, TimerEvent) or ev.claimed is not None:
+                continue
+            timer = state.timers.get(str(ev.timer))
+            if timer is None or timer.kind != "queue" or not timer.step or not timer.attempt:
+                continue
+            if ev.due is not None and abs(float(ev.due) - timer.at) > 1e-3:
+                continue
+            key = task_id(state.run, timer.step, timer.item, timer.attempt)
+            holder = await claim_attempt(self.claims_kv, key, None)
+            ev.claimed = not holder.abandoned
+            ev.claimedBy, ev.claimedAt = holder.worker, holder.at
 
     async def _initial(self, events: list[Event]) -> _Cached | None:
         start = next((e for e in events if isinstance(e, StartEvent)), None)

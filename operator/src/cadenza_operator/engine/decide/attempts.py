@@ -197,6 +197,20 @@ def dispatch(d: Decider, name: str, item: int | None, retry: bool = False) -> No
     d.changed()
 
 
+def mark_started(
+    d: Decider, name: str, item: int | None, slot: Slot, at: float | None, worker: str | None
+) -> None:
+    """The attempt has begun (its start report, or its claim won before the queue timer):
+    no queue timer any more, its start-to-close timers from the start."""
+    # The agent's start time (a report may come a moment after the start), never later
+    # than the event was stored.
+    slot.startedAt = min(float(at or d.now), d.now)
+    record_attempt(d, name, item, startedAt=slot.startedAt, worker=worker)
+    d.disarm(timer_id("queue", name, item, slot.attempt))
+    arm_attempt_timers(d, name, item, slot)
+    d.changed()
+
+
 def arm_attempt_timers(d: Decider, name: str, item: int | None, slot: Slot) -> None:
     cs = d.step_def(name)
     start = slot.startedAt or d.now

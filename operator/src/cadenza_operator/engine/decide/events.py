@@ -27,7 +27,7 @@ from cadenza.protocol import (
 
 from ..state import Timer
 from . import attempts, foreach, graph, lifecycle, timers
-from .context import CONTEXT_KEY, Decider, timer_id, whole
+from .context import CONTEXT_KEY, Decider, whole
 
 
 def apply(d: Decider) -> None:
@@ -121,13 +121,7 @@ def on_started(d: Decider, ev: StartedEvent) -> None:
     slot, name, item = d.find_slot(ev)
     if slot is None or slot.startedAt is not None:
         return
-    # The agent's start time (a report may come a moment after the start), never later
-    # than the report was stored.
-    slot.startedAt = min(float(ev.startedAt or d.now), d.now)
-    attempts.record_attempt(d, name, item, startedAt=slot.startedAt, worker=ev.worker)
-    d.disarm(timer_id("queue", name, item, slot.attempt))
-    attempts.arm_attempt_timers(d, name, item, slot)
-    d.changed()
+    attempts.mark_started(d, name, item, slot, ev.startedAt, ev.worker)
 
 
 def on_heartbeat(d: Decider, ev: HeartbeatEvent) -> None:

@@ -70,8 +70,16 @@ def queue_timed_out(d: Decider, timer: Timer) -> None:
     slot = _current(d, timer)
     if slot is None or slot.startedAt is not None:
         return  # started in time (the start disarms it; this is a stale firing)
+    ev = d.ev
+    if isinstance(ev, TimerEvent) and ev.claimed:
+        # An agent claimed the attempt before the engine could (cadenza.nats.claim_attempt,
+        # done by the runtime): it has started, and its start report is on its way.
+        attempts.mark_started(d, timer.step or "", timer.item, slot, ev.claimedAt, ev.claimedBy)
+        return
     cs = d.step_def(timer.step or "")
-    # The task stays queued; the agent that takes it finds the attempt abandoned.
+    # The engine holds the attempt's claim (or, with no claim asked, an agent on an older
+    # SDK may hold the task): the task stays queued, and the agent that takes it finds
+    # the claim taken and does not start it.
     error = attempts.timed_out("QueueTimeout", f"no agent started the attempt within {cs.queue_timeout:g}s")
     attempts.attempt_failed(d, timer.step or "", timer.item, slot, error, "TimedOut")
 
