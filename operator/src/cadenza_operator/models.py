@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 API_GROUP = "cadenza.dev"
 API_VERSION = "v1alpha1"
@@ -155,11 +155,155 @@ class MetricsSpec(_Model):
     port: int = Field(9100, ge=1, le=65535, description="Container port serving /metrics.")
 
 
+class SecretKeyRef(_Model):
+    """One key of a Kubernetes Secret. In a cluster it becomes a reference (the operator
+    never reads the value); locally `cadenza run`/`dev` read it from the variable
+    CADENZA_SECRET_<NAME>_<KEY> (upper-cased, '-' and '.' as '_') or from --env-file."""
+
+    name: str = Field(min_length=1, description="Name of the Secret, in the resource's namespace.")
+    key: str = Field(min_length=1, description="Key in the Secret.")
+
+
+class ConfigMapKeyRef(_Model):
+    """One key of a ConfigMap; locally read from CADENZA_CONFIGMAP_<NAME>_<KEY>."""
+
+    name: str = Field(min_length=1, description="Name of the ConfigMap, in the resource's namespace.")
+    key: str = Field(min_length=1, description="Key in the ConfigMap.")
+
+
+class EnvVarSource(_Model):
+    """Where a variable's value comes from instead of a literal: exactly one reference."""
+
+    secretKeyRef: SecretKeyRef | None = Field(None, description="A key of a Secret.")
+    configMapKeyRef: ConfigMapKeyRef | None = Field(None, description="A key of a ConfigMap.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvVarSource:
+        if (self.secretKeyRef is None) == (self.configMapKeyRef is None):
+            raise ValueError("give exactly one of secretKeyRef or configMapKeyRef")
+        return self
+
+
 class EnvVar(_Model):
     """An environment variable for the agent's container or local process."""
 
     name: str = Field(description="Variable name.")
     value: str = Field("", description="Literal value.")
+    valueFrom: EnvVarSource | None = Field(
+        None, description="Take the value from a Secret or ConfigMap key (never written into the manifest)."
+    )
+
+    @model_validator(mode="after")
+    def _value_or_reference(self) -> EnvVar:
+        if self.value and self.valueFrom is not None:
+            raise ValueError("give value or valueFrom, not both")
+        if self.name == "CADENZA_NATS_CREDS":
+            raise ValueError("CADENZA_NATS_CREDS is Cadenza's: the operator mounts the NATS credentials")
+        return self
+
+
+class NamedRef(_Model):
+    """A Secret or ConfigMap named in `envFrom`."""
+
+    name: str = Field(min_length=1, description="Name of the Secret or ConfigMap.")
+
+
+class EnvFromSource(_Model):
+    """Every key of a Secret or ConfigMap as a variable: exactly one reference."""
+
+    secretRef: NamedRef | None = Field(None, description="Every key of this Secret.")
+    configMapRef: NamedRef | None = Field(None, description="Every key of this ConfigMap.")
+    prefix: str = Field("", description="Prepended to each key to make the variable name.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvFromSource:
+        if (self.secretRef is None) == (self.configMapRef is None):
+            raise ValueError("give exactly one of secretRef or configMapRef")
+        return self
+
+
+OWNED_VOLUMES = frozenset({"tmp", "nats-creds"})
+"""Volumes (and mounts) the Agent's Deployment always has: a podTemplate may not name them."""
+
+OWNED_MOUNT_PATHS = frozenset({"/tmp", "/etc/cadenza/nats"})
+
+_FORBIDDEN_POD_FIELDS = {
+    "containers": None,  # checked one by one below
+    "serviceAccountName": "use spec.serviceAccountName",
+    "serviceAccount": "use spec.serviceAccountName",
+    "automountServiceAccountToken": "decided by spec.serviceAccountName",
+    "hostNetwork": "agents do not share the node's network",
+    "hostPID": "agents do not share the node's processes",
+    "hostIPC": "agents do not share the node's IPC",
+}
+_PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
+_ALLOWED_CONTAINER_FIELDS = frozenset({"name", "volumeMounts", "resources", "securityContext", *_PROBES})
+_OWNED_CONTAINER_FIELDS = {
+    "command": "owned by Cadenza: use spec.command",
+    "args": "owned by Cadenza: use spec.command",
+    "image": "use spec.image",
+    "env": "use spec.env",
+    "envFrom": "use spec.envFrom",
+}
+
+
+def pod_template_errors(template: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field path, message) for each part of a podTemplate that would override what Cadenza
+    owns: the container's command and image, its NATS credentials and environment, the
+    reserved volumes, and the securityContext floor (non-root, no privilege escalation,
+    every capability dropped). The rest is checked against the Kubernetes schema."""
+    errors: list[tuple[str, str]] = []
+    template = _dict(template)
+    for key in template:
+        if key not in ("metadata", "spec"):
+            errors.append((key, "unknown field (a PodTemplateSpec has metadata and spec)"))
+    metadata = _dict(template.get("metadata"))
+    for key in metadata:
+        if key not in ("labels", "annotations"):
+            errors.append((f"metadata.{key}", "only labels and annotations may be set"))
+    spec = _dict(template.get("spec"))
+    for key, why in _FORBIDDEN_POD_FIELDS.items():
+        if key in spec and why is not None:
+            errors.append((f"spec.{key}", why))
+    sc = _dict(spec.get("securityContext"))
+    if sc.get("runAsNonRoot") is False or sc.get("runAsUser") == 0:
+        errors.append(("spec.securityContext", "agents run as non-root: the floor cannot be lowered"))
+    for i, volume in enumerate(_list(spec.get("volumes"))):
+        if isinstance(volume, dict) and volume.get("name") in OWNED_VOLUMES:
+            errors.append((f"spec.volumes[{i}].name", f"{volume['name']!r} is a volume Cadenza owns"))
+    containers = [_dict(c) for c in _list(spec.get("containers"))]
+    if len(containers) > 1:
+        errors.append(("spec.containers", "one container only: the agent's (named 'agent')"))
+    for i, container in enumerate(containers[:1]):
+        where = f"spec.containers[{i}]"
+        if container.get("name", "agent") != "agent":
+            errors.append((f"{where}.name", "the agent's container is named 'agent'"))
+        for key in container:
+            if key in _OWNED_CONTAINER_FIELDS:
+                errors.append((f"{where}.{key}", _OWNED_CONTAINER_FIELDS[key]))
+            elif key not in _ALLOWED_CONTAINER_FIELDS:
+                errors.append((f"{where}.{key}", "not settable through a podTemplate"))
+        for j, mount in enumerate(_dict(m) for m in _list(container.get("volumeMounts"))):
+            if mount.get("name") in OWNED_VOLUMES or mount.get("mountPath") in OWNED_MOUNT_PATHS:
+                errors.append((f"{where}.volumeMounts[{j}]", "a mount Cadenza owns"))
+        csc = _dict(container.get("securityContext"))
+        if csc.get("allowPrivilegeEscalation") is True or csc.get("privileged") is True:
+            errors.append((f"{where}.securityContext", "no privilege escalation: a floor that stays"))
+        if csc.get("runAsNonRoot") is False or csc.get("runAsUser") == 0:
+            errors.append((f"{where}.securityContext", "agents run as non-root: a floor that stays"))
+        caps = _dict(csc.get("capabilities"))
+        if caps.get("add") or ("drop" in caps and "ALL" not in _list(caps.get("drop"))):
+            errors.append((f"{where}.securityContext.capabilities", "every capability stays dropped"))
+    return errors
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    # A wrong type is the Kubernetes schema's to report; here it only must not crash.
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 class AgentSpec(_Model):
@@ -174,6 +318,9 @@ class AgentSpec(_Model):
         ),
     )
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment for the agent.")
+    envFrom: list[EnvFromSource] = Field(
+        default_factory=list, description="Every key of these Secrets or ConfigMaps as variables."
+    )
     replicas: int = Field(1, ge=0, description="Replicas (pods in a cluster, processes locally).")
     concurrency: int = Field(4, ge=1, le=10_000, description="Tasks in flight per replica.")
     ackWait: Duration = Field(
@@ -195,6 +342,24 @@ class AgentSpec(_Model):
     serviceAccountName: str | None = Field(
         None, description="Use this ServiceAccount instead of the one the operator creates."
     )
+    podTemplate: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "A partial PodTemplateSpec merged into the agent's Deployment: labels, annotations, "
+            "volumes, imagePullSecrets, nodeSelector, tolerations, affinity, and for the container "
+            "named 'agent' volumeMounts, probes and resources. The command, image, environment, "
+            "NATS credentials and the securityContext floor stay Cadenza's."
+        ),
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    @field_validator("podTemplate")
+    @classmethod
+    def _owned_fields_stay_owned(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        errors = pod_template_errors(value) if value is not None else []
+        if errors:
+            raise ValueError("; ".join(f"podTemplate.{path}: {msg}" for path, msg in errors))
+        return value
 
 
 class Condition(_Model):

@@ -61,9 +61,10 @@ def service_account_name(agent: Agent) -> str:
 
 def agent_env(
     agent: Agent, *, nats_url: str, log_format: str = "json", nats_creds: tuple[str, str] | None = None
-) -> list[dict[str, str]]:
+) -> list[Manifest]:
     """The agent's environment: the SDK's connection settings, then the spec's own `env`
-    (which may override them on purpose, e.g. a different NATS URL for one agent)."""
+    (which may override them on purpose, e.g. a different NATS URL for one agent). A
+    variable taken from a Secret or ConfigMap stays a reference: its value is never read."""
     base = {
         "CADENZA_NATS_URL": nats_url,
         "CADENZA_AGENT": agent.metadata.name,
@@ -77,9 +78,18 @@ def agent_env(
     }
     if nats_creds is not None:
         base["CADENZA_NATS_CREDS"] = f"{NATS_CREDS_DIR}/{nats_creds[1]}"
+    rendered: dict[str, Manifest] = {k: {"name": k, "value": v} for k, v in base.items()}
     for var in agent.spec.env:
-        base[var.name] = var.value
-    return [{"name": k, "value": v} for k, v in base.items()]
+        if var.valueFrom is not None:
+            rendered[var.name] = {"name": var.name, "valueFrom": var.valueFrom.model_dump(exclude_none=True)}
+        else:
+            rendered[var.name] = {"name": var.name, "value": var.value}
+    return list(rendered.values())
+
+
+def agent_env_from(agent: Agent) -> list[Manifest]:
+    """`envFrom` as the container takes it: references to whole Secrets and ConfigMaps."""
+    return [source.model_dump(exclude_none=True, exclude_defaults=True) for source in agent.spec.envFrom]
 
 
 def pod_security_context() -> Manifest:
@@ -137,6 +147,8 @@ def build_deployment(
         # status, where the operator reads why it crash-loops (pods.py) with no log access.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if agent.spec.envFrom:
+        container["envFrom"] = agent_env_from(agent)
     if agent.spec.command:
         container["command"] = list(agent.spec.command)
     if agent.spec.resources:
@@ -169,6 +181,9 @@ def build_deployment(
         # Our own ServiceAccount has no API permissions: mount no token. A user-chosen
         # account decides for itself (it may be there precisely for its token).
         pod_spec["automountServiceAccountToken"] = False
+    template: Manifest = {"metadata": {"labels": labels}, "spec": pod_spec}
+    if agent.spec.podTemplate:
+        merge_pod_template(template, agent.spec.podTemplate)
     deployment: Manifest = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -182,10 +197,34 @@ def build_deployment(
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"},
             },
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "template": template,
         },
     }
     return stamp(deployment)
+
+
+def merge_pod_template(template: Manifest, partial: Manifest) -> None:
+    """Merge a user's partial PodTemplateSpec (`spec.podTemplate`, already checked by the
+    model: it overrides nothing Cadenza owns) into the Deployment's pod template: lists
+    (volumes, mounts, tolerations, imagePullSecrets) are appended to, maps are merged with
+    Cadenza's own keys winning (the selector label, the securityContext floor)."""
+    meta = partial.get("metadata") or {}
+    for key in ("labels", "annotations"):
+        if meta.get(key):
+            template["metadata"][key] = {**meta[key], **template["metadata"].get(key, {})}
+    spec = dict(partial.get("spec") or {})
+    pod_spec = template["spec"]
+    container = pod_spec["containers"][0]
+    for given in spec.pop("containers", None) or []:
+        override = {k: v for k, v in given.items() if k != "name"}
+        container["volumeMounts"] += override.pop("volumeMounts", None) or []
+        if "securityContext" in override:
+            container["securityContext"] = {**override.pop("securityContext"), **container["securityContext"]}
+        container.update(override)  # probes and resources
+    pod_spec["volumes"] += spec.pop("volumes", None) or []
+    if "securityContext" in spec:
+        pod_spec["securityContext"] = {**spec.pop("securityContext"), **pod_spec["securityContext"]}
+    pod_spec.update(spec)
 
 
 def build_metrics_service(agent: Agent) -> Manifest | None:
