@@ -47,6 +47,7 @@ from ._publish import Publisher
 from ._pull import PullConsumer, agent_consumer_config
 from ._reads import SharedReads
 from ._task import Task
+from ._usage import UsageRecorder
 from .protocol import TaskFailure
 
 Handler = Callable[[Task], Any]
@@ -257,6 +258,19 @@ class Agent:
                 log,
             )
             task.context = KVContext(context_kv, scope, loop, on_write=writes)
+            usage = UsageRecorder(  # each model call's usage, counted by the engine
+                lambda data, headers: pub.publish(subject, data, headers),
+                {
+                    "run": task.run_id,
+                    "step": task.step,
+                    "item": task.item,
+                    "attempt": task.attempt,
+                    "worker": worker,
+                },
+                loop,
+                log,
+            )
+            task._usage = usage
             try:
                 why = await self._currency(runs_kv, body, msg) if self._may_be_stale(body, msg) else None
             except Exception as exc:
@@ -354,6 +368,7 @@ class Agent:
                 # Durable first, then the ack: a crash in between redelivers the task and
                 # the duplicate result is dropped by Nats-Msg-Id and by the engine.
                 await writes.settle()  # the context writes' records come before the outcome
+                await usage.settle()  # and the usage it recorded
                 await self._publish_outcome(pub, subject, dumps(event), msg_id, stop, log)
                 await msg.ack()
             except asyncio.CancelledError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ class Task:
     timeout: float | None = None
     context: KVContext | MemoryContext = field(default_factory=MemoryContext)
     log: Any = None
+    _usage: Callable[[str, int, int, float | None], None] | None = field(default=None, repr=False)
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def __post_init__(self) -> None:
@@ -45,6 +47,17 @@ class Task:
     async def wait_cancelled(self) -> None:
         """Wait until the task is cancelled (useful in asyncio.wait alongside real work)."""
         await self._cancelled.wait()
+
+    def record_usage(
+        self, model: str, input_tokens: int, output_tokens: int, cost: float | None = None
+    ) -> None:
+        """Count a model call against the run: its tokens (and cost, in the Model's cost
+        units) go to the attempt's, the step's and the run's usage and budget. For calls
+        made another way than `task.model()`, which records its own. Never blocks."""
+        if input_tokens < 0 or output_tokens < 0 or (cost is not None and cost < 0):
+            raise ValueError("record_usage: tokens and cost cannot be negative")
+        if self._usage is not None:  # None under cadenza.testing: nothing to send it to
+            self._usage(model, int(input_tokens), int(output_tokens), cost)
 
     def cancel(self) -> None:
         self._cancelled.set()

@@ -31,6 +31,7 @@ __all__ = [
     "FailedEvent",
     "HeartbeatEvent",
     "ResultEvent",
+    "ResumeEvent",
     "RunPhase",
     "SignalEvent",
     "StartEvent",
@@ -38,6 +39,7 @@ __all__ = [
     "StepPhase",
     "TaskFailure",
     "TimerEvent",
+    "UsageEvent",
     "parse_event",
 ]
 
@@ -60,10 +62,12 @@ class StepPhase(enum.StrEnum):
 
 
 class RunPhase(enum.StrEnum):
-    """Where a run is."""
+    """Where a run is. Paused: its budget was reached; what runs finishes, nothing new is
+    dispatched until it is resumed (not terminal)."""
 
     PENDING = "Pending"
     RUNNING = "Running"
+    PAUSED = "Paused"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     CANCELLED = "Cancelled"
@@ -166,6 +170,15 @@ class TimerEvent(_Event):
     claimedAt: float | None = Field(None, description="When it claimed it: the attempt's start.")
 
 
+class ResumeEvent(_Event):
+    """Resume a run paused by its budget, with new limits (None: the limit stays)."""
+
+    type: Literal["resume"] = "resume"
+    by: str | None = None
+    tokens: int | None = None
+    cost: float | None = None
+
+
 class AttemptEvent(_Event):
     """About one attempt of a step (or of one forEach item), sent by the agent running it
     (or, for a sub-workflow step, by the child run)."""
@@ -212,6 +225,19 @@ class ContextEvent(AttemptEvent):
     revision: Any = None
 
 
+class UsageEvent(AttemptEvent):
+    """Model usage an attempt recorded (`task.record_usage`): counted against the run's
+    budget. `id` is unique per call (also its Nats-Msg-Id): the engine counts it once."""
+
+    type: Literal["usage"] = "usage"
+    id: str | None = None
+    model: str | None = None
+    inputTokens: int = Field(0, ge=0)
+    outputTokens: int = Field(0, ge=0)
+    cost: float | None = Field(None, ge=0)
+    calls: int = Field(1, ge=0)
+
+
 Event = Annotated[
     StartEvent
     | CancelEvent
@@ -222,7 +248,9 @@ Event = Annotated[
     | HeartbeatEvent
     | ResultEvent
     | FailedEvent
-    | ContextEvent,
+    | ContextEvent
+    | ResumeEvent
+    | UsageEvent,
     Field(discriminator="type"),
 ]
 

@@ -446,6 +446,21 @@ class WaitForSpec(_Model):
     timeout: Duration | None = Field(None, description="Fail the step when no signal came in time.")
 
 
+class BudgetSpec(_Model):
+    """A cap on the model usage agents record (`task.record_usage`, `task.model()`).
+    Checked before each attempt is dispatched: a run that has reached it pauses (or fails)."""
+
+    tokens: int | None = Field(None, gt=0, description="Input plus output tokens.")
+    cost: float | None = Field(None, gt=0, description="Cost, in the Models' pricing units.")
+    onExceeded: Literal["pause", "fail"] = Field(
+        "pause",
+        description=(
+            "pause: the run goes to Paused (what runs finishes, nothing new starts) until "
+            "`cadenza resume` raises the budget; fail: the run fails."
+        ),
+    )
+
+
 class Step(_Model):
     """One node of the workflow graph."""
 
@@ -502,6 +517,7 @@ class Step(_Model):
             "or the name of a fallback step that runs instead."
         ),
     )
+    budget: BudgetSpec | None = Field(None, description="A cap on this step's model usage.")
 
     @property
     def kind(self) -> Literal["agent", "workflow", "approval", "signal"]:
@@ -585,6 +601,7 @@ class WorkflowSpec(_Model):
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     deadline: Duration | None = Field(None, description="Fail the whole run when it takes longer.")
+    budget: BudgetSpec | None = Field(None, description="A cap on the run's model usage.")
     onExit: OnExitStep | None = Field(None, description="A step that always runs at the end.")
     triggers: list[Trigger] = Field(default_factory=list, description="Event sources that start runs.")
     concurrencyPolicy: Literal["Allow", "Forbid", "Replace"] = Field(
@@ -647,11 +664,20 @@ class StepSummary(_Model):
     executing: str = Field("", description="Time agents spent executing its finished attempts.")
 
 
+class RunUsage(_Model):
+    """Model usage summed over a run's attempts."""
+
+    inputTokens: int = Field(0, description="Input (prompt) tokens.")
+    outputTokens: int = Field(0, description="Output (completion) tokens.")
+    cost: float = Field(0.0, description="Cost, in the Models' pricing units.")
+    calls: int = Field(0, description="Model calls.")
+
+
 class WorkflowRunStatus(_Model):
     """Observed state of a run; the full record lives in JetStream."""
 
     model_config = ConfigDict(extra="allow")
-    phase: str = Field("Pending", description="Pending, Running, Succeeded, Failed or Cancelled.")
+    phase: str = Field("Pending", description="Pending, Running, Paused, Succeeded, Failed or Cancelled.")
     runId: str = Field("", description="Engine run id.")
     startedAt: str | None = Field(None, description="When the run started.")
     finishedAt: str | None = Field(None, description="When the run finished.")
@@ -663,6 +689,7 @@ class WorkflowRunStatus(_Model):
         "maxActiveRuns, a busy engine, or in an agent's queue), summed over steps.",
     )
     executing: str = Field("", description="Time agents spent executing attempts, summed over steps.")
+    usage: RunUsage | None = Field(None, description="Model usage the run's agents recorded.")
     steps: dict[str, StepSummary] = Field(default_factory=dict, description="Per-step summary.")
     outputs: Any = Field(
         None,

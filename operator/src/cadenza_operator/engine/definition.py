@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..expressions import Expr, ExpressionError, Template, compile_expr, compile_template
-from ..models import MAX_PARALLEL, ApprovalSpec, OnExitStep, Step, WorkflowSpec, parse_duration
+from ..models import MAX_PARALLEL, ApprovalSpec, BudgetSpec, OnExitStep, Step, WorkflowSpec, parse_duration
 
 DEFAULT_FOREACH_WINDOW = MAX_PARALLEL
 """Items of a forEach in flight when maxParallel is unset: bounds the run record and memory."""
@@ -28,6 +28,23 @@ class DefinitionError(ValueError):
         super().__init__(f"{path}: {message}")
         self.path = path
         self.message = message
+
+
+@dataclass(frozen=True)
+class CompiledBudget:
+    """A budget (the run's or a step's): limits on recorded model usage."""
+
+    tokens: int | None
+    cost: float | None
+    fail: bool  # onExceeded: fail (else pause)
+
+
+def _budget(spec: BudgetSpec | None, path: str) -> CompiledBudget | None:
+    if spec is None:
+        return None
+    if spec.tokens is None and spec.cost is None:
+        raise DefinitionError(path, "a budget needs tokens, cost or both")
+    return CompiledBudget(tokens=spec.tokens, cost=spec.cost, fail=spec.onExceeded == "fail")
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,7 @@ class CompiledStep:
     is_exit: bool = False
     non_retryable: tuple[str, ...] = ()  # exception types never retried (retry.nonRetryable)
     approval_message: Template | None = None  # approval.message, `${{ }}` over input and steps
+    budget: CompiledBudget | None = None
 
     @property
     def agent(self) -> str | None:
@@ -91,6 +109,7 @@ class CompiledWorkflow:
     output: Template
     deadline: float | None
     on_exit: CompiledStep | None
+    budget: CompiledBudget | None = None
     digest: str = ""
     agents: frozenset[str] = field(default_factory=frozenset)
     signals: frozenset[str] = field(default_factory=frozenset)  # what waitFor steps wait for
@@ -206,6 +225,7 @@ def _compile_step(step: Step | OnExitStep, path: str, *, is_exit: bool = False) 
         is_exit=is_exit,
         non_retryable=tuple(retry.nonRetryable) if retry else (),
         approval_message=approval_message,
+        budget=_budget(step.budget, f"{path}.budget") if isinstance(step, Step) else None,
     )
 
 
@@ -344,6 +364,7 @@ def compile_workflow(
         output=output,
         deadline=_seconds(spec.deadline, "spec.deadline"),
         on_exit=on_exit,
+        budget=_budget(spec.budget, "spec.budget"),
         digest=spec_digest(spec),
         agents=frozenset(agents),
         signals=frozenset(s.waitFor.signal for s in spec.steps if s.waitFor is not None),

@@ -26,6 +26,37 @@ class _State(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+MAX_USAGE_IDS = 256
+"""Usage event ids a run remembers, to count an engine's redelivery once (JetStream
+already drops an agent's repeated publish by its Nats-Msg-Id)."""
+
+
+class Usage(_State):
+    """Model usage summed: four numbers, whatever the number of calls."""
+
+    inputTokens: int = 0
+    outputTokens: int = 0
+    cost: float = 0.0
+    calls: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.inputTokens + self.outputTokens
+
+    def add(self, other: Usage) -> None:
+        self.inputTokens += other.inputTokens
+        self.outputTokens += other.outputTokens
+        self.cost += other.cost
+        self.calls += other.calls
+
+
+class Budget(_State):
+    """A limit on usage (None: no limit on that)."""
+
+    tokens: int | None = None
+    cost: float | None = None
+
+
 class Attempt(_State):
     """One attempt's life: ready (it could have run) -> queued (the engine dispatched it)
     -> started (an agent began it) -> finished. Ready to queued is time spent behind
@@ -39,6 +70,7 @@ class Attempt(_State):
     outcome: str | None = None  # Succeeded | Failed | TimedOut | Cancelled
     error: dict[str, Any] | None = None
     worker: str | None = None
+    usage: Usage | None = None
 
 
 class Slot(_State):
@@ -113,6 +145,8 @@ class StepState(Slot):
     child: str | None = None
     retries: int = 0
     timing: Timing | None = None
+    usage: Usage | None = None
+    budget: Budget | None = None  # raised by a resume; else the step's spec budget
 
 
 class Timer(_State):
@@ -147,6 +181,10 @@ class RunState(_State):
     cancelledBy: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     auditSeq: int = 0
+    usage: Usage | None = None
+    usageSeen: list[str] = Field(default_factory=list)  # the last MAX_USAGE_IDS usage ids
+    budget: Budget | None = None  # raised by a resume; else the workflow's spec budget
+    held: list[tuple[str, int | None, bool]] = Field(default_factory=list)  # (step, item, retry) a pause held
     outbox: list[dict[str, Any]] = Field(default_factory=list)  # commands of the last decision
 
     @property

@@ -22,7 +22,7 @@ from ...expressions import ExpressionError
 from ..commands import Dispatch, StartChild
 from ..definition import CompiledStep
 from ..state import MAX_ATTEMPT_RECORDS, Attempt, Slot, Timer, Timing, attempt_stages
-from . import foreach, graph
+from . import budget, foreach, graph
 from .context import Decider, ValueTooLarge, timer_id
 
 START_REPORT_AFTER = 0.25
@@ -97,6 +97,8 @@ def dispatch(d: Decider, name: str, item: int | None, retry: bool = False) -> No
     if slot is None or (retry and slot.running):
         return
     if retry and st.phase != StepPhase.RUNNING:
+        return
+    if budget.held(d, name, item, retry):
         return
     try:
         if item is None:

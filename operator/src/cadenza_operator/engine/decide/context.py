@@ -61,6 +61,8 @@ class Decision:
     # (step, seconds ready -> queued, queued -> started, started -> finished or None) of each
     # attempt finished by this decision (metrics)
     timings: list[tuple[str, float, float, float | None]] = field(default_factory=list)
+    # (model, input tokens, output tokens, cost) of each usage event counted (metrics)
+    usage: list[tuple[str, int, int, float]] = field(default_factory=list)
     changed: bool = False
 
     def absorb(self, later: Decision) -> None:
@@ -69,6 +71,7 @@ class Decision:
         self.audit += later.audit
         self.timed_out += later.timed_out
         self.timings += later.timings
+        self.usage += later.usage
         self.stores.update(later.stores)
         self.changed |= later.changed
 

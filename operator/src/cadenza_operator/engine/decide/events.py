@@ -26,7 +26,7 @@ from cadenza.protocol import (
 )
 
 from ..state import Timer
-from . import attempts, foreach, graph, lifecycle, timers
+from . import attempts, budget, foreach, graph, lifecycle, timers
 from .context import CONTEXT_KEY, Decider, whole
 
 
@@ -36,7 +36,7 @@ def apply(d: Decider) -> None:
     if d.s.terminal and ev.type != "start":
         return
     HANDLERS[ev.type](d, ev)
-    if d.s.phase == RunPhase.RUNNING:
+    if d.s.phase in (RunPhase.RUNNING, RunPhase.PAUSED):  # paused: what is ready is held
         graph.advance(d)
 
 
@@ -55,7 +55,7 @@ def on_start(d: Decider, ev: StartEvent) -> None:
 def on_cancel(d: Decider, ev: CancelEvent) -> None:
     # Once the run winds down (a failure, the deadline, a cancel) or its graph is done,
     # only onExit is left, and onExit always runs: a cancel has nothing left to stop.
-    if d.s.phase != RunPhase.RUNNING or d.s.failing or d.s.exitPhase is not None:
+    if d.s.phase not in (RunPhase.RUNNING, RunPhase.PAUSED) or d.s.failing or d.s.exitPhase is not None:
         return
     d.s.cancelledBy = d.actor
     lifecycle.wind_down(
@@ -191,5 +191,7 @@ HANDLERS: dict[str, Callable[[Decider, Any], None]] = {
     "result": on_result,
     "failed": on_failed,
     "timer": timers.on_timer,
+    "usage": budget.on_usage,
+    "resume": budget.on_resume,
 }
 """Every event type (cadenza.protocol.Event) and its handler."""

@@ -89,7 +89,7 @@ def advance(d: Decider) -> None:
     """Start every step that became ready, skip what can no longer run, and stop the run
     when a failure stands; until nothing changes. Then the run may finish."""
     progress = True
-    while progress and d.s.phase == RunPhase.RUNNING:
+    while progress and d.s.phase in (RunPhase.RUNNING, RunPhase.PAUSED):
         progress = False
         if not d.s.failing:
             for name in d.wf.order:

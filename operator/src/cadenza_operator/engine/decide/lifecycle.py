@@ -23,6 +23,10 @@ def wind_down(d: Decider, why: str, message: str) -> None:
     """Stop the graph: cancel what runs, skip what waits; onExit and the end follow."""
     if d.s.failing:
         return
+    if d.s.phase == RunPhase.PAUSED:  # the deadline or a cancel: what the pause held never runs
+        d.s.phase = RunPhase.RUNNING
+        d.s.held = []
+        d.audit(None, RunPhase.PAUSED, RunPhase.RUNNING, f"pause ended: {message}")
     d.s.failing = why
     d.s.message = message
     d.audit(None, RunPhase.RUNNING, RunPhase.RUNNING, f"winding down: {message}")
