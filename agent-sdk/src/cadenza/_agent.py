@@ -48,6 +48,7 @@ from ._pull import PullConsumer, agent_consumer_config
 from ._reads import SharedReads
 from ._task import Task
 from ._usage import UsageRecorder
+from .models import ModelRegistry, load_model_specs
 from .protocol import TaskFailure
 
 Handler = Callable[[Task], Any]
@@ -185,6 +186,7 @@ class Agent:
         await self._ensure_consumer(js, durable, ns, settings.ack_wait, stop)
         context_kv = await js.key_value(CONTEXT_BUCKET)
         runs_kv = SharedReads(await js.key_value(RUNS_BUCKET))  # one read per burst of a run's tasks
+        models = ModelRegistry(load_model_specs(), js, loop)  # task.model(): limits shared in NATS
         worker = f"{socket.gethostname()}:{os.getpid()}"
         heartbeat_every = max(0.2, settings.ack_wait / 3)
         claims_kv: Any = None  # bound at the first task with a queueTimeout
@@ -258,6 +260,7 @@ class Agent:
                 log,
             )
             task.context = KVContext(context_kv, scope, loop, on_write=writes)
+            task._models = models
             usage = UsageRecorder(  # each model call's usage, counted by the engine
                 lambda data, headers: pub.publish(subject, data, headers),
                 {

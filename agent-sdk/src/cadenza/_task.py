@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from ._context import KVContext, MemoryContext
+
+if TYPE_CHECKING:
+    from .models import Model, ModelRegistry
 
 
 @dataclass
@@ -33,6 +36,7 @@ class Task:
     log: Any = None
     _usage: Callable[[str, int, int, float | None], None] | None = field(default=None, repr=False)
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _models: ModelRegistry | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.log is None:
@@ -58,6 +62,17 @@ class Task:
             raise ValueError("record_usage: tokens and cost cannot be negative")
         if self._usage is not None:  # None under cadenza.testing: nothing to send it to
             self._usage(model, int(input_tokens), int(output_tokens), cost)
+
+    def model(self, name: str) -> Model:
+        """One of the Agent's Models (`spec.models`): `await m.chat(messages)` waits for the
+        Model's cluster-wide limits and counts the call's usage against this task."""
+        from .models import ModelRegistry
+
+        if self._models is None:  # cadenza.testing: the Models in CADENZA_MODELS, unlimited
+            self._models = ModelRegistry.from_env()
+        return self._models.model(
+            name, lambda model, u: self.record_usage(model, u.input_tokens, u.output_tokens, u.cost)
+        )
 
     def cancel(self) -> None:
         self._cancelled.set()

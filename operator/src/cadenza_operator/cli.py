@@ -95,6 +95,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _references_resolve(env_file: str | None, agents: list[Any], err: Console) -> bool:
+    """Read --env-file, then check that every Secret and ConfigMap reference of `agents`
+    resolves before anything starts; otherwise print which variable is missing."""
+    from .local.secrets import add_env_file, referenced_environment
+
+    try:
+        add_env_file(env_file)
+        for agent in agents:
+            referenced_environment(agent, os.environ)
+    except ValueError as exc:  # MissingReference too: names the Agent and the variable
+        err.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return False
+    return True
+
+
 def _pick_workflow(bundle: Any, name: str | None, err: Console) -> Any:
     if name:
         if name not in bundle.compiled:
@@ -117,7 +132,14 @@ def _pick_workflow(bundle: Any, name: str | None, err: Console) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from .engine.inputs import InputError, validate_input
     from .local.progress import Progress, agent_steps, step_table
-    from .local.runner import SUMMARY_OUTPUT_BYTES, MetricsPortError, RunOptions, dump_json, execute
+    from .local.runner import (
+        SUMMARY_OUTPUT_BYTES,
+        MetricsPortError,
+        RunOptions,
+        agents_needed,
+        dump_json,
+        execute,
+    )
     from .local.supervision import Interrupted, until_signalled
 
     err = Console(stderr=True)
@@ -126,6 +148,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     wf = _pick_workflow(bundle, args.workflow, err)
     if wf is None:
+        return EXIT_INVALID
+    needed = [bundle.agents[name][0] for name in sorted(agents_needed(bundle, wf)) if name in bundle.agents]
+    if not _references_resolve(args.env_file, needed, err):
         return EXIT_INVALID
     try:
         value = _parse_input(args.input, args.paths)
@@ -404,6 +429,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     bundle = _load(args.paths, err)
     if bundle is None:
         return EXIT_INVALID
+    if not _references_resolve(args.env_file, [agent for agent, _ in bundle.agents.values()], err):
+        return EXIT_INVALID
     try:
         return int(
             asyncio.run(
@@ -436,6 +463,12 @@ how a step's attempts behave (details: README.md):
                     waiting (scheduling: ready -> queued, queued: queued -> started) and
                     executing (started -> finished)
 """
+
+
+ENV_FILE_HELP = (
+    "a dotenv file of CADENZA_SECRET_<NAME>_<KEY> / CADENZA_CONFIGMAP_<NAME>_<KEY> variables "
+    "resolving the Agents' secretKeyRef/configMapKeyRef/envFrom (the environment wins)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -478,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--nats", help="use this NATS server instead of an embedded one")
     run.add_argument("--timeout", type=float, help="cancel the run after this many seconds")
     run.add_argument("--metrics-port", type=int, metavar="PORT", help=METRICS_HELP)
+    run.add_argument("--env-file", metavar="FILE", help=ENV_FILE_HELP)
     run.set_defaults(fn=cmd_run)
 
     val = sub.add_parser("validate", help="validate manifests offline")
@@ -488,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("paths", nargs="+")
     dev.add_argument("--nats", help="use this NATS server instead of an embedded one")
     dev.add_argument("--metrics-port", type=int, metavar="PORT", help=METRICS_HELP)
+    dev.add_argument("--env-file", metavar="FILE", help=ENV_FILE_HELP)
     dev.set_defaults(fn=cmd_dev)
 
     def nats_option(cmd: argparse.ArgumentParser) -> None:

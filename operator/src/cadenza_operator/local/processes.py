@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..models import Agent, parse_duration
+from .secrets import referenced_environment, unreferenced
 
 READY_EVENT = "agent ready"
 """What the SDK logs once an agent consumes tasks (cadenza._agent.Agent.serve)."""
@@ -57,7 +58,9 @@ class AgentProcesses:
         return cmd
 
     def env(self, agent: Agent) -> dict[str, str]:
-        env = dict(os.environ)
+        """The process's environment; raises MissingReference (secrets.py) when the agent
+        references a Secret or ConfigMap key no variable resolves."""
+        env = unreferenced(os.environ)
         env.update(
             {
                 "CADENZA_NATS_URL": self.nats_url,
@@ -69,7 +72,7 @@ class AgentProcesses:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        env.update({e.name: e.value for e in agent.spec.env})
+        env.update(referenced_environment(agent, os.environ))
         return env
 
     def start(self, agent: Agent, cwd: Path, replicas: int | None = None) -> list[AgentProcess]:
