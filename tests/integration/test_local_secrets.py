@@ -143,3 +143,13 @@ def test_an_env_file_that_is_not_there_is_named(tmp_path: Path) -> None:
     result = _cadenza("run", str(_project(tmp_path)), "--env-file", str(tmp_path / "absent.env"), env={})
     assert result.returncode == EXIT_INVALID
     assert "absent.env" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dev_checks_references_before_starting_anything(tmp_path: Path) -> None:
+    env_file = tmp_path / "local.env"
+    env_file.write_text(f"CADENZA_SECRET_LLM_KEYS_OPENAI_KEY={API_KEY}\nCADENZA_SECRET_EXTRA_TOKEN={EXTRA}\n")
+    result = _cadenza("dev", str(_project(tmp_path)), "--env-file", str(env_file), env={})
+    assert result.returncode == EXIT_INVALID
+    message = " ".join(result.stderr.split())
+    assert "Agent/keeper" in message and "CADENZA_CONFIGMAP_SETTINGS_REGION" in message
+    assert API_KEY not in result.stdout + result.stderr
