@@ -143,6 +143,7 @@ def test_a_misspelt_pod_template_field_fails_the_kubernetes_schema() -> None:
         ({"spec": {"securityContext": {"runAsNonRoot": False}}}, "podTemplate.spec.securityContext"),
         ({"spec": {"volumes": [{"name": "nats-creds", "emptyDir": {}}]}}, "podTemplate.spec.volumes[0].name"),
         ({"spec": {"serviceAccountName": "admin"}}, "podTemplate.spec.serviceAccountName"),
+        ({"spec": {"initContainers": [{"name": "root", "image": "x"}]}}, "podTemplate.spec.initContainers"),
         ({"spec": {"containers": [{"name": "sidecar"}]}}, "podTemplate.spec.containers[0].name"),
     ],
 )

@@ -235,6 +235,9 @@ _FORBIDDEN_POD_FIELDS = {
     "hostNetwork": "agents do not share the node's network",
     "hostPID": "agents do not share the node's processes",
     "hostIPC": "agents do not share the node's IPC",
+    # Containers Cadenza does not build would escape the securityContext floor.
+    "initContainers": "only the agent's container runs in its pods",
+    "ephemeralContainers": "only the agent's container runs in its pods",
 }
 _PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
 _ALLOWED_CONTAINER_FIELDS = frozenset({"name", "volumeMounts", "resources", "securityContext", *_PROBES})
