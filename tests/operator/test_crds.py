@@ -112,7 +112,11 @@ def test_names_columns_and_subresources() -> None:
     expected = {
         "Agent": ("agents", ["ag"], ["Ready", "Replicas", "Pending", "Age"]),
         "Workflow": ("workflows", ["wf"], ["Steps", "Active", "Last-Run", "Age"]),
-        "WorkflowRun": ("workflowruns", ["wfr"], ["Workflow", "Phase", "Progress", "Duration", "Age"]),
+        "WorkflowRun": (
+            "workflowruns",
+            ["wfr"],
+            ["Workflow", "Phase", "Progress", "Duration", "Tokens", "Age"],
+        ),
     }
     for kind, (plural, short, columns) in expected.items():
         crd = by_kind[kind]

@@ -199,3 +199,14 @@ def test_a_budget_needs_a_positive_limit(budget: dict[str, Any], path: str | Non
         compile_spec({**CHAIN, "budget": budget})
     if path is not None:
         assert isinstance(info.value, DefinitionError) and info.value.path == path
+
+
+def test_the_engine_refuses_a_resume_of_a_run_that_is_not_paused() -> None:
+    from cadenza_operator.engine.control import refusal
+
+    d = run(CHAIN)
+    request = {"op": "resume", "run": "r1", "namespace": "default", "tokens": 1000}
+    assert refusal(request, d.state, d.wf) == "run r1 is not Paused (it is Running)"
+    usage(d, "a", "u1", 200, 0)
+    d.succeed("a")
+    assert refusal(request, d.state, d.wf) is None

@@ -312,6 +312,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return _control(args, {"op": "cancel", "by": args.by, "reason": args.reason})
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    err = Console(stderr=True)
+    if args.tokens is not None and args.tokens <= 0:
+        err.print(f"[red]error[/red]: --tokens: {args.tokens} is not a number of tokens above 0")
+        return EXIT_INVALID
+    if args.cost is not None and not args.cost > 0:  # also NaN
+        err.print(f"[red]error[/red]: --cost: {args.cost:g} is not a cost above 0")
+        return EXIT_INVALID
+    return _control(args, {"op": "resume", "by": args.by, "tokens": args.tokens, "cost": args.cost})
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
@@ -578,6 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
     can = engine_command("cancel", cmd_cancel, "cancel a running run")
     can.add_argument("--reason", default="")
     can.add_argument("--by", default="cli")
+
+    res = engine_command(
+        "resume", cmd_resume, "resume a run paused by its budget (exit 1 when it is not Paused)"
+    )
+    res.add_argument("--tokens", type=int, help="the run's new token budget (input plus output)")
+    res.add_argument("--cost", type=float, help="the run's new cost budget")
+    res.add_argument("--by", default="cli")
 
     aud = run_command(
         "audit",

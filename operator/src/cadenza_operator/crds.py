@@ -190,9 +190,11 @@ KINDS: tuple[Kind, ...] = (
         status=WorkflowRunStatus,
         columns=(
             Column("Workflow", "string", ".spec.workflowRef", "The Workflow being run."),
-            Column("Phase", "string", ".status.phase", "Pending, Running, Succeeded, Failed or Cancelled."),
+            Column("Phase", "string", ".status.phase", "Pending, Running, Paused, Succeeded, Failed, ..."),
             Column("Progress", "string", ".status.progress", "Finished steps / all steps."),
             Column("Duration", "string", ".status.duration", "Wall-clock duration of the run."),
+            Column("Tokens", "integer", ".status.usage.tokens", "Model tokens the run's agents recorded."),
+            Column("Cost", "number", ".status.usage.cost", "Model cost (pricing units).", priority=1),
             Column(
                 "Waiting",
                 "string",

@@ -92,6 +92,17 @@ DEAD_LETTERS = Counter(
     "(malformed, deliveries, definition, unknown-run). Tasks are counted when their agent reports them.",
     ["source", "reason"],
 )
+MODEL_TOKENS = Counter(
+    "cadenza_model_tokens_total",
+    "Model tokens agents recorded against runs, by direction (input, output). The model label "
+    "is the name an agent gave (a Model's name): bounded by the Models in use.",
+    ["namespace", "workflow", "model", "direction"],
+)
+MODEL_COST = Counter(
+    "cadenza_model_cost_total",
+    "Model cost agents recorded against runs, in the Models' pricing units.",
+    ["namespace", "workflow", "model"],
+)
 KUBE_WRITES = Counter(
     "cadenza_kube_status_writes_total", "WorkflowRun status writes sent to the Kubernetes API."
 )

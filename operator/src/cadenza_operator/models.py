@@ -453,8 +453,9 @@ class BudgetSpec(_Model):
     """A cap on the model usage agents record (`task.record_usage`, `task.model()`).
     Checked before each attempt is dispatched: a run that has reached it pauses (or fails)."""
 
-    tokens: int | None = Field(None, gt=0, description="Input plus output tokens.")
-    cost: float | None = Field(None, gt=0, description="Cost, in the Models' pricing units.")
+    tokens: int | None = Field(None, ge=1, description="Input plus output tokens.")
+    # ge, not gt: a CRD schema's exclusiveMinimum is a boolean that JSON Schema tools reject
+    cost: float | None = Field(None, ge=0, description="Cost, in the Models' pricing units (above 0).")
     onExceeded: Literal["pause", "fail"] = Field(
         "pause",
         description=(
@@ -462,6 +463,13 @@ class BudgetSpec(_Model):
             "`cadenza resume` raises the budget; fail: the run fails."
         ),
     )
+
+    @field_validator("cost")
+    @classmethod
+    def _cost_above_zero(cls, cost: float | None) -> float | None:
+        if cost is not None and not cost > 0:
+            raise ValueError("a cost budget must be above 0")
+        return cost
 
 
 class Step(_Model):
@@ -674,6 +682,7 @@ class RunUsage(_Model):
     outputTokens: int = Field(0, description="Output (completion) tokens.")
     cost: float = Field(0.0, description="Cost, in the Models' pricing units.")
     calls: int = Field(0, description="Model calls.")
+    tokens: int = Field(0, description="Input plus output tokens (what a token budget counts).")
 
 
 class WorkflowRunStatus(_Model):

@@ -244,7 +244,23 @@ class RunClient:
             event_subject(namespace, run), dumps(body), headers={"Nats-Msg-Id": f"cancel:{run}"}
         )
 
-    # Resuming a paused run (`cadenza resume`, issue 12) belongs here, beside cancel.
+    async def resume(
+        self,
+        namespace: str,
+        run: str,
+        *,
+        by: str,
+        tokens: int | None = None,
+        cost: float | None = None,
+        key: str = "",
+    ) -> None:
+        """Resume `run`, paused by its budget, with a new budget (`tokens`, `cost`; unset
+        keeps that limit). `key` tells resumes of the run apart for de-duplication (each
+        pause needs its own resume): the checked path passes the record's audit sequence."""
+        body = {"type": "resume", "run": run, "by": by, "tokens": tokens, "cost": cost}
+        await self.js.publish(
+            event_subject(namespace, run), dumps(body), headers={"Nats-Msg-Id": f"resume:{run}:{key}"}
+        )
 
     # ------------------------------------------------------ steering, checked
     async def request(self, namespace: str, request: dict[str, Any], wait: float) -> dict[str, Any] | None:

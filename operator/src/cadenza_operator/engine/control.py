@@ -40,7 +40,7 @@ CONTROL_PREFIX = "cadenza.control"
 CONTROL_SUBJECTS = f"{CONTROL_PREFIX}.*"
 CONTROL_QUEUE = "cadenza-engines"
 """The queue group every engine's responder joins: one answer per request."""
-OPERATIONS = frozenset({"approve", "signal", "cancel"})
+OPERATIONS = frozenset({"approve", "signal", "cancel", "resume"})
 
 
 def control_subject(namespace: str) -> str:
@@ -62,6 +62,10 @@ def refusal(request: dict[str, Any], state: RunState | None, wf: CompiledWorkflo
     if op == "cancel":
         if state.failing or state.exitPhase is not None:
             return f"run {run} is already ending ({state.failing or 'its steps are done'})"
+        return None
+    if op == "resume":
+        if state.phase != "Paused":
+            return f"run {run} is not Paused (it is {state.phase})"
         return None
     if wf is None:  # pragma: no cover - the caller loads it for approve and signal
         return f"run {run}: its workflow definition could not be read"
@@ -173,6 +177,20 @@ class ControlResponder:
             steps = waiting_for(state, wf, name) if state is not None and wf is not None else []
             reply["message"] = f"signal {name} sent to {run}" + (
                 f" (for {', '.join(steps)})" if steps else " (no step waits for it yet: the run keeps it)"
+            )
+        elif op == "resume":
+            tokens, cost = request.get("tokens"), request.get("cost")
+            await client.resume(
+                namespace,
+                run,
+                by=by,
+                tokens=tokens if isinstance(tokens, int) else None,
+                cost=float(cost) if isinstance(cost, int | float) else None,
+                key=str(state.auditSeq if state is not None else 0),
+            )
+            raised = [f"{k} {v:g}" for k, v in (("tokens", tokens), ("cost", cost)) if v is not None]
+            reply["message"] = f"resume of {run} requested" + (
+                f" with a budget of {', '.join(raised)}" if raised else ""
             )
         else:
             await client.cancel(namespace, run, by=by, reason=str(request.get("reason") or ""))

@@ -729,6 +729,11 @@ class Engine:
         for ev in events:
             if isinstance(ev, FailedEvent) and ev.error.type == "PoisonTask":
                 metrics.child(metrics.DEAD_LETTERS, TASKS_STREAM, "deliveries").inc()
+        for model, input_tokens, output_tokens, cost in decision.usage:
+            ns, name = state.namespace, model[:63]
+            metrics.child(metrics.MODEL_TOKENS, ns, wf, name, "input").inc(input_tokens)
+            metrics.child(metrics.MODEL_TOKENS, ns, wf, name, "output").inc(output_tokens)
+            metrics.child(metrics.MODEL_COST, ns, wf, name).inc(cost)
         for step, scheduling, queued, executing in decision.timings:
             metrics.child(metrics.STEP_SCHEDULING, wf, step).observe(scheduling)
             metrics.child(metrics.STEP_QUEUE, wf, step).observe(queued)

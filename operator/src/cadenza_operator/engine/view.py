@@ -13,10 +13,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .state import TERMINAL_RUN, TERMINAL_STEP, Attempt, RunState, Slot, StepState, Timing, run_timing
+from .state import (
+    TERMINAL_RUN,
+    TERMINAL_STEP,
+    Attempt,
+    RunState,
+    Slot,
+    StepState,
+    Timing,
+    Usage,
+    run_timing,
+)
 
 SUMMARY_OUTPUT_BYTES = 16 * 1024
 """Step outputs larger than this are named, not copied, in the `--output json` document."""
@@ -73,6 +83,8 @@ class StepView:
     history: list[Attempt]
     output: Any
     output_ref: str | None
+    usage: Usage | None = None
+    """Model usage its attempts recorded (each attempt's is in `history`)."""
 
     @property
     def reason(self) -> str:
@@ -99,6 +111,8 @@ class RunView:
     steps: dict[str, StepView]
     timing: Timing
     """Summed over the steps' finished attempts (`run_timing`)."""
+    usage: Usage = field(default_factory=Usage)
+    """Model usage the run's attempts recorded."""
 
     @property
     def terminal(self) -> bool:
@@ -155,6 +169,7 @@ def step_view(name: str, st: StepState) -> StepView:
         history=st.attempts,
         output=st.output,
         output_ref=st.outputRef,
+        usage=st.usage,
     )
 
 
@@ -172,6 +187,7 @@ def run_view(state: RunState) -> RunView:
         outputs_ref=state.outputsRef,
         steps={name: step_view(name, st) for name, st in state.steps.items()},
         timing=run_timing(state),
+        usage=state.usage or Usage(),
     )
 
 
@@ -212,6 +228,16 @@ def timing_doc(t: Timing) -> dict[str, float]:
     }
 
 
+def usage_doc(u: Usage) -> dict[str, Any]:
+    """Model usage: tokens in and out, cost (in the Models' pricing units), calls."""
+    return {
+        "inputTokens": u.inputTokens,
+        "outputTokens": u.outputTokens,
+        "cost": round(u.cost, 9),
+        "calls": u.calls,
+    }
+
+
 def step_document(s: StepView) -> dict[str, Any]:
     entry: dict[str, Any] = {"phase": s.phase, "attempts": s.attempts}
     if s.items is not None:
@@ -225,6 +251,8 @@ def step_document(s: StepView) -> dict[str, Any]:
         entry["history"] = [a.model_dump(exclude_none=True) for a in s.history]
     if s.timing is not None:
         entry["timing"] = timing_doc(s.timing)
+    if s.usage is not None:
+        entry["usage"] = usage_doc(s.usage)
     if s.retries:
         entry["retries"] = s.retries
     if s.output is not None:
@@ -260,5 +288,6 @@ def document(view: RunView) -> dict[str, Any]:
         "finishedAt": view.finished_at,
         "durationSeconds": duration,
         "timing": timing_doc(view.timing),
+        "usage": usage_doc(view.usage),
         "steps": {name: step_document(s) for name, s in view.steps.items()},
     }

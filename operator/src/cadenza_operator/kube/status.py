@@ -18,7 +18,7 @@ from typing import Any
 from cadenza.wire import OUTPUTS_BUCKET
 
 from ..engine.state import TERMINAL_RUN, TERMINAL_STEP, RunState
-from ..engine.view import RunView, StepView, run_view
+from ..engine.view import RunView, StepView, run_view, usage_doc
 from ..engine.view import transitions as changes
 
 MAX_STEPS_LISTED = 50
@@ -208,6 +208,7 @@ def run_status(state: RunState, *, outputs_limit: int = 8192, blocked: str = "")
         "duration": human_duration(duration) if duration is not None else "",
         "steps": {name: step_summary(view.steps[name]) for name in listed},
         **_timing_fields(view),
+        **_usage_fields(view),
         "outputs": bounded_outputs(state, outputs_limit),
         "message": _clip(view.message or _waits(view, blocked)),
         "conditions": run_conditions(view),
@@ -227,6 +228,12 @@ def _timing_fields(view: RunView) -> Json:
     if not timing.attempts:
         return {}
     return {"waiting": human_duration(timing.waiting), "executing": human_duration(timing.executing)}
+
+
+def _usage_fields(view: RunView) -> Json:
+    if not view.usage.calls:
+        return {}
+    return {"usage": {**usage_doc(view.usage), "tokens": view.usage.tokens}}
 
 
 def merge_patch_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> Json:
