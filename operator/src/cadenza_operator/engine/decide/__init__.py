@@ -15,6 +15,8 @@ Where each part of the semantics is decided:
 * `attempts`: dispatch, an attempt's timers and end, retries with backoff, failures.
 * `foreach`: items in a window of `maxParallel`, their outcomes, cancelling them.
 * `graph`: readiness, skip propagation, fallbacks, starting a step.
+* `budget`: model usage added per attempt, step and run; a budget reached before a
+  dispatch pauses the run (`Paused`, what comes due is held) or fails it; `resume`.
 * `lifecycle`: winding down (a failure, the deadline, a cancel), onExit, the finish.
   Once the run winds down or its graph has finished, only onExit is left and a cancel
   changes nothing.
