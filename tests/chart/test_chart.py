@@ -837,6 +837,7 @@ def test_chart_crds_equal_the_repository_crds() -> None:
         "cadenza.dev_agents.yaml",
         "cadenza.dev_workflows.yaml",
         "cadenza.dev_workflowruns.yaml",
+        "cadenza.dev_models.yaml",
     }
     assert set(chart) == set(repo), "run `cadenza crds` (it writes crds/ and charts/cadenza/files/crds/)"
     for name, content in repo.items():
@@ -866,7 +867,7 @@ def test_crds_define_the_cadenza_and_kopf_kinds() -> None:
 
 
 def test_crds_install_switch() -> None:
-    assert len(_crds(render())) == 5
+    assert len(_crds(render())) == 6  # four Cadenza kinds, two of kopf
     assert _crds(render({"crds": {"install": False}})) == {}
 
 
@@ -874,7 +875,7 @@ def test_crds_keep_switch() -> None:
     kept = _crds(render())
     assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in kept.values())
     released = _crds(render({"crds": {"keep": False, "annotations": {"example.com/a": "b"}}}))
-    assert len(released) == 5
+    assert len(released) == 6
     for crd in released.values():
         assert "helm.sh/resource-policy" not in crd["metadata"]["annotations"]
         assert crd["metadata"]["annotations"]["example.com/a"] == "b"

@@ -95,15 +95,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _references_resolve(env_file: str | None, agents: list[Any], err: Console) -> bool:
+def _references_resolve(env_file: str | None, agents: list[Any], err: Console, bundle: Any = None) -> bool:
     """Read --env-file, then check that every Secret and ConfigMap reference of `agents`
-    resolves before anything starts; otherwise print which variable is missing."""
+    (and the API keys of their Models) resolves before anything starts; otherwise print
+    which variable is missing."""
+    from .local.model_env import model_environment
     from .local.secrets import add_env_file, referenced_environment
 
+    models = {name: model for name, (model, _) in bundle.models.items()} if bundle else {}
     try:
         add_env_file(env_file)
         for agent in agents:
             referenced_environment(agent, os.environ)
+            model_environment(agent, models, os.environ)
     except ValueError as exc:  # MissingReference too: names the Agent and the variable
         err.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False, soft_wrap=True)
         return False
@@ -150,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if wf is None:
         return EXIT_INVALID
     needed = [bundle.agents[name][0] for name in sorted(agents_needed(bundle, wf)) if name in bundle.agents]
-    if not _references_resolve(args.env_file, needed, err):
+    if not _references_resolve(args.env_file, needed, err, bundle):
         return EXIT_INVALID
     try:
         value = _parse_input(args.input, args.paths)
@@ -440,7 +444,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     bundle = _load(args.paths, err)
     if bundle is None:
         return EXIT_INVALID
-    if not _references_resolve(args.env_file, [agent for agent, _ in bundle.agents.values()], err):
+    if not _references_resolve(args.env_file, [agent for agent, _ in bundle.agents.values()], err, bundle):
         return EXIT_INVALID
     try:
         return int(

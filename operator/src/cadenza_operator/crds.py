@@ -37,6 +37,8 @@ from .models import (
     API_VERSION,
     AgentSpec,
     AgentStatus,
+    ModelSpec,
+    ModelStatus,
     WorkflowRunSpec,
     WorkflowRunStatus,
     WorkflowSpec,
@@ -216,6 +218,26 @@ KINDS: tuple[Kind, ...] = (
                 "Why the run failed, or what it waits for.",
                 priority=1,
             ),
+            AGE,
+        ),
+    ),
+    Kind(
+        kind="Model",
+        plural="models",
+        short_names=("mdl",),
+        description=(
+            "A Model is a chat completions endpoint agents call with `task.model(name)`: its API key "
+            "as a Secret reference, limits shared by every agent replica (held in NATS), and pricing."
+        ),
+        spec=ModelSpec,
+        status=ModelStatus,
+        columns=(
+            Column("Provider", "string", ".spec.provider", "The protocol spoken."),
+            Column("Model", "string", ".spec.model", "The provider's model name."),
+            Column("Requests", "integer", ".spec.limits.requests", "Most requests per window."),
+            Column("Tokens", "integer", ".spec.limits.tokens", "Most tokens per window."),
+            Column("Per", "string", ".spec.limits.per", "The window of the limits."),
+            Column("Base-URL", "string", ".spec.baseURL", "The endpoint.", priority=1),
             AGE,
         ),
     ),

@@ -1,4 +1,4 @@
-"""Loading Agent and Workflow manifests from files and folders, with errors that name
+"""Loading Agent, Workflow and Model manifests from files and folders, with errors that name
 the file, the object and the field, e.g.
 
     workflow.yaml: Workflow/triage: spec.steps[2].dependsOn[0]: unknown step 'lokup'
@@ -21,7 +21,7 @@ from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .engine.definition import CompiledWorkflow, DefinitionError, compile_workflow
-from .models import GROUP_VERSION, KINDS, Agent, Workflow
+from .models import GROUP_VERSION, KINDS, Agent, Model, Workflow
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 """Largest manifest file read; the Kubernetes API server takes requests of up to 3 MiB."""
@@ -155,6 +155,7 @@ class Bundle:
 
     agents: dict[str, tuple[Agent, Path]] = field(default_factory=dict)
     workflows: dict[str, tuple[Workflow, Path]] = field(default_factory=dict)
+    models: dict[str, tuple[Model, Path]] = field(default_factory=dict)
     compiled: dict[str, CompiledWorkflow] = field(default_factory=dict)
 
     def agent_dir(self, name: str) -> Path:
@@ -221,6 +222,19 @@ def load(paths: Sequence[str | Path], namespace: str = "default") -> Bundle:
                 continue
             _load_doc(doc, index, path, shown, bundle, errors)
     if not errors:
+        for name, (agent, path) in bundle.agents.items():
+            for i, model_name in enumerate(agent.spec.models):
+                if model_name not in bundle.models:
+                    known = ", ".join(sorted(bundle.models)) or "none loaded"
+                    errors.append(
+                        ManifestError(
+                            _display(path),
+                            f"Agent/{name}",
+                            f"spec.models[{i}]",
+                            f"unknown Model {model_name!r} (Models: {known})",
+                        )
+                    )
+    if not errors:
         known_agents = set(bundle.agents)
         known_workflows = set(bundle.workflows)
         for name, (wf, path) in bundle.workflows.items():
@@ -261,7 +275,7 @@ def _load_doc(
     if not isinstance(kind, str) or kind not in KINDS:
         errors.append(
             ManifestError(
-                shown, obj, "kind", f"unknown kind {kind!r} (expected Agent, Workflow or WorkflowRun)"
+                shown, obj, "kind", f"unknown kind {kind!r} (expected Agent, Workflow, WorkflowRun or Model)"
             )
         )
         return
@@ -289,6 +303,10 @@ def _load_doc(
         if model.metadata.name in bundle.workflows:
             errors.append(ManifestError(shown, obj, "metadata.name", "another Workflow has this name"))
         bundle.workflows[model.metadata.name] = (model, path)
+    elif isinstance(model, Model):
+        if model.metadata.name in bundle.models:
+            errors.append(ManifestError(shown, obj, "metadata.name", "another Model has this name"))
+        bundle.models[model.metadata.name] = (model, path)
 
 
 def _sub_workflow_cycle(start: str, bundle: Bundle) -> list[str] | None:

@@ -324,6 +324,10 @@ class AgentSpec(_Model):
     envFrom: list[EnvFromSource] = Field(
         default_factory=list, description="Every key of these Secrets or ConfigMaps as variables."
     )
+    models: list[Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]] = Field(
+        default_factory=list,
+        description="Models (same namespace) the agent calls with `task.model(name)`.",
+    )
     replicas: int = Field(1, ge=0, description="Replicas (pods in a cluster, processes locally).")
     concurrency: int = Field(4, ge=1, le=10_000, description="Tasks in flight per replica.")
     ackWait: Duration = Field(
@@ -387,6 +391,61 @@ class AgentStatus(_Model):
     ready: str = Field("", description="readyReplicas/replicas, for kubectl get.")
     observedGeneration: int = Field(0, description="The spec generation this status describes.")
     conditions: list[Condition] = Field(default_factory=list, description="Ready and Degraded conditions.")
+
+
+# --------------------------------------------------------------------------- Model
+
+TOKEN_COUNT_PATTERN = r"^[0-9]+(\.[0-9]+)?[KkMm]?$"
+
+
+class ModelApiKey(_Model):
+    """Where the provider's API key is: a Secret key, never a value in the manifest."""
+
+    secretKeyRef: SecretKeyRef = Field(description="The Secret key holding the API key.")
+
+
+class ModelLimits(_Model):
+    """Limits every agent process and replica calling this Model shares (through NATS)."""
+
+    requests: int | None = Field(None, ge=1, description="Most requests in any window of `per`.")
+    tokens: int | None = Field(
+        None, ge=1, description="Most input plus output tokens in any window of `per`."
+    )
+    per: Duration = Field("1m", description="The sliding window of `requests` and `tokens`.")
+    concurrency: int | None = Field(None, ge=1, description="Most requests in flight at once.")
+
+
+class ModelPricing(_Model):
+    """What tokens cost, in any unit (dollars, credits); budgets and usage use the same unit."""
+
+    input: float = Field(0.0, ge=0, description="Cost of `per` input (prompt) tokens.")
+    output: float = Field(0.0, ge=0, description="Cost of `per` output (completion) tokens.")
+    per: str = Field(
+        "1M", pattern=TOKEN_COUNT_PATTERN, max_length=16, description="Token count priced: 1M, 1K or 1000."
+    )
+
+
+class ModelSpec(_Model):
+    """A model agents call through `task.model(name)`, with cluster-wide limits and pricing."""
+
+    provider: Literal["openai"] = Field(
+        "openai", description="The protocol: openai is the OpenAI-compatible chat completions API."
+    )
+    baseURL: str = Field(
+        pattern=r"^https?://[^\s]+$", max_length=2048, description="Base URL, e.g. https://api.openai.com/v1."
+    )
+    model: str = Field(min_length=1, max_length=256, description="The provider's model name.")
+    apiKey: ModelApiKey | None = Field(None, description="The API key, as a Secret reference.")
+    limits: ModelLimits | None = Field(None, description="Cluster-wide rate and concurrency limits.")
+    pricing: ModelPricing | None = Field(None, description="Cost per tokens, for usage and budgets.")
+
+
+class ModelStatus(_Model):
+    """Observed state of a Model."""
+
+    model_config = ConfigDict(extra="allow")
+    observedGeneration: int = Field(0, description="The spec generation this status describes.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
 
 
 # ------------------------------------------------------------------------ Workflow
@@ -758,4 +817,20 @@ class WorkflowRun(BaseModel):
     status: WorkflowRunStatus | None = None
 
 
-KINDS: dict[str, type[BaseModel]] = {"Agent": Agent, "Workflow": Workflow, "WorkflowRun": WorkflowRun}
+class Model(BaseModel):
+    """Model resource."""
+
+    model_config = ConfigDict(extra="forbid")
+    apiVersion: Literal["cadenza.dev/v1alpha1"] = "cadenza.dev/v1alpha1"
+    kind: Literal["Model"] = "Model"
+    metadata: ObjectMeta
+    spec: ModelSpec
+    status: ModelStatus | None = None
+
+
+KINDS: dict[str, type[BaseModel]] = {
+    "Agent": Agent,
+    "Workflow": Workflow,
+    "WorkflowRun": WorkflowRun,
+    "Model": Model,
+}

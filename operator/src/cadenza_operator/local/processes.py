@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models import Agent, parse_duration
+from ..models import Agent, Model, parse_duration
+from .model_env import model_environment
 from .secrets import referenced_environment, unreferenced
 
 READY_EVENT = "agent ready"
@@ -48,6 +49,7 @@ class AgentProcesses:
     namespace: str = "default"
     log_dir: Path = field(default_factory=lambda: Path("."))
     procs: list[AgentProcess] = field(default_factory=list)
+    models: dict[str, Model] = field(default_factory=dict)  # the Models agents may name
 
     def command(self, agent: Agent) -> list[str]:
         cmd = list(agent.spec.command)
@@ -73,6 +75,7 @@ class AgentProcesses:
             }
         )
         env.update(referenced_environment(agent, os.environ))
+        env.update(model_environment(agent, self.models, os.environ))
         return env
 
     def start(self, agent: Agent, cwd: Path, replicas: int | None = None) -> list[AgentProcess]:

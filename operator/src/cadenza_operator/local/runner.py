@@ -102,7 +102,9 @@ class LocalStack:
         self.nc: Any = None
         self.engine: Engine | None = None
         self.log_dir = Path(tempfile.mkdtemp(prefix="cadenza-run-"))
-        self.agents = AgentProcesses(nats_url or "", namespace, self.log_dir)
+        self.agents = AgentProcesses(
+            nats_url or "", namespace, self.log_dir, models={n: m for n, (m, _) in bundle.models.items()}
+        )
         self.supervisor = Supervisor(self.agents)
         self.waiting = WaitingAttempts(bundle)
         self._supervisor: asyncio.Task[None] | None = None
