@@ -210,3 +210,24 @@ def test_the_engine_refuses_a_resume_of_a_run_that_is_not_paused() -> None:
     usage(d, "a", "u1", 200, 0)
     d.succeed("a")
     assert refusal(request, d.state, d.wf) is None
+
+
+def test_usage_is_shown_in_the_json_document_and_the_workflow_run_status() -> None:
+    from cadenza_operator.engine.view import document, run_view
+    from cadenza_operator.kube.status import run_status
+    from cadenza_operator.models import WorkflowRunStatus
+
+    d = run(CHAIN)
+    assert run_status(d.state).get("usage") is None  # nothing recorded: no usage shown
+    usage(d, "a", "u1", 80, 30, 0.5)
+    d.succeed("a")
+    doc = document(run_view(d.state))
+    expected = {"inputTokens": 80, "outputTokens": 30, "cost": 0.5, "calls": 1}
+    assert doc["usage"] == expected
+    assert doc["steps"]["a"]["usage"] == expected
+    assert doc["steps"]["a"]["history"][0]["usage"] == expected
+    assert "usage" not in doc["steps"]["b"]
+    status = run_status(d.state)
+    assert status["phase"] == "Paused" and "BudgetExceeded" in status["message"]
+    assert status["usage"] == {**expected, "tokens": 110}
+    WorkflowRunStatus.model_validate(status)  # what the CRD schema is generated from
