@@ -76,6 +76,15 @@ async def representative_scenario(emulator: KubeEmulator, op: RunningOperator) -
     await wait_for(
         lambda: (get(emulator, DEPLOYMENTS, "worker-agent") or {})["spec"]["replicas"] == 0, timeout=20
     )
+    # An Agent calling a Model: the Model's spec is read into the Deployment.
+    emulator.create_object(
+        "cadenza.dev/v1alpha1/models",
+        manifest("Model", "fast", {"baseURL": "http://llm.example/v1", "model": "tiny"}),
+    )
+    emulator.create_object(
+        AGENTS, manifest("Agent", "caller", {"image": "registry.example/a:1", "models": ["fast"]})
+    )
+    await wait_for(lambda: get(emulator, DEPLOYMENTS, "caller-agent"), timeout=20)
 
     # Workflows: one invalid (condition + Warning Event), two valid.
     emulator.create_object(

@@ -30,6 +30,8 @@ EXPECTED: set[tuple[str, str, str, str | None]] = {
     ("patch", "cadenza.dev", "workflowruns", "status"),
     # a WorkflowRun whose Workflow is not published yet: is it missing, or invalid?
     ("get", "cadenza.dev", "workflows", None),
+    # an Agent's Models, rendered into its Deployment
+    ("get", "cadenza.dev", "models", None),
     # Events (kopf posts core/v1 Events)
     ("create", "", "events", None),
     # what an Agent becomes

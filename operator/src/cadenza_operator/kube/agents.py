@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from .. import metrics
 from ..engine.infra import ensure_agent_consumer
-from ..models import API_GROUP, API_VERSION, Agent, AutoscalingSpec, parse_duration
+from ..models import API_GROUP, API_VERSION, Agent, AutoscalingSpec, ModelSpec, parse_duration
 from . import builders, events
 from .api import ApiError, KubeApi, path_of
 from .autoscaling import desired_replicas, prune, stabilized
@@ -163,6 +163,7 @@ async def apply_agent(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> N
         replicas=replicas,
         log_format=ctx.settings.log_format,
         nats_creds=ctx.settings.agents_nats_creds,
+        models=await agent_models(ctx.api, agent),
     )
     await apply_object(ctx.api, _adopted(deployment, owner), "deployments", owner)
 
@@ -174,6 +175,26 @@ async def apply_agent(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> N
         live_service = await ctx.api.get(service_path)
         if live_service is not None and _owned_by(live_service, owner):
             await ctx.api.delete(service_path)  # metrics were switched off
+
+
+async def agent_models(api: KubeApi, agent: Agent) -> dict[str, ModelSpec]:
+    """The specs of the Models the agent names (read when the Agent is reconciled); a
+    missing or invalid one is a SpecError naming its place in spec.models."""
+    namespace = namespace_of(agent)
+    found: dict[str, ModelSpec] = {}
+    for i, name in enumerate(agent.spec.models):
+        model = await api.get(path_of(f"{API_GROUP}/{API_VERSION}", "models", namespace, name))
+        if model is None:
+            raise builders.SpecError(f"spec.models[{i}]", f"no Model {name!r} in namespace {namespace}")
+        try:
+            found[name] = ModelSpec.model_validate(model.get("spec") or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise builders.SpecError(
+                f"spec.models[{i}]", f"Model {name!r} is invalid: spec.{where}: {first['msg']}"
+            ) from None
+    return found
 
 
 def _adopted(manifest: Json, owner: kopf.Body) -> Json:

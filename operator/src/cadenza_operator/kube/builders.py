@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Mapping
 from typing import Any
 
-from ..models import Agent, parse_duration
+from ..models import Agent, ModelSpec, parse_duration
 
 MANAGED_BY = "cadenza"
 AGENT_LABEL = "cadenza.dev/agent"
@@ -59,8 +61,42 @@ def service_account_name(agent: Agent) -> str:
     return agent.spec.serviceAccountName or resource_name(agent)
 
 
+def secret_variable(name: str, key: str) -> str:
+    """Where an agent reads Secret `name`'s `key`: CADENZA_SECRET_<NAME>_<KEY> ('-' and '.'
+    as '_'), as cadenza.models.secret_env_var and local/secrets.secret_variable name it."""
+    return "CADENZA_SECRET_" + re.sub(r"[-.]", "_", f"{name}_{key}").upper()
+
+
+def model_env(agent: Agent, models: Mapping[str, ModelSpec]) -> list[Manifest]:
+    """What the SDK learns of the agent's Models: CADENZA_MODELS (their specs, which hold
+    no secret value) and each API key as a reference to its Secret, in the variable the
+    SDK reads it from."""
+    if not agent.spec.models:
+        return []
+    specs = {name: models[name].model_dump(mode="json", exclude_none=True) for name in agent.spec.models}
+    env: list[Manifest] = [
+        {"name": "CADENZA_MODELS", "value": json.dumps(specs, separators=(",", ":"), sort_keys=True)}
+    ]
+    for name in agent.spec.models:
+        key = models[name].apiKey
+        if key is not None:
+            ref = key.secretKeyRef
+            env.append(
+                {
+                    "name": secret_variable(ref.name, ref.key),
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+                }
+            )
+    return env
+
+
 def agent_env(
-    agent: Agent, *, nats_url: str, log_format: str = "json", nats_creds: tuple[str, str] | None = None
+    agent: Agent,
+    *,
+    nats_url: str,
+    log_format: str = "json",
+    nats_creds: tuple[str, str] | None = None,
+    models: Mapping[str, ModelSpec] | None = None,
 ) -> list[Manifest]:
     """The agent's environment: the SDK's connection settings, then the spec's own `env`
     (which may override them on purpose, e.g. a different NATS URL for one agent). A
@@ -79,6 +115,7 @@ def agent_env(
     if nats_creds is not None:
         base["CADENZA_NATS_CREDS"] = f"{NATS_CREDS_DIR}/{nats_creds[1]}"
     rendered: dict[str, Manifest] = {k: {"name": k, "value": v} for k, v in base.items()}
+    rendered.update({var["name"]: var for var in model_env(agent, models or {})})
     for var in agent.spec.env:
         if var.valueFrom is not None:
             rendered[var.name] = {"name": var.name, "valueFrom": var.valueFrom.model_dump(exclude_none=True)}
@@ -129,6 +166,7 @@ def build_deployment(
     replicas: int,
     log_format: str = "json",
     nats_creds: tuple[str, str] | None = None,
+    models: Mapping[str, ModelSpec] | None = None,
 ) -> Manifest:
     """The Deployment running an Agent's replicas; `replicas` is decided by the caller
     (the spec, or the autoscaler when `spec.autoscaling` is set). `nats_creds` is the
@@ -140,7 +178,9 @@ def build_deployment(
     container: Manifest = {
         "name": "agent",
         "image": agent.spec.image,
-        "env": agent_env(agent, nats_url=nats_url, log_format=log_format, nats_creds=nats_creds),
+        "env": agent_env(
+            agent, nats_url=nats_url, log_format=log_format, nats_creds=nats_creds, models=models
+        ),
         "securityContext": container_security_context(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         # An agent that exits non-zero leaves the tail of its log (80 lines, 2 KiB) in its
