@@ -50,6 +50,8 @@ APPROVE_ANNOTATION = "cadenza.dev/approve"
 REJECT_ANNOTATION = "cadenza.dev/reject"
 APPROVED_BY_ANNOTATION = "cadenza.dev/approved-by"
 COMMENT_ANNOTATION = "cadenza.dev/comment"
+RESUME_ANNOTATION = "cadenza.dev/resume"
+"""`tokens=N,cost=X` (either or both): resume a run paused by its budget with that budget."""
 WORKFLOW_LABEL = "cadenza.dev/workflow"
 """On WorkflowRuns subject to the Workflow's runHistoryLimit (mirrored triggered runs)."""
 TRIGGER_LABEL = "cadenza.dev/trigger"
@@ -88,6 +90,25 @@ def decisions_from_annotations(annotations: Mapping[str, str]) -> dict[str, bool
             if step.strip():
                 decisions[step.strip()] = approved
     return decisions
+
+
+def resume_from_annotation(value: str) -> tuple[int | None, float | None]:
+    """(tokens, cost) from `cadenza.dev/resume=tokens=N,cost=X`; ValueError naming what is wrong."""
+    tokens: int | None = None
+    cost: float | None = None
+    for part in (p.strip() for p in value.split(",")):
+        key, _, number = part.partition("=")
+        try:
+            if key.strip() == "tokens" and int(number) > 0:
+                tokens = int(number)
+                continue
+            if key.strip() == "cost" and float(number) > 0:
+                cost = float(number)
+                continue
+        except ValueError:
+            pass
+        raise ValueError(f"{RESUME_ANNOTATION}: {part!r} is not tokens=N or cost=X (numbers above 0)")
+    return tokens, cost
 
 
 def status_patch(written: Mapping[str, Any], wanted: Mapping[str, Any]) -> Json:
@@ -174,6 +195,30 @@ async def workflowrun_reject(body: kopf.Body, new: Any, memo: kopf.Memo, **_: An
     await _decide_now(context_of(memo), body)
 
 
+async def workflowrun_resume(body: kopf.Body, new: Any, memo: kopf.Memo, **_: Any) -> None:
+    """`kubectl annotate wfr NAME cadenza.dev/resume=tokens=N[,cost=X] --overwrite`: a run
+    paused by its budget resumes with that budget (each new value is one resume)."""
+    if not new:
+        return
+    try:
+        tokens, cost = resume_from_annotation(str(new))
+    except ValueError as exc:
+        events.warning(body, "InvalidResume", str(exc))
+        return
+    ctx = context_of(memo)
+    state = await ctx.client.get(run_id_of(body))
+    if state is None or state.phase != "Paused":
+        phase = state.phase if state is not None else "not started"
+        events.warning(body, "ResumeRefused", f"{RESUME_ANNOTATION}: the run is not Paused (it is {phase})")
+        return
+    by = str((body.metadata.annotations or {}).get(APPROVED_BY_ANNOTATION) or "kubectl")
+    await ctx.client.resume(
+        state.namespace, state.run, by=by, tokens=tokens, cost=cost, key=str(state.auditSeq)
+    )
+    events.normal(body, "ResumeSent", f"run {state.run} resumed by {by} with {new}")
+    log.info("resume sent", run=state.run, tokens=tokens, cost=cost, by=by)
+
+
 async def workflowrun_cancel(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """delete: a running run is cancelled before the WorkflowRun goes (finalizer)."""
     ctx = context_of(memo)
@@ -234,6 +279,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     )
     kopf.on.field(*WORKFLOWRUNS, registry=registry, field=("metadata", "annotations", REJECT_ANNOTATION))(
         workflowrun_reject
+    )
+    kopf.on.field(*WORKFLOWRUNS, registry=registry, field=("metadata", "annotations", RESUME_ANNOTATION))(
+        workflowrun_resume
     )
     kopf.on.update(*WORKFLOWRUNS, registry=registry, field="spec")(workflowrun_spec_changed)
     kopf.on.delete(*WORKFLOWRUNS, registry=registry)(workflowrun_cancel)
