@@ -161,3 +161,21 @@ async def test_limits_hold_across_two_processes(nats_server: NatsServer, tmp_pat
         assert not any(e["live"] for e in json.loads(entry.value).values())  # every slot released
     finally:
         await nc.close()
+
+
+async def test_concurrency_alone_keeps_no_finished_calls(nats_server: NatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        namespace = unique_namespace()
+        async with ChatServer(delay=0.1) as server:
+            model_spec = ModelSpec.from_spec("fast", spec(server.url, limits={"concurrency": 2}), namespace)
+            m = ModelRegistry({"fast": model_spec}, js).model("fast")
+            replies = await asyncio.gather(*(m.chat(HELLO) for _ in range(8)))
+        assert [r.text for r in replies] == ["echo: hello"] * 8
+        assert server.most_in_flight <= 2
+        entry = await (await js.key_value("cadenza_limits")).get(f"{namespace}.fast")
+        live = {k: e for k, e in json.loads(entry.value).items() if e["live"]}
+        assert live == {}  # every slot released; finished calls are dropped at the next write
+    finally:
+        await nc.close()

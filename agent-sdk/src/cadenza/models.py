@@ -226,8 +226,11 @@ class ModelLimiter:
 
     def _wait_for(self, entries: dict[str, Any], now: float, estimate: int) -> float:
         spec = self._spec
+        # Only the window limits need finished calls; with concurrency alone, keeping them
+        # for `per` would only grow the value (a KV value is a NATS message: 1 MiB at most).
+        keep = spec.per if spec.requests is not None or spec.tokens is not None else 0.0
         for lease, e in list(entries.items()):
-            if e["until"] + spec.per <= now:
+            if e["until"] + keep <= now and not (e["live"] and e["until"] > now):
                 del entries[lease]  # out of the window: pruned on the next write
         live = [e for e in entries.values() if e["live"] and e["until"] > now]
         waits = [0.0]
