@@ -181,4 +181,12 @@ async def test_an_agent_calls_its_model_through_cadenza_run(tmp_path: Path) -> N
     assert outputs["polish"] == {"text": "echo: dogs", "streamed": "echo: x"}
     assert set(server.authorizations) == {f"Bearer {SECRET}"}
     assert len(server.arrivals) == 3
+    # Every call's usage reached the engine through task.record_usage: what the server counted.
+    usage = result["usage"]
+    assert (usage["inputTokens"], usage["outputTokens"], usage["calls"]) == (
+        3 * INPUT_TOKENS,
+        3 * OUTPUT_TOKENS,
+        3,
+    )
+    assert usage["cost"] == pytest.approx(3 * (INPUT_TOKENS * 0.15 + OUTPUT_TOKENS * 0.60) / 1e6)
     assert SECRET not in out and SECRET not in err
