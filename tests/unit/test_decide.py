@@ -1222,9 +1222,7 @@ def test_a_claimed_forEach_item_is_started_not_retried() -> None:
     d = run(
         {
             "steps": [
-                agent_step(
-                    "f", forEach="input.xs", maxParallel=2, queueTimeout="5s", heartbeatTimeout="3s"
-                )
+                agent_step("f", forEach="input.xs", maxParallel=2, queueTimeout="5s", heartbeatTimeout="3s")
             ]
         },
         input={"xs": [1, 2]},
