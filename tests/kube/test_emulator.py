@@ -448,7 +448,7 @@ async def test_the_project_crds_are_served_and_discoverable(
     cadenza_crds: list[Any], kube_api_client: kubernetes.client.ApiClient
 ) -> None:
     assert {(r.group, r.version, r.plural) for r in cadenza_crds} == {
-        ("cadenza.dev", "v1alpha1", plural) for plural in ("agents", "workflows", "workflowruns")
+        ("cadenza.dev", "v1alpha1", plural) for plural in ("agents", "models", "workflows", "workflowruns")
     }
     custom = kubernetes.client.CustomObjectsApi(kube_api_client)
     discovered = await call(custom.get_api_resources, "cadenza.dev", "v1alpha1")
