@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cadenza_operator.local.runner import RunOptions, execute
 from cadenza_operator.manifests import load
 
 from ..kube.fixtures import wait_for
+
+T = TypeVar("T")
 
 
 def start_engine(url: str, name: str, log_dir: Path, **env: str) -> subprocess.Popen[bytes]:
@@ -29,6 +33,19 @@ def start_engine(url: str, name: str, log_dir: Path, **env: str) -> subprocess.P
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
         )
+
+
+async def poll(probe: Callable[[], Awaitable[T | None]], timeout: float = 20.0) -> T:
+    """An async probe's first truthy value, waited for a bounded time (a wait for something
+    that must happen, not a performance assertion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        assert loop.time() < deadline, f"not true within {timeout} s"
+        await asyncio.sleep(0.05)
 
 
 def unique_namespace() -> str:

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,7 +17,7 @@ from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.manifests import load
 from prometheus_client import REGISTRY
 
-from .harness import unique_namespace, write_project
+from .harness import poll, unique_namespace, write_project
 
 T = TypeVar("T")
 
@@ -39,18 +38,6 @@ spec:
       waitFor: {{signal: never}}
       when: "input.missing.field == 1"
 """
-
-
-async def poll(probe: Callable[[], Awaitable[T | None]], timeout: float = 20.0) -> T:
-    """A bounded wait for something that must happen (not a performance assertion)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        assert loop.time() < deadline, f"not true within {timeout} s"
-        await asyncio.sleep(0.05)
 
 
 def pending(workflow: str) -> float:

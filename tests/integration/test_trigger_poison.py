@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +20,7 @@ from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.manifests import load
 from prometheus_client import REGISTRY
 
-from .harness import unique_namespace, write_project
+from .harness import poll, unique_namespace, write_project
 
 T = TypeVar("T")
 
@@ -37,18 +37,6 @@ spec:
     - name: gate
       approval: {{message: "ticket ${{{{ input.ticket }}}}"}}
 """
-
-
-async def poll(probe: Callable[[], Awaitable[T | None]], timeout: float = 20.0) -> T:
-    """A bounded wait for something that must happen (not a performance assertion)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        assert loop.time() < deadline, f"not true within {timeout} s"
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -7,10 +7,9 @@ of the same workflow at the same time must both land their runs in it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,7 +19,7 @@ from cadenza_operator.engine.triggers import TRIGGERS_STREAM, Triggers
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.manifests import load
 
-from .harness import unique_namespace, write_project
+from .harness import poll, unique_namespace, write_project
 
 T = TypeVar("T")
 
@@ -39,18 +38,6 @@ spec:
     - name: gate
       approval: {{}}
 """
-
-
-async def poll(probe: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
-    """A bounded wait for something that must happen (not a performance assertion)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        assert loop.time() < deadline, f"not true within {timeout} s"
-        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
@@ -93,7 +80,7 @@ async def test_concurrent_trigger_events_on_two_engines_track_every_run(
             async def both_pulling() -> bool:
                 return bool((await js.consumer_info(TRIGGERS_STREAM, durable)).num_waiting >= 2)
 
-            await poll(both_pulling)
+            await poll(both_pulling, 60.0)
             for i in range(EVENTS):
                 await js.publish(subject, json.dumps({"i": i}).encode())
 
@@ -105,7 +92,7 @@ async def test_concurrent_trigger_events_on_two_engines_track_every_run(
                     and info.ack_floor.consumer_seq >= EVENTS
                 )
 
-            await poll(all_handled)
+            await poll(all_handled, 60.0)
             info = await js.stream_info(TRIGGERS_STREAM)
             started = {f"paged-t{seq}" for seq in range(info.state.first_seq, info.state.last_seq + 1)}
             assert len(started) == EVENTS
@@ -113,7 +100,7 @@ async def test_concurrent_trigger_events_on_two_engines_track_every_run(
             async def all_started() -> bool:
                 return all([await one.engine.client.get(run) is not None for run in started])
 
-            await poll(all_started)
+            await poll(all_started, 60.0)
             # Both engines started runs (else nothing here ran concurrently)...
             assert by_one and by_two
             assert sorted(by_one + by_two) == sorted(started)
