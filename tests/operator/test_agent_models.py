@@ -6,19 +6,17 @@ nats-server, the real operator in-process.)"""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from cadenza.models import ModelSpec as SdkModelSpec
 from cadenza.models import secret_env_var
 from cadenza_operator.kube.builders import secret_variable
-from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.local.secrets import secret_variable as local_secret_variable
 
 from ..kube.emulator import KubeEmulator
 from ..kube.fixtures import wait_for
-from .harness import AGENTS, DEPLOYMENTS, RunningOperator, get, manifest, running_operator, status_of
+from .harness import AGENTS, DEPLOYMENTS, RunningOperator, get, manifest, status_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,14 +29,6 @@ MODEL = {
     "limits": {"requests": 600, "tokens": 200000, "per": "1m", "concurrency": 20},
     "pricing": {"input": 0.15, "output": 0.6, "per": "1M"},
 }
-
-
-@pytest.fixture
-async def operator(
-    kube_emulator: KubeEmulator, cadenza_crds: Any, fresh_nats: NatsServer
-) -> AsyncIterator[RunningOperator]:
-    async with running_operator(kube_emulator, fresh_nats.url) as op:
-        yield op
 
 
 def test_every_side_names_the_secret_variable_alike() -> None:

@@ -8,28 +8,18 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from cadenza_operator.local.nats_server import NatsServer
 
 from ..kube.emulator import KubeEmulator
 from ..kube.fixtures import wait_for
-from .harness import AGENTS, DEPLOYMENTS, RunningOperator, get, manifest, running_operator, status_of
+from .harness import AGENTS, DEPLOYMENTS, RunningOperator, get, manifest, status_of
 
 pytestmark = pytest.mark.timeout(120)
 
 SECRETS = "v1/secrets"
 VALUE = "sk-live-never-in-a-manifest"
-
-
-@pytest.fixture
-async def operator(
-    kube_emulator: KubeEmulator, cadenza_crds: Any, fresh_nats: NatsServer
-) -> AsyncIterator[RunningOperator]:
-    async with running_operator(kube_emulator, fresh_nats.url) as op:
-        yield op
 
 
 async def test_the_deployment_references_secrets_and_never_holds_a_value(

@@ -5,7 +5,6 @@ published as an agent's `task.record_usage` publishes it.)"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -24,7 +23,6 @@ from .harness import (
     RunningOperator,
     manifest,
     reasons_for,
-    running_operator,
     status_of,
 )
 
@@ -37,14 +35,6 @@ CAPPED = {
         {"name": "greet", "agent": "greeter", "dependsOn": ["gate"], "input": {"name": "x"}},
     ],
 }
-
-
-@pytest.fixture
-async def operator(
-    kube_emulator: KubeEmulator, cadenza_crds: Any, fresh_nats: NatsServer
-) -> AsyncIterator[RunningOperator]:
-    async with running_operator(kube_emulator, fresh_nats.url) as op:
-        yield op
 
 
 def _status(emulator: KubeEmulator, name: str, **wanted: Any) -> Any:

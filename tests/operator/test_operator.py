@@ -12,7 +12,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -121,16 +121,6 @@ async def _apply_hello(emulator: KubeEmulator, op: RunningOperator, agents: Agen
 def _valid(emulator: KubeEmulator, workflow: str) -> bool:
     conditions = status_of(emulator, WORKFLOWS, workflow).get("conditions") or []
     return any(c["type"] == "Valid" and c["status"] == "True" for c in conditions)
-
-
-@pytest.fixture
-async def operator(
-    kube_emulator: KubeEmulator, cadenza_crds: Any, fresh_nats: NatsServer
-) -> AsyncIterator[RunningOperator]:
-    # A nats-server per test: agent processes stopped at the end of one test may leave
-    # pull requests behind that would swallow the next test's tasks for an ack wait.
-    async with running_operator(kube_emulator, fresh_nats.url) as op:
-        yield op
 
 
 # ------------------------------------------------------------------------- Agents

@@ -4,26 +4,14 @@ the Kubernetes API emulator, a real nats-server)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
-
 import pytest
 from cadenza._protocol import dumps
-from cadenza_operator.local.nats_server import NatsServer
 
 from ..kube.emulator import KubeEmulator
 from ..kube.fixtures import wait_for
-from .harness import NAMESPACE, WORKFLOWS, RunningOperator, events_for, manifest, running_operator, status_of
+from .harness import NAMESPACE, WORKFLOWS, RunningOperator, events_for, manifest, status_of
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def operator(
-    kube_emulator: KubeEmulator, cadenza_crds: Any, fresh_nats: NatsServer
-) -> AsyncIterator[RunningOperator]:
-    async with running_operator(kube_emulator, fresh_nats.url) as op:
-        yield op
 
 
 async def test_a_trigger_event_whose_dedup_key_fails_gives_the_workflow_a_warning_event(
