@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cadenza import Agent, AgentSettings
 from cadenza_operator.local.runner import RunOptions, execute
 from cadenza_operator.manifests import load
 
@@ -46,6 +48,18 @@ async def poll(probe: Callable[[], Awaitable[T | None]], timeout: float = 20.0) 
             return value
         assert loop.time() < deadline, f"not true within {timeout} s"
         await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def serving(agent: Agent, url: str, namespace: str) -> AsyncIterator[None]:
+    """An agent working in this process until the block ends."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.serve(AgentSettings(nats_url=url, namespace=namespace), stop=stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
 
 
 def unique_namespace() -> str:

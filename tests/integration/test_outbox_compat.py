@@ -6,13 +6,10 @@ outbox is still that JSON, byte for byte."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
 from cadenza import Agent
-from cadenza._agent import AgentSettings
 from cadenza.wire import dumps, event_subject, task_subject
 from cadenza_operator.engine.commands import Dispatch, from_wire
 from cadenza_operator.engine.decide import decide, outbox
@@ -23,7 +20,7 @@ from cadenza_operator.engine.state import RunState
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.models import WorkflowSpec
 
-from .harness import unique_namespace
+from .harness import serving, unique_namespace
 
 SPEC = WorkflowSpec.model_validate(
     {
@@ -58,17 +55,6 @@ def old_outbox(namespace: str, run: str) -> list[dict[str, Any]]:
             "agent": "echo",
         },
     ]
-
-
-@contextlib.asynccontextmanager
-async def serving(agent: Agent, url: str, namespace: str) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.serve(AgentSettings(nats_url=url, namespace=namespace), stop=stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def test_an_outbox_written_by_the_previous_engine_is_executed(fresh_nats: NatsServer) -> None:

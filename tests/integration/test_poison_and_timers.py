@@ -16,14 +16,13 @@ import contextlib
 import json
 import os
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
 from cadenza import Agent, RetryableError
-from cadenza._agent import AgentSettings
 from cadenza._protocol import (
     EVENTS_STREAM,
     RUNS_BUCKET,
@@ -45,7 +44,7 @@ from cadenza_operator.models import WorkflowSpec
 
 from ..conftest import cadenza
 from ..kube.fixtures import wait_for
-from .harness import agent_manifest, run_project, start_engine, unique_namespace, write_project
+from .harness import agent_manifest, run_project, serving, start_engine, unique_namespace, write_project
 
 TERMINAL = ("Succeeded", "Failed", "Cancelled")
 
@@ -80,18 +79,6 @@ def flaky_agent(executions: list[tuple[str, str, int]] | None = None) -> Agent:
         return {"n": task.input.get("n"), "attempt": task.attempt}
 
     return agent
-
-
-@contextlib.asynccontextmanager
-async def serving(agent: Agent, url: str, namespace: str) -> AsyncIterator[None]:
-    """An agent working in this process until the block ends."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.serve(AgentSettings(nats_url=url, namespace=namespace), stop=stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 @contextlib.contextmanager
