@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import TypeVar
 
 import nats
 from cadenza._protocol import EVENTS_STREAM
@@ -18,8 +17,6 @@ from cadenza_operator.manifests import load
 from prometheus_client import REGISTRY
 
 from .harness import poll, unique_namespace, write_project
-
-T = TypeVar("T")
 
 # No agents: `go` waits for a signal, and `boom` then fails on its `when` (the run fails
 # while `gate` still waits); `gate` waits for ada, or times out after `timeout`.

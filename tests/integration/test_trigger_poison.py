@@ -7,7 +7,7 @@ import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import nats
 import pytest
@@ -21,8 +21,6 @@ from cadenza_operator.manifests import load
 from prometheus_client import REGISTRY
 
 from .harness import poll, unique_namespace, write_project
-
-T = TypeVar("T")
 
 # No agent: an approval step keeps each run alive (and active) without agent processes.
 WORKFLOW = """

@@ -11,7 +11,6 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TypeVar
 
 import nats
 from cadenza_operator.engine.runtime import Engine, EngineSettings
@@ -20,8 +19,6 @@ from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.manifests import load
 
 from .harness import poll, unique_namespace, write_project
-
-T = TypeVar("T")
 
 EVENTS = 24
 
