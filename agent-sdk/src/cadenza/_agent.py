@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import os
 import signal
@@ -25,9 +26,10 @@ from . import _payloads
 from ._ackinfo import deliveries, stored_at
 from ._claims import Claim, claim
 from ._connect import connect_until_stopped
-from ._context import KVContext, WriteRecorder
+from ._context import KVContext, record_writes
 from ._deadletter import MAX_DELIVERIES, dead_letter
 from ._errors import TaskError, failure_of
+from ._events import AttemptEvents
 from ._logging import configure_logging
 from ._protocol import (
     CLAIMS_BUCKET,
@@ -47,7 +49,7 @@ from ._publish import Publisher
 from ._pull import PullConsumer, agent_consumer_config
 from ._reads import SharedReads
 from ._task import Task
-from ._usage import UsageRecorder
+from ._usage import record_usage
 from .models import ModelRegistry, load_model_specs
 from .protocol import TaskFailure
 
@@ -247,21 +249,7 @@ class Agent:
             subject = event_subject(ns, task.run_id)
             log = self.log.bind(run=task.run_id, step=task.step, item=task.item, attempt=task.attempt)
             scope = body.get("scope") or body["run"]
-            writes = WriteRecorder(  # each context write goes to the run's audit trail
-                lambda data, headers: pub.publish(subject, data, headers),
-                {
-                    "run": task.run_id,
-                    "step": task.step,
-                    "item": task.item,
-                    "attempt": task.attempt,
-                    "worker": worker,
-                },
-                scope,
-                log,
-            )
-            task.context = KVContext(context_kv, scope, loop, on_write=writes)
-            task._models = models
-            usage = UsageRecorder(  # each model call's usage, counted by the engine
+            events = AttemptEvents(  # context writes and model usage, settled before the outcome
                 lambda data, headers: pub.publish(subject, data, headers),
                 {
                     "run": task.run_id,
@@ -273,7 +261,9 @@ class Agent:
                 loop,
                 log,
             )
-            task._usage = usage
+            task.context = KVContext(context_kv, scope, loop, on_write=record_writes(events, scope))
+            task._models = models
+            task._usage = functools.partial(record_usage, events)
             try:
                 why = await self._currency(runs_kv, body, msg) if self._may_be_stale(body, msg) else None
             except Exception as exc:
@@ -370,8 +360,7 @@ class Agent:
                 msg_id = f"{event['type']}:{task.run_id}.{task.step}.{task.item}.{task.attempt}"
                 # Durable first, then the ack: a crash in between redelivers the task and
                 # the duplicate result is dropped by Nats-Msg-Id and by the engine.
-                await writes.settle()  # the context writes' records come before the outcome
-                await usage.settle()  # and the usage it recorded
+                await events.settle()  # the context writes and usage come before the outcome
                 await self._publish_outcome(pub, subject, dumps(event), msg_id, stop, log)
                 await msg.ack()
             except asyncio.CancelledError:

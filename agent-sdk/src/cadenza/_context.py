@@ -17,9 +17,10 @@ import contextlib
 import inspect
 import random
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
+from ._events import AttemptEvents
 from ._protocol import CONTEXT_BUCKET, dumps, loads
 
 _KEY_CHARS = frozenset("-_=abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
@@ -197,41 +198,17 @@ class KVContext(_SyncMixin):
             self._on_write(key, revision)
 
 
-class WriteRecorder:
-    """`on_write` for one attempt: publishes a `context` event per write, for the audit trail.
+def record_writes(events: AttemptEvents, scope: str) -> Callable[[str, int], None]:
+    """`on_write` for one attempt: a `context` event per write, for the audit trail (the
+    key and its revision, never the value). The revision is unique in the bucket, so
+    JetStream drops a repeated event by its id."""
 
-    The publish is started, not awaited, so a write costs one KV round trip and no more;
-    `settle()` awaits them all, before the attempt's outcome goes out (then the trail
-    holds the writes before the step's end, and none is lost when the process exits).
-    A write whose event cannot be published is logged: the write itself stands.
-    """
+    def written(key: str, revision: int) -> None:
+        body = {"type": "context", "scope": scope, "key": key, "revision": revision}
+        lost = "context write not recorded in the audit trail"
+        events.send(body, f"context:{scope}.{key}:{revision}", lost)
 
-    def __init__(
-        self,
-        publish: Callable[[bytes, dict[str, str]], Awaitable[Any]],
-        base: dict[str, Any],
-        scope: str,
-        log: Any,
-    ) -> None:
-        self._publish = publish
-        self._base = base
-        self._scope = scope
-        self._log = log
-        self._pending: list[asyncio.Future[Any]] = []
-
-    def __call__(self, key: str, revision: int) -> None:
-        body = {"type": "context", **self._base, "scope": self._scope, "key": key, "revision": revision}
-        # The revision is unique in the bucket: JetStream drops a repeated event by this id.
-        msg_id = f"context:{self._scope}.{key}:{revision}"
-        self._pending.append(asyncio.ensure_future(self._publish(dumps(body), {"Nats-Msg-Id": msg_id})))
-
-    async def settle(self) -> None:
-        if not self._pending:  # most attempts write nothing: no trip through the loop
-            return
-        pending, self._pending = self._pending, []
-        for outcome in await asyncio.gather(*pending, return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                self._log.warning("context write not recorded in the audit trail", error=repr(outcome))
+    return written
 
 
 class MemoryContext(_SyncMixin):
@@ -294,5 +271,5 @@ __all__ = [
     "ContextConflict",
     "KVContext",
     "MemoryContext",
-    "WriteRecorder",
+    "record_writes",
 ]
