@@ -21,6 +21,7 @@ from .harness import (
     WORKFLOWRUNS,
     WORKFLOWS,
     RunningOperator,
+    events_for,
     manifest,
     reasons_for,
     status_of,
@@ -78,6 +79,11 @@ async def test_a_paused_run_is_resumed_by_annotation(
     assert "BudgetExceeded" in status["message"]
     assert status["usage"] == {"inputTokens": 15, "outputTokens": 5, "cost": 0.25, "calls": 1, "tokens": 20}
     assert status["steps"]["greet"]["attempts"] == 0  # held: nothing was sent
+    paused = await wait_for(
+        lambda: [e for e in events_for(kube_emulator, "capped-run") if e["reason"] == "BudgetExceeded"],
+        timeout=20,
+    )
+    assert paused[0]["type"] == "Warning" and "20 tokens used of a budget of 10" in paused[0]["message"]
 
     kube_emulator.patch_object(
         WORKFLOWRUNS,
@@ -97,6 +103,11 @@ async def test_a_paused_run_is_resumed_by_annotation(
         lambda: status_of(kube_emulator, WORKFLOWRUNS, "capped-run")["steps"]["greet"]["attempts"] == 1
     )
     await wait_for(lambda: "ResumeSent" in reasons_for(kube_emulator, "capped-run"), timeout=20)
+    resumed = await wait_for(
+        lambda: [e for e in events_for(kube_emulator, "capped-run") if e["reason"] == "Resumed"], timeout=20
+    )
+    assert resumed[0]["type"] == "Normal"
+    assert reasons_for(kube_emulator, "capped-run").count("RunStarted") == 1
 
 
 def test_the_resume_annotation_is_parsed_or_named_in_the_error() -> None:

@@ -297,6 +297,28 @@ def test_transitions_post_each_event_once() -> None:
     assert [e.reason for e in transitions({}, quick)] == ["RunStarted", "RunSucceeded"]
 
 
+def test_a_budget_pause_and_its_resume_are_events_and_a_condition() -> None:
+    message = "BudgetExceeded: run budget reached: 20 tokens used of a budget of 10"
+    paused = _run(phase="Paused", message=message, steps={"greet": StepState(phase="Pending")})
+    events = transitions({"": "Running", "greet": "Pending"}, paused)
+    assert [(e.type, e.reason, e.message) for e in events] == [("Warning", "BudgetExceeded", message)]
+    status = run_status(paused)
+    assert status["phase"] == "Paused"
+    assert status["conditions"][0] | {"lastTransitionTime": None} == {
+        "type": "Succeeded",
+        "status": "Unknown",
+        "reason": "Paused",
+        "message": message,
+        "lastTransitionTime": None,
+    }
+    # Nothing twice (a restart), and a resume is not a second start.
+    assert transitions(phases_of_status(status), paused) == []
+    resumed = _run(phase="Running", steps={"greet": StepState(phase="Pending")})
+    events = transitions(phases_of_status(status), resumed)
+    assert [(e.type, e.reason) for e in events] == [("Normal", "Resumed")]
+    assert [e.reason for e in transitions({}, paused)] == ["RunStarted", "BudgetExceeded"]
+
+
 json_values = st.recursive(
     st.one_of(st.booleans(), st.integers(), st.text(max_size=5)),
     lambda children: (

@@ -185,8 +185,9 @@ def run_conditions(state: RunState | RunView) -> list[Json]:
     elif view.phase in ("Failed", "Cancelled"):
         conds = [condition("Succeeded", "False", view.phase, view.message, view.finished_at)]
     else:
-        reason = "Running" if view.phase == "Running" else "Pending"
-        conds = [condition("Succeeded", "Unknown", reason, "", view.started_at or view.created_at)]
+        reason = view.phase if view.phase in ("Running", "Paused") else "Pending"
+        message = view.message if view.phase == "Paused" else ""
+        conds = [condition("Succeeded", "Unknown", reason, message, view.started_at or view.created_at)]
     if view.waiting_approval and not view.terminal:
         conds.append(condition("WaitingApproval", "True", "ApprovalRequested", waiting_message(view)))
     return conds
@@ -295,7 +296,7 @@ def phases_of_status(status: Mapping[str, Any]) -> dict[str, str]:
 
 def transitions(before: Mapping[str, str], state: RunState) -> list[RunEvent]:
     """Events for what changed since `before`: run started/succeeded/failed/cancelled,
-    step failed, retries exhausted, approval waiting."""
+    paused on its budget and resumed, step failed, retries exhausted, approval waiting."""
     view = run_view(state)
     events: list[RunEvent] = []
     for change in changes(before, view):
@@ -331,9 +332,14 @@ def transitions(before: Mapping[str, str], state: RunState) -> list[RunEvent]:
 
 def _run_events(view: RunView, old: str | None) -> list[RunEvent]:
     events = []
-    if view.phase == "Running" or (old in (None, "", "Pending") and view.terminal):
+    if old in (None, "", "Pending") and (view.phase in ("Running", "Paused") or view.terminal):
         events.append(RunEvent("Normal", "RunStarted", f"run {view.run} started"))
-    if view.phase == "Succeeded":
+    if view.phase == "Paused":
+        # The engine pauses a run only when its budget is reached; the message says which.
+        events.append(RunEvent("Warning", "BudgetExceeded", _clip(view.message or f"run {view.run} paused")))
+    elif view.phase == "Running" and old == "Paused":
+        events.append(RunEvent("Normal", "Resumed", f"run {view.run} resumed"))
+    elif view.phase == "Succeeded":
         took = human_duration((view.finished_at or 0) - (view.started_at or 0)) if view.started_at else ""
         events.append(
             RunEvent("Normal", "RunSucceeded", f"run {view.run} succeeded" + (f" in {took}" if took else ""))
