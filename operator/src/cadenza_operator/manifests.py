@@ -22,6 +22,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .engine.definition import CompiledWorkflow, DefinitionError, compile_workflow
 from .models import GROUP_VERSION, KINDS, Agent, Model, Workflow
+from .pod_schema import pod_template_schema_errors
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 """Largest manifest file read; the Kubernetes API server takes requests of up to 3 MiB."""
@@ -296,6 +297,9 @@ def _load_doc(
             errors.append(ManifestError(shown, obj, loc_path(err["loc"]), msg))
         return
     if isinstance(model, Agent):
+        if model.spec.podTemplate is not None:
+            for where, message in pod_template_schema_errors(model.spec.podTemplate):
+                errors.append(ManifestError(shown, obj, f"spec.podTemplate.{where}", message))
         if model.metadata.name in bundle.agents:
             errors.append(ManifestError(shown, obj, "metadata.name", "another Agent has this name"))
         bundle.agents[model.metadata.name] = (model, path)
