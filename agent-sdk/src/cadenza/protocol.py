@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 __all__ = [
+    "MODEL_OUTCOMES",
     "ApprovalEvent",
     "AttemptEvent",
     "CancelEvent",
@@ -236,6 +237,20 @@ class UsageEvent(AttemptEvent):
     outputTokens: int = Field(0, ge=0)
     cost: float | None = Field(None, ge=0)
     calls: int = Field(1, ge=0)
+    # What `task.model()` measured of the call (absent from `task.record_usage` and older
+    # agents). A failed call is reported too, with zero tokens.
+    requests: dict[str, int] | None = None
+    """HTTP requests the call made, retries included, by outcome (MODEL_OUTCOMES)."""
+    waited: float | None = Field(None, ge=0)
+    """Seconds the call waited for rate limits: the Model's shared limits and 429 Retry-After."""
+    latency: float | None = Field(None, ge=0)
+    """Seconds of the call's last HTTP exchange (the answer that decided its outcome)."""
+
+
+MODEL_OUTCOMES = ("ok", "ratelimited", "error", "unreachable", "other")
+"""How one HTTP request to a Model ended: answered 2xx, 429, another 4xx/5xx, no answer
+(connection error, timeout); `other` for an outcome a newer agent names. A fixed set: it is
+a metric label."""
 
 
 Event = Annotated[

@@ -6,9 +6,11 @@ never by run ids or item indexes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
+from cadenza.protocol import MODEL_OUTCOMES
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 _TIME_BUCKETS = (
@@ -103,9 +105,43 @@ MODEL_COST = Counter(
     "Model cost agents recorded against runs, in the Models' pricing units.",
     ["namespace", "workflow", "model"],
 )
+MODEL_REQUESTS = Counter(
+    "cadenza_model_requests_total",
+    "HTTP requests agents made to Models through task.model(), retries included, by outcome "
+    "(ok, ratelimited, error, unreachable, other).",
+    ["model", "outcome"],
+)
+MODEL_RATELIMIT_WAIT = Histogram(
+    "cadenza_model_ratelimit_wait_seconds",
+    "Time a model call waited for rate limits (the Model's shared limits and 429 Retry-After), per call.",
+    ["model"],
+    buckets=_TIME_BUCKETS,
+)
+MODEL_LATENCY = Histogram(
+    "cadenza_model_latency_seconds",
+    "Time of a model call's last HTTP exchange (the answer that decided its outcome), per call.",
+    ["model"],
+    buckets=_TIME_BUCKETS,
+)
 KUBE_WRITES = Counter(
     "cadenza_kube_status_writes_total", "WorkflowRun status writes sent to the Kubernetes API."
 )
+
+
+def observe_model_calls(calls: Iterable[tuple[str, dict[str, int], float | None, float | None]]) -> None:
+    """The model calls a decision counted (`Decision.calls`, once per usage id): requests by
+    outcome, rate-limit wait and latency. An outcome outside MODEL_OUTCOMES (a newer
+    agent's) is counted as `other`, so the label set stays fixed."""
+    for model, requests, waited, latency in calls:
+        name = model[:63]
+        for outcome, n in requests.items():
+            if n > 0:
+                label = outcome if outcome in MODEL_OUTCOMES else "other"
+                child(MODEL_REQUESTS, name, label).inc(n)
+        if waited is not None:
+            child(MODEL_RATELIMIT_WAIT, name).observe(waited)
+        if latency is not None:
+            child(MODEL_LATENCY, name).observe(latency)
 
 
 def serve(port: int, addr: str = "127.0.0.1") -> int:

@@ -734,6 +734,7 @@ class Engine:
             metrics.child(metrics.MODEL_TOKENS, ns, wf, name, "input").inc(input_tokens)
             metrics.child(metrics.MODEL_TOKENS, ns, wf, name, "output").inc(output_tokens)
             metrics.child(metrics.MODEL_COST, ns, wf, name).inc(cost)
+        metrics.observe_model_calls(decision.calls)
         for step, scheduling, queued, executing in decision.timings:
             metrics.child(metrics.STEP_SCHEDULING, wf, step).observe(scheduling)
             metrics.child(metrics.STEP_QUEUE, wf, step).observe(queued)

@@ -48,6 +48,8 @@ def on_usage(d: Decider, ev: UsageEvent) -> None:
                 rec.usage.add(used)
     model = ev.model if isinstance(ev.model, str) else ""
     d.decision.usage.append((model[:253], used.inputTokens, used.outputTokens, used.cost))
+    if ev.requests is not None or ev.waited is not None or ev.latency is not None:
+        d.decision.calls.append((model[:253], dict(ev.requests or {}), ev.waited, ev.latency))
     d.changed()
 
 

@@ -63,6 +63,9 @@ class Decision:
     timings: list[tuple[str, float, float, float | None]] = field(default_factory=list)
     # (model, input tokens, output tokens, cost) of each usage event counted (metrics)
     usage: list[tuple[str, int, int, float]] = field(default_factory=list)
+    # (model, HTTP requests by outcome, seconds waited for rate limits, seconds of the last
+    # exchange) of each usage event counted that measured its call (metrics)
+    calls: list[tuple[str, dict[str, int], float | None, float | None]] = field(default_factory=list)
     changed: bool = False
 
     def absorb(self, later: Decision) -> None:
@@ -72,6 +75,7 @@ class Decision:
         self.timed_out += later.timed_out
         self.timings += later.timings
         self.usage += later.usage
+        self.calls += later.calls
         self.stores.update(later.stores)
         self.changed |= later.changed
 
