@@ -99,6 +99,11 @@ DASHBOARD_METRICS = [
     "cadenza_agent_pending_tasks",
     "cadenza_pending_approvals",
     "cadenza_active_runs",
+    "cadenza_model_tokens_total",
+    "cadenza_model_cost_total",
+    "cadenza_model_requests_total",
+    "cadenza_model_ratelimit_wait_seconds",
+    "cadenza_model_latency_seconds",
 ]
 
 # The operator's Kubernetes API use: (verbs, group, resource) in each namespace it serves.
@@ -770,6 +775,33 @@ def test_grafana_dashboard_configmap() -> None:
     assert "{{phase}}" in configmap["data"]["cadenza.json"]
     # The chart file and the rendered ConfigMap are the same JSON.
     assert dashboard == json.loads((CHART / "files" / "dashboards" / "cadenza.json").read_text())
+
+
+def test_grafana_dashboard_has_a_models_row_on_the_operators_model_metrics() -> None:
+    from cadenza_operator import metrics
+    from prometheus_client import Histogram
+
+    _, dashboard = _dashboard(render({"grafana": {"dashboard": {"enabled": True}}}))
+    rows = [p for p in dashboard["panels"] if p["type"] == "row"]
+    assert [r["title"] for r in rows] == ["Models: tokens and cost"]
+    below = [p for p in dashboard["panels"] if p["gridPos"]["y"] > rows[0]["gridPos"]["y"]]
+    exprs = [t["expr"] for p in below for t in p.get("targets", [])]
+    exported = {
+        m._name: isinstance(m, Histogram)
+        for m in vars(metrics).values()
+        if isinstance(m, metrics.Counter | metrics.Histogram) and m._name.startswith("cadenza_model_")
+    }
+    assert len(exported) == 5
+    for name, histogram in exported.items():
+        # prometheus_client drops a counter's _total from _name; the series keeps it.
+        series = f"{name}_bucket" if histogram else f"{name}_total"
+        assert any(series in e for e in exprs), f"the Models row shows no {series}"
+    assert any("sum by (model, direction)" in e for e in exprs)
+    assert any("sum by (workflow)" in e and "cadenza_model_cost_total" in e for e in exprs)
+    assert any("sum by (model, outcome)" in e for e in exprs)
+    assert all(e.startswith("histogram_quantile(0.95,") for e in exprs if "_bucket" in e)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
 
 
 def test_grafana_dashboard_namespace_can_be_set() -> None:
