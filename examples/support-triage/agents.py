@@ -1,33 +1,39 @@
 """Agents of the support-triage example: `python agents.py <agent>`.
 
-classifier  rules (or an LLM) -> category, intent, confidence, urgency, amount mentioned
+classifier  rules (or the Model `fast`) -> category, intent, confidence, urgency, amount
 crm         customer lookup in data/customers.json, refund eligibility; shares the
             profile with the other agents through the run's context store
 retriever   knowledge-base search over data/kb.json: TF-IDF cosine in pure Python by
             default, the all-MiniLM-L6-v2 embedding model with KB_RETRIEVER=minilm
-resolver    drafts a reply from the best article (or an LLM rewrites it)
+resolver    drafts a reply from the best article (the Model `fast` rewrites it)
 router      picks the human queue, assignee, priority and SLA
 billing     issues the refund (idempotent: keyed by the invoice)
 followup    the message the customer gets, and when to check in again
 
-Everything is offline and deterministic unless CADENZA_LLM_BASE_URL is set.
+classifier and resolver call the Model `fast` (models.yaml) with `task.model("fast")`
+when its server answers; otherwise (a fresh machine, `cadenza.testing`) everything is
+offline and deterministic: rules and templates.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import math
 import os
 import re
+import socket
 import sys
 import threading
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cadenza import Agent, FatalError, Task
-from cadenza.llm import chat as llm_chat
+from cadenza.models import Model
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -91,6 +97,41 @@ def month_name(period: str | None) -> str | None:
 def money(amount: float, currency: str = "USD") -> str:
     symbol = {"USD": "$", "EUR": "€", "GBP": "£"}.get(currency, currency + " ")
     return f"{symbol}{amount:,.2f}"
+
+
+# ------------------------------------------------------------------------- model
+
+MODEL = "fast"
+PROBE_TIMEOUT = 0.5
+PROBE_TTL = 30.0
+_probed: dict[str, tuple[float, bool]] = {}  # base URL -> (when, whether it accepted a connection)
+
+
+def listening(base_url: str) -> bool:
+    """Whether the Model's server accepts connections: a fresh machine has none, and
+    without this check every call would spend its retries (seconds of backoff) on a
+    refused connection before the rules could answer. Remembered for PROBE_TTL seconds."""
+    seen = _probed.get(base_url)
+    if seen is not None and time.monotonic() - seen[0] < PROBE_TTL:
+        return seen[1]
+    url = urlsplit(base_url)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "localhost", port), timeout=PROBE_TIMEOUT):
+            up = True
+    except OSError:
+        up = False
+    _probed[base_url] = (time.monotonic(), up)
+    return up
+
+
+def reachable_model(task: Task) -> Model | None:
+    """The Model `fast` when its server is up, else None: the offline path."""
+    try:
+        model = task.model(MODEL)
+    except FatalError:  # no Models given: cadenza.testing, or an Agent without spec.models
+        return None
+    return model if listening(model.spec.base_url) else None
 
 
 # ------------------------------------------------------------------- classifier
@@ -183,16 +224,19 @@ def classify_rules(subject: str, body: str) -> dict[str, Any]:
     }
 
 
-def classify_llm(subject: str, body: str) -> dict[str, Any] | None:
-    answer = llm_chat(
+def classify_llm(model: Model, subject: str, body: str) -> dict[str, Any] | None:
+    system = (
         "You triage customer support tickets. Answer with a JSON object with keys category "
         "(billing|technical|account|spam|general), intent (refund|cancel|access|bug|howto|question), "
-        "confidence (0..1), urgency (high|normal), sentiment (negative|neutral|positive).",
-        f"Subject: {subject}\n\n{body}",
-        as_json=True,
+        "confidence (0..1), urgency (high|normal), sentiment (negative|neutral|positive)."
     )
-    if answer is None:
-        return None
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"Subject: {subject}\n\n{body}"},
+    ]
+    # A sync handler: chat_sync. The call waits for the Model's limits and counts its
+    # tokens and cost against the run's budget.
+    answer = model.chat_sync(messages, temperature=0, response_format={"type": "json_object"}).text
     try:
         parsed = json.loads(answer)
         result = {
@@ -212,7 +256,8 @@ def classify(task: Task) -> dict[str, Any]:
     ticket = task.input.get("ticket") or {}
     require(ticket, "subject", "body")
     result = classify_rules(ticket["subject"], ticket["body"])
-    llm = classify_llm(ticket["subject"], ticket["body"])
+    model = reachable_model(task)
+    llm = classify_llm(model, ticket["subject"], ticket["body"]) if model else None
     if llm is not None:
         result.update(llm, method="llm")
     task.log.info("classified", category=result["category"], confidence=result["confidence"])
@@ -422,15 +467,22 @@ async def draft_reply(task: Task) -> dict[str, Any]:
     }
     reply = fill(article["reply"], values) or f"{article['title']}: {article['body'].split('. ')[0]}."
     method = "template"
-    rewritten = llm_chat(
-        "You are a friendly, precise support agent. Rewrite the draft reply for the customer in at most "
-        "four sentences. Keep every fact, number and identifier; add nothing.",
-        f"Customer: {customer.get('name')} ({customer.get('plan')} plan)\n"
-        f"Ticket: {task.input.get('subject')}\n"
-        f"Help-centre article: {article['title']}: {article['body']}\n\nDraft reply:\n{reply}",
-    )
-    if rewritten:
-        reply, method = rewritten.strip(), "llm"
+    model = await asyncio.to_thread(reachable_model, task)  # the probe blocks: not on the loop
+    if model is not None:
+        system = (
+            "You are a friendly, precise support agent. Rewrite the draft reply for the customer in at "
+            "most four sentences. Keep every fact, number and identifier; add nothing."
+        )
+        prompt = (
+            f"Customer: {customer.get('name')} ({customer.get('plan')} plan)\n"
+            f"Ticket: {task.input.get('subject')}\n"
+            f"Help-centre article: {article['title']}: {article['body']}\n\nDraft reply:\n{reply}"
+        )
+        answer = await model.chat(
+            [{"role": "system", "content": system}, {"role": "user", "content": prompt}], temperature=0
+        )
+        if answer.text.strip():
+            reply, method = answer.text.strip(), "llm"
     return {"reply": reply, "article_id": article["id"], "article_title": article["title"], "method": method}
 
 

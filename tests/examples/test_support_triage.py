@@ -1,15 +1,22 @@
-"""examples/support-triage: the README command end to end, the other paths, and the agents alone."""
+"""examples/support-triage: the README command end to end, the other paths, the agents alone,
+and its Model `fast` against an OpenAI-compatible server (the usage counted in the run)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cadenza import FatalError
 from cadenza.testing import MemoryContext, call_handler, run_handler
 
-from ..conftest import EXAMPLES, cadenza
+from ..conftest import EXAMPLES, ROOT, cadenza
+from ..integration.chat_server import INPUT_TOKENS, OUTPUT_TOKENS, ChatServer
 from .helpers import assert_succeeded, load_agents, phases, run_example
 
 EXAMPLE = "support-triage"
@@ -238,3 +245,60 @@ def test_minilm_retrieval_when_installed(monkeypatch: pytest.MonkeyPatch) -> Non
     assert out["method"] == "minilm"
     assert out["articles"][0]["id"] == "KB-101"
     assert out["top_score"] >= 0.3
+
+
+# ------------------------------------------------------------------------- the Model
+
+
+async def test_with_its_model_reachable_the_calls_are_counted_in_the_run(tmp_path: Path) -> None:
+    """The example as shipped, its Model's baseURL pointed at a real OpenAI-compatible
+    server: classifier and resolver call `fast`, and what the server counted is the run's
+    usage in --output json (per step too) and within the Workflow's budget."""
+    project = tmp_path / EXAMPLE
+    shutil.copytree(EXAMPLES / EXAMPLE, project, ignore=shutil.ignore_patterns("__pycache__"))
+    models = project / "models.yaml"
+    async with ChatServer() as server:
+        models.write_text(models.read_text().replace("http://127.0.0.1:11434/v1", server.url))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cadenza_operator.cli",
+            "run",
+            str(project),
+            "--input",
+            f"@{project / 'input.json'}",
+            "--approve",
+            "approve_refund",
+            "--output",
+            "json",
+            cwd=ROOT,
+            env={**os.environ, "CADENZA_LOG_FORMAT": "json"},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    doc = json.loads(out)
+    assert doc["phase"] == "Succeeded"
+    assert [body["model"] for body in server.bodies] == ["llama3.2", "llama3.2"]
+    # The echo server's answer is no JSON: the rules classify. The resolver's reply is the model's.
+    assert doc["steps"]["classify"]["output"]["method"] == "rules"
+    assert doc["steps"]["resolve"]["output"]["method"] == "llm"
+    assert doc["steps"]["resolve"]["output"]["reply"].startswith("echo: Customer: Dana Whitfield")
+    cost = (INPUT_TOKENS * 0.15 + OUTPUT_TOKENS * 0.60) / 1e6
+    for step in ("classify", "resolve"):
+        usage = doc["steps"][step]["usage"]
+        assert (usage["inputTokens"], usage["outputTokens"], usage["calls"]) == (
+            INPUT_TOKENS,
+            OUTPUT_TOKENS,
+            1,
+        )
+        assert usage["cost"] == pytest.approx(cost)
+    usage = doc["usage"]
+    assert (usage["inputTokens"], usage["outputTokens"], usage["calls"]) == (
+        2 * INPUT_TOKENS,
+        2 * OUTPUT_TOKENS,
+        2,
+    )
+    assert usage["cost"] == pytest.approx(2 * cost)
