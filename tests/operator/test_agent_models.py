@@ -5,6 +5,7 @@ nats-server, the real operator in-process.)"""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -16,11 +17,12 @@ from cadenza_operator.local.secrets import secret_variable as local_secret_varia
 
 from ..kube.emulator import KubeEmulator
 from ..kube.fixtures import wait_for
-from .harness import AGENTS, DEPLOYMENTS, RunningOperator, get, manifest, status_of
+from .harness import AGENTS, DEPLOYMENTS, RunningOperator, events_for, get, manifest, status_of
 
 pytestmark = pytest.mark.timeout(120)
 
 MODELS = "cadenza.dev/v1alpha1/models"
+SECRETS = "v1/secrets"
 MODEL = {
     "provider": "openai",
     "baseURL": "https://llm.example/v1",
@@ -72,3 +74,54 @@ async def test_an_unknown_model_is_an_invalid_spec(
     found = await wait_for(condition, timeout=20)
     assert "spec.models[0]" in found["message"] and "'missing'" in found["message"]
     assert get(kube_emulator, DEPLOYMENTS, "lost-agent") is None
+
+
+async def test_env_envfrom_and_a_models_key_stay_references_and_no_value_is_written(
+    kube_emulator: KubeEmulator, operator: RunningOperator, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """All three ways an Agent gets a secret at once, with real Secrets in the API: an env
+    secretKeyRef, an envFrom secretRef and its Model's apiKey. The Deployment references
+    them; no value reaches anything the operator writes (Deployment, statuses, Events) or
+    logs, and it reads no Secret."""
+    values = {"openai": "sk-model-key-never-written", "token": "crm-token-never-written"}
+    for name, key in [("llm-keys", "openai"), ("crm", "token")]:
+        kube_emulator.create_object(
+            SECRETS,
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": name, "namespace": "default"},
+                "data": {key: base64.b64encode(values[key].encode()).decode()},
+            },
+        )
+    kube_emulator.create_object(MODELS, manifest("Model", "fast", MODEL))
+    spec = {
+        "image": "registry.example/agents:1",
+        "models": ["fast"],
+        "env": [{"name": "CRM_TOKEN", "valueFrom": {"secretKeyRef": {"name": "crm", "key": "token"}}}],
+        "envFrom": [{"secretRef": {"name": "crm"}, "prefix": "CRM_"}],
+    }
+    kube_emulator.create_object(AGENTS, manifest("Agent", "triage", spec))
+    deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "triage-agent"), timeout=20)
+    await wait_for(lambda: status_of(kube_emulator, AGENTS, "triage").get("conditions"), timeout=20)
+
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CRM_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "crm", "key": "token"}}
+    assert env["CADENZA_SECRET_LLM_KEYS_OPENAI"]["valueFrom"] == {
+        "secretKeyRef": {"name": "llm-keys", "key": "openai"}
+    }
+    assert {"secretRef": {"name": "crm"}, "prefix": "CRM_"} in container["envFrom"]
+    written = [
+        deployment,
+        status_of(kube_emulator, AGENTS, "triage"),
+        status_of(kube_emulator, MODELS, "fast"),
+        *events_for(kube_emulator, "triage"),
+        *events_for(kube_emulator, "triage-agent"),
+    ]
+    logged = "".join(capfd.readouterr())
+    for value in values.values():
+        encoded = base64.b64encode(value.encode()).decode()
+        assert value not in json.dumps(written) and encoded not in json.dumps(written)
+        assert value not in logged and encoded not in logged
+    assert not [call for call in kube_emulator.request_log if call.resource == "secrets"]

@@ -14,13 +14,14 @@ if __name__ == "__main__":
 
 from ._agent import Agent, AgentSettings
 from ._context import ContextConflict
-from ._errors import FatalError, RetryableError, TaskError
+from ._errors import BudgetExceeded, FatalError, RetryableError, TaskError
 from ._logging import configure_logging
 from ._task import Task
 
 __all__ = [
     "Agent",
     "AgentSettings",
+    "BudgetExceeded",
     "ContextConflict",
     "FatalError",
     "RetryableError",

@@ -24,6 +24,7 @@ import structlog
 
 from . import _payloads
 from ._ackinfo import deliveries, stored_at
+from ._budget import guard_for
 from ._claims import Claim, claim
 from ._connect import connect_until_stopped
 from ._context import KVContext, record_writes
@@ -264,6 +265,7 @@ class Agent:
             task.context = KVContext(context_kv, scope, loop, on_write=record_writes(events, scope))
             task._models = models
             task._usage = functools.partial(record_usage, events)
+            task._budget = guard_for(body, runs_kv.get)  # None (no reads) for a run without a budget
             try:
                 why = await self._currency(runs_kv, body, msg) if self._may_be_stale(body, msg) else None
             except Exception as exc:

@@ -50,6 +50,17 @@ class FatalError(TaskError):
     retryable = False
 
 
+class BudgetExceeded(TaskError):
+    """A model call refused because the run (or its step) has spent its budget, or the run
+    is paused or ending: raised by `task.model()` calls instead of calling the model.
+
+    Retryable: if the handler lets it propagate, the engine holds the step's next attempt
+    while the run is paused for its budget (no retry is spent) and sends it on `resume`.
+    """
+
+    retryable = True
+
+
 def type_names(exc: BaseException) -> list[str]:
     """The exception's class and its bases, most specific first, as `module.QualName`
     (builtins by their bare name): what a step's `retry.nonRetryable` entries match.

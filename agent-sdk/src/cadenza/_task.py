@@ -12,6 +12,7 @@ import structlog
 from ._context import KVContext, MemoryContext
 
 if TYPE_CHECKING:
+    from ._budget import BudgetGuard
     from .models import Model, ModelRegistry
 
 
@@ -37,6 +38,7 @@ class Task:
     _usage: Callable[[str, int, int, float | None], None] | None = field(default=None, repr=False)
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _models: ModelRegistry | None = field(default=None, repr=False)
+    _budget: BudgetGuard | None = field(default=None, repr=False)  # None: the run has no budget
 
     def __post_init__(self) -> None:
         if self.log is None:
@@ -62,16 +64,21 @@ class Task:
             raise ValueError("record_usage: tokens and cost cannot be negative")
         if self._usage is not None:  # None under cadenza.testing: nothing to send it to
             self._usage(model, int(input_tokens), int(output_tokens), cost)
+        if self._budget is not None:
+            self._budget.count(int(input_tokens), int(output_tokens), cost)
 
     def model(self, name: str) -> Model:
         """One of the Agent's Models (`spec.models`): `await m.chat(messages)` waits for the
-        Model's cluster-wide limits and counts the call's usage against this task."""
+        Model's cluster-wide limits and counts the call's usage against this task. In a run
+        over its budget (or paused for it, or ending) a call raises BudgetExceeded instead."""
         from .models import ModelRegistry
 
         if self._models is None:  # cadenza.testing: the Models in CADENZA_MODELS, unlimited
             self._models = ModelRegistry.from_env()
         return self._models.model(
-            name, lambda model, u: self.record_usage(model, u.input_tokens, u.output_tokens, u.cost)
+            name,
+            lambda model, u: self.record_usage(model, u.input_tokens, u.output_tokens, u.cost),
+            check=self._budget.check if self._budget is not None else None,
         )
 
     def cancel(self) -> None:

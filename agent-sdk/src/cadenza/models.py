@@ -49,7 +49,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -306,12 +306,17 @@ class ModelRegistry:
         """Unlimited (no NATS): for handlers run under cadenza.testing."""
         return cls(load_model_specs())
 
-    def model(self, name: str, on_usage: Callable[[str, Usage], Any] | None = None) -> Model:
+    def model(
+        self,
+        name: str,
+        on_usage: Callable[[str, Usage], Any] | None = None,
+        check: Callable[[], Awaitable[None]] | None = None,
+    ) -> Model:
         spec = self.specs.get(name)
         if spec is None:
             known = ", ".join(sorted(self.specs)) or "none (spec.models is empty)"
             raise FatalError(f"Model {name!r} is not one of this Agent's models: {known}")
-        return Model(spec, self._js, on_usage=on_usage, loop=self._loop, _registry=self)
+        return Model(spec, self._js, on_usage=on_usage, check=check, loop=self._loop, _registry=self)
 
     async def limiter(self, spec: ModelSpec) -> ModelLimiter | None:
         if self._js is None or not spec.limited:
@@ -331,6 +336,8 @@ class Model:
     timeout: float = DEFAULT_TIMEOUT
     on_usage: Callable[[str, Usage], Any] | None = None
     """Called with (model name, usage) after each successful call: where a Task records it."""
+    check: Callable[[], Awaitable[None]] | None = None
+    """Awaited before each call; raises BudgetExceeded for a run over budget (`cadenza._budget`)."""
     loop: asyncio.AbstractEventLoop | None = None
     """The loop `js` belongs to, for the sync twins called from a worker thread."""
     _registry: ModelRegistry | None = field(default=None, repr=False)
@@ -447,6 +454,8 @@ class Model:
         """One call with its retries, each HTTP attempt inside a limiter slot; `read` reads
         a successful response and returns the tokens it used."""
         m = self
+        if m.check is not None:
+            await m.check()
         headers = {"Content-Type": "application/json"}
         key = m.api_key
         if key:

@@ -179,6 +179,8 @@ def dispatch(d: Decider, name: str, item: int | None, retry: bool = False) -> No
             "notifyStart": bool(cs.timeout or cs.heartbeat or cs.queue_timeout is not None),
             "reportStartAfter": START_REPORT_AFTER,
         }
+        if limits := budget.task_limits(d, name):
+            body["budget"] = limits  # the agent refuses model calls past it (cadenza._budget)
         d.command(
             Dispatch(
                 subject=task_subject(d.s.namespace, cs.agent or ""),
@@ -297,6 +299,20 @@ def attempt_failed(
         d.decision.timed_out.append(name)
     st = d.st(name)
     retryable = bool(error.get("retryable"))
+    if retryable and budget.refused_call(d, name, error) and (cs.is_exit or not d.s.failing):
+        # The agent refused a model call for the budget: no backoff and no retry spent;
+        # the next attempt is held by the pause (or the run fails, onExceeded: fail).
+        where = name if item is None else f"{name}[{item}]"
+        d.audit(
+            name,
+            StepPhase.RUNNING,
+            StepPhase.RUNNING,
+            f"attempt {slot.attempt} of {where} stopped by the budget ({error.get('message')})",
+            item=item,
+            attempt=slot.attempt,
+        )
+        dispatch(d, name, item, retry=True)
+        return
     # A winding-down run starts no new attempts, except of onExit, which runs *because*
     # the run is winding down.
     if retryable and slot.attempt < cs.retry_limit + 1 and (cs.is_exit or not d.s.failing):

@@ -16,6 +16,8 @@ held: it runs while the run winds down, whatever was spent.
 
 from __future__ import annotations
 
+from typing import Any
+
 from cadenza.protocol import ResumeEvent, RunPhase, UsageEvent
 
 from ..definition import CompiledBudget
@@ -84,6 +86,29 @@ def exceeded(d: Decider, name: str) -> tuple[str, bool] | None:
         if step_why is not None:
             return f"step {name} budget reached: {step_why}", bool(cs.budget and cs.budget.fail)
     return None
+
+
+def task_limits(d: Decider, name: str) -> dict[str, dict[str, Any]] | None:
+    """The limits an attempt of step `name` carries to its agent, which refuses model calls
+    past them (`cadenza._budget`); None when there is no budget (the task then has no key)."""
+    st, cs = d.s.steps.get(name), d.wf.steps.get(name)
+    limits: dict[str, dict[str, Any]] = {}
+    for scope, limit in (
+        ("run", _limit(d.s.budget, d.wf.budget)),
+        ("step", _limit(st.budget if st else None, cs.budget if cs else None)),
+    ):
+        if limit is not None and (limit.tokens is not None or limit.cost is not None):
+            limits[scope] = limit.model_dump(exclude_none=True)
+    return limits or None
+
+
+def refused_call(d: Decider, name: str, error: dict[str, Any]) -> bool:
+    """Whether a failed attempt is a model call the agent refused for the budget: its
+    BudgetExceeded, and the run paused or over budget by the engine's own count (a
+    handler's exception of that name cannot spare a retry otherwise)."""
+    if error.get("type") != "BudgetExceeded":
+        return False
+    return d.s.phase == RunPhase.PAUSED or exceeded(d, name) is not None
 
 
 def held(d: Decider, name: str, item: int | None, retry: bool) -> bool:
