@@ -192,7 +192,7 @@ class Agent:
         models = ModelRegistry(load_model_specs(), js, loop)  # task.model(): limits shared in NATS
         worker = f"{socket.gethostname()}:{os.getpid()}"
         heartbeat_every = max(0.2, settings.ack_wait / 3)
-        claims_kv: Any = None  # bound at the first task with a queueTimeout
+        claims_kv: Any = None  # bound at the first task
 
         async def claim_start(body: dict[str, Any], at: float) -> Claim | None:
             """Claim the attempt for this worker (cadenza._claims); who holds it, or None
@@ -302,21 +302,20 @@ class Agent:
                     log.warning("dead-lettering failed", exc_info=True)
                 return
             started = time.time()
-            if body.get("queueTimeout") is not None:
-                # The attempt's queue timer races this start: one claim decides, atomically
-                # (the currency check above cannot: the engine may abandon the attempt right
-                # after the read, and a shared read may be older than that commit).
-                try:
-                    holder = await claim_start(body, started)
-                except Exception as exc:
-                    log.warning("attempt claim unanswered; task returned for later", error=repr(exc))
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=2.0)
-                    return
-                if holder is not None and holder.abandoned:
-                    log.info("attempt not started: abandoned", why="its queueTimeout expired first")
-                    await msg.ack()
-                    return
+            # The engine may give the attempt up (its queueTimeout, a cancel, the run's end)
+            # right after the look above, or before a fresh task that was not looked at:
+            # one claim decides, atomically, whether it starts (cadenza._claims).
+            try:
+                holder = await claim_start(body, started)
+            except Exception as exc:
+                log.warning("attempt claim unanswered; task returned for later", error=repr(exc))
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=2.0)
+                return
+            if holder is not None and holder.abandoned:
+                log.info("attempt not started: abandoned", why="the engine gave it up first")
+                await msg.ack()
+                return
             report = body.get("heartbeat")
             interval = min(heartbeat_every, report / 3) if report else heartbeat_every
             self._inflight[key] = _InFlight(task, msg, subject, base, interval, bool(report), loop.time())
@@ -558,13 +557,9 @@ async def abandoned(runs_kv: Any, body: dict[str, Any]) -> str | None:
     here is at least as new as the task; an older one (a lagging replica) shows a lower
     attempt, which counts as current.
 
-    Reading then starting is not atomic. For a queueTimeout, the one abandonment that
-    races every start of a busy agent, the attempt's claim decides instead (`_claims`).
-    For the others (the run cancelled, failing or past its deadline, the step cancelled)
-    a decision committed after this read (SharedReads never gives a read begun before the
-    task arrived) is not seen, and the attempt starts; that window is the hop from the
-    read to the handler's start, and the cancel notice the engine sends with the decision
-    then cancels the running handler.
+    Reading then starting is not atomic: a decision committed after this read (or after
+    the read a SharedReads shares) is not seen here. The attempt's claim, taken next,
+    closes that window (`_claims`): the engine marks what it gives up before committing.
     """
     from nats.js.errors import KeyNotFoundError
 

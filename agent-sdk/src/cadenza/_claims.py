@@ -1,14 +1,20 @@
-"""One claim per attempt with a queueTimeout: who may start it, the agent or nobody.
+"""One claim per attempt: who may start it, an agent or nobody.
 
-An attempt with a queueTimeout can end two ways while it waits: an agent starts it, or
-its queue timer fires and the engine abandons it. Checking the run record and then
-starting is not atomic (the engine can abandon in between, and a shared read can be
-older than that commit), so both sides race for one key instead: the attempt's task id
-in the KV bucket `cadenza_claims`, created only if it does not exist (compare-and-swap
-on non-existence). The agent creates it with its worker id and the time *before* it
-starts the handler; the engine creates it with `abandoned` before it decides the queue
-timer. Whoever creates it first wins; the other reads who holds it, so a redelivered
-task or timer gets the same answer again.
+While an attempt waits in its Agent's queue the engine may give it up: its queueTimeout
+expires, the run is cancelled or fails, its step is cancelled. Checking the run record
+and then starting is not atomic (the engine can give it up in between, a shared read can
+be older than that commit, and a fresh task is not checked at all), so both sides meet
+at one key instead: the attempt's task id in the KV bucket `cadenza_claims`.
+
+- The agent creates it (compare-and-swap on non-existence) with its worker id and the
+  time, before it starts the handler; a key that exists says who holds it, and
+  `abandoned` means the attempt may not start.
+- The engine writes `abandoned` before it commits a decision that gives attempts up
+  (`give_up`, unconditionally: a redelivery of one already started may not start again),
+  and for a queue timer creates it (`claim` with no worker): whoever was first wins, so
+  an agent that started first counts as started instead of timing out.
+
+Every start thus comes before the commit that gave its attempt up, or not at all.
 """
 
 from __future__ import annotations
@@ -66,3 +72,9 @@ async def claim(kv: Any, key: str, worker: str | None, at: float | None = None) 
         except KeyNotFoundError:
             continue  # expired (CLAIM_MAX_AGE) between the two: try again
     raise RuntimeError(f"claim {key}: neither created nor found")
+
+
+async def give_up(kv: Any, key: str) -> None:
+    """The engine gives the attempt `key` up, whoever holds its claim: no agent may start
+    it from now on (one already started is stopped by the engine's cancel notice)."""
+    await kv.put(key, ABANDONED)

@@ -32,10 +32,11 @@ DEFINITIONS_BUCKET = "cadenza_definitions"  # compiled workflow and agent defini
 PAYLOADS_STORE = "cadenza_payloads"  # inputs/outputs larger than OFFLOAD_BYTES
 CLAIMS_BUCKET = "cadenza_claims"  # task id -> who may start it: an agent, or the engine's "abandoned"
 CLAIM_MAX_AGE = 86400.0
-"""Seconds a claim is kept. A claim decides between an agent's start and the attempt's
-queueTimeout, both within the queueTimeout (plus delivery delays) of the dispatch; a day
-bounds the bucket by a day of attempts with a queueTimeout. A task taken from the queue
-after its claim has expired is still checked against the run record (see cadenza._agent)."""
+"""Seconds a claim is kept (cadenza._claims). A claim decides between an agent's start and
+the engine giving the attempt up, which race only around the dispatch and the decision
+that gives it up; a day bounds the bucket by a day of attempts (about 150 bytes each). A
+task taken from the queue after its claim has expired is old, so it is still checked
+against the run record, committed long before (see cadenza._agent)."""
 
 OFFLOAD_BYTES = 512 * 1024
 """A value whose JSON is larger travels through the object store (PAYLOADS_STORE) as a

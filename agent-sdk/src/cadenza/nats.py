@@ -12,8 +12,8 @@ engine and the operator use the very code agents use, rather than a copy that dr
   dead-letter stream for messages given up on (with the reason in its headers);
 - large values: what does not fit in a message travels through the object store as a
   reference (`offload_payload`, `resolve_payload`);
-- claims: one per attempt with a queueTimeout, deciding whether an agent starts it or
-  the engine abandons it (`claim_attempt`, `Claim`).
+- claims: one per attempt, deciding whether an agent starts it or the engine has given
+  it up (`claim_attempt`, `give_up_attempt`, `Claim`).
 
 The implementation lives in the SDK's private modules; this module is its public face.
 The names these use (streams, buckets, subjects) and the JSON encoding are in
@@ -25,6 +25,7 @@ from __future__ import annotations
 from ._ackinfo import deliveries, stored_at
 from ._claims import Claim
 from ._claims import claim as claim_attempt
+from ._claims import give_up as give_up_attempt
 from ._connect import NatsUnreachable, connect_once, connect_until_stopped
 from ._deadletter import DELIVERIES as DEAD_LETTER_DELIVERIES_HEADER
 from ._deadletter import MAX_DELIVERIES, dead_letter
@@ -56,6 +57,7 @@ __all__ = [
     "connect_until_stopped",
     "dead_letter",
     "deliveries",
+    "give_up_attempt",
     "offload_payload",
     "resolve_payload",
     "store_payload",

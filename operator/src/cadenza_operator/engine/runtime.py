@@ -31,6 +31,7 @@ from cadenza.nats import (
     claim_attempt,
     dead_letter,
     deliveries,
+    give_up_attempt,
     offload_payload,
     resolve_payload,
     stored_at,
@@ -373,6 +374,8 @@ class Engine:
                     *(store_apart(self.js, self.pub, k, v) for k, v in decision.stores.items())
                 )
                 cached.outputs.update(decision.stores)
+            if any(isinstance(c, commands.CancelTasks) for c in decision.commands):
+                await self._give_up(cached.data, new, decision.commands)
             armed = {tid: t.at for tid, t in new.timers.items()}
             data = await fit_record(self.js, new)
             try:
@@ -438,6 +441,22 @@ class Engine:
             holder = await claim_attempt(self.claims_kv, key, None)
             ev.claimed = not holder.abandoned
             ev.claimedBy, ev.claimedAt = holder.worker, holder.at
+
+    async def _give_up(self, before: bytes, after: RunState, todo: list[commands.Command]) -> None:
+        """Mark every attempt this decision gives up `abandoned` in the claims bucket,
+        before the decision is committed (cadenza._claims): an agent that takes one of
+        its tasks later does not start it, however late its look at the run record or its
+        cancel notice (a task fresh from the queue is not looked at). Attempts that end
+        here for any reason are marked, a finished one too: a redelivery of its task may
+        not start it again. A crash or a conflict before the commit can leave marks on
+        attempts the record still has running: the batch's events come back and are
+        decided again (a cancel gives them up again; one left running that no agent may
+        start ends by its timers, as a lost task would)."""
+        was = RunState.from_bytes(before).running_attempts() if before else set()
+        sent = [c.body for c in todo if isinstance(c, commands.Dispatch)]
+        was.update((body["step"], body.get("item"), body["attempt"]) for body in sent)
+        gone = was - after.running_attempts()
+        await asyncio.gather(*(give_up_attempt(self.claims_kv, task_id(after.run, *key)) for key in gone))
 
     async def _initial(self, events: list[Event]) -> _Cached | None:
         start = next((e for e in events if isinstance(e, StartEvent)), None)

@@ -199,6 +199,17 @@ class RunState(_State):
     def from_bytes(cls, data: bytes) -> RunState:
         return cls.model_validate_json(data)
 
+    def running_attempts(self) -> set[tuple[str, int | None, int]]:
+        """(step, item, attempt) of every attempt the record has running."""
+        found: set[tuple[str, int | None, int]] = set()
+        for name, st in self.steps.items():
+            if st.forEach is not None:
+                running = st.forEach.running.items()
+                found.update((name, int(i), slot.attempt) for i, slot in running if slot.running)
+            elif st.running:
+                found.add((name, None, st.attempt))
+        return found
+
 
 def run_timing(state: RunState) -> Timing:
     """The run's time summed over its steps' finished attempts. Steps run in parallel, so
