@@ -14,7 +14,7 @@ from typing import Any
 import nats
 import pytest
 from cadenza import Task
-from cadenza.errors import RetryableError
+from cadenza.errors import FatalError, RetryableError
 from cadenza.models import Model, ModelRegistry, ModelSpec, secret_env_var
 from cadenza_operator.local.nats_server import NatsServer
 
@@ -56,7 +56,8 @@ async def test_chat_and_stream_return_text_usage_and_cost() -> None:
         pieces = [piece async for piece in m.stream(HELLO)]
         assert "".join(pieces) == "echo: hello" and len(pieces) == 3
         assert server.bodies[1]["stream"] is True
-        assert recorded == [("fast", INPUT_TOKENS, OUTPUT_TOKENS, r.usage.cost)] * 2
+        assert [call[:4] for call in recorded] == [("fast", INPUT_TOKENS, OUTPUT_TOKENS, r.usage.cost)] * 2
+        assert recorded[0][4]["requests"] == {"ok": 1} and recorded[1][4]["requests"] == {"ok": 1}
 
 
 async def test_sync_twins_from_a_worker_thread() -> None:
@@ -80,6 +81,39 @@ async def test_429_with_retry_after_is_honoured_then_succeeds() -> None:
         assert r.text == "echo: hello"
         assert len(server.arrivals) == 3
         assert server.arrivals[1] - server.arrivals[0] >= 1.0  # waited as the server asked
+
+
+async def test_each_call_reports_its_requests_by_outcome_its_wait_and_latency() -> None:
+    async with ChatServer() as server:
+        server.failures = [(429, {"Retry-After": "1"}), (500, {"Retry-After": "0"})]
+        task, recorded = recording_task({"fast": ModelSpec.from_spec("fast", spec(server.url))})
+        m = task.model("fast")
+        r = await m.chat(HELLO)
+        assert r.usage.requests == {"ratelimited": 1, "error": 1, "ok": 1}
+        assert r.usage.waited >= 1.0  # the 429's Retry-After; the 500's backoff is no rate limit
+        assert r.usage.latency is not None and r.usage.latency >= 0
+        measured = recorded[0][4]
+        assert measured == {
+            "requests": r.usage.requests,
+            "waited": r.usage.waited,
+            "latency": r.usage.latency,
+        }
+
+        # A call that fails is reported too, with no tokens: it was made (and may be paid).
+        server.failures = [(503, {"Retry-After": "0"})] * 2
+        m.max_retries = 1
+        with pytest.raises(RetryableError):
+            await m.chat(HELLO)
+        assert recorded[1][:4] == ("fast", 0, 0, 0.0)
+        assert recorded[1][4]["requests"] == {"error": 2}
+        server.failures = [(400, {})]
+        with pytest.raises(FatalError):
+            await m.chat(HELLO)
+        assert recorded[2][:4] == ("fast", 0, 0, 0.0) and recorded[2][4]["requests"] == {"error": 1}
+
+        # task.record_usage (a call made another way) measures nothing.
+        task.record_usage(model="fast", input_tokens=1, output_tokens=1)
+        assert recorded[3] == ("fast", 1, 1, None, None)
 
 
 async def test_retries_are_bounded_then_retryable_error() -> None:

@@ -13,7 +13,7 @@ from ._context import KVContext, MemoryContext
 
 if TYPE_CHECKING:
     from ._budget import BudgetGuard
-    from .models import Model, ModelRegistry
+    from .models import Model, ModelRegistry, Usage
 
 
 @dataclass
@@ -35,7 +35,9 @@ class Task:
     timeout: float | None = None
     context: KVContext | MemoryContext = field(default_factory=MemoryContext)
     log: Any = None
-    _usage: Callable[[str, int, int, float | None], None] | None = field(default=None, repr=False)
+    _usage: Callable[[str, int, int, float | None, dict[str, Any] | None], None] | None = field(
+        default=None, repr=False
+    )
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _models: ModelRegistry | None = field(default=None, repr=False)
     _budget: BudgetGuard | None = field(default=None, repr=False)  # None: the run has no budget
@@ -62,10 +64,7 @@ class Task:
         made another way than `task.model()`, which records its own. Never blocks."""
         if input_tokens < 0 or output_tokens < 0 or (cost is not None and cost < 0):
             raise ValueError("record_usage: tokens and cost cannot be negative")
-        if self._usage is not None:  # None under cadenza.testing: nothing to send it to
-            self._usage(model, int(input_tokens), int(output_tokens), cost)
-        if self._budget is not None:
-            self._budget.count(int(input_tokens), int(output_tokens), cost)
+        self._record(model, int(input_tokens), int(output_tokens), cost, None)
 
     def model(self, name: str) -> Model:
         """One of the Agent's Models (`spec.models`): `await m.chat(messages)` waits for the
@@ -77,9 +76,29 @@ class Task:
             self._models = ModelRegistry.from_env()
         return self._models.model(
             name,
-            lambda model, u: self.record_usage(model, u.input_tokens, u.output_tokens, u.cost),
+            self._record_call,
             check=self._budget.check if self._budget is not None else None,
         )
+
+    def _record_call(self, model: str, u: Usage) -> None:
+        """A call through `task.model()`, failed ones too: recorded as `record_usage` does,
+        with what it measured (requests by outcome, rate-limit wait, latency) for the
+        engine's model metrics."""
+        measured = {"requests": dict(u.requests), "waited": u.waited, "latency": u.latency}
+        self._record(model, u.input_tokens, u.output_tokens, u.cost, measured)
+
+    def _record(
+        self,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cost: float | None,
+        measured: dict[str, Any] | None,
+    ) -> None:
+        if self._usage is not None:  # None under cadenza.testing: nothing to send it to
+            self._usage(model, input_tokens, output_tokens, cost, measured)
+        if self._budget is not None:
+            self._budget.count(input_tokens, output_tokens, cost)
 
     def cancel(self) -> None:
         self._cancelled.set()

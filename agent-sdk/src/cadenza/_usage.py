@@ -9,14 +9,21 @@ engine has counted an attempt's usage by the time it sees the attempt end.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from ._events import AttemptEvents
 
 
 def record_usage(
-    events: AttemptEvents, model: str, input_tokens: int, output_tokens: int, cost: float | None
+    events: AttemptEvents,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    cost: float | None,
+    measured: dict[str, Any] | None = None,
 ) -> None:
-    """One `usage` event for one call."""
+    """One `usage` event for one call; `measured`: what `task.model()` measured of it
+    (`requests` by outcome, `waited`, `latency`: the engine's model metrics)."""
     # Unique per call: JetStream drops a repeated publish of it, the engine a redelivered
     # event; two real calls never share one.
     call = uuid.uuid4().hex
@@ -28,5 +35,6 @@ def record_usage(
         "outputTokens": output_tokens,
         "cost": cost,
         "calls": 1,
+        **(measured or {}),
     }
     events.send(body, f"usage:{call}", "model usage not recorded")

@@ -169,6 +169,13 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float = 0.0
+    # What the call measured, reported with its usage for the engine's model metrics:
+    requests: dict[str, int] = field(default_factory=dict)
+    """HTTP requests made, retries included, by outcome (cadenza.protocol.MODEL_OUTCOMES)."""
+    waited: float = 0.0
+    """Seconds spent waiting for the Model's limits and for 429 Retry-After."""
+    latency: float | None = None
+    """Seconds of the last HTTP exchange (the answer that decided the call)."""
 
 
 @dataclass(frozen=True)
@@ -362,9 +369,10 @@ class Model:
             raw = await response.json(content_type=None)
             return _total_tokens(raw.get("usage"))
 
-        await self._send(body, read)
+        call = _Measure()
+        await self._send(body, read, call)
         message = (raw.get("choices") or [{}])[0].get("message") or {}
-        usage = self._usage(raw.get("usage"))
+        usage = self._usage(raw.get("usage"), call)
         self._record(usage)
         return ChatResponse(text=str(message.get("content") or ""), usage=usage, raw=raw)
 
@@ -397,9 +405,11 @@ class Model:
                         await queue.put(piece)
             return _total_tokens(last_usage)
 
+        measure = _Measure()
+
         async def call() -> None:
             try:
-                await self._send(body, read)
+                await self._send(body, read, measure)
             finally:
                 await queue.put(None)
 
@@ -411,7 +421,7 @@ class Model:
         finally:
             if not caller.done():
                 caller.cancel()
-        self._record(self._usage(last_usage))
+        self._record(self._usage(last_usage, measure))
 
     def chat_sync(self, messages: list[dict[str, Any]], **params: Any) -> ChatResponse:
         """`chat` for a sync handler (which runs in a worker thread, outside the event loop)."""
@@ -426,11 +436,11 @@ class Model:
 
         yield from self._run_sync(collect())
 
-    def _usage(self, usage: dict[str, Any] | None) -> Usage:
+    def _usage(self, usage: dict[str, Any] | None, call: _Measure) -> Usage:
         usage = usage or {}
         inp = int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
         out = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
-        return Usage(inp, out, self.spec.cost(inp, out))
+        return Usage(inp, out, self.spec.cost(inp, out), dict(call.requests), call.waited, call.latency)
 
     def _record(self, usage: Usage) -> None:
         if self.on_usage is not None:
@@ -450,7 +460,9 @@ class Model:
             return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
         return asyncio.run(coro)
 
-    async def _send(self, body: dict[str, Any], read: Callable[[aiohttp.ClientResponse], Any]) -> None:
+    async def _send(
+        self, body: dict[str, Any], read: Callable[[aiohttp.ClientResponse], Any], call: _Measure
+    ) -> None:
         """One call with its retries, each HTTP attempt inside a limiter slot; `read` reads
         a successful response and returns the tokens it used."""
         m = self
@@ -468,22 +480,31 @@ class Model:
         timeout = aiohttp.ClientTimeout(total=m.timeout)
         for attempt in range(m.max_retries + 1):
             lease = await limiter.acquire(estimate) if limiter else None
+            if lease is not None:
+                call.waited += lease[1]
             tokens: int | None = None
             delay = 0.0
             why = ""
+            began = time.monotonic()
+            outcome = "unreachable"
             try:
                 async with (
                     aiohttp.ClientSession(timeout=timeout) as session,
                     session.post(url, json=body, headers=headers) as response,
                 ):
                     if response.status == 429 or response.status >= 500:
+                        outcome = "ratelimited" if response.status == 429 else "error"
                         delay = _retry_after(response.headers.get("Retry-After"), attempt)
                         why = f"Model/{m.spec.name}: {url} answered {response.status}"
                     elif response.status >= 400:
+                        outcome = "error"
                         text = (await response.text())[:300]
+                        call.done(outcome, began)
+                        m._record(call.failed())  # a 4xx is not retried: the call ends here
                         raise FatalError(f"Model/{m.spec.name}: {url} answered {response.status}: {text}")
                     else:
                         tokens = await read(response)
+                        call.done("ok", began)
                         return
             except (aiohttp.ClientError, TimeoutError) as exc:
                 delay = _retry_after(None, attempt)
@@ -491,14 +512,37 @@ class Model:
             finally:
                 if lease is not None and limiter is not None:
                     await asyncio.shield(limiter.release(lease[0], tokens))
+            call.done(outcome, began)
             if attempt < m.max_retries:
+                if outcome == "ratelimited":
+                    call.waited += delay
                 await asyncio.sleep(delay)
+        m._record(call.failed())
         raise RetryableError(f"{why} ({m.max_retries + 1} attempts)")
 
     async def _limiter_for(self) -> ModelLimiter | None:
         if self._registry is None:
             self._registry = ModelRegistry({self.spec.name: self.spec}, self.js, self.loop)
         return await self._registry.limiter(self.spec)
+
+
+@dataclass
+class _Measure:
+    """What one call measures across its HTTP attempts (see Usage), filled by `_send`,
+    which also records a call that fails after sending (with no tokens)."""
+
+    requests: dict[str, int] = field(default_factory=dict)
+    waited: float = 0.0
+    latency: float | None = None
+
+    def done(self, outcome: str, began: float) -> None:
+        """Count one HTTP request and its time."""
+        self.requests[outcome] = self.requests.get(outcome, 0) + 1
+        self.latency = time.monotonic() - began
+
+    def failed(self) -> Usage:
+        """The usage of a call that got no answer to use: no tokens, what was measured."""
+        return Usage(requests=dict(self.requests), waited=self.waited, latency=self.latency)
 
 
 def _total_tokens(usage: dict[str, Any] | None) -> int | None:
