@@ -2,7 +2,8 @@
 nats-server with a real OpenAI-compatible server (tests/integration/chat_server.py): the
 calls past the budget never reach the server (its count proves it), the run pauses with
 BudgetExceeded without spending a retry, `cadenza resume` with a higher budget resumes it,
-it succeeds, and its usage is what the server counted."""
+it succeeds, and its usage is what the server counted. `stream` and the sync twins are
+refused the same way."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ from pathlib import Path
 
 import nats
 import nats.js.errors
+import pytest
+from cadenza import BudgetExceeded, Task
+from cadenza._budget import guard_for
+from cadenza.models import ModelRegistry, ModelSpec
 from cadenza_operator.engine.client import RunClient
 
 from ..conftest import NatsServer
 from .chat_server import INPUT_TOKENS, OUTPUT_TOKENS, ChatServer
 from .harness import poll
 
+HELLO = [{"role": "user", "content": "hello"}]
 CALLS = 6
 PER_CALL = INPUT_TOKENS + OUTPUT_TOKENS  # 18: the budget of 50 is reached after 3 calls
 BEFORE_THE_BUDGET = 3
@@ -137,3 +143,37 @@ async def test_calls_past_the_budget_are_refused_the_run_pauses_and_resumes(
     assert first["error"]["type"] == "BudgetExceeded", first
     assert first["usage"]["calls"] == BEFORE_THE_BUDGET
     assert len(step["history"]) == 2
+
+
+class _Record:
+    """A runs-KV entry of a run paused for its budget."""
+
+    value = json.dumps({"phase": "Paused", "message": "BudgetExceeded: run budget reached"}).encode()
+
+
+async def test_stream_and_the_sync_twins_are_refused_without_reaching_the_server() -> None:
+    async def read(key: str) -> _Record:
+        return _Record()
+
+    async with ChatServer() as server:
+        task = Task(input=None, run_id="r1", step="s")
+        task._models = ModelRegistry(
+            {"fast": ModelSpec.from_spec("fast", {"baseURL": server.url, "model": "tiny"})}
+        )
+        task._budget = guard_for(
+            {"run": "r1", "step": "s", "attempt": 1, "budget": {"run": {"tokens": 1}}}, read
+        )
+        m = task.model("fast")
+        with pytest.raises(BudgetExceeded, match="paused: BudgetExceeded"):
+            await m.chat(HELLO)
+        with pytest.raises(BudgetExceeded):
+            [piece async for piece in m.stream(HELLO)]
+
+        def sync_handler() -> None:  # a sync handler runs in a worker thread
+            with pytest.raises(BudgetExceeded):
+                m.chat_sync(HELLO)
+            with pytest.raises(BudgetExceeded):
+                list(m.stream_sync(HELLO))
+
+        await asyncio.to_thread(sync_handler)
+        assert server.arrivals == []
