@@ -240,6 +240,26 @@ def test_a_signal_to_run_stops_its_nats_server_and_agents(
     assert "interrupted" in p.output() and "Traceback" not in p.output(), p.output()
 
 
+@pytest.mark.parametrize("command", ["dev", "run"])
+def test_agents_stop_when_their_command_is_killed_with_sigkill(
+    tmp_path: Path, started: list, command: str
+) -> None:
+    """SIGKILL cannot be passed on: the agents notice their command is gone and stop
+    (before, they worked on as orphans). The embedded nats-server is not ours to change
+    and is not checked here."""
+    root = project(tmp_path / "p")
+    never = tmp_path / "never-created"
+    args = [str(root)] if command == "dev" else [str(root), "--input", json.dumps({"release": str(never)})]
+    p = Process(cli(command, *args), tmp_path / f"{command}.log")
+    kids = wait_for_stack(p, DEV_READY if command == "dev" else "")
+    started.append((p, kids))
+    agents = {pid: cmd for pid, cmd in kids.items() if "agents.py" in cmd}
+    assert agents, kids
+    p.proc.kill()
+    p.proc.wait(60)
+    assert_all_gone(agents)
+
+
 # ------------------------------------------------------------------- (c) Queued
 def rendered(state: RunState, depths: dict[str, int] | None = None) -> dict[str, str]:
     """step -> its row of the table, as text."""

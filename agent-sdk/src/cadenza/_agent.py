@@ -86,6 +86,10 @@ class AgentSettings:
     max_value_bytes: int = MAX_VALUE_BYTES
     """CADENZA_MAX_VALUE_BYTES: the largest output (as JSON) a handler may return; a larger
     one fails the attempt (ValueTooLarge) instead of being sent on."""
+    parent_pid: int | None = None
+    """CADENZA_PARENT_PID: the process that started this one (`cadenza run`/`dev` set it);
+    when it is gone (killed with SIGKILL, which it cannot pass on), the agent stops as on
+    SIGTERM instead of working on as an orphan."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> AgentSettings:
@@ -113,6 +117,7 @@ class AgentSettings:
             max_value_bytes=int(
                 number("CADENZA_MAX_VALUE_BYTES", cls.max_value_bytes) or cls.max_value_bytes
             ),
+            parent_pid=int(number("CADENZA_PARENT_PID", None) or 0) or None,
         )
 
 
@@ -174,6 +179,36 @@ class Agent:
             )
         concurrency = settings.concurrency or self.concurrency
         stop = stop or self._stop_on_signals()
+        loop = asyncio.get_running_loop()
+        watch = (
+            loop.create_task(self._stop_when_gone(settings.parent_pid, stop)) if settings.parent_pid else None
+        )
+        try:
+            await self._serve(settings, stop, concurrency)
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    async def _stop_when_gone(self, pid: int, stop: asyncio.Event) -> None:
+        """Set `stop` once process `pid` is gone, polled each second: this process was
+        handed to another parent (it was ours), or `pid` no longer exists (it started us
+        through a wrapper, such as a shell)."""
+        direct = os.getppid() == pid
+        while not stop.is_set():
+            gone = direct and os.getppid() != pid
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                gone = True
+            except PermissionError:
+                pass  # it exists, under another user
+            if gone:
+                self.log.warning("the process that started this agent is gone; stopping", parent=pid)
+                stop.set()
+                return
+            await asyncio.sleep(1.0)
+
+    async def _serve(self, settings: AgentSettings, stop: asyncio.Event, concurrency: int) -> None:
         loop = asyncio.get_running_loop()
         options: dict[str, Any] = {"name": f"agent:{self.name}:{socket.gethostname()}:{os.getpid()}"}
         if settings.nats_creds:

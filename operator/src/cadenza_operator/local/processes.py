@@ -71,6 +71,7 @@ class AgentProcesses:
                 "CADENZA_CONCURRENCY": str(agent.spec.concurrency),
                 "CADENZA_ACK_WAIT": str(parse_duration(agent.spec.ackWait)),
                 "CADENZA_LOG_FORMAT": env.get("CADENZA_LOG_FORMAT", "json"),
+                "CADENZA_PARENT_PID": str(os.getpid()),  # the agent stops if we are killed
                 "PYTHONUNBUFFERED": "1",
             }
         )
