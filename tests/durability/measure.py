@@ -4,12 +4,13 @@ records, the agents' start log, the audit trail and the dead-letter stream."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cadenza._protocol import loads
-from cadenza_operator.engine.audit import revisions
+from cadenza_operator.engine.audit import read_audit
 from cadenza_operator.engine.state import TERMINAL_RUN, RunState
 
 from .workload import PlannedRun
@@ -90,31 +91,34 @@ def outcomes(plan: list[PlannedRun], started: set[str], records: dict[str, RunSt
 
 @dataclass
 class Trail:
-    """What the audit stream holds: every committed revision of every run record, each with
-    the time the server stored it. A decision counts from its commit, not from the time of
-    the event it decided on (an event may wait in the stream across a server restart)."""
+    """What the audit trail says, each record once. A decision counts from its time (`at`),
+    which is before its commit and before any agent could see it: a judge as strict as
+    one counting from the commit (an event may wait in the stream across a server
+    restart, so the time of the event would not do)."""
 
     applied: Counter[tuple[str, str]]  # (run, step) -> transitions into Succeeded
-    finished: dict[str, float]  # run -> commit of its first terminal revision
-    given_up: dict[tuple[str, str, int], tuple[str, float]]  # attempt -> (outcome, commit)
+    finished: dict[str, float]  # run -> its first decision to a terminal phase
+    given_up: dict[tuple[str, str, int], tuple[str, float]]  # attempt -> (outcome, decided at)
+
+
+def trail_of(records: Iterable[dict[str, Any]]) -> Trail:
+    """The trail of audit records (each once, in (run, seq) order). An attempt is given up
+    by a record naming it with its outcome TimedOut or Cancelled (a timer ended it, or its
+    step was cancelled while it ran); items are not judged by attempt."""
+    trail = Trail(Counter(), {}, {})
+    for rec in records:
+        run, step, to = rec["run"], rec["step"], rec["to"]
+        if step and to == "Succeeded" and rec["from"] != "Succeeded":
+            trail.applied[(run, step)] += 1
+        if step is None and to in TERMINAL and run not in trail.finished:
+            trail.finished[run] = rec["at"]
+        if step and rec.get("outcome") in ABANDONED and rec.get("attempt") and rec.get("item") is None:
+            trail.given_up.setdefault((run, step, rec["attempt"]), (rec["outcome"], rec["at"]))
+    return trail
 
 
 async def read_trail(js: Any, namespace: str, idle: float = 2.0) -> Trail:
-    trail = Trail(Counter(), {}, {})
-    async for state, at in revisions(js, namespace, idle=idle):
-        run = state["run"]
-        for command in state.get("outbox", []):
-            for rec in command.get("records", []) if command.get("op") == "audit" else []:
-                if rec["step"] and rec["to"] == "Succeeded" and rec["from"] != "Succeeded":
-                    trail.applied[(run, rec["step"])] += 1
-        if state.get("phase") in TERMINAL and run not in trail.finished:
-            trail.finished[run] = at
-        for name, step in (state.get("steps") or {}).items():
-            for attempt in step.get("attempts") or []:
-                key = (run, name, attempt["n"])
-                if attempt.get("outcome") in ABANDONED and key not in trail.given_up:
-                    trail.given_up[key] = (attempt["outcome"], at)
-    return trail
+    return trail_of(await read_audit(js, namespace, idle=idle))
 
 
 @dataclass

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from cadenza_operator.engine.state import Attempt, RunState, StepState
 
-from .measure import CHECK_GRACE, Trail, judge_applied, judge_starts, outcomes
+from .measure import CHECK_GRACE, judge_applied, judge_starts, outcomes, trail_of
 from .soak import failures
 from .workload import PlannedRun
+
+
+def audit(
+    run: str, seq: int, step: str | None, old: str | None, new: str | None, at: float, **extra: Any
+) -> dict[str, Any]:
+    """An audit record as decide writes it."""
+    return {"seq": seq, "run": run, "step": step, "from": old, "to": new, "at": at, **extra}
 
 
 def test_starts_after_the_commit_that_gave_them_up_are_abandoned(tmp_path: Path) -> None:
@@ -21,13 +27,43 @@ def test_starts_after_the_commit_that_gave_them_up_are_abandoned(tmp_path: Path)
         "r2 a None 1 99.0\n"
         "r2 a None"  # cut short by a SIGKILL
     )
-    trail = Trail(Counter(), {"r1": 120.0, "r2": 100.0}, {("r1", "slow", 1): ("TimedOut", 110.0)})
+    trail = trail_of(
+        [
+            audit("r1", 1, "slow", "Running", "Failed", 110.0, attempt=1, outcome="TimedOut"),
+            audit("r1", 2, None, "Running", "Failed", 120.0),
+            audit("r1", 3, None, "Failed", "Failed", 130.0),  # not its first end
+            audit("r2", 1, None, "Running", "Succeeded", 100.0),
+        ]
+    )
     starts = judge_starts(tmp_path / "exec", trail)
     assert starts.executions == 4
     assert starts.repeated == 1
     assert [(a["run"], a["step"], a["why"]) for a in starts.abandoned] == [
         ("r1", "slow", "attempt TimedOut"),
         ("r1", "fan", "run finished"),
+    ]
+
+
+def test_a_start_after_its_step_was_cancelled_or_its_attempt_retried_is_abandoned(tmp_path: Path) -> None:
+    (tmp_path / "exec.1").write_text(
+        f"r1 a None 2 {50 + CHECK_GRACE + 0.1}\n"  # its step cancelled while it ran
+        f"r1 b None 1 {40 + CHECK_GRACE + 0.1}\n"  # timed out, retried: attempt 1 is over
+        f"r1 b None 2 {40 + CHECK_GRACE + 0.1}\n"  # the retry: fine
+        f"r1 c None 1 {40 + CHECK_GRACE + 0.1}\n"  # failed: not given up by the engine
+    )
+    trail = trail_of(
+        [
+            audit("r1", 1, "b", "Running", "Running", 40.0, attempt=1, outcome="TimedOut", retry=True),
+            audit("r1", 2, "c", "Running", "Running", 40.0, attempt=1, retry=True),
+            audit("r1", 3, "a", "Running", "Cancelled", 50.0, attempt=2, outcome="Cancelled"),
+            audit("r1", 4, "d", "Running", "Running", 50.0, item=0, attempt=1, outcome="TimedOut"),
+        ]
+    )
+    assert trail.given_up == {("r1", "b", 1): ("TimedOut", 40.0), ("r1", "a", 2): ("Cancelled", 50.0)}
+    starts = judge_starts(tmp_path / "exec", trail)
+    assert [(a["step"], a["attempt"], a["why"]) for a in starts.abandoned] == [
+        ("a", 2, "attempt Cancelled"),
+        ("b", 1, "attempt TimedOut"),
     ]
 
 
@@ -61,7 +97,8 @@ def test_a_step_applied_twice_or_missing_from_the_audit_is_counted() -> None:
             "b": StepState(phase="Succeeded"),
         },
     )
-    applied = judge_applied(Trail(Counter({("r", "a"): 2}), {}, {}), {"r": state})
+    twice = [audit("r", n, "a", "Running", "Succeeded", float(n)) for n in (1, 2)]
+    applied = judge_applied(trail_of(twice), {"r": state})
     assert applied.twice == [{"run": "r", "step": "a", "times": 2}]
     assert applied.missing == [{"run": "r", "step": "b"}]
 

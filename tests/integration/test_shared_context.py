@@ -103,7 +103,7 @@ spec:
 
 async def audit_json(nats_url: str, namespace: str, run: str) -> list[dict[str, Any]]:
     """`cadenza audit RUN --output json`, read again until it holds the run's end (the
-    audit stream copies the run record's revisions asynchronously)."""
+    engine publishes a decision's records after it commits the decision)."""
     for _ in range(60):
         result = await asyncio.to_thread(
             cadenza, "audit", run, "--output", "json", "--nats", nats_url, "--namespace", namespace

@@ -15,12 +15,13 @@ import pydantic_core
 # Streams (JetStream, file storage)
 TASKS_STREAM = "CADENZA_TASKS"  # work-queue: one durable pull consumer per Agent
 EVENTS_STREAM = "CADENZA_EVENTS"  # work-queue: results, timers, approvals, signals -> engine
-AUDIT_STREAM = "CADENZA_AUDIT"  # every revision of every run record, copied by the server
+AUDIT_STREAM = "CADENZA_AUDIT"  # limits: every decision's audit records, published by the engine
 DEAD_LETTER_STREAM = "CADENZA_DEADLETTERS"  # tasks and events given up on, with the reason
 
 TASK_SUBJECTS = "cadenza.task.>"
 EVENT_SUBJECTS = "cadenza.event.>"
 DEAD_LETTER_SUBJECTS = "cadenza.dead.>"
+AUDIT_SUBJECTS = "cadenza.audit.>"
 
 TERMINAL_RUN_PHASES = frozenset({"Succeeded", "Failed", "Cancelled"})
 
@@ -60,6 +61,11 @@ def event_subject(namespace: str, run: str) -> str:
 def cancel_subject(namespace: str, run: str) -> str:
     """Core NATS (not stored): tells running tasks of a run that it was cancelled."""
     return f"cadenza.cancel.{namespace}.{run}"
+
+
+def audit_subject(namespace: str, run: str) -> str:
+    """Where the engine publishes a run's audit records (AUDIT_STREAM)."""
+    return f"cadenza.audit.{namespace}.{run}"
 
 
 def consumer_name(namespace: str, agent: str) -> str:

@@ -1,9 +1,9 @@
 """Where each message goes and how it is encoded: names and JSON, no I/O.
 
 Every process (agents, engines, the operator, the CLI) agrees on these: the JetStream
-streams and key-value buckets, the subjects of tasks, events and cancellations, the
-durable consumer of an Agent, the id of a task attempt (its `Nats-Msg-Id`, so JetStream
-drops duplicates), the JSON encoding of every message, and the size limits of values
+streams and key-value buckets, the subjects of tasks, events, cancellations and audit
+records, the durable consumer of an Agent, the id of a task attempt (its `Nats-Msg-Id`,
+so JetStream drops duplicates), the JSON encoding of every message, and the size limits of values
 (larger ones travel through the object store as `{REF_KEY: name}`; see `cadenza.nats`).
 
 Pure: the engine's decision function uses it. What a message says, typed, is in
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ._protocol import (
     AUDIT_STREAM,
+    AUDIT_SUBJECTS,
     CLAIM_MAX_AGE,
     CLAIMS_BUCKET,
     CONTEXT_BUCKET,
@@ -31,6 +32,7 @@ from ._protocol import (
     TASK_SUBJECTS,
     TASKS_STREAM,
     TERMINAL_RUN_PHASES,
+    audit_subject,
     cancel_subject,
     consumer_name,
     dumps,
@@ -44,6 +46,7 @@ from ._protocol import (
 
 __all__ = [
     "AUDIT_STREAM",
+    "AUDIT_SUBJECTS",
     "CLAIMS_BUCKET",
     "CLAIM_MAX_AGE",
     "CONTEXT_BUCKET",
@@ -61,6 +64,7 @@ __all__ = [
     "TASKS_STREAM",
     "TASK_SUBJECTS",
     "TERMINAL_RUN_PHASES",
+    "audit_subject",
     "cancel_subject",
     "consumer_name",
     "dumps",

@@ -84,8 +84,8 @@ class CancelTasks:
 
 @dataclass(frozen=True, slots=True)
 class Audit:
-    """A decision's audit records. Nothing to execute: the record's revision carries them,
-    and the server copies each revision into the audit stream."""
+    """A decision's audit records, published to the audit stream as one message once the
+    decision is committed (again when its outbox is carried out again)."""
 
     records: list[dict[str, Any]]
 

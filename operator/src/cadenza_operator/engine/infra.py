@@ -9,6 +9,7 @@ from typing import Any
 from cadenza.nats import SERVER_DELIVERY_SLACK, agent_consumer_config
 from cadenza.wire import (
     AUDIT_STREAM,
+    AUDIT_SUBJECTS,
     CLAIM_MAX_AGE,
     CLAIMS_BUCKET,
     CONTEXT_BUCKET,
@@ -34,10 +35,9 @@ ENGINE_MAX_DELIVERIES = 20
 """Deliveries of one event before the engine dead-letters it. Higher than an agent's: an
 event also comes back when its engine dies or NATS restarts mid-batch, and a nak after a
 failed batch waits longer each time (see runtime), so 20 spans minutes of outage."""
-DUPLICATE_WINDOW = 600.0
+DUPLICATE_WINDOW = 600.0  # seconds JetStream remembers a Nats-Msg-Id
 RUNS_HISTORY = 8
-"""Revisions the runs bucket keeps per run: slack for the audit stream, which copies each
-revision server-side and must read it before it is superseded."""  # seconds JetStream remembers a Nats-Msg-Id
+"""Revisions the runs bucket keeps per run (the audit trail no longer reads them)."""
 
 
 def nats_options() -> dict[str, Any]:
@@ -60,7 +60,6 @@ async def ensure_infrastructure(
         RetentionPolicy,
         StorageType,
         StreamConfig,
-        StreamSource,
     )
 
     streams = [
@@ -130,22 +129,29 @@ async def ensure_infrastructure(
         if not info.config.allow_direct:  # a bucket an earlier version created
             info.config.allow_direct = True
             await js.update_stream(info.config)
-    # The audit trail costs the engine nothing: every run-record revision carries the
-    # audit records of its decision (in its outbox), and the server copies each revision of
-    # the runs bucket into this stream by itself (a stream source). `read_audit` reads it.
+    # The audit trail: the engine publishes each committed decision's audit records here
+    # (cadenza.audit.<namespace>.<run>), from the run record's outbox, so a record reaches
+    # it however long the server was away. It used to source the runs bucket, whose few
+    # revisions per run were superseded before a stalled source copied them (records lost)
+    # and which stored whole run records for AUDIT_MAX_AGE; such a stream is updated here.
+    audit = StreamConfig(
+        name=AUDIT_STREAM,
+        subjects=[AUDIT_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=AUDIT_MAX_AGE,
+        duplicate_window=DUPLICATE_WINDOW,
+        num_replicas=replicas,
+    )
     try:
-        await js.stream_info(AUDIT_STREAM)
+        info = await js.stream_info(AUDIT_STREAM)
     except NotFoundError:
-        await js.add_stream(
-            StreamConfig(
-                name=AUDIT_STREAM,
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                max_age=AUDIT_MAX_AGE,
-                num_replicas=replicas,
-                sources=[StreamSource(name=f"KV_{RUNS_BUCKET}")],
-            )
-        )
+        await js.add_stream(audit)
+    else:
+        if info.config.sources or list(info.config.subjects or []) != [AUDIT_SUBJECTS]:
+            info.config.sources = None
+            info.config.subjects = [AUDIT_SUBJECTS]
+            await js.update_stream(info.config)
     with contextlib.suppress(Exception):
         await js.create_object_store(
             PAYLOADS_STORE, config=ObjectStoreConfig(bucket=PAYLOADS_STORE, storage=StorageType.FILE)

@@ -44,6 +44,7 @@ from cadenza.wire import (
     REF_KEY,
     RUNS_BUCKET,
     TASKS_STREAM,
+    audit_subject,
     dumps,
     event_subject,
     is_ref,
@@ -392,7 +393,7 @@ class Engine:
                     self._cache.pop(run, None)
                     continue
             fresh = _Cached(data, revision, executed=False, memo=cached.memo, outputs=cached.outputs)
-            await self._execute(new, decision.commands)
+            await self._execute(new, decision.commands, decision.audit)
             fresh.executed = True
             fresh.state = new
             self._remember(run, fresh, new.terminal)
@@ -545,8 +546,11 @@ class Engine:
             self._cache.popitem(last=False)
 
     # ------------------------------------------------------------------ commands
-    async def _execute(self, state: RunState, todo: list[commands.Command]) -> None:
+    async def _execute(
+        self, state: RunState, todo: list[commands.Command], audit: list[dict[str, Any]] | None = None
+    ) -> None:
         jobs = []
+        records = list(audit or ())
         for cmd in todo:
             if isinstance(cmd, commands.Dispatch | commands.Publish):
                 jobs.append(self._publish(cmd))
@@ -554,7 +558,10 @@ class Engine:
                 jobs.append(self.nc.publish(cmd.subject, dumps(cmd.body)))
             elif isinstance(cmd, commands.StartChild):
                 jobs.append(self._start_child(cmd))
-            # Audit: stored with the record; the server copies it into the audit stream
+            elif isinstance(cmd, commands.Audit):  # a stored outbox carried out again
+                records.extend(cmd.records)
+        if records:
+            jobs.append(self._audit(state, records))
         if len(jobs) == 1:
             await jobs[0]  # the usual case (one task to send): no gather, which wraps it in a task
         elif jobs:
@@ -567,6 +574,15 @@ class Engine:
             body = {**body, "input": await offload_payload(self.js, f"{cmd.msg_id}.input", body["input"])}
             data = dumps(body)
         await self.pub.publish(cmd.subject, data, {"Nats-Msg-Id": cmd.msg_id})
+
+    async def _audit(self, state: RunState, records: list[dict[str, Any]]) -> None:
+        """Append a decision's audit records to the trail: one message, published only after
+        the decision was committed, and again whenever its outbox is carried out again. The
+        id (run and seq range) lets JetStream drop a repeat within its duplicate window;
+        `read_audit` drops any later one by (run, seq)."""
+        msg_id = f"audit:{state.namespace}:{state.run}:{records[0]['seq']}-{records[-1]['seq']}"
+        subject = audit_subject(state.namespace, state.run)
+        await self.pub.publish(subject, dumps(records), {"Nats-Msg-Id": msg_id})
 
     async def _start_child(self, cmd: commands.StartChild) -> None:
         parent = cmd.parent

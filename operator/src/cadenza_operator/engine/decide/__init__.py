@@ -101,8 +101,9 @@ def decide(
 
 
 def audit_commands(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A decision's audit records, kept in the run record's outbox: the server copies each
-    record revision into the audit stream, so writing the record is appending to the trail."""
+    """A decision's audit records, kept in the run record's outbox: the runtime publishes
+    them to the audit stream after the write, and again whenever it carries out the outbox
+    again, so a committed decision's records cannot be lost on the way."""
     return [Audit(records).wire()] if records else []
 
 

@@ -295,7 +295,10 @@ def attempt_failed(
     if error.get("retryable") and (entry := non_retryable_match(error, cs.non_retryable)):
         error = {**error, "retryable": False, "nonRetryable": entry}
     finish_attempt(d, name, item, slot, outcome, error)
-    if outcome == "TimedOut":
+    # Its audit records say how the attempt ended when the engine ended it: a judge of the
+    # trail flags an agent that starts it afterwards.
+    ended = outcome if outcome == "TimedOut" else None
+    if ended:
         d.decision.timed_out.append(name)
     st = d.st(name)
     retryable = bool(error.get("retryable"))
@@ -310,6 +313,7 @@ def attempt_failed(
             f"attempt {slot.attempt} of {where} stopped by the budget ({error.get('message')})",
             item=item,
             attempt=slot.attempt,
+            outcome=ended,
         )
         dispatch(d, name, item, retry=True)
         return
@@ -336,6 +340,7 @@ def attempt_failed(
             f"retry in {delay:.2f}s",
             item=item,
             attempt=slot.attempt,
+            outcome=ended,
             retry=True,
         )
         if item is None:
@@ -350,6 +355,8 @@ def attempt_failed(
             name,
             f"{error.get('type', 'Error')}: {error.get('message', '')}",
             exhausted=bool(error.get("retriesExhausted")),
+            attempt=slot.attempt if ended else None,
+            outcome=ended,
         )
     else:
         foreach.item_done(d, name, item, None, failed=True, error=error)

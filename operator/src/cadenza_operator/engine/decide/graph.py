@@ -197,11 +197,21 @@ def approval_message(d: Decider, cs: CompiledStep) -> str:
 
 
 # ------------------------------------------------------------- step outcomes
-def fail_step(d: Decider, name: str, message: str, exhausted: bool = False) -> None:
-    """A step failed for good; its fallback, if it names one, is called in."""
+def fail_step(
+    d: Decider,
+    name: str,
+    message: str,
+    exhausted: bool = False,
+    attempt: int | None = None,
+    outcome: str | None = None,
+) -> None:
+    """A step failed for good; its fallback, if it names one, is called in. `attempt` and
+    `outcome`: the attempt the engine ended (TimedOut), for the audit record."""
     st = d.st(name)
     st.message = message
-    d.set_phase(name, StepPhase.FAILED, message, retriesExhausted=exhausted or None)
+    d.set_phase(
+        name, StepPhase.FAILED, message, retriesExhausted=exhausted or None, attempt=attempt, outcome=outcome
+    )
     cs = d.step_def(name)
     if cs.on_failure not in ("fail", "continue") and not d.s.failing:
         fallback = d.st(cs.on_failure)

@@ -43,7 +43,11 @@ def wind_down(d: Decider, why: str, message: str) -> None:
             if st.child and st.forEach is None:
                 d.cancel_child(st.child, message)
             st.message = message  # not the approval prompt or the wait it was in
-            d.set_phase(name, StepPhase.CANCELLED, message)
+            # The audit names the attempt cancelled while it ran: none may start after this.
+            running = st.attempt if st.forEach is None and st.running else None
+            d.set_phase(
+                name, StepPhase.CANCELLED, message, attempt=running, outcome="Cancelled" if running else None
+            )
     if any_running:
         d.cancel_tasks()
     d.disarm("deadline")
