@@ -192,7 +192,7 @@ async def test_limits_hold_across_two_processes(nats_server: NatsServer, tmp_pat
     try:
         kv = await nc.jetstream().key_value("cadenza_limits")
         entry = await kv.get(f"{env['CADENZA_NAMESPACE']}.fast")
-        assert not any(e["live"] for e in json.loads(entry.value).values())  # every slot released
+        assert json.loads(entry.value)["live"] == {}  # every slot released
     finally:
         await nc.close()
 
@@ -209,7 +209,7 @@ async def test_concurrency_alone_keeps_no_finished_calls(nats_server: NatsServer
         assert [r.text for r in replies] == ["echo: hello"] * 8
         assert server.most_in_flight <= 2
         entry = await (await js.key_value("cadenza_limits")).get(f"{namespace}.fast")
-        live = {k: e for k, e in json.loads(entry.value).items() if e["live"]}
-        assert live == {}  # every slot released; finished calls are dropped at the next write
+        value = json.loads(entry.value)
+        assert value["live"] == {} and value["done"] == {}  # released; finished calls are not kept
     finally:
         await nc.close()

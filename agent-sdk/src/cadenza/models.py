@@ -17,19 +17,21 @@ Limits (`requests` and `tokens` per `per`, `concurrency`) are shared through one
 KV key per Model (bucket LIMITS_BUCKET, key `<namespace>.<model>`), changed only by
 compare-and-swap: a process reads the key, decides, and writes back against the revision
 it read; a conflict means another process won, and it decides again on the new value.
-The value is a sliding-window log of calls rather than a token bucket, because a log can
-say exactly how many requests and tokens were spent in the last `per`, which is what a
-provider's limit counts, and because a crashed process's entries age out by themselves:
+The value is a sliding window of calls rather than a token bucket, because a window can
+say how many requests and tokens were spent in the last `per`, which is what a provider's
+limit counts, and because a crashed process's calls age out by themselves (`Window`):
 
-* acquiring appends an entry `{until: now + LEASE_SECONDS, live: true}` (a concurrency
-  lease; an HTTP attempt is bounded by the client timeout, so a lease outlives its call
-  only when the process died) with the tokens estimated from the prompt;
-* releasing marks it done at the *end* of the call with the tokens the provider counted.
-  Stamping the end, not the start, keeps the guarantee at the provider's side: the next
-  call allowed by that entry's expiry starts `per` after the provider saw this one, so at
-  most `requests` arrive in any window however latencies vary;
-* an entry counts against the window while live or until `until + per`; a live entry whose
-  lease expired (a crashed caller) counts as done at its expiry, then ages out.
+* acquiring adds a lease `[now + LEASE_SECONDS, estimated tokens]` (a concurrency slot;
+  an HTTP attempt is bounded by the client timeout, so a lease outlives its call only
+  when the process died);
+* releasing ends the call at the *end* of the call with the tokens the provider counted,
+  summed into the slot of `per / WINDOW_SLOTS` seconds it ended in. Stamping the end, not
+  the start, keeps the guarantee at the provider's side: the next call allowed by that
+  slot's expiry starts `per` after the provider saw this one, so at most `requests`
+  arrive in any window however latencies vary;
+* a call counts against the window while in flight, then until its slot's end plus
+  `per`; a lease that expired (a crashed caller) ends at its expiry, then ages out. The
+  value stays a few kilobytes however many calls a window holds.
 
 A caller that does not fit sleeps until the oldest entry leaves the window (at most
 MAX_POLL_SECONDS between looks, for leases released by others). Clocks are the callers'
@@ -66,6 +68,7 @@ __all__ = [
     "ModelRegistry",
     "ModelSpec",
     "Usage",
+    "Window",
     "load_model_specs",
     "secret_env_var",
 ]
@@ -80,6 +83,8 @@ DEFAULT_TIMEOUT = 90.0
 MAX_POLL_SECONDS = 0.25
 MAX_RETRY_AFTER = 60.0
 MAX_CAS_ATTEMPTS = 200
+WINDOW_SLOTS = 256
+"""Finished calls are summed per `per / WINDOW_SLOTS` seconds (see Window)."""
 
 
 def secret_env_var(name: str, key: str) -> str:
@@ -185,6 +190,89 @@ class ChatResponse:
     raw: dict[str, Any]
 
 
+class Window:
+    """One Model's calls in the last `per`, as its limits count them (see the module): the
+    calls in flight, each with its lease, and the finished ones summed per slot of
+    `per / WINDOW_SLOTS` seconds by the time they ended.
+
+    Summing keeps the value small whatever the traffic (100,000 calls of 10 tokens within
+    a minute are at most WINDOW_SLOTS + 1 slots, where a log of every call would outgrow a
+    NATS message), at the price of precision on the safe side: a finished call counts
+    until the end of its slot plus `per`, at most `per / WINDOW_SLOTS` longer than exactly.
+    """
+
+    def __init__(self, spec: ModelSpec, live: dict[str, list[float]], done: dict[int, list[float]]) -> None:
+        self.spec = spec
+        self.slot = spec.per / WINDOW_SLOTS
+        self.live = live  # lease -> [until, tokens]: a call in flight (or a crashed caller's)
+        self.done = done  # slot index -> [calls, tokens] that ended in it
+
+    @classmethod
+    def load(cls, value: dict[str, Any], spec: ModelSpec) -> Window:
+        live = {str(k): [float(v[0]), float(v[1])] for k, v in (value.get("live") or {}).items()}
+        done = {int(k): [float(v[0]), float(v[1])] for k, v in (value.get("done") or {}).items()}
+        return cls(spec, live, done)
+
+    def dump(self) -> dict[str, Any]:
+        return {"live": self.live, "done": {str(k): v for k, v in self.done.items()}}
+
+    @property
+    def windowed(self) -> bool:
+        """Whether finished calls count at all (with concurrency alone they do not)."""
+        return self.spec.requests is not None or self.spec.tokens is not None
+
+    def end(self, at: float, calls: float, tokens: float) -> None:
+        if self.windowed:
+            entry = self.done.setdefault(int(at // self.slot), [0.0, 0.0])
+            entry[0] += calls
+            entry[1] += tokens
+
+    def release(self, lease: str, now: float, tokens: int | None) -> bool:
+        """Move the lease's call to the finished ones; False when there is no such lease."""
+        entry = self.live.pop(lease, None)
+        if entry is None:
+            return False
+        self.end(now, 1, entry[1] if tokens is None else tokens)
+        return True
+
+    def prune(self, now: float) -> None:
+        """Drop what left the window; an expired lease (its caller crashed) ends at its expiry."""
+        for lease, (until, tokens) in list(self.live.items()):
+            if until <= now:
+                del self.live[lease]
+                self.end(until, 1, tokens)
+        for index in [i for i in self.done if self._leaves(i) <= now]:
+            del self.done[index]
+
+    def _leaves(self, index: int) -> float:
+        return (index + 1) * self.slot + self.spec.per
+
+    def wait(self, now: float, estimate: int) -> float:
+        """Seconds until a call estimated at `estimate` tokens fits (0: now); prunes first."""
+        self.prune(now)
+        spec = self.spec
+        waits = [0.0]
+        if spec.concurrency is not None and len(self.live) >= spec.concurrency:
+            waits.append(MAX_POLL_SECONDS)  # a slot frees when its holder releases it
+        # When each part leaves the window, soonest first: a finished slot `per` after its
+        # end; a call in flight not before its release, so look again soon.
+        leaving = sorted(
+            [(self._leaves(i), calls, tokens) for i, (calls, tokens) in self.done.items()]
+            + [(now + MAX_POLL_SECONDS, 1.0, tokens) for _, tokens in self.live.values()]
+        )
+        for limit, column, amount in ((spec.requests, 1, 1.0), (spec.tokens, 2, float(estimate))):
+            if limit is None:
+                continue
+            need = min(amount, float(limit))  # a prompt larger than the limit waits for an empty window
+            spent = sum(part[column] for part in leaving)
+            for part in leaving:
+                if spent + need <= limit:
+                    break
+                spent -= part[column]
+                waits.append(part[0] - now)
+        return max(waits)
+
+
 class ModelLimiter:
     """A Model's limits as a sliding-window log in one JetStream KV key (see the module)."""
 
@@ -208,12 +296,13 @@ class ModelLimiter:
         lease = uuid.uuid4().hex[:12]
         began = time.monotonic()
         while True:
-            entries, revision = await self._read()
+            value, revision = await self._read()
+            window = Window.load(value, self._spec)
             now = time.time()
-            wait = self._wait_for(entries, now, estimate)
+            wait = window.wait(now, estimate)
             if wait <= 0:
-                entries[lease] = {"until": now + LEASE_SECONDS, "live": True, "tok": estimate}
-                if await self._write(entries, revision):
+                window.live[lease] = [now + LEASE_SECONDS, estimate]
+                if await self._write(window.dump(), revision):
                     return lease, time.monotonic() - began
                 continue  # another process wrote first: decide again on its value
             await asyncio.sleep(min(wait, MAX_POLL_SECONDS) * random.uniform(0.8, 1.0) + 0.005)
@@ -221,49 +310,12 @@ class ModelLimiter:
     async def release(self, lease: str, tokens: int | None) -> None:
         """Mark the call done now, with the tokens the provider counted (None: keep the estimate)."""
         for _ in range(MAX_CAS_ATTEMPTS):
-            entries, revision = await self._read()
-            entry = entries.get(lease)
-            if entry is None:
+            value, revision = await self._read()
+            window = Window.load(value, self._spec)
+            if not window.release(lease, time.time(), tokens):
                 return
-            entry.update(until=time.time(), live=False)
-            if tokens is not None:
-                entry["tok"] = tokens
-            if await self._write(entries, revision):
+            if await self._write(window.dump(), revision):
                 return
-
-    def _wait_for(self, entries: dict[str, Any], now: float, estimate: int) -> float:
-        spec = self._spec
-        # Only the window limits need finished calls; with concurrency alone, keeping them
-        # for `per` would only grow the value (a KV value is a NATS message: 1 MiB at most).
-        keep = spec.per if spec.requests is not None or spec.tokens is not None else 0.0
-        for lease, e in list(entries.items()):
-            if e["until"] + keep <= now and not (e["live"] and e["until"] > now):
-                del entries[lease]  # out of the window: pruned on the next write
-        live = [e for e in entries.values() if e["live"] and e["until"] > now]
-        waits = [0.0]
-        if spec.concurrency is not None and len(live) >= spec.concurrency:
-            waits.append(MAX_POLL_SECONDS)  # a slot frees when its holder releases it
-        # When each entry leaves the window, soonest first: a done one `per` after it ended
-        # (a crashed caller's, `per` after its lease expired); a live one not before its
-        # release, so look again soon.
-        leaving = sorted(
-            (
-                now + MAX_POLL_SECONDS if e["live"] and e["until"] > now else e["until"] + spec.per,
-                int(e["tok"]),
-            )
-            for e in entries.values()
-        )
-        if spec.requests is not None and len(leaving) >= spec.requests:
-            waits.append(leaving[len(leaving) - spec.requests][0] - now)
-        if spec.tokens is not None:
-            spent = sum(tok for _, tok in leaving)
-            need = min(estimate, spec.tokens)  # a prompt larger than the limit waits for an empty window
-            for until, tok in leaving:
-                if spent + need <= spec.tokens:
-                    break
-                spent -= tok
-                waits.append(until - now)
-        return max(waits)
 
     async def _read(self) -> tuple[dict[str, Any], int | None]:
         from nats.js.errors import KeyNotFoundError
@@ -274,7 +326,8 @@ class ModelLimiter:
             return {}, None
         if not entry.value:
             return {}, entry.revision
-        return json.loads(entry.value), entry.revision
+        value = json.loads(entry.value)
+        return value if isinstance(value, dict) else {}, entry.revision
 
     async def _write(self, entries: dict[str, Any], revision: int | None) -> bool:
         from nats.js.errors import KeyWrongLastSequenceError
