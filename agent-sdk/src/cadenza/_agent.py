@@ -241,7 +241,7 @@ class Agent:
                 except NotFoundError:
                     return None
             key = task_id(body["run"], body["step"], body.get("item"), body["attempt"])
-            return await claim(claims_kv, key, worker, at)
+            return await claim(claims_kv, key, worker, at, pub)
 
         async def on_cancel(msg: Any) -> None:
             data = loads(msg.data)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._protocol import dumps, loads
+from ._protocol import CLAIMS_BUCKET, dumps, loads
 
 ABANDONED = b"abandoned"
 """The engine's claim: the attempt's queueTimeout expired before any agent claimed it."""
@@ -55,15 +55,20 @@ def _parse(value: bytes | None) -> Claim:
     return Claim(doc["worker"], float(at) if isinstance(at, int | float) else None)
 
 
-async def claim(kv: Any, key: str, worker: str | None, at: float | None = None) -> Claim:
+async def claim(kv: Any, key: str, worker: str | None, at: float | None = None, pub: Any = None) -> Claim:
     """Create the claim `key` for `worker` (None: the engine abandons the attempt) unless
-    it exists; return who holds it now. Raises what the KV raises when NATS does not answer."""
+    it exists; return who holds it now. With a `Publisher` (`pub`), the create is one of
+    its pipelined publishes (no request machinery per claim: one claim per task is on
+    every agent's hot path). Raises what the KV raises when NATS does not answer."""
     from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
     value = ABANDONED if worker is None else dumps({"worker": worker, "at": at})
     for _ in range(5):
         try:
-            await kv.create(key, value)
+            if pub is not None:
+                await pub.kv_update(CLAIMS_BUCKET, key, value, last=0)
+            else:
+                await kv.create(key, value)
             return _parse(value)
         except KeyWrongLastSequenceError:
             pass
@@ -74,7 +79,8 @@ async def claim(kv: Any, key: str, worker: str | None, at: float | None = None) 
     raise RuntimeError(f"claim {key}: neither created nor found")
 
 
-async def give_up(kv: Any, key: str) -> None:
+async def give_up(pub: Any, key: str) -> None:
     """The engine gives the attempt `key` up, whoever holds its claim: no agent may start
-    it from now on (one already started is stopped by the engine's cancel notice)."""
-    await kv.put(key, ABANDONED)
+    it from now on (one already started is stopped by the engine's cancel notice).
+    `pub`: a `Publisher`."""
+    await pub.kv_put(CLAIMS_BUCKET, key, ABANDONED)

@@ -439,7 +439,7 @@ class Engine:
             if ev.due is not None and abs(float(ev.due) - timer.at) > 1e-3:
                 continue
             key = task_id(state.run, timer.step, timer.item, timer.attempt)
-            holder = await claim_attempt(self.claims_kv, key, None)
+            holder = await claim_attempt(self.claims_kv, key, None, pub=self.pub)
             ev.claimed = not holder.abandoned
             ev.claimedBy, ev.claimedAt = holder.worker, holder.at
 
@@ -457,7 +457,7 @@ class Engine:
         sent = [c.body for c in todo if isinstance(c, commands.Dispatch)]
         was.update((body["step"], body.get("item"), body["attempt"]) for body in sent)
         gone = was - after.running_attempts()
-        await asyncio.gather(*(give_up_attempt(self.claims_kv, task_id(after.run, *key)) for key in gone))
+        await asyncio.gather(*(give_up_attempt(self.pub, task_id(after.run, *key)) for key in gone))
 
     async def _initial(self, events: list[Event]) -> _Cached | None:
         start = next((e for e in events if isinstance(e, StartEvent)), None)
