@@ -30,8 +30,13 @@ EXPECTED: set[tuple[str, str, str, str | None]] = {
     ("patch", "cadenza.dev", "workflowruns", "status"),
     # a WorkflowRun whose Workflow is not published yet: is it missing, or invalid?
     ("get", "cadenza.dev", "workflows", None),
-    # an Agent's Models, rendered into its Deployment
+    # an Agent's Models, rendered into its Deployment; kopf watches Models (a change
+    # re-reconciles the Agents naming them) and reports on them in their status
     ("get", "cadenza.dev", "models", None),
+    ("list", "cadenza.dev", "models", None),
+    ("watch", "cadenza.dev", "models", None),
+    ("patch", "cadenza.dev", "models", None),
+    ("patch", "cadenza.dev", "models", "status"),
     # Events (kopf posts core/v1 Events)
     ("create", "", "events", None),
     # what an Agent becomes

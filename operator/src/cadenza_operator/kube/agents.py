@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import structlog
@@ -19,18 +19,27 @@ from pydantic import ValidationError
 from .. import metrics
 from ..engine.infra import ensure_agent_consumer
 from ..models import API_GROUP, API_VERSION, Agent, AutoscalingSpec, ModelSpec, parse_duration
+from ..pod_schema import pod_template_schema_errors
 from . import builders, events
 from .api import ApiError, KubeApi, path_of
 from .autoscaling import desired_replicas, prune, stabilized
 from .context import OperatorContext, context_of
 from .pods import CRASH_LOOP_REASON, CrashLoop, crash_loop
 from .settings import OperatorSettings
-from .specs import invalid_spec, parse_resource, update_status
+from .specs import (
+    InvalidSpec,
+    invalid_spec,
+    invalid_spec_status,
+    load_resource,
+    parse_resource,
+    update_status,
+)
 from .status import agent_status
 
 log = structlog.get_logger("cadenza.operator")
 
 AGENTS = (API_GROUP, API_VERSION, "agents")
+INVALID_SPEC = "InvalidSpec"
 Json = dict[str, Any]
 
 
@@ -56,8 +65,13 @@ async def agent_observe(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_
     ctx = context_of(memo)
     if not ctx.started:
         return  # the operator is stopping: its cleanup already stopped the engine
-    if dict(body.status or {}).get("observedGeneration") != body.metadata.get("generation"):
+    status = dict(body.status or {})
+    if status.get("observedGeneration") != body.metadata.get("generation"):
         return  # agent_reconcile has this generation in hand and reports it when done
+    if any(c.get("reason") == INVALID_SPEC for c in status.get("conditions") or []):
+        # The report stands until the spec or a Model it names changes (their handlers
+        # reconcile anew); observing would replace it with a less useful condition.
+        return
     try:
         agent = Agent.model_validate(
             {
@@ -148,6 +162,11 @@ def _merge_patch_body(manifest: Json) -> Json:
 
 
 async def apply_agent(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> None:
+    if agent.spec.podTemplate is not None:
+        # What `cadenza validate` checks; without it a wrong type fails only when the
+        # API server rejects the Deployment, over and over.
+        for where, message in pod_template_schema_errors(agent.spec.podTemplate):
+            raise builders.SpecError(f"spec.podTemplate.{where}", message)
     namespace = namespace_of(agent)
     name = builders.resource_name(agent)
     deployment_path = path_of("apps/v1", "deployments", namespace, name)
@@ -195,6 +214,42 @@ async def agent_models(api: KubeApi, agent: Agent) -> dict[str, ModelSpec]:
                 f"spec.models[{i}]", f"Model {name!r} is invalid: spec.{where}: {first['msg']}"
             ) from None
     return found
+
+
+async def agents_naming(api: KubeApi, namespace: str, model: str) -> list[Json]:
+    """The Agents in `namespace` whose spec.models names `model`."""
+    items = await api.list(path_of(f"{API_GROUP}/{API_VERSION}", "agents", namespace))
+    return [item for item in items if model in ((item.get("spec") or {}).get("models") or [])]
+
+
+async def agent_follow_models(ctx: OperatorContext, raw: Json) -> None:
+    """Reconcile an Agent because a Model it names was created, changed or deleted: what
+    the Models say is read only when the Agent is reconciled, and its own handlers do not
+    run for a change to another object. Status goes through the API (kopf's patch is the
+    Model's here); Events through kopf, which posts them on the Agent."""
+    body = kopf.Body(cast(kopf.RawBody, raw))
+    try:
+        agent = load_resource(Agent, body)
+    except InvalidSpec:
+        return  # reported by agent_reconcile; a Model changes nothing about it
+    try:
+        await apply_agent(ctx, agent, body)
+    except builders.SpecError as exc:
+        text = f"{exc.path}: {exc.message}"
+        status, new = invalid_spec_status(body, text, condition_type="Ready", reason=INVALID_SPEC)
+        if new:
+            events.warning(body, INVALID_SPEC, text)
+        log.warning(
+            "agent spec invalid", agent=agent.metadata.name, namespace=namespace_of(agent), error=text
+        )
+    else:
+        status = await observe_agent(ctx, agent, body)
+    current = dict(body.status or {})
+    changed = {k: v for k, v in status.items() if current.get(k) != v}
+    if changed:
+        group_version, namespace = f"{API_GROUP}/{API_VERSION}", namespace_of(agent)
+        path = path_of(group_version, "agents", namespace, agent.metadata.name, "status")
+        await ctx.api.patch(path, {"status": changed})
 
 
 def _adopted(manifest: Json, owner: kopf.Body) -> Json:
@@ -308,4 +363,4 @@ def _autoscale(ctx: OperatorContext, key: tuple[str, str], load: int, autoscalin
     return stabilized(history, now, window)
 
 
-__all__ = ["agent_observe", "agent_reconcile", "register"]
+__all__ = ["agent_follow_models", "agent_observe", "agent_reconcile", "agents_naming", "register"]

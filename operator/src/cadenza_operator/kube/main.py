@@ -21,7 +21,7 @@ import kopf
 import structlog
 
 from .. import metrics
-from . import agents, runs, workflows
+from . import agents, models, runs, workflows
 from .api import KubeApi
 from .context import OperatorContext, make_memo
 from .settings import OperatorSettings
@@ -59,6 +59,7 @@ def build_registry(settings: OperatorSettings, ctx: OperatorContext) -> kopf.Ope
     kopf.on.startup(registry=registry)(operator_startup)
     kopf.on.cleanup(registry=registry)(operator_cleanup)
     agents.register(registry, settings)
+    models.register(registry, settings)
     workflows.register(registry, settings)
     runs.register(registry, settings)
     return registry

@@ -66,16 +66,23 @@ def invalid_spec(
     reason: str = "InvalidSpec",
 ) -> NoReturn:
     text = f"{path}: {message}" if path else message
+    status, new = invalid_spec_status(body, text, condition_type=condition_type, reason=reason)
+    update_status(body, patch, status)
+    if new:  # once per problem, not on every resume
+        events.warning(body, reason, text)
+    raise kopf.PermanentError(text)
+
+
+def invalid_spec_status(
+    body: kopf.Body, text: str, *, condition_type: str, reason: str = "InvalidSpec"
+) -> tuple[dict[str, Any], bool]:
+    """The status reporting a bad spec, and whether it reports a problem not reported yet."""
     previous = dict(body.status or {}).get("conditions") or []
     conditions = with_transition_times(
         [condition(condition_type, "False", reason, text)], previous, time.time()
     )
-    update_status(
-        body, patch, {"observedGeneration": body.metadata.get("generation"), "conditions": conditions}
-    )
-    if conditions[0] not in previous:  # once per problem, not on every resume
-        events.warning(body, reason, text)
-    raise kopf.PermanentError(text)
+    status = {"observedGeneration": body.metadata.get("generation"), "conditions": conditions}
+    return status, conditions[0] not in previous
 
 
 def update_status(body: kopf.Body, patch: kopf.Patch, status: Mapping[str, Any]) -> None:
