@@ -3,8 +3,10 @@
 kopf posts them asynchronously (queued, with retries) as core/v1 Events on the object,
 which `kubectl describe` and `kubectl get events` show. Reasons are CamelCase and fixed,
 so alerts and dashboards can select on them: RunStarted, RunSucceeded, RunFailed,
-RunCancelled, StepFailed, RetriesExhausted, ApprovalWaiting, ApprovalSent, InvalidSpec,
-Invalid (Workflow), InvalidInput, WorkflowNotFound, TriggerEventFailed (Workflow).
+RunCancelled, StepFailed, RetriesExhausted, ApprovalWaiting, ApprovalSent, BudgetExceeded,
+Resumed, InvalidSpec (Agent, Model; an Agent's also for a Model it names), Invalid
+(Workflow), InvalidInput, WorkflowNotFound, TriggerEventFailed (Workflow). The README's
+Observability section lists them all.
 
 Work that runs outside a kopf handler (a trigger's consumer) has no kopf poster to
 queue on: `post_direct` creates the same Event through the operator's API client.
