@@ -39,10 +39,10 @@ from ._protocol import (
     RUNS_BUCKET,
     TASKS_STREAM,
     TERMINAL_RUN_PHASES,
+    agent_event_subject,
     cancel_subject,
     consumer_name,
     dumps,
-    event_subject,
     loads,
     task_id,
 )
@@ -275,6 +275,10 @@ class Agent:
                 timeout=body.get("timeout"),
             )
             key = f"{task.run_id}.{task.step}.{task.item}.{task.attempt}"
+            # The outcome's Nats-Msg-Id carries the dispatch's nonce (an engine's task has
+            # one): only the engine and this Agent see the task, so nobody else can publish
+            # first under that id and have JetStream drop the real outcome as a duplicate.
+            outcome_id = f"{key}.{body['nonce']}" if isinstance(body.get("nonce"), str) else key
             base = {
                 "run": task.run_id,
                 "step": task.step,
@@ -282,7 +286,7 @@ class Agent:
                 "attempt": task.attempt,
                 "queuedAt": body.get("queuedAt"),
             }
-            subject = event_subject(ns, task.run_id)
+            subject = agent_event_subject(ns, task.run_id, self.name)  # the engine checks the agent
             log = self.log.bind(run=task.run_id, step=task.step, item=task.item, attempt=task.attempt)
             scope = body.get("scope") or body["run"]
             events = AttemptEvents(  # context writes and model usage, settled before the outcome
@@ -329,7 +333,7 @@ class Agent:
                     "error": TaskFailure(type="PoisonTask", message=reason, retryable=False).wire(),
                     "worker": worker,
                 }
-                msg_id = f"failed:{task.run_id}.{task.step}.{task.item}.{task.attempt}"
+                msg_id = f"failed:{outcome_id}"
                 try:
                     await self._publish_outcome(pub, subject, dumps(failed), msg_id, stop, log)
                     await dead_letter(js, msg, TASKS_STREAM, reason)
@@ -393,7 +397,7 @@ class Agent:
                         error = failure_of(exc)
                     event = {"type": "failed", **base, "error": error}
                 event.update(startedAt=started, finishedAt=time.time(), worker=worker)
-                msg_id = f"{event['type']}:{task.run_id}.{task.step}.{task.item}.{task.attempt}"
+                msg_id = f"{event['type']}:{outcome_id}"
                 # Durable first, then the ack: a crash in between redelivers the task and
                 # the duplicate result is dropped by Nats-Msg-Id and by the engine.
                 await events.settle()  # the context writes and usage come before the outcome

@@ -58,6 +58,26 @@ def event_subject(namespace: str, run: str) -> str:
     return f"cadenza.event.{namespace}.{run}"
 
 
+def agent_event_subject(namespace: str, run: str, agent: str) -> str:
+    """Where the agent `agent` publishes the events of its attempts of `run` (started,
+    heartbeat, result, failed, context, usage). The engine takes the agent from the
+    subject, which a credential can restrict (`cadenza.event.<ns>.*.agent.<agent>`), not
+    from the body, which anyone can write: it accepts an attempt's event only from the
+    agent its step names (engine/runtime.py, `provenance`)."""
+    return f"cadenza.event.{namespace}.{run}.agent.{agent}"
+
+
+def event_source(subject: str) -> tuple[str, str, str | None] | None:
+    """(namespace, run, agent) of an event subject; agent is None on a run's own subject
+    (the engine's, a client's, an agent from before per-agent subjects). None: neither."""
+    parts = subject.split(".")
+    if len(parts) == 4 and parts[:2] == ["cadenza", "event"]:
+        return parts[2], parts[3], None
+    if len(parts) == 6 and parts[:2] == ["cadenza", "event"] and parts[4] == "agent":
+        return parts[2], parts[3], parts[5]
+    return None
+
+
 def cancel_subject(namespace: str, run: str) -> str:
     """Core NATS (not stored): tells running tasks of a run that it was cancelled."""
     return f"cadenza.cancel.{namespace}.{run}"

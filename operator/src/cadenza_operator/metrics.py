@@ -94,6 +94,13 @@ DEAD_LETTERS = Counter(
     "(malformed, deliveries, definition, unknown-run). Tasks are counted when their agent reports them.",
     ["source", "reason"],
 )
+FORGED_EVENTS = Counter(
+    "cadenza_forged_events_total",
+    "Attempt events rejected because the subject they came on does not name the agent of "
+    "the attempt's step (another agent's, or a run's own subject where provenance is "
+    "required), by namespace and event type. Each is also in the run's audit trail.",
+    ["namespace", "kind"],
+)
 MODEL_TOKENS = Counter(
     "cadenza_model_tokens_total",
     "Model tokens agents recorded against runs, by direction (input, output). The model label "

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ from cadenza.wire import (
     TASKS_STREAM,
     audit_subject,
     dumps,
+    event_source,
     event_subject,
     is_ref,
     loads,
@@ -54,7 +56,7 @@ from cadenza.wire import (
 from pydantic import ValidationError
 
 from .. import metrics
-from . import commands
+from . import commands, provenance
 from .client import DefinitionNotFound, RunClient
 from .control import ControlResponder
 from .decide import OBJECT_REF_PREFIX, Decision, MissingOutputs, decide, outbox
@@ -66,6 +68,7 @@ from .infra import (
     ensure_infrastructure,
 )
 from .payloads import fit_record, store_apart
+from .provenance import step_agent
 from .settings import EngineSettings
 from .state import RUN_ID, RunState
 
@@ -119,6 +122,45 @@ def _what_is_wrong(data: bytes) -> str:
         where = ".".join(str(part) for part in exc.errors()[0]["loc"][1:])
         return f"malformed event: {where}: {exc.errors()[0]['msg']}"
     return "malformed event"
+
+
+def ns_of(subject: str) -> str:
+    """The namespace token of an event subject (a bounded metric label: namespaces exist)."""
+    source = event_source(subject)
+    return source[0] if source is not None else ""
+
+
+def _audit_forged(
+    decision: Decision, wf: CompiledWorkflow, rejected: Iterable[tuple[Any, Event, str]], now: float
+) -> None:
+    """Add an audit record for each rejected event to `decision` (committed with it): the
+    run's trail names who claimed the attempt and whose it is; nothing else changes."""
+    state = decision.state
+    for msg, ev, why in rejected:
+        source = event_source(msg.subject)
+        step = getattr(ev, "step", None)
+        state.auditSeq += 1
+        decision.audit.append(
+            {
+                "seq": state.auditSeq,
+                "run": state.run,
+                "workflow": state.workflow,
+                "namespace": state.namespace,
+                "step": step if isinstance(step, str) else None,
+                "event": ev.type,
+                "from": None,
+                "to": None,
+                "reason": f"forged {ev.type} rejected: {why}",
+                "actor": f"agent:{source[2]}" if source and source[2] else msg.subject,
+                "at": now,
+                "forged": True,
+                "claimedAgent": source[2] if source else None,
+                "agent": step_agent(wf, step),
+                "attempt": getattr(ev, "attempt", None),
+                "worker": getattr(ev, "worker", None),
+            }
+        )
+        decision.changed = True
 
 
 def retry_delay(deliveries: int) -> float:
@@ -339,6 +381,7 @@ class Engine:
         # A start for a run this engine has not seen: create the record right away, no read
         # first; only if it already exists (a redelivered start) is it loaded.
         fresh_start = run not in self._cache and any(e.type == "start" for e in events)
+        rejected: dict[int, tuple[Any, Event, str]] | None = None  # id(event) -> (msg, event, why)
         for _ in range(50):  # CAS conflicts: another engine advanced the run, load and redo
             from_cache = run in self._cache
             cached = await self._initial(events) if fresh_start else await self._load(run)
@@ -356,9 +399,15 @@ class Engine:
                 await self._execute(state, [c for c in map(commands.from_wire, state.outbox) if c])
                 cached.executed = True
             wf = await self._definition(state.definition)
+            if rejected is None:  # once: the agent a step names does not change between tries
+                rejected = self._forged(state, wf, batch)
+                if rejected:
+                    events = [ev for ev in events if id(ev) not in rejected]
             await self._claim_queue_timers(state, events)
             armed_before = {tid: t.at for tid, t in state.timers.items()}
             decision = await self._decide_all(state, events, wf, cached)
+            if rejected:
+                _audit_forged(decision, wf, rejected.values(), now)
             if not decision.changed:
                 if from_cache:
                     # A no-op on a cached record may mean the record is stale: another engine
@@ -414,8 +463,23 @@ class Engine:
             break
         else:
             raise RuntimeError(f"run {run}: too many concurrent writers")
+        for msg, ev, why in (rejected or {}).values():
+            log.warning("forged event rejected", run=run, subject=msg.subject, kind=ev.type, why=why)
+            metrics.child(metrics.FORGED_EVENTS, ns_of(msg.subject), ev.type).inc()
         for msg in msgs:
             await msg.ack()
+
+    def _forged(
+        self, state: RunState, wf: CompiledWorkflow, batch: list[tuple[Any, Event]]
+    ) -> dict[int, tuple[Any, Event, str]]:
+        """The events of `batch` whose subject does not prove them (engine/provenance.py)."""
+        required = self.settings.provenance_required
+        out = {}
+        for msg, ev in batch:
+            why = provenance.forged(msg.subject, ev, state.namespace, wf, required)
+            if why is not None:
+                out[id(ev)] = (msg, ev, why)
+        return out
 
     async def _claim_queue_timers(self, state: RunState, events: list[Event]) -> None:
         """Claim, for the engine, each attempt whose queue timer is about to be decided.
@@ -569,6 +633,13 @@ class Engine:
 
     async def _publish(self, cmd: commands.Dispatch | commands.Publish) -> None:
         body = cmd.body
+        if isinstance(cmd, commands.Dispatch):
+            # A secret of this dispatch: the agent's outcome carries it in its Nats-Msg-Id
+            # (cadenza._agent), and only the engine and that Agent read its tasks, so
+            # nobody else can take the id first and have the real outcome dropped as a
+            # duplicate. A task published again (an outbox carried out again) gets another
+            # nonce, but within JetStream's duplicate window only the first is stored.
+            body = {**body, "nonce": secrets.token_hex(8)}
         data = dumps(body)
         if isinstance(cmd, commands.Dispatch) and len(data) > OFFLOAD_BYTES:
             body = {**body, "input": await offload_payload(self.js, f"{cmd.msg_id}.input", body["input"])}

@@ -38,6 +38,17 @@ class EngineSettings(BaseSettings):
     """CADENZA_NATS_CREDS: path to a NATS credentials file, for servers that authenticate
     clients (the chart mounts it from a Secret). The one way credentials reach an engine."""
 
+    require_provenance: bool | None = Field(
+        None, validation_alias=_env("require_provenance", "CADENZA_REQUIRE_PROVENANCE")
+    )
+    """CADENZA_REQUIRE_PROVENANCE: accept an attempt's events (result, failed, started,
+    heartbeat, context, usage) only on the subject of the agent its step names
+    (`cadenza.event.<ns>.<run>.agent.<agent>`), which an agent credential alone may publish
+    on. Unset: required when the engine connects with credentials (`nats_creds`), since
+    only then can a subject prove anything. Off, an agent from before per-agent subjects
+    (publishing on the run's own subject) still works, and so can anyone who can publish
+    there; an event on another agent's subject is rejected either way."""
+
     name: str = Field("engine", min_length=1, validation_alias=_env("name", "CADENZA_ENGINE_NAME"))
     """CADENZA_ENGINE_NAME: identifies this engine in logs and as the actor of its own
     decisions (`cadenza engine` defaults it to engine-HOST-PID, the operator to its pod)."""
@@ -80,6 +91,11 @@ class EngineSettings(BaseSettings):
             super().__init__(**values)
         except ValidationError as exc:
             raise SettingsError(_describe(exc, values)) from None
+
+    @property
+    def provenance_required(self) -> bool:
+        """Whether attempt events must come on their agent's subject (require_provenance)."""
+        return self.require_provenance if self.require_provenance is not None else bool(self.nats_creds)
 
     def connect_options(self) -> dict[str, Any]:
         """nats-py connection options these settings imply (credentials, when set)."""

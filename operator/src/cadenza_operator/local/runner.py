@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from cadenza.wire import TASKS_STREAM, consumer_name, dumps, event_subject
+from cadenza.wire import TASKS_STREAM, agent_event_subject, consumer_name, dumps
 
 from ..engine.definition import CompiledWorkflow
 from ..engine.host import EngineHost
@@ -165,7 +165,7 @@ class LocalStack:
                 # The id an agent's own failure of this attempt has: one of the two counts.
                 headers = {"Nats-Msg-Id": f"failed:{where}"}
                 await self.nc.jetstream().publish(
-                    event_subject(w.namespace, w.run), dumps(event), headers=headers
+                    agent_event_subject(w.namespace, w.run, agent), dumps(event), headers=headers
                 )
                 self._failed.add(w)
                 log.warning("attempt failed: agent unavailable", agent=agent, run=w.run, step=w.step)
