@@ -15,7 +15,7 @@ from typing import Any
 
 import nats
 from cadenza import Agent
-from cadenza.wire import agent_event_subject, dumps, event_subject
+from cadenza.wire import TASKS_STREAM, agent_event_subject, consumer_name, dumps, event_subject
 from cadenza_operator import metrics
 from cadenza_operator.engine.audit import read_audit
 from cadenza_operator.engine.definition import compile_workflow
@@ -125,3 +125,55 @@ async def test_an_old_agent_on_the_run_subject_still_works_without_provenance(fr
 async def _dispatched(engine: Engine, run: str) -> bool:
     state = await engine.client.get(run)
     return state is not None and state.steps.get("a") is not None and state.steps["a"].attempt == 1
+
+
+class _Recording:
+    """A JetStream context that records the consumer calls an agent makes."""
+
+    def __init__(self, js: Any) -> None:
+        self.js = js
+        self.calls: list[str] = []
+
+    async def consumer_info(self, *args: Any) -> Any:
+        self.calls.append("info")
+        return await self.js.consumer_info(*args)
+
+    async def add_consumer(self, *args: Any) -> Any:
+        self.calls.append("add")
+        return await self.js.add_consumer(*args)
+
+
+async def test_an_agent_with_credentials_waits_for_its_consumer_and_never_creates_it(
+    fresh_nats: NatsServer,
+) -> None:
+    """An agent credential may not create consumers: with credentials the agent looks its
+    consumer up until the engine has created it. Without, it creates it as before."""
+    namespace = unique_namespace()
+    nc = await nats.connect(fresh_nats.url)
+    engine = Engine(nc)
+    await engine.open()  # the streams, no consumer for the agent yet
+    js = _Recording(nc.jetstream())
+    agent = Agent("worker")
+    durable = consumer_name(namespace, "worker")
+    stop = asyncio.Event()
+    try:
+        looking = asyncio.create_task(
+            agent._ensure_consumer(js, durable, namespace, 30.0, stop, create=False)
+        )
+        await poll(lambda: _async(js.calls.count("info") >= 2))  # looked, waited, looked again
+        assert "add" not in js.calls and not looking.done()
+        await ensure_agent_consumer(nc.jetstream(), namespace, "worker")
+        await asyncio.wait_for(looking, 30)
+        assert "add" not in js.calls
+        other = consumer_name(namespace, "open")
+        await Agent("open")._ensure_consumer(js, other, namespace, 30.0, stop)
+        assert js.calls[-1] == "add"
+        assert (await nc.jetstream().consumer_info(TASKS_STREAM, other)).name == other
+    finally:
+        stop.set()
+        await engine.stop()
+        await nc.close()
+
+
+async def _async(value: bool) -> bool:
+    return value

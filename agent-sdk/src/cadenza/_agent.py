@@ -221,7 +221,7 @@ class Agent:
         pub = Publisher(nc)  # results and heartbeats: PubAcks awaited without a request each
         ns = settings.namespace
         durable = consumer_name(ns, self.name)
-        await self._ensure_consumer(js, durable, ns, settings.ack_wait, stop)
+        await self._ensure_consumer(js, durable, ns, settings.ack_wait, stop, create=not settings.nats_creds)
         context_kv = await js.key_value(CONTEXT_BUCKET)
         runs_kv = SharedReads(await js.key_value(RUNS_BUCKET))  # one read per burst of a run's tasks
         models = ModelRegistry(load_model_specs(), js, loop)  # task.model(): limits shared in NATS
@@ -504,13 +504,16 @@ class Agent:
                 delay = min(delay * 2, 5.0)
 
     async def _ensure_consumer(
-        self, js: Any, durable: str, ns: str, ack_wait: float, stop: asyncio.Event
+        self, js: Any, durable: str, ns: str, ack_wait: float, stop: asyncio.Event, create: bool = True
     ) -> None:
         """Wait for the task stream (the engine or operator creates it), then for our consumer.
 
         The engine or operator usually creates the consumer; creating it here too makes an
         agent that starts first still work. An existing one is left alone: updating a
-        consumer drops the pull requests of the replicas already waiting on it.
+        consumer drops the pull requests of the replicas already waiting on it. With
+        credentials (`create=False`) the agent only looks its consumer up, waiting until
+        the engine or operator has created it (`ensure_agent_consumer`): an agent's
+        credential may read its own consumer, never create or change one.
         """
         from nats.js.errors import NotFoundError
 
@@ -519,8 +522,11 @@ class Agent:
             try:
                 await js.consumer_info(TASKS_STREAM, durable)
                 return
-            except NotFoundError:
-                pass
+            except NotFoundError as exc:
+                if not create:  # the stream or the consumer is not there yet
+                    self.log.info("waiting for the engine to create this agent's consumer", error=str(exc))
+                    await asyncio.sleep(1)
+                    continue
             try:
                 await js.add_consumer(TASKS_STREAM, config)
                 return
