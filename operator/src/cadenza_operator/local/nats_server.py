@@ -36,8 +36,13 @@ def free_port() -> int:
 class NatsServer:
     """`with NatsServer() as server: server.url` — started, healthy, and cleaned up."""
 
-    def __init__(self, store_dir: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, store_dir: str | None = None, port: int | None = None, config: str | None = None
+    ) -> None:
         self.port = port or free_port()
+        self.config = config
+        """Extra nats-server configuration (e.g. security.nats_auth.server_config: operator
+        mode); None is an open server, which is fine on 127.0.0.1 only."""
         self.monitor_port = free_port()
         self._own_store = store_dir is None
         self.store_dir = store_dir or tempfile.mkdtemp(prefix="cadenza-nats-")
@@ -51,9 +56,17 @@ class NatsServer:
     def start(self, timeout: float = 15.0) -> NatsServer:
         Path(self.store_dir).mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        config: list[str] = []
+        if self.config is not None:
+            path = Path(self.store_dir) / "nats-server.conf"
+            # owner-only: it holds no seed, but says which accounts exist
+            path.touch(mode=0o600)
+            path.write_text(self.config)
+            config = ["-c", str(path)]
         self.proc = subprocess.Popen(
             [
                 nats_server_binary(),
+                *config,
                 "-a",
                 "127.0.0.1",
                 "-p",
