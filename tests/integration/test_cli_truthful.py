@@ -327,3 +327,31 @@ async def test_two_engines_answer_each_request_once(fresh_nats: NatsServer, tmp_
         finally:
             await client.pub.close()
             await nc.close()
+
+
+async def test_no_command_on_another_namespace_reaches_a_run(runs: Runs, one_engine: str) -> None:
+    """Issue 13: a control request on namespace B is refused for a run of A, whatever it asks;
+    a client cannot claim a group (only the operator vouches for one, after admission)."""
+    run = await runs.start()
+    nc = await nats.connect(one_engine)
+    try:
+
+        async def ask(namespace: str, request: dict[str, Any]) -> dict[str, Any]:
+            msg = await nc.request(control_subject(namespace), dumps({"run": run, **request}), timeout=10)
+            return dict(loads(msg.data))
+
+        for request in (
+            {"op": "approve", "step": "gate", "approved": True, "by": "ada"},
+            {"op": "signal", "name": "go", "payload": {}},
+            {"op": "resume", "tokens": 10},
+            {"op": "cancel", "reason": "not yours"},
+        ):
+            reply = await ask("tenant-b", request)
+            assert reply["ok"] is False and reply["error"] == f"no run {run} in namespace tenant-b", reply
+        claimed = await ask(runs.namespace, {"op": "approve", "step": "gate", "by": "eve [group:admins]"})
+        assert claimed["ok"] is False and "only the operator vouches for a group" in claimed["error"], claimed
+    finally:
+        await nc.close()
+    state = await runs.state(run)
+    assert state.phase == "Running" and state.steps["gate"].phase == "WaitingApproval"
+    assert state.cancelledBy is None and not state.signals

@@ -429,11 +429,48 @@ def test_human_duration(seconds: float, text: str) -> None:
 
 def test_run_ids_are_deterministic_and_subject_safe() -> None:
     uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
-    assert run_id_for("ns", "nightly.report", uid, {}) == "nightly-report-0f1e2d3c4b"
-    assert run_id_for("ns", "nightly.report", uid, {}) == run_id_for("ns", "nightly.report", uid, {})
-    assert run_id_for("ns", "x", "ffff" + uid[4:], {}) != run_id_for("ns", "x", uid, {})
-    assert run_id_for("ns", "x", uid, {"cadenza.dev/run-id": "triggered-7"}) == "triggered-7"
-    assert "." not in run_id_for("ns", "a.b.c" * 30, uid, {})
+    assert run_id_for("ns", "nightly.report", uid) == "nightly-report-0f1e2d3c4b"
+    assert run_id_for("ns", "nightly.report", uid) == run_id_for("ns", "nightly.report", uid)
+    assert run_id_for("ns", "x", "ffff" + uid[4:]) != run_id_for("ns", "x", uid)
+    assert "." not in run_id_for("ns", "a.b.c" * 30, uid)
+
+
+def test_a_run_id_annotation_is_followed_only_by_a_mirror_of_a_triggered_run_of_its_namespace() -> None:
+    from cadenza_operator.engine.state import RunState
+    from cadenza_operator.kube.runs import is_mirror_of, looks_like_mirror
+
+    mirror = {"cadenza.dev/workflow": "nightly", "cadenza.dev/trigger": "nats"}
+    assert looks_like_mirror("nightly-t42", mirror, "nightly-t42")
+    assert not looks_like_mirror("mine", mirror, "nightly-t42")  # a mirror is named after its run
+    assert not looks_like_mirror("nightly-t42", {}, "nightly-t42")
+
+    def record(namespace: str, **labels: str) -> RunState:
+        return RunState(
+            run="nightly-t42", namespace=namespace, workflow="w", definition="d", createdAt=0, labels=labels
+        )
+
+    assert is_mirror_of("ops", record("ops", **{"cadenza.dev/trigger": "nats"}))
+    assert not is_mirror_of("tenant-b", record("ops"))  # another namespace's run
+    assert not is_mirror_of("ops", record("ops", **{"cadenza.dev/workflowrun": "someone-elses"}))
+
+
+def test_approvers_are_users_or_groups_a_group_only_as_vouched_for() -> None:
+    from cadenza_operator.engine.decide.events import is_approver
+    from cadenza_operator.kube.runs import approver_identity
+
+    assert is_approver([], "anyone")
+    assert is_approver(["alice", "group:finance"], "alice")
+    assert not is_approver(["alice"], "bob")
+    assert not is_approver(["group:finance"], "finance")  # a user named like the group is not it
+    bob_in_finance = approver_identity(
+        {"cadenza.dev/approved-by": "bob", "cadenza.dev/approved-by-group": "finance"}
+    )
+    assert bob_in_finance == "bob [group:finance]"
+    assert is_approver(["group:finance"], bob_in_finance)
+    assert is_approver(["bob"], bob_in_finance)
+    assert not is_approver(["group:ops"], bob_in_finance)
+    assert not is_approver(["group:finance"], "bob [group:finance")
+    assert approver_identity({}) == "kubectl"
 
 
 def test_decisions_from_annotations() -> None:

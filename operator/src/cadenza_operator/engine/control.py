@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from cadenza.wire import dumps, loads
 
+from .decide.events import GROUP_PREFIX, is_approver
 from .state import RUN_ID
 
 if TYPE_CHECKING:
@@ -94,7 +95,9 @@ def _approval_refusal(request: dict[str, Any], state: RunState, wf: CompiledWork
     phase = st.phase if st is not None else "Pending"
     if phase != "WaitingApproval":
         return f"step {step} of run {run} is not waiting for approval (it is {phase})"
-    if approval.approvers and by not in approval.approvers:
+    if f"[{GROUP_PREFIX}" in by:
+        return f"refused: {by!r}: only the operator vouches for a group (Kubernetes admission checked it)"
+    if not is_approver(approval.approvers, by):
         return f"refused: {by} is not an approver of {step} (approvers: {', '.join(approval.approvers)})"
     return None
 

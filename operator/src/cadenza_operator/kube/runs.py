@@ -45,10 +45,14 @@ log = structlog.get_logger("cadenza.operator")
 
 WORKFLOWRUNS = (API_GROUP, API_VERSION, "workflowruns")
 RUN_ID_ANNOTATION = "cadenza.dev/run-id"
-"""On mirrored WorkflowRuns: the run already exists (started by a trigger); follow it."""
+"""Written by the operator: the run a WorkflowRun follows. Never read as an instruction: a
+user could name another namespace's run with it (see `resolve_run`)."""
 APPROVE_ANNOTATION = "cadenza.dev/approve"
 REJECT_ANNOTATION = "cadenza.dev/reject"
 APPROVED_BY_ANNOTATION = "cadenza.dev/approved-by"
+"""Who decides; the chart's admission policy admits it only as the requesting user's name."""
+APPROVED_BY_GROUP_ANNOTATION = "cadenza.dev/approved-by-group"
+"""A group the deciding user belongs to (admission checks it), matching `group:NAME` approvers."""
 COMMENT_ANNOTATION = "cadenza.dev/comment"
 RESUME_ANNOTATION = "cadenza.dev/resume"
 """`tokens=N,cost=X` (either or both): resume a run paused by its budget with that budget."""
@@ -66,12 +70,14 @@ Json = dict[str, Any]
 # ---------------------------------------------------------------------- pure parts
 
 
-def run_id_for(namespace: str, name: str, uid: str, annotations: Mapping[str, str]) -> str:
+def run_id_for(namespace: str, name: str, uid: str) -> str:
     """The engine run id of a WorkflowRun, derived from its uid: a retried handler or a
     restarted operator starts the same run (idempotent in the engine), never a second
-    one, and a WorkflowRun deleted and re-created under the same name gets a new run."""
-    if annotations.get(RUN_ID_ANNOTATION):
-        return str(annotations[RUN_ID_ANNOTATION])
+    one, and a WorkflowRun deleted and re-created under the same name gets a new run.
+
+    Only what the API server fixes (the uid, and the immutable name as a readable prefix)
+    goes in, never an annotation: a user who could name the run could name another
+    namespace's. The namespace is checked against the run record instead (`resolve_run`)."""
     # Run ids are NATS subject tokens: no dots; names may have them.
     safe = re.sub(r"[^a-z0-9-]", "-", name.lower())[:40].strip("-") or "run"
     return f"{safe}-{uid.replace('-', '')[:10]}"
@@ -79,7 +85,33 @@ def run_id_for(namespace: str, name: str, uid: str, annotations: Mapping[str, st
 
 def run_id_of(body: kopf.Body) -> str:
     meta = body.metadata
-    return run_id_for(meta.namespace or "default", meta.name or "", meta.uid or "", meta.annotations or {})
+    return run_id_for(meta.namespace or "default", meta.name or "", meta.uid or "")
+
+
+def mirrored_run_name(run_id: str) -> str:
+    """The name of the WorkflowRun mirroring a run a trigger started."""
+    return re.sub(r"[^a-z0-9-]", "-", run_id.lower())[:63].strip("-")
+
+
+def looks_like_mirror(name: str, labels: Mapping[str, str], run_id: str) -> bool:
+    """Whether a WorkflowRun is shaped like the mirror the operator makes for a triggered
+    run (`mirrored_run_manifest`): the run's record, once there, must still agree (`is_mirror_of`)."""
+    return WORKFLOW_LABEL in labels and TRIGGER_LABEL in labels and mirrored_run_name(run_id) == name
+
+
+def is_mirror_of(namespace: str, state: RunState) -> bool:
+    """Whether a mirror may follow `state`: a run a trigger started in the same namespace,
+    never one a WorkflowRun started nor another namespace's."""
+    return state.namespace == namespace and WORKFLOWRUN_LABEL not in state.labels
+
+
+def approver_identity(annotations: Mapping[str, str]) -> str:
+    """The identity a decision made through Kubernetes is sent and audited with: the user the
+    admission policy bound `approved-by` to, and the group named beside it (`group:NAME`
+    approvers match it; see engine.decide.events.is_approver)."""
+    user = str(annotations.get(APPROVED_BY_ANNOTATION) or "kubectl")
+    group = str(annotations.get(APPROVED_BY_GROUP_ANNOTATION) or "")
+    return f"{user} [group:{group}]" if group else user
 
 
 def decisions_from_annotations(annotations: Mapping[str, str]) -> dict[str, bool]:
@@ -132,7 +164,7 @@ def run_record(
 
 def mirrored_run_manifest(wf: CompiledWorkflow, run_id: str, source: str) -> Json:
     """A WorkflowRun for a run a trigger started, named after the run."""
-    name = re.sub(r"[^a-z0-9-]", "-", run_id.lower())[:63].strip("-")
+    name = mirrored_run_name(run_id)
     return {
         "apiVersion": GROUP_VERSION,
         "kind": "WorkflowRun",
@@ -155,14 +187,18 @@ async def workflowrun_start(
     """create/resume: start the engine run (once: the run id is deterministic)."""
     ctx = context_of(memo)
     status = dict(body.status or {})
-    if status.get("phase") in TERMINAL_RUN or (body.metadata.annotations or {}).get(RUN_ID_ANNOTATION):
-        return  # finished, or a mirror of a run that a trigger started
+    if status.get("phase") in TERMINAL_RUN:
+        return
+    run_id, state = await resolve_run(ctx, body)
+    if (body.metadata.annotations or {}).get(RUN_ID_ANNOTATION) != run_id:
+        patch.metadata.setdefault("annotations", {})[RUN_ID_ANNOTATION] = run_id  # an output only
+    if run_id != run_id_of(body):
+        return  # the mirror of a run that a trigger started
     try:
         run = load_resource(WorkflowRun, body)
     except InvalidSpec as exc:
         _fail(body, patch, "InvalidSpec", str(exc))
-    run_id = run_id_of(body)
-    if await ctx.client.get(run_id) is not None:
+    if state is not None:
         return  # started before an operator restart; the mirror daemon follows it
     namespace = run.metadata.namespace or "default"
     wf = await _definition(ctx, body, patch, namespace, run.spec.workflowRef, retry)
@@ -177,7 +213,8 @@ async def workflowrun_start(
 async def workflowrun_mirror(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """daemon: follow the run record and write a coalesced status until the run ends."""
     ctx = context_of(memo)
-    follower = ctx.feed.follow(run_id_of(body), phases_of_status(body.status or {}))
+    run_id, _state = await resolve_run(ctx, body, warn=False)
+    follower = ctx.feed.follow(run_id, phases_of_status(body.status or {}))
     try:
         await ctx.feed.refresh(follower)
         await _mirror(ctx, body, follower)
@@ -206,12 +243,12 @@ async def workflowrun_resume(body: kopf.Body, new: Any, memo: kopf.Memo, **_: An
         events.warning(body, "InvalidResume", str(exc))
         return
     ctx = context_of(memo)
-    state = await ctx.client.get(run_id_of(body))
+    _run_id, state = await resolve_run(ctx, body, warn=False)
     if state is None or state.phase != "Paused":
         phase = state.phase if state is not None else "not started"
         events.warning(body, "ResumeRefused", f"{RESUME_ANNOTATION}: the run is not Paused (it is {phase})")
         return
-    by = str((body.metadata.annotations or {}).get(APPROVED_BY_ANNOTATION) or "kubectl")
+    by = approver_identity(body.metadata.annotations or {})
     await ctx.client.resume(
         state.namespace, state.run, by=by, tokens=tokens, cost=cost, key=str(state.auditSeq)
     )
@@ -222,15 +259,16 @@ async def workflowrun_resume(body: kopf.Body, new: Any, memo: kopf.Memo, **_: An
 async def workflowrun_cancel(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """delete: a running run is cancelled before the WorkflowRun goes (finalizer)."""
     ctx = context_of(memo)
-    run_id = run_id_of(body)
-    state = await ctx.client.get(run_id)
+    run_id, state = await resolve_run(ctx, body, warn=False)
     if state is not None and state.terminal:
         return
+    if state is None and run_id != run_id_of(body):
+        return  # a mirror whose run has no record (yet): nothing of this namespace's to cancel
     if state is None and dict(body.status or {}).get("phase") in TERMINAL_RUN:
         return  # failed before it started: there is no run
     # No record yet may still mean a start event on its way: the cancel follows it on the
     # run's subject (ordered), and the engine drops it if no run ever comes of it.
-    namespace = state.namespace if state is not None else body.metadata.namespace or "default"
+    namespace = body.metadata.namespace or "default"  # resolve_run checked the record's
     await ctx.client.cancel(namespace, run_id, by="kubectl delete", reason="the WorkflowRun was deleted")
     events.warning(body, "RunCancelling", f"run {run_id} cancelled: the WorkflowRun was deleted")
     log.info("run cancelled on deletion", run=run_id, workflowrun=body.metadata.name)
@@ -291,6 +329,33 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
 # ------------------------------------------------------------------------ helpers
 
 
+async def resolve_run(
+    ctx: OperatorContext, body: kopf.Body, *, warn: bool = True
+) -> tuple[str, RunState | None]:
+    """The run a WorkflowRun follows and its record, if the record is in the WorkflowRun's
+    namespace: the run derived from its uid, or, for the mirror of a triggered run, that
+    run (`is_mirror_of`). A `run-id` annotation naming anything else is ignored (a Warning
+    Event when `warn`; the start handler overwrites it)."""
+    meta = body.metadata
+    namespace, run_id = meta.namespace or "default", run_id_of(body)
+    annotated = str((meta.annotations or {}).get(RUN_ID_ANNOTATION) or "")
+    if annotated and annotated != run_id and looks_like_mirror(meta.name or "", meta.labels or {}, annotated):
+        state = await ctx.client.get(annotated)
+        if state is None or is_mirror_of(namespace, state):
+            return annotated, state  # None: the trigger's start event is still on its way
+    if annotated and annotated != run_id and warn:
+        message = (
+            f"{RUN_ID_ANNOTATION}={annotated} ignored: the operator sets it, and this WorkflowRun "
+            f"follows its own run {run_id}"
+        )
+        events.warning(body, "RunIdIgnored", message)
+        log.warning("run-id annotation ignored", workflowrun=meta.name, namespace=namespace, named=annotated)
+    state = await ctx.client.get(run_id)
+    if state is not None and state.namespace != namespace:
+        return run_id, None  # not this namespace's: never mirrored, decided or cancelled from here
+    return run_id, state
+
+
 def _fail(body: kopf.Body, patch: kopf.Patch, reason: str, message: str) -> NoReturn:
     """The run cannot start: Failed with the reason, a Warning Event, no retries."""
     now = time.time()
@@ -344,7 +409,7 @@ async def _mirror(ctx: OperatorContext, body: kopf.Body, follower: RunFollower) 
         if wait > 0:
             await asyncio.sleep(wait)  # coalesce: the writes meanwhile are taken along
         state, transitions = follower.take()
-        if state is None:
+        if state is None or state.namespace != (body.metadata.namespace or "default"):
             continue
         events.post(body, transitions)
         await _decide_waiting(ctx, body, state, decided)
@@ -393,7 +458,7 @@ async def _decide_waiting(ctx: OperatorContext, body: kopf.Body, state: RunState
 
 
 async def _decide_now(ctx: OperatorContext, body: kopf.Body) -> None:
-    state = await ctx.client.get(run_id_of(body))
+    _run_id, state = await resolve_run(ctx, body, warn=False)
     if state is None:
         return  # not started yet: the mirror daemon sends it once the step waits
     for step, approved in decisions_from_annotations(body.metadata.annotations or {}).items():
@@ -409,8 +474,10 @@ async def _decide_now(ctx: OperatorContext, body: kopf.Body) -> None:
 async def _send_decision(
     ctx: OperatorContext, body: kopf.Body, state: RunState, step: str, approved: bool
 ) -> None:
+    if state.namespace != (body.metadata.namespace or "default"):  # pragma: no cover - resolve_run checked
+        return
     annotations = body.metadata.annotations or {}
-    by = str(annotations.get(APPROVED_BY_ANNOTATION) or "kubectl")
+    by = approver_identity(annotations)
     comment = annotations.get(COMMENT_ANNOTATION)
     await ctx.client.approve(state.namespace, state.run, step, approved, by=by, comment=comment)
     verb = "approved" if approved else "rejected"

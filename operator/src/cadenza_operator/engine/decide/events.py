@@ -80,6 +80,24 @@ def on_signal(d: Decider, ev: SignalEvent) -> None:
             graph.succeed_step(d, step_name, ev.payload, f"signal {name} received")
 
 
+GROUP_PREFIX = "group:"
+
+
+def is_approver(approvers: list[str], by: str) -> bool:
+    """Whether `by` may decide an approval with these `approvers` (empty: anyone).
+
+    An entry is a user name or `group:NAME`. `by` is a user name, or `USER [group:NAME]`
+    for a decision whose sender vouches for the group (the operator, after Kubernetes
+    admission checked the user's groups); the control responder refuses that form from a
+    client, so a NATS client cannot claim a group."""
+    if not approvers or by in approvers:
+        return True
+    user, _, group = by.partition(f" [{GROUP_PREFIX}")
+    if not group.endswith("]"):
+        return False
+    return user in approvers or f"{GROUP_PREFIX}{group[:-1]}" in approvers
+
+
 def on_approval(d: Decider, ev: ApprovalEvent) -> None:
     name = str(ev.step)
     st = d.s.steps.get(name)
@@ -88,7 +106,7 @@ def on_approval(d: Decider, ev: ApprovalEvent) -> None:
         return
     approvers = cs.approval.approvers
     by = str(ev.by or "unknown")
-    if approvers and by not in approvers:
+    if not is_approver(approvers, by):
         if st.deniedAt is not None and d.now <= st.deniedAt:
             return  # that decision was ignored (and audited) already: a redelivery
         st.deniedAt = d.now

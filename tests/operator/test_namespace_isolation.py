@@ -1,0 +1,113 @@
+"""A tenant's WorkflowRun cannot reach another namespace's run (issue 13): an annotation
+naming that run is ignored, so it neither mirrors, approves nor cancels it, and the run
+goes on untouched. Real operator against the emulator and a real nats-server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from cadenza_operator.kube.runs import mirrored_run_name
+
+from ..kube.emulator import KubeEmulator
+from ..kube.fixtures import wait_for
+from .harness import EVENTS, NAMESPACE, WORKFLOWRUNS, WORKFLOWS, RunningOperator, get, manifest, status_of
+
+pytestmark = pytest.mark.timeout(120)
+
+TENANT = "tenant-b"
+GATED = {"steps": [{"name": "gate", "approval": {"approvers": ["bob"]}}]}
+
+
+def _reasons(emulator: KubeEmulator, namespace: str, name: str) -> list[str]:
+    return [
+        str(e.get("reason"))
+        for e in emulator.list_objects(EVENTS, namespace)
+        if e.get("involvedObject", {}).get("name") == name
+    ]
+
+
+async def test_a_run_id_annotation_from_another_namespace_neither_mirrors_approves_nor_cancels(
+    kube_emulator: KubeEmulator, operator: RunningOperator
+) -> None:
+    kube_emulator.create_object(WORKFLOWS, manifest("Workflow", "gated", GATED))
+    kube_emulator.create_object(WORKFLOWRUNS, manifest("WorkflowRun", "victim", {"workflowRef": "gated"}))
+    status = await wait_for(
+        lambda: (
+            (s := status_of(kube_emulator, WORKFLOWRUNS, "victim"))
+            .get("steps", {})
+            .get("gate", {})
+            .get("phase")
+            == "WaitingApproval"
+            and s
+        ),
+        timeout=30,
+    )
+    victim = str(status["runId"])
+
+    attack = {
+        "cadenza.dev/run-id": victim,
+        "cadenza.dev/approve": "gate",
+        "cadenza.dev/approved-by": "bob",
+        "cadenza.dev/comment": "stolen",
+    }
+    # A plain WorkflowRun, and one shaped like the mirror of a triggered run.
+    plain = manifest("WorkflowRun", "thief", {"workflowRef": "gated"}, namespace=TENANT, annotations=attack)
+    mirror_labels = {"cadenza.dev/workflow": "gated", "cadenza.dev/trigger": "nats"}
+    shaped = manifest(
+        "WorkflowRun",
+        mirrored_run_name(victim),
+        {"workflowRef": "gated"},
+        namespace=TENANT,
+        annotations=attack,
+        labels=mirror_labels,
+    )
+    for obj in (plain, shaped):
+        kube_emulator.create_object(WORKFLOWRUNS, obj)
+    for obj in (plain, shaped):
+        name = obj["metadata"]["name"]
+        await wait_for(lambda name=name: "RunIdIgnored" in _reasons(kube_emulator, TENANT, name), timeout=30)
+
+        def own_run(name: str = name) -> dict[str, Any] | None:
+            live = kube_emulator.get_object(WORKFLOWRUNS, TENANT, name) or {}
+            annotations = live.get("metadata", {}).get("annotations") or {}
+            return live if annotations.get("cadenza.dev/run-id") not in (None, victim) else None
+
+        live = await wait_for(own_run, timeout=30)  # the operator overwrote it with its own run's id
+        # No Workflow "gated" in tenant-b: its own run waits, it shows nothing of the victim's.
+        assert (live.get("status") or {}).get("runId") != victim
+        assert "steps" not in (live.get("status") or {})
+        kube_emulator.delete_object(WORKFLOWRUNS, TENANT, name)
+        await wait_for(
+            lambda name=name: kube_emulator.get_object(WORKFLOWRUNS, TENANT, name) is None, timeout=30
+        )
+
+    state = await operator.call(lambda ctx: ctx.engine.client.get(victim))
+    assert state is not None and state.steps["gate"].phase == "WaitingApproval"
+    assert state.cancelledBy is None
+
+    # The victim's own approval comes after the attack on the run's ordered events: had the
+    # attack cancelled or approved it, the run would not end approved by this one.
+    kube_emulator.patch_object(
+        WORKFLOWRUNS,
+        NAMESPACE,
+        "victim",
+        {
+            "metadata": {
+                "annotations": {
+                    "cadenza.dev/approve": "gate",
+                    "cadenza.dev/approved-by": "bob",
+                    "cadenza.dev/comment": "mine",
+                }
+            }
+        },
+    )
+    await wait_for(
+        lambda: status_of(kube_emulator, WORKFLOWRUNS, "victim").get("phase") == "Succeeded", timeout=30
+    )
+    state = await operator.call(lambda ctx: ctx.engine.client.get(victim))
+    assert state is not None and state.cancelledBy is None
+    assert state.steps["gate"].approval is not None and state.steps["gate"].approval["comment"] == "mine"
+    assert (
+        get(kube_emulator, WORKFLOWRUNS, "victim")["metadata"]["annotations"]["cadenza.dev/run-id"] == victim
+    )
