@@ -446,6 +446,9 @@ class ModelStatus(_Model):
     model_config = ConfigDict(extra="allow")
     observedGeneration: int = Field(0, description="The spec generation this status describes.")
     conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    agents: list[str] = Field(
+        default_factory=list, description="The Agents in the namespace whose spec.models names it."
+    )
 
 
 # ------------------------------------------------------------------------ Workflow
