@@ -41,6 +41,7 @@ from ._protocol import (
     TERMINAL_RUN_PHASES,
     agent_event_subject,
     cancel_subject,
+    claim_key,
     consumer_name,
     dumps,
     loads,
@@ -240,8 +241,8 @@ class Agent:
                     claims_kv = await js.key_value(CLAIMS_BUCKET)
                 except NotFoundError:
                     return None
-            key = task_id(body["run"], body["step"], body.get("item"), body["attempt"])
-            return await claim(claims_kv, key, worker, at, pub)
+            attempt = task_id(body["run"], body["step"], body.get("item"), body["attempt"])
+            return await claim(claims_kv, claim_key(ns, self.name, attempt), worker, at, pub)
 
         async def on_cancel(msg: Any) -> None:
             data = loads(msg.data)

@@ -4,15 +4,18 @@ While an attempt waits in its Agent's queue the engine may give it up: its queue
 expires, the run is cancelled or fails, its step is cancelled. Checking the run record
 and then starting is not atomic (the engine can give it up in between, a shared read can
 be older than that commit, and a fresh task is not checked at all), so both sides meet
-at one key instead: the attempt's task id in the KV bucket `cadenza_claims`.
+at one key instead: `<namespace>.<agent>.<task id>` in the KV bucket `cadenza_claims`
+(`claim_key`: an agent's credential reaches its own Agent's claims only).
 
 - The agent creates it (compare-and-swap on non-existence) with its worker id and the
   time, before it starts the handler; a key that exists says who holds it, and
   `abandoned` means the attempt may not start.
 - The engine writes `abandoned` before it commits a decision that gives attempts up
   (`give_up`, unconditionally: a redelivery of one already started may not start again),
-  and for a queue timer creates it (`claim` with no worker): whoever was first wins, so
-  an agent that started first counts as started instead of timing out.
+  along with the commit of one where attempts finish (a redelivered task of a finished
+  attempt is not started again: an agent need not read the run record to tell), and for a queue
+  timer creates it (`claim` with no worker): whoever was first wins, so an agent that
+  started first counts as started instead of timing out.
 
 Every start thus comes before the commit that gave its attempt up, or not at all.
 """

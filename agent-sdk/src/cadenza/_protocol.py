@@ -31,7 +31,7 @@ OUTPUTS_BUCKET = "cadenza_outputs"  # forEach item outputs and large step output
 CONTEXT_BUCKET = "cadenza_context"  # shared context agents read and write, apart from execution state
 DEFINITIONS_BUCKET = "cadenza_definitions"  # compiled workflow and agent definitions
 PAYLOADS_STORE = "cadenza_payloads"  # inputs/outputs larger than OFFLOAD_BYTES
-CLAIMS_BUCKET = "cadenza_claims"  # task id -> who may start it: an agent, or the engine's "abandoned"
+CLAIMS_BUCKET = "cadenza_claims"  # <ns>.<agent>.<task id> -> who may start it: an agent, or "abandoned"
 CLAIM_MAX_AGE = 86400.0
 """Seconds a claim is kept (cadenza._claims). A claim decides between an agent's start and
 the engine giving the attempt up, which race only around the dispatch and the decision
@@ -91,6 +91,12 @@ def audit_subject(namespace: str, run: str) -> str:
 def consumer_name(namespace: str, agent: str) -> str:
     """Durable consumer of one Agent; Kubernetes names hold no '_' so this is unambiguous."""
     return f"agent_{namespace}_{agent}"
+
+
+def claim_key(namespace: str, agent: str, task: str) -> str:
+    """An attempt's key in CLAIMS_BUCKET (cadenza._claims), under its namespace and Agent,
+    so an agent's credential can be limited to `$KV.cadenza_claims.<ns>.<agent>.>`."""
+    return f"{namespace}.{agent}.{task}"
 
 
 def task_id(run: str, step: str, item: int | None, attempt: int) -> str:

@@ -46,6 +46,7 @@ from cadenza.wire import (
     RUNS_BUCKET,
     TASKS_STREAM,
     audit_subject,
+    claim_key,
     dumps,
     event_source,
     event_subject,
@@ -403,7 +404,8 @@ class Engine:
                 rejected = self._forged(state, wf, batch)
                 if rejected:
                     events = [ev for ev in events if id(ev) not in rejected]
-            await self._claim_queue_timers(state, events)
+            await self._claim_queue_timers(state, events, wf)
+            was_running = state.running_attempts()  # before decide, which works on `state`
             armed_before = {tid: t.at for tid, t in state.timers.items()}
             decision = await self._decide_all(state, events, wf, cached)
             if rejected:
@@ -424,12 +426,18 @@ class Engine:
                     *(store_apart(self.js, self.pub, k, v) for k, v in decision.stores.items())
                 )
                 cached.outputs.update(decision.stores)
-            if any(isinstance(c, commands.CancelTasks) for c in decision.commands):
-                await self._give_up(cached.data, new, decision.commands)
+            ended = self._ended(was_running, new, decision.commands, wf)
+            if ended and any(isinstance(c, commands.CancelTasks) for c in decision.commands):
+                await self._give_up(ended)  # given up: marked before the commit
+                ended = []
             armed = {tid: t.at for tid, t in new.timers.items()}
             data = await fit_record(self.js, new)
             try:
-                revision = await self.pub.kv_update(RUNS_BUCKET, run, data, last=cached.revision)
+                write = self.pub.kv_update(RUNS_BUCKET, run, data, last=cached.revision)
+                if ended:  # only finished: marked along with the commit, no round trip more
+                    revision, _ = await asyncio.gather(write, self._give_up(ended))
+                else:
+                    revision = await write
             except KeyWrongLastSequenceError:
                 # Another engine wrote first (or, for a new run, the key exists or was deleted:
                 # nats-py's create tells those apart and recreates a deleted key).
@@ -481,7 +489,7 @@ class Engine:
                 out[id(ev)] = (msg, ev, why)
         return out
 
-    async def _claim_queue_timers(self, state: RunState, events: list[Event]) -> None:
+    async def _claim_queue_timers(self, state: RunState, events: list[Event], wf: CompiledWorkflow) -> None:
         """Claim, for the engine, each attempt whose queue timer is about to be decided.
 
         An agent claims an attempt with a queueTimeout before it starts it; the engine
@@ -502,26 +510,52 @@ class Engine:
                 continue
             if ev.due is not None and abs(float(ev.due) - timer.at) > 1e-3:
                 continue
-            key = task_id(state.run, timer.step, timer.item, timer.attempt)
+            agent = step_agent(wf, timer.step)
+            if agent is None:
+                continue  # no agent takes its task: nobody else can claim it
+            key = claim_key(state.namespace, agent, task_id(state.run, timer.step, timer.item, timer.attempt))
             holder = await claim_attempt(self.claims_kv, key, None, pub=self.pub)
             ev.claimed = not holder.abandoned
             ev.claimedBy, ev.claimedAt = holder.worker, holder.at
 
-    async def _give_up(self, before: bytes, after: RunState, todo: list[commands.Command]) -> None:
-        """Mark every attempt this decision gives up `abandoned` in the claims bucket,
-        before the decision is committed (cadenza._claims): an agent that takes one of
-        its tasks later does not start it, however late its look at the run record or its
-        cancel notice (a task fresh from the queue is not looked at). Attempts that end
-        here for any reason are marked, a finished one too: a redelivery of its task may
-        not start it again. A crash or a conflict before the commit can leave marks on
-        attempts the record still has running: the batch's events come back and are
-        decided again (a cancel gives them up again; one left running that no agent may
-        start ends by its timers, as a lost task would)."""
-        was = RunState.from_bytes(before).running_attempts() if before else set()
+    def _ended(
+        self,
+        was: set[tuple[str, int | None, int]],
+        after: RunState,
+        todo: list[commands.Command],
+        wf: CompiledWorkflow,
+    ) -> list[str]:
+        """The claim keys of the attempts that stop running in this decision: given up (a
+        cancel, a timeout, the run's end) or finished, and dispatched and ended at once."""
         sent = [c.body for c in todo if isinstance(c, commands.Dispatch)]
-        was.update((body["step"], body.get("item"), body["attempt"]) for body in sent)
-        gone = was - after.running_attempts()
-        await asyncio.gather(*(give_up_attempt(self.pub, task_id(after.run, *key)) for key in gone))
+        if sent:
+            was = was | {(body["step"], body.get("item"), body["attempt"]) for body in sent}
+        if not was:
+            return []
+        keys = []
+        for step, item, attempt in was - after.running_attempts():
+            agent = step_agent(wf, step)
+            if agent is not None:  # a sub-workflow's attempt is no agent's to start
+                keys.append(claim_key(after.namespace, agent, task_id(after.run, step, item, attempt)))
+        return keys
+
+    async def _give_up(self, keys: list[str]) -> None:
+        """Mark the attempts `keys` (claims) `abandoned` (cadenza._claims): an agent that
+        takes one of their tasks later does not start it, however late its cancel notice
+        (a task fresh from the queue is not looked at), and a redelivery of a finished
+        attempt's task is not started again (an agent need not read the run record to tell).
+
+        A decision that gives attempts up marks them before it is committed, so no agent
+        starts one after the commit; one where attempts only finished marks them along
+        with the commit (their outcome is in already: the order does not matter). A crash
+        or a conflict before the commit can leave marks on attempts the record still has
+        running: the batch's events come back and are decided again (a cancel gives them
+        up again, a result finishes its attempt again; one left running that no agent may
+        start ends by its timers, as a lost task would)."""
+        if len(keys) == 1:
+            await give_up_attempt(self.pub, keys[0])
+        else:
+            await asyncio.gather(*(give_up_attempt(self.pub, key) for key in keys))
 
     async def _initial(self, events: list[Event]) -> _Cached | None:
         start = next((e for e in events if isinstance(e, StartEvent)), None)

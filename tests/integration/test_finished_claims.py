@@ -1,0 +1,72 @@
+"""A task of an attempt that already finished is not started again, told by its claim
+alone: the engine marks every attempt that stops running (finished ones too) in the
+claims bucket, under `<ns>.<agent>.<task id>`, so agents need not read run records.
+
+Here the agent's look at the run record always answers "current", and the finished
+attempt's task comes again (as a redelivery after a lost ack would).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats
+import pytest
+from cadenza import Agent
+from cadenza import _agent as agent_module
+from cadenza.wire import CLAIMS_BUCKET, TASKS_STREAM, claim_key, consumer_name, dumps, task_subject
+from cadenza_operator.engine.definition import compile_workflow
+from cadenza_operator.engine.infra import ensure_agent_consumer
+from cadenza_operator.engine.runtime import Engine
+from cadenza_operator.local.nats_server import NatsServer
+from cadenza_operator.models import WorkflowSpec
+
+from .harness import poll, serving, unique_namespace
+from .test_poison_and_timers import phases
+
+
+async def test_a_finished_attempt_is_not_started_again(
+    fresh_nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    namespace = unique_namespace()
+    spec = WorkflowSpec.model_validate({"steps": [{"name": "a", "agent": "worker", "input": {"n": 1}}]})
+    wf = compile_workflow("once", spec, namespace)
+    nc = await nats.connect(fresh_nats.url)
+    js = nc.jetstream()
+    engine = Engine(nc)
+    await engine.start()
+    await ensure_agent_consumer(js, namespace, "worker")
+
+    async def looks_current(runs_kv: Any, body: dict[str, Any]) -> str | None:
+        return None
+
+    monkeypatch.setattr(agent_module, "abandoned", looks_current)
+    starts: list[str] = []
+    agent = Agent("worker")
+
+    @agent.handler
+    async def handle(task: Any) -> dict[str, Any]:
+        starts.append(task.run_id)
+        return {"ok": True}
+
+    async def drained() -> bool:
+        info = await js.consumer_info(TASKS_STREAM, consumer_name(namespace, "worker"))
+        return info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq >= 2
+
+    run = "once-1"
+    try:
+        async with serving(agent, fresh_nats.url, namespace):
+            await engine.client.start(wf, {}, run_id=run)
+            state = (await phases(engine.client, [run], timeout=30))[run]
+            assert state is not None and state.phase == "Succeeded", state
+            claims = await js.key_value(CLAIMS_BUCKET)
+            key = claim_key(namespace, "worker", f"{run}.a.1")
+            assert (await claims.get(key)).value == b"abandoned"  # finished: nobody starts it again
+            again = {"run": run, "step": "a", "item": None, "attempt": 1, "input": {"n": 1}}
+            subject = task_subject(namespace, "worker")
+            await js.publish(subject, dumps(again), headers={"Nats-Msg-Id": "again"})
+            await poll(drained)
+    finally:
+        await engine.stop()
+        await nc.close()
+    assert starts == [run]
