@@ -291,7 +291,14 @@ def test_validation_catches_a_broken_object() -> None:
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_namespaced_objects_carry_a_namespace(scenario: str) -> None:
-    cluster_scoped = {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
+    cluster_scoped = {
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ClusterKopfPeering",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
     for obj in render(SCENARIOS[scenario]):
         if obj["kind"] not in cluster_scoped:
             assert obj["metadata"].get("namespace"), (
