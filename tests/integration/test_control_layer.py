@@ -17,6 +17,7 @@ from cadenza_operator.engine.audit import read_audit
 from cadenza_operator.engine.client import RunClient
 from cadenza_operator.engine.runtime import Engine
 from cadenza_operator.engine.state import RunState
+from cadenza_operator.engine.triggers import TRIGGERS_STREAM
 from cadenza_operator.local.dev import DevServer
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.local.runner import LocalStack
@@ -24,7 +25,7 @@ from cadenza_operator.manifests import load
 from prometheus_client import REGISTRY
 
 from ..conftest import cadenza
-from .harness import agent_manifest, pid_in, run_project, unique_namespace, write_project
+from .harness import agent_manifest, pid_in, poll, run_project, unique_namespace, write_project
 
 AGENTS = """
 import asyncio, os, time
@@ -227,7 +228,12 @@ async def test_dev_triggers_dedup_forbid_and_cli_approval(tmp_path: Path, nats_s
         try:
             for event in ({"id": "a"}, {"id": "a"}, {"id": "b"}):  # a duplicate, then one Forbid refuses
                 await js.publish(subject, json.dumps(event).encode())
-            await asyncio.sleep(1.0)
+
+            async def all_handled() -> bool:  # each event started a run, or was skipped
+                info = await js.consumer_info(TRIGGERS_STREAM, f"trigger_{namespace}_gated")
+                return bool(info.num_pending == 0 and info.num_ack_pending == 0 and info.ack_floor.stream_seq)
+
+            await poll(all_handled)
             assert dev.triggers is not None
             active = await dev.triggers.active_runs(bundle.compiled["gated"])
             assert len(active) == 1

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
+import pytest
 from cadenza_operator.engine.runtime import Engine, EngineSettings
 from cadenza_operator.engine.triggers import TRIGGERS_STREAM, Triggers
 from cadenza_operator.local.nats_server import NatsServer
@@ -104,5 +105,64 @@ async def test_concurrent_trigger_events_on_two_engines_track_every_run(
             # ...and every run they started is tracked: none lost to a concurrent write.
             assert sorted(await one.active_runs(wf)) == sorted(started)
             assert sorted(await two.active_runs(wf)) == sorted(started)
+        finally:
+            await nc.close()
+
+
+POLICED = """
+apiVersion: cadenza.dev/v1alpha1
+kind: Workflow
+metadata: {{name: paged}}
+spec:
+  triggers:
+    - nats: {{subject: "{subject}"}}
+  concurrencyPolicy: {policy}
+  {limit}
+  steps:
+    - name: gate
+      approval: {{}}
+"""
+
+
+@pytest.mark.parametrize("policy", ["Forbid", "Allow"])
+async def test_two_engines_never_admit_more_runs_than_the_policy_allows(
+    tmp_path: Path, fresh_nats: NatsServer, policy: str
+) -> None:
+    """Forbid, or maxActiveRuns: 1: one run, however many events arrive at once on two
+    engines. Before admission and tracking were one compare-and-swap, both engines read
+    the runs active before the other's start, and both started."""
+    namespace = unique_namespace()
+    subject = f"alerts.{namespace}"
+    limit = "maxActiveRuns: 1" if policy == "Allow" else ""
+    manifest = POLICED.format(subject=subject, policy=policy, limit=limit)
+    wf = load([write_project(tmp_path / "p", "", manifest)], namespace=namespace).compiled["paged"]
+    durable = f"trigger_{namespace}_paged"
+    started: list[str] = []
+    async with (
+        engine_with_triggers(fresh_nats.url, started) as one,
+        engine_with_triggers(fresh_nats.url, started) as two,
+    ):
+        await one.set_workflow(wf)
+        await two.set_workflow(wf)
+        nc = await nats.connect(fresh_nats.url)
+        js = nc.jetstream()
+        try:
+
+            async def both_pulling() -> bool:
+                return bool((await js.consumer_info(TRIGGERS_STREAM, durable)).num_waiting >= 2)
+
+            await poll(both_pulling, 60.0)
+            for i in range(EVENTS):
+                await js.publish(subject, json.dumps({"i": i}).encode())
+
+            async def decided() -> bool:
+                info = await js.consumer_info(TRIGGERS_STREAM, durable)
+                if policy == "Forbid":  # every event started or skipped, and acknowledged
+                    return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+                return bool(info.num_ack_pending == 2)  # each engine holds an event that waits
+
+            await poll(decided, 60.0)
+            assert len(started) == 1, started
+            assert await one.active_runs(wf) == started
         finally:
             await nc.close()

@@ -48,6 +48,9 @@ log = structlog.get_logger("cadenza.triggers")
 
 TRIGGERS_STREAM = "CADENZA_TRIGGERS"
 RETRY_WHEN_FULL = 2.0  # seconds before an event held back by maxActiveRuns is offered again
+RESERVATION_SECONDS = 600.0
+"""How long a run admitted by the concurrency policy but not started yet counts as active:
+longer than its event can take to come back to an engine (redeliveries and their delays)."""
 
 RunStarted = Callable[[CompiledWorkflow, str, dict[str, Any]], Awaitable[None] | None]
 
@@ -279,19 +282,19 @@ class Triggers:
         # The run id is derived from the event, and starting is idempotent per run id, so
         # a crash anywhere here ends in exactly one run once the event is redelivered.
         if await self.engine.client.get(run_id) is None:
-            admit = await self._admit(wf)
-            if admit != "start":
-                log.info(
-                    "trigger event not started", workflow=wf.name, policy=wf.spec.concurrencyPolicy, why=admit
-                )
-                return admit
             run_input = event
-            if route.input is not None:
+            if route.input is not None:  # before admitting: an event that cannot start takes no place
                 try:
                     run_input = route.input.render({"event": event})
                 except ExpressionError as exc:
                     source = exc.path or f"{route.path}.input"
                     raise TriggerProblem("expression", source, _template_text(route, exc), str(exc)) from None
+            admit = await self._admit(wf, run_id)
+            if admit != "start":
+                log.info(
+                    "trigger event not started", workflow=wf.name, policy=wf.spec.concurrencyPolicy, why=admit
+                )
+                return admit
             try:
                 await self.engine.client.start(
                     wf,
@@ -301,11 +304,11 @@ class Triggers:
                     requested_at=stored_at(msg, time.time()),  # it may have waited for maxActiveRuns
                 )
             except InputError as exc:
+                await self._release(wf, run_id)
                 raise TriggerProblem("input", "spec.inputSchema", "", str(exc)) from None
         if claim:
             with contextlib.suppress(Exception):  # already claimed by a racing engine: same run
                 await self.kv.create(claim, dumps({"run": run_id, "at": time.time(), "key": key}))
-        await self._track(wf, run_id)
         if self.on_started is not None:
             result = self.on_started(wf, run_id, {"source": "nats", "subject": msg.subject, "key": key})
             if asyncio.iscoroutine(result):
@@ -323,24 +326,68 @@ class Triggers:
         return loads(entry.value) if entry.value else None
 
     async def active_runs(self, wf: CompiledWorkflow) -> list[str]:
-        tracked = (await self._get(_tracked_key(wf)) or {}).get("runs", [])
-        return await self._still_active(tracked)
+        tracked = await self._get(_tracked_key(wf)) or {}
+        return await self._still_active(tracked.get("runs", []), tracked.get("reserved", {}), time.time())
 
-    async def _still_active(self, runs: list[str]) -> list[str]:
+    async def _still_active(self, runs: list[str], reserved: dict[str, float], now: float) -> list[str]:
+        """The tracked runs not finished: started and not terminal, or admitted and not
+        started yet (for at most RESERVATION_SECONDS: an admission whose start never came)."""
         active = []
         for run in runs:
             state = await self.engine.client.get(run)
-            if state is None or not state.terminal:
+            admitted = now - reserved.get(run, 0.0) < RESERVATION_SECONDS  # and not started yet
+            if (state is not None and not state.terminal) or (state is None and admitted):
                 active.append(run)
         return active
 
-    async def _track(self, wf: CompiledWorkflow, run_id: str) -> None:
-        """Add a started run to the workflow's tracked runs, dropping those that ended.
+    async def _admit(self, wf: CompiledWorkflow, run_id: str) -> str:
+        """Whether run `run_id` may start under the workflow's concurrency policy; when it
+        may, it is added to the tracked runs *before* it starts.
 
-        Compare-and-swap on the key's revision, retried: two engines (or two events of
-        one engine) tracking at once would otherwise each write the list they read, and
-        the run of one would be lost to Forbid and maxActiveRuns.
+        Deciding and tracking are one compare-and-swap on the tracked key, retried on
+        conflict: two engines admitting at once (each reading the runs active before the
+        other's start) would otherwise both start under Forbid or past maxActiveRuns. A
+        run admitted but not started (its engine died) holds its place only while its
+        event can still come back (RESERVATION_SECONDS); when it does, the same run id is
+        admitted again at once.
         """
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        key = _tracked_key(wf)
+        policy = wf.spec.concurrencyPolicy
+        while True:
+            try:
+                entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                entry = None
+            tracked = loads(entry.value) if entry is not None and entry.value else {}
+            runs, reserved = tracked.get("runs", []), tracked.get("reserved", {})
+            if run_id in runs:
+                return "start"  # admitted before: its event came back
+            now = time.time()
+            active = await self._still_active(runs, reserved, now)
+            if active and policy == "Forbid":
+                return "skip"
+            if active and policy == "Replace":
+                for run in active:
+                    await self.engine.client.cancel(
+                        wf.namespace, run, by="trigger", reason="replaced by a newer run"
+                    )
+            elif wf.spec.maxActiveRuns is not None and len(active) >= wf.spec.maxActiveRuns:
+                return "wait"
+            kept = {run: at for run, at in reserved.items() if run in active}
+            value = dumps({"runs": [*active, run_id], "reserved": {**kept, run_id: now}})
+            try:
+                if entry is None:
+                    await self.kv.create(key, value)
+                else:
+                    await self.kv.update(key, value, last=entry.revision)
+                return "start"
+            except KeyWrongLastSequenceError:
+                continue  # another admission wrote first: decide again on what it wrote
+
+    async def _release(self, wf: CompiledWorkflow, run_id: str) -> None:
+        """Give back the place `_admit` gave a run that will never start."""
         from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
         key = _tracked_key(wf)
@@ -348,33 +395,17 @@ class Triggers:
             try:
                 entry = await self.kv.get(key)
             except KeyNotFoundError:
-                entry = None
-            tracked = loads(entry.value).get("runs", []) if entry is not None and entry.value else []
-            active = [run for run in await self._still_active(tracked) if run != run_id]
-            value = dumps({"runs": [*active, run_id]})
+                return
+            tracked = loads(entry.value) if entry.value else {}
+            if run_id not in tracked.get("runs", []):
+                return
+            tracked["runs"] = [run for run in tracked["runs"] if run != run_id]
+            tracked.get("reserved", {}).pop(run_id, None)
             try:
-                if entry is None:
-                    await self.kv.create(key, value)
-                else:
-                    await self.kv.update(key, value, last=entry.revision)
+                await self.kv.update(key, dumps(tracked), last=entry.revision)
                 return
             except KeyWrongLastSequenceError:
-                continue  # written meanwhile: read it again
-
-    async def _admit(self, wf: CompiledWorkflow) -> str:
-        active = await self.active_runs(wf)
-        policy = wf.spec.concurrencyPolicy
-        if active and policy == "Forbid":
-            return "skip"
-        if active and policy == "Replace":
-            for run in active:
-                await self.engine.client.cancel(
-                    wf.namespace, run, by="trigger", reason="replaced by a newer run"
-                )
-            return "start"
-        if wf.spec.maxActiveRuns is not None and len(active) >= wf.spec.maxActiveRuns:
-            return "wait"
-        return "start"
+                continue
 
     # ------------------------------------------------------------ schedules
     async def _schedule_loop(self, wf: CompiledWorkflow, index: int) -> None:
@@ -399,9 +430,9 @@ class Triggers:
                     await self.kv.update(cursor_key, dumps({"last": fire}), last=revision)
                 except KeyWrongLastSequenceError:
                     continue  # another engine fired this tick
-                if await self._admit(wf) != "start":
-                    continue
                 run_id = f"{wf.name}-s{int(fire)}"
+                if await self._admit(wf, run_id) != "start":
+                    continue
                 await self.engine.client.start(
                     wf,
                     trigger.input if trigger.input is not None else {},
@@ -409,7 +440,6 @@ class Triggers:
                     labels={"cadenza.dev/trigger": "schedule"},
                     requested_at=fire,
                 )
-                await self._track(wf, run_id)
                 if self.on_started is not None:
                     result = self.on_started(wf, run_id, {"source": "schedule", "at": fire})
                     if asyncio.iscoroutine(result):
