@@ -29,6 +29,10 @@ METRICS_HELP = (
     "serve Prometheus metrics on 127.0.0.1:PORT (0: any free port, printed at start); "
     "none unless asked. A port that is taken: exit 2"
 )
+SECURE_HELP = (
+    "run the embedded NATS in operator mode (JWT + nkeys), as the chart does: the engine, "
+    "each Agent and the CLI user get their own credential (docs/security.md); not with --nats"
+)
 CONTROL_WAIT = 5.0
 """Seconds approve, signal and cancel wait for an engine's answer before exit 3."""
 CONTROL_HELP = (
@@ -192,6 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         interactive=sys.stdin.isatty() and tty,
         approver=args.by,
         signals=signals,
+        secure=args.secure,
     )
     progress = Progress(err, wf.name, agent_steps(wf)) if tty else None
     # SIGTERM, SIGINT and SIGHUP stop the run: agents and the embedded server go with it.
@@ -449,7 +454,15 @@ def cmd_dev(args: argparse.Namespace) -> int:
     try:
         return int(
             asyncio.run(
-                until_signalled(dev(bundle, nats_url=args.nats, metrics_port=args.metrics_port, console=err))
+                until_signalled(
+                    dev(
+                        bundle,
+                        nats_url=args.nats,
+                        metrics_port=args.metrics_port,
+                        console=err,
+                        secure=args.secure,
+                    )
+                )
             )
         )
     except MetricsPortError as exc:
@@ -524,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--by", default="cli", help="name recorded as the approver")
     run.add_argument("--nats", help="use this NATS server instead of an embedded one")
+    run.add_argument("--secure", action="store_true", help=SECURE_HELP)
     run.add_argument("--timeout", type=float, help="cancel the run after this many seconds")
     run.add_argument("--metrics-port", type=int, metavar="PORT", help=METRICS_HELP)
     run.add_argument("--env-file", metavar="FILE", help=ENV_FILE_HELP)
@@ -536,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="keep NATS, the engine and agents running: triggers, approvals, signals")
     dev.add_argument("paths", nargs="+")
     dev.add_argument("--nats", help="use this NATS server instead of an embedded one")
+    dev.add_argument("--secure", action="store_true", help=SECURE_HELP)
     dev.add_argument("--metrics-port", type=int, metavar="PORT", help=METRICS_HELP)
     dev.add_argument("--env-file", metavar="FILE", help=ENV_FILE_HELP)
     dev.set_defaults(fn=cmd_dev)
@@ -550,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
             required=env is None,
             metavar="URL",
             help="the NATS server (default: $CADENZA_NATS_URL)",
+        )
+        cmd.add_argument(
+            "--creds",
+            metavar="FILE",
+            help="NATS credentials file, for a server that authenticates (default: $CADENZA_NATS_CREDS)",
         )
 
     def run_command(name: str, fn: Any, helptext: str, *positionals: str) -> argparse.ArgumentParser:
@@ -625,8 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument(
         "--name", help="the engine's name in logs (default: $CADENZA_ENGINE_NAME, else engine-HOST-PID)"
     )
-    eng.add_argument("--creds", help="NATS credentials file (default: $CADENZA_NATS_CREDS)")
-    eng.set_defaults(fn=cmd_engine)
+    eng.set_defaults(fn=cmd_engine)  # --creds: nats_option
 
     crds = sub.add_parser("crds", help="regenerate the CRDs from the models")
     crds.add_argument("--output-dir", default="crds")
@@ -641,6 +660,15 @@ def main(argv: list[str] | None = None) -> int:
     from cadenza import configure_logging
 
     args = build_parser().parse_args(argv)
+    creds = getattr(args, "creds", None)
+    if creds:
+        if not os.path.isfile(creds):
+            print(f"error: --creds {creds}: no such file", file=sys.stderr)
+            return EXIT_INVALID
+        os.environ["CADENZA_NATS_CREDS"] = creds  # read by every connection we open (nats_options)
+    if getattr(args, "secure", False) and args.nats:
+        print("error: --secure runs its own NATS server in operator mode: leave out --nats", file=sys.stderr)
+        return EXIT_INVALID
     # Logs go to stderr; the CLI's own output (and --output json) alone to stdout.
     configure_logging(level="INFO" if args.command in ("operator", "dev", "engine") else "WARNING")
     from cadenza.nats import NatsUnreachable

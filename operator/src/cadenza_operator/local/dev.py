@@ -22,9 +22,11 @@ from .supervision import run_to_end
 class DevServer:
     """The whole local stack with triggers: `await DevServer(bundle).start()`."""
 
-    def __init__(self, bundle: Bundle, nats_url: str | None = None, namespace: str = "default") -> None:
+    def __init__(
+        self, bundle: Bundle, nats_url: str | None = None, namespace: str = "default", secure: bool = False
+    ) -> None:
         self.bundle = bundle
-        self.stack = LocalStack(bundle, nats_url, namespace)
+        self.stack = LocalStack(bundle, nats_url, namespace, secure=secure)
         self.triggers: Triggers | None = None
 
     @property
@@ -68,7 +70,9 @@ def _describe(wf: CompiledWorkflow) -> str:
     return ", ".join(parts) or "no triggers"
 
 
-async def dev(bundle: Bundle, *, nats_url: str | None, metrics_port: int | None, console: Console) -> int:
+async def dev(
+    bundle: Bundle, *, nats_url: str | None, metrics_port: int | None, console: Console, secure: bool = False
+) -> int:
     # Only when asked, and before anything starts: a taken port is an error (exit 2), not a
     # stack left half started; 0 takes any free port, printed below.
     bound = serve_metrics(metrics_port) if metrics_port is not None else None
@@ -88,11 +92,16 @@ async def dev(bundle: Bundle, *, nats_url: str | None, metrics_port: int | None,
         if view.terminal and any(not change.step for change in changes):
             console.print(f"{view.run}: [bold]{view.phase}[/bold] {view.message}", highlight=False)
 
-    server = DevServer(bundle, nats_url)
+    server = DevServer(bundle, nats_url, secure=secure)
     try:  # stopped even when a signal comes while it starts: nothing it started is left behind
         await server.start()
         server.engine.on_state(on_state)
         console.print(f"NATS  {server.url}")
+        credentials = server.stack.credentials
+        if credentials is not None:
+            client = credentials.client()
+            console.print(f"secure: operator mode, one credential per identity ({credentials.folder})")
+            console.print(f"CLI credential:  export CADENZA_NATS_CREDS={client}  (or --creds {client})")
         if bound is not None:
             console.print(f"metrics  http://127.0.0.1:{bound}/metrics")
         for wf in bundle.compiled.values():

@@ -50,6 +50,8 @@ class AgentProcesses:
     log_dir: Path = field(default_factory=lambda: Path("."))
     procs: list[AgentProcess] = field(default_factory=list)
     models: dict[str, Model] = field(default_factory=dict)  # the Models agents may name
+    creds: dict[str, str] = field(default_factory=dict)
+    """Agent name -> its own NATS .creds file (`--secure`); none: the open server's."""
 
     def command(self, agent: Agent) -> list[str]:
         cmd = list(agent.spec.command)
@@ -77,6 +79,8 @@ class AgentProcesses:
         )
         env.update(referenced_environment(agent, os.environ))
         env.update(model_environment(agent, self.models, os.environ))
+        if agent.metadata.name in self.creds:
+            env["CADENZA_NATS_CREDS"] = self.creds[agent.metadata.name]
         return env
 
     def start(self, agent: Agent, cwd: Path, replicas: int | None = None) -> list[AgentProcess]:

@@ -32,6 +32,7 @@ from ..manifests import Bundle
 from ..models import parse_duration
 from .nats_server import NatsServer
 from .processes import AgentProcesses
+from .secure import LocalCredentials
 from .supervision import SUPERVISE_EVERY, Supervisor, Waiting, WaitingAttempts, failed_event, run_to_end
 
 log = structlog.get_logger("cadenza.local")
@@ -54,6 +55,7 @@ class RunOptions:
     interactive: bool = False
     progress: bool = False
     run_id: str | None = None
+    secure: bool = False  # the embedded server in operator mode, one credential per identity
 
 
 class MetricsPortError(ValueError):
@@ -93,7 +95,9 @@ def agents_needed(bundle: Bundle, wf: CompiledWorkflow) -> set[str]:
 class LocalStack:
     """nats-server + engine + agent processes, started and stopped together."""
 
-    def __init__(self, bundle: Bundle, nats_url: str | None = None, namespace: str = "default") -> None:
+    def __init__(
+        self, bundle: Bundle, nats_url: str | None = None, namespace: str = "default", secure: bool = False
+    ) -> None:
         self.bundle = bundle
         self.namespace = namespace
         self._external = nats_url
@@ -102,6 +106,8 @@ class LocalStack:
         self.nc: Any = None
         self.engine: Engine | None = None
         self.log_dir = Path(tempfile.mkdtemp(prefix="cadenza-run-"))
+        # --secure: keys and creds in the work folder, removed with it (local/secure.py)
+        self.credentials = LocalCredentials(self.log_dir / "secure", namespace) if secure else None
         self.agents = AgentProcesses(
             nats_url or "", namespace, self.log_dir, models={n: m for n, (m, _) in bundle.models.items()}
         )
@@ -124,12 +130,13 @@ class LocalStack:
         """Start everything; `NatsUnreachable` at once when a --nats server cannot be reached."""
         if self._external is None:
             # Held before it is started: a signal arriving meanwhile must still stop it.
-            self.server = NatsServer(store_dir=str(self.log_dir / "jetstream"))
+            config = self.credentials.server_config() if self.credentials else None
+            self.server = NatsServer(store_dir=str(self.log_dir / "jetstream"), config=config)
             self._server_start = asyncio.ensure_future(asyncio.to_thread(self.server.start))
             await asyncio.shield(self._server_start)
-        self.host = EngineHost(
-            EngineSettings(name="local", nats_url=self.url), connection_name="cadenza-engine"
-        )
+        creds = self.credentials.engine() if self.credentials else None
+        settings = EngineSettings(name="local", nats_url=self.url, nats_creds=creds)
+        self.host = EngineHost(settings, connection_name="cadenza-engine")
         self.engine = await self.host.open()
         self.nc = self.host.nc
         js = self.host.js
@@ -137,6 +144,8 @@ class LocalStack:
         for name in sorted(agents):
             agent, path = self.bundle.agents[name]
             await ensure_agent_consumer(js, self.namespace, name, parse_duration(agent.spec.ackWait))
+            if self.credentials:
+                self.agents.creds[name] = self.credentials.agent(name)
             self.agents.start(agent, path.parent)
         await self.host.start(on_state=self.waiting.observe)
         for wf in self.bundle.compiled.values():
@@ -218,7 +227,7 @@ async def execute(opts: RunOptions, progress: Any = None) -> tuple[dict[str, Any
     if opts.metrics_port is not None:  # before anything starts: a taken port stops nothing
         port = serve_metrics(opts.metrics_port)
         print(f"metrics  http://127.0.0.1:{port}/metrics", file=sys.stderr)
-    stack = LocalStack(opts.bundle, opts.nats_url, opts.workflow.namespace)
+    stack = LocalStack(opts.bundle, opts.nats_url, opts.workflow.namespace, secure=opts.secure)
     done: asyncio.Future[RunState] = asyncio.get_running_loop().create_future()
     decided: set[str] = set()
     run_id = ""
