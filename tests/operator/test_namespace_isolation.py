@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from cadenza_operator.engine.audit import read_audit
 from cadenza_operator.kube.runs import mirrored_run_name
 
 from ..kube.emulator import KubeEmulator
@@ -111,3 +112,52 @@ async def test_a_run_id_annotation_from_another_namespace_neither_mirrors_approv
     assert (
         get(kube_emulator, WORKFLOWRUNS, "victim")["metadata"]["annotations"]["cadenza.dev/run-id"] == victim
     )
+
+
+async def test_approvers_are_checked_against_the_admitted_identity_users_and_groups(
+    kube_emulator: KubeEmulator, operator: RunningOperator
+) -> None:
+    """approved-by(-group) are what admission bound to the requesting user (the emulator has
+    no admission: tests/chart/test_admission_policy.py tests that part); `group:NAME`
+    approvers match the group, anyone else is refused, and the audit says who."""
+    spec = {"steps": [{"name": "gate", "approval": {"approvers": ["group:finance"]}}]}
+    kube_emulator.create_object(WORKFLOWS, manifest("Workflow", "payout", spec))
+    kube_emulator.create_object(WORKFLOWRUNS, manifest("WorkflowRun", "payout-1", {"workflowRef": "payout"}))
+    status = await wait_for(
+        lambda: (
+            (s := status_of(kube_emulator, WORKFLOWRUNS, "payout-1"))
+            .get("steps", {})
+            .get("gate", {})
+            .get("phase")
+            == "WaitingApproval"
+            and s
+        ),
+        timeout=30,
+    )
+    run = str(status["runId"])
+
+    def decide(**annotations: str) -> None:
+        kube_emulator.patch_object(
+            WORKFLOWRUNS, NAMESPACE, "payout-1", {"metadata": {"annotations": annotations}}
+        )
+
+    decide(**{"cadenza.dev/approve": "gate", "cadenza.dev/approved-by": "eve"})
+    await wait_for(lambda: "NotAnApprover" in _reasons(kube_emulator, NAMESPACE, "payout-1"), timeout=30)
+    decide(
+        **{
+            "cadenza.dev/approved-by": "bob",
+            "cadenza.dev/approved-by-group": "finance",
+            "cadenza.dev/approve": "gate,",  # a new value: the approve handler fires again
+        }
+    )
+    status = await wait_for(
+        lambda: (s := status_of(kube_emulator, WORKFLOWRUNS, "payout-1")).get("phase") == "Succeeded" and s,
+        timeout=30,
+    )
+    assert status["steps"]["gate"]["approval"]["by"] == "bob [group:finance]"
+    audit = await operator.call(lambda ctx: read_audit(ctx.engine.client.js, NAMESPACE, run))
+    decisions = [(r["actor"], r["reason"]) for r in audit if r["step"] == "gate" and r["event"] == "approval"]
+    assert decisions == [
+        ("eve", "decision by 'eve' ignored: not an approver"),
+        ("bob [group:finance]", "approved by bob [group:finance]"),
+    ]

@@ -21,6 +21,7 @@ import kopf
 import structlog
 
 from .. import metrics
+from ..engine.decide.events import is_approver
 from ..engine.definition import CompiledWorkflow
 from ..engine.inputs import InputError
 from ..engine.state import TERMINAL_RUN, RunState
@@ -479,6 +480,13 @@ async def _send_decision(
     annotations = body.metadata.annotations or {}
     by = approver_identity(annotations)
     comment = annotations.get(COMMENT_ANNOTATION)
+    cs = (await ctx.client.definition(state.definition)).steps.get(step)
+    approvers = cs.approval.approvers if cs is not None and cs.approval is not None else []
+    if not is_approver(approvers, by):
+        # Sent all the same: the engine ignores it and the run's audit records the attempt.
+        events.warning(
+            body, "NotAnApprover", f"step {step}: {by} is not one of its approvers ({', '.join(approvers)})"
+        )
     await ctx.client.approve(state.namespace, state.run, step, approved, by=by, comment=comment)
     verb = "approved" if approved else "rejected"
     events.normal(body, "ApprovalSent", f"step {step} {verb} by {by}")
