@@ -10,7 +10,15 @@ from typing import Any
 
 import nats
 import pytest
-from cadenza.wire import AUDIT_STREAM, RUNS_BUCKET, TASKS_STREAM, consumer_name, task_subject
+from cadenza.wire import (
+    AUDIT_STREAM,
+    CLAIMS_BUCKET,
+    RUNS_BUCKET,
+    TASKS_STREAM,
+    claim_key,
+    consumer_name,
+    task_subject,
+)
 from cadenza_operator.engine.infra import ensure_agent_consumer, ensure_infrastructure
 from cadenza_operator.security.nats_auth import agent_permissions, client_permissions, engine_permissions
 
@@ -166,3 +174,14 @@ async def test_client_cannot_touch_tasks_or_events(connect: Connect, bus: dict[s
     for subject in (f"cadenza.event.{NS}.{RUN}", f"$JS.API.STREAM.DELETE.{AUDIT_STREAM}"):
         await client.nc.publish(subject, b"{}")
         await client.refused(subject)
+
+
+async def test_agent_cannot_claim_another_agents_attempt(connect: Connect, bus: dict[str, Any]) -> None:
+    agent = await connect(bus["agent_a"])
+    js = agent.nc.jetstream()
+    ack = await js.publish(f"$KV.{CLAIMS_BUCKET}.{claim_key(NS, 'a', 'r.s.1')}", b'{"worker": "a-1"}')
+    assert ack.seq > 0  # positive control: its own Agent's claim
+
+    theirs = f"$KV.{CLAIMS_BUCKET}.{claim_key(NS, 'b', 'r.s.1')}"
+    await agent.nc.publish(theirs, b'"abandoned"')
+    await agent.refused(theirs)

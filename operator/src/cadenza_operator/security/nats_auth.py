@@ -49,6 +49,7 @@ from cadenza.wire import (
     consumer_name,
 )
 
+RUN_STATUS_BUCKET = "cadenza_run_status"  # cadenza.wire's, once the SDK reads run status there
 ACCOUNT_NAME = "CADENZA"
 SYSTEM_ACCOUNT_NAME = "SYS"
 CONTROL_PREFIX = "cadenza.control"  # engine.control.CONTROL_PREFIX (security sits below the engine)
@@ -223,8 +224,15 @@ def agent_permissions(namespace: str, agent: str) -> Permissions:
         f"cadenza.dead.task.{namespace}.{agent}",
         # shared context: read, put, compare-and-swap, list a scope by a watch
         *_kv_access(CONTEXT_BUCKET, write=True, watch=True),
-        # claims: one per attempt, created before the handler starts
-        *_kv_access(CLAIMS_BUCKET, write=True),
+        # claims: one per attempt, created before the handler starts, keyed
+        # <namespace>.<agent>.<task id> (cadenza.wire.claim_key): its own Agent's only
+        f"{api}.STREAM.INFO.KV_{CLAIMS_BUCKET}",
+        f"{api}.DIRECT.GET.KV_{CLAIMS_BUCKET}.$KV.{CLAIMS_BUCKET}.{namespace}.{agent}.>",
+        f"$KV.{CLAIMS_BUCKET}.{namespace}.{agent}.>",
+        # what an agent may know of a run (phase, budget), keyed <namespace>.<run>: its
+        # namespace's only; the run records themselves (RUNS_BUCKET) stay the engine's
+        f"{api}.STREAM.INFO.KV_{RUN_STATUS_BUCKET}",
+        f"{api}.DIRECT.GET.KV_{RUN_STATUS_BUCKET}.$KV.{RUN_STATUS_BUCKET}.{namespace}.>",
         # model rate windows, keyed <namespace>.<model>
         f"{api}.STREAM.INFO.KV_{LIMITS_BUCKET}",
         f"{api}.DIRECT.GET.KV_{LIMITS_BUCKET}.$KV.{LIMITS_BUCKET}.{namespace}.>",
