@@ -499,7 +499,11 @@ class ApprovalSpec(_Model):
         "reject", description="Decision taken when the timeout passes."
     )
     approvers: list[str] = Field(
-        default_factory=list, description="Who may decide; empty lets anyone who can send the decision."
+        default_factory=list,
+        description=(
+            "Who may decide: user names and groups written group:NAME (a Kubernetes user's groups, "
+            "bound by the chart's admission policy); empty lets anyone who can send the decision."
+        ),
     )
     message: str = Field("", description="What the approver is asked, shown by the CLI and in status.")
 
