@@ -14,7 +14,18 @@ import nats
 import pytest
 from cadenza import Agent
 from cadenza import _agent as agent_module
-from cadenza.wire import CLAIMS_BUCKET, TASKS_STREAM, claim_key, consumer_name, dumps, task_subject
+from cadenza.wire import (
+    CLAIMS_BUCKET,
+    RUN_STATUS_BUCKET,
+    RUNS_BUCKET,
+    TASKS_STREAM,
+    claim_key,
+    consumer_name,
+    dumps,
+    loads,
+    run_status_key,
+    task_subject,
+)
 from cadenza_operator.engine.definition import compile_workflow
 from cadenza_operator.engine.infra import ensure_agent_consumer
 from cadenza_operator.engine.runtime import Engine
@@ -70,3 +81,52 @@ async def test_a_finished_attempt_is_not_started_again(
         await engine.stop()
         await nc.close()
     assert starts == [run]
+
+
+async def test_an_agent_reads_no_run_record_only_its_runs_status(
+    fresh_nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent credential cannot read the runs bucket: the agent opens only the run status
+    bucket, which holds what its checks need (engine/run_status.py), written by then."""
+    from nats.js.client import JetStreamContext
+
+    namespace = unique_namespace()
+    spec = WorkflowSpec.model_validate(
+        {"budget": {"tokens": 1000}, "steps": [{"name": "a", "agent": "worker", "input": {"n": 1}}]}
+    )
+    wf = compile_workflow("status", spec, namespace)
+    nc = await nats.connect(fresh_nats.url)
+    js = nc.jetstream()
+    engine = Engine(nc)
+    await engine.start()
+    await ensure_agent_consumer(js, namespace, "worker")
+    opened: list[str] = []
+    key_value = JetStreamContext.key_value
+
+    async def recording(self: Any, bucket: str) -> Any:
+        opened.append(bucket)
+        return await key_value(self, bucket)
+
+    monkeypatch.setattr(JetStreamContext, "key_value", recording)
+    seen: list[Any] = []
+    agent = Agent("worker")
+
+    @agent.handler
+    async def handle(task: Any) -> dict[str, Any]:
+        seen.append(loads((await task._budget._read(task.run_id)).value))  # what its budget check reads
+        return {"ok": True}
+
+    run = "status-1"
+    try:
+        async with serving(agent, fresh_nats.url, namespace):
+            await engine.client.start(wf, {}, run_id=run)
+            state = (await phases(engine.client, [run], timeout=30))[run]
+            assert state is not None and state.phase == "Succeeded", state
+    finally:
+        monkeypatch.undo()
+        status = await (await js.key_value(RUN_STATUS_BUCKET)).get(run_status_key(namespace, run))
+        await engine.stop()
+        await nc.close()
+    assert RUNS_BUCKET not in opened and RUN_STATUS_BUCKET in opened, opened
+    assert seen == [{"phase": "Running"}]
+    assert loads(status.value) == {"phase": "Succeeded"}

@@ -36,6 +36,7 @@ from ._protocol import (
     CLAIMS_BUCKET,
     CONTEXT_BUCKET,
     MAX_VALUE_BYTES,
+    RUN_STATUS_BUCKET,
     RUNS_BUCKET,
     TASKS_STREAM,
     TERMINAL_RUN_PHASES,
@@ -45,6 +46,7 @@ from ._protocol import (
     consumer_name,
     dumps,
     loads,
+    run_status_key,
     task_id,
 )
 from ._publish import Publisher
@@ -224,7 +226,7 @@ class Agent:
         durable = consumer_name(ns, self.name)
         await self._ensure_consumer(js, durable, ns, settings.ack_wait, stop, create=not settings.nats_creds)
         context_kv = await js.key_value(CONTEXT_BUCKET)
-        runs_kv = SharedReads(await js.key_value(RUNS_BUCKET))  # one read per burst of a run's tasks
+        runs_kv = await _run_reads(js, ns)  # one read per burst of a run's tasks
         models = ModelRegistry(load_model_specs(), js, loop)  # task.model(): limits shared in NATS
         worker = f"{socket.gethostname()}:{os.getpid()}"
         heartbeat_every = max(0.2, settings.ack_wait / 3)
@@ -595,9 +597,52 @@ def parse_task(data: bytes) -> dict[str, Any]:
     return body
 
 
+@dataclass(frozen=True)
+class _NoStatus:
+    """A status not written (yet): a run whose tasks an engine from before statuses sent,
+    upgraded since. It tells nothing; the attempt's claim still decides."""
+
+    value: bytes = b"{}"
+
+
+class _StatusReads:
+    """Reads of run statuses (`cadenza_run_status`, `<ns>.<run>`: what the engine lets
+    agents know of a run) by run id, shared as SharedReads shares them."""
+
+    def __init__(self, kv: Any, namespace: str) -> None:
+        self._reads = SharedReads(kv)
+        self._namespace = namespace
+
+    async def get(self, run: str) -> Any:
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            return await self._reads.get(run_status_key(self._namespace, run))
+        except KeyNotFoundError:
+            return _NoStatus()
+
+
+async def _run_reads(js: Any, namespace: str) -> Any:
+    """What `abandoned()` and the budget check read, by run id: the run's status; from an
+    engine that writes none (no status bucket: one from before statuses, on an open bus),
+    the run record as before."""
+    from nats.js.errors import NotFoundError
+
+    try:
+        return _StatusReads(await js.key_value(RUN_STATUS_BUCKET), namespace)
+    except NotFoundError:
+        return SharedReads(await js.key_value(RUNS_BUCKET))
+
+
 async def abandoned(runs_kv: Any, body: dict[str, Any]) -> str | None:
     """Why the attempt a task carries is no longer current, or None when it is; raises when
-    the run record cannot be read (NATS errors), as then nobody can tell.
+    the run's status cannot be read (NATS errors), as then nobody can tell.
+
+    It reads the run's status (engine/run_status.py, written before the run's tasks are
+    sent): whether the run has ended. Whether the attempt itself finished or was given up
+    is its claim's to say (`_claims`: the engine marks every attempt that stops running);
+    the checks of the step below apply only to a run record (an engine from before
+    statuses) and find nothing to say in a status.
 
     The engine writes a run record before it sends the record's tasks, so the record read
     here is at least as new as the task; an older one (a lagging replica) shows a lower

@@ -5,14 +5,16 @@ its next attempt starts); this holds them inside an attempt, so a handler making
 calls stops at the budget, and a run overshoots by at most the calls already in flight.
 
 The engine puts the effective limits in the task body (`budget: {"run": {...}, "step":
-{...}}`, only when a budget exists), and the check reads the run record (one KV get per
-call; a task without a budget reads nothing). A limit raised by `resume` (the record's
-`budget`, `steps[name].budget`) takes precedence over the task's.
+{...}}`, only when a budget exists), and the check reads the run's status (one KV get
+per call; a task without a budget reads nothing): what the engine lets agents know of a
+run, in the run record's shape (engine/run_status.py; agents cannot read run records).
+A limit raised by `resume` (the status's `budget`, `steps[name].budget`) takes precedence
+over the task's.
 
-The record's usage lags the calls: an agent's `usage` events reach it through the engine.
-So the check adds what this attempt has recorded beyond what the record already counts
-for it (the attempt's own `usage` in the record); a forEach item's attempt has no usage
-of its own in the record, so for it the record alone counts.
+The status's usage lags the calls: an agent's `usage` events reach it through the engine.
+So the check adds what this attempt has recorded beyond what the status already counts
+for it (the attempt's own `usage`); a forEach item's attempt has no usage of its own
+there, so for it the status alone counts.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ def refusal(
 ) -> str | None:
     """Why a model call of the attempt `body` carries may not be made now, or None.
 
-    `record` is the run record (None: gone); `local` is the (tokens, cost) this attempt
-    has recorded so far.
+    `record` is the run's status, or its record from an engine from before statuses (None:
+    gone); `local` is the (tokens, cost) this attempt has recorded so far.
     """
     if record is None:
         return "the run no longer exists"
@@ -89,7 +91,7 @@ class BudgetGuard:
 
     def __init__(self, body: dict[str, Any], read: Callable[[str], Awaitable[Any]]) -> None:
         self._body = body
-        self._read = read  # runs KV get: an entry, or raises KeyNotFoundError
+        self._read = read  # the run's status by run id: an entry, or raises KeyNotFoundError
         self._tokens = 0
         self._cost = 0.0
 

@@ -32,6 +32,7 @@ CONTEXT_BUCKET = "cadenza_context"  # shared context agents read and write, apar
 DEFINITIONS_BUCKET = "cadenza_definitions"  # compiled workflow and agent definitions
 PAYLOADS_STORE = "cadenza_payloads"  # inputs/outputs larger than OFFLOAD_BYTES
 CLAIMS_BUCKET = "cadenza_claims"  # <ns>.<agent>.<task id> -> who may start it: an agent, or "abandoned"
+RUN_STATUS_BUCKET = "cadenza_run_status"  # <ns>.<run> -> what agents may know of a run (phase, budget)
 CLAIM_MAX_AGE = 86400.0
 """Seconds a claim is kept (cadenza._claims). A claim decides between an agent's start and
 the engine giving the attempt up, which race only around the dispatch and the decision
@@ -91,6 +92,11 @@ def audit_subject(namespace: str, run: str) -> str:
 def consumer_name(namespace: str, agent: str) -> str:
     """Durable consumer of one Agent; Kubernetes names hold no '_' so this is unambiguous."""
     return f"agent_{namespace}_{agent}"
+
+
+def run_status_key(namespace: str, run: str) -> str:
+    """A run's key in RUN_STATUS_BUCKET, under its namespace (an agent reads its own's)."""
+    return f"{namespace}.{run}"
 
 
 def claim_key(namespace: str, agent: str, task: str) -> str:

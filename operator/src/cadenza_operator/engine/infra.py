@@ -20,6 +20,7 @@ from cadenza.wire import (
     EVENTS_STREAM,
     OUTPUTS_BUCKET,
     PAYLOADS_STORE,
+    RUN_STATUS_BUCKET,
     RUNS_BUCKET,
     TASK_SUBJECTS,
     TASKS_STREAM,
@@ -103,6 +104,8 @@ async def ensure_infrastructure(
         (DEFINITIONS_BUCKET, 1, None),
         (TIMERS_BUCKET, 1, None),
         (TRIGGERS_BUCKET, 1, None),
+        # What agents may know of a run (engine/run_status.py): kept as long as run records.
+        (RUN_STATUS_BUCKET, 1, None),
         # Claims of attempts with a queueTimeout (cadenza._claims): only needed while the
         # attempt can still be started or timed out, so they expire instead of growing.
         (CLAIMS_BUCKET, 1, CLAIM_MAX_AGE),

@@ -43,6 +43,7 @@ from cadenza.wire import (
     EVENTS_STREAM,
     OFFLOAD_BYTES,
     REF_KEY,
+    RUN_STATUS_BUCKET,
     RUNS_BUCKET,
     TASKS_STREAM,
     audit_subject,
@@ -52,6 +53,7 @@ from cadenza.wire import (
     event_subject,
     is_ref,
     loads,
+    run_status_key,
     task_id,
 )
 from pydantic import ValidationError
@@ -70,6 +72,7 @@ from .infra import (
 )
 from .payloads import fit_record, store_apart
 from .provenance import step_agent
+from .run_status import run_status
 from .settings import EngineSettings
 from .state import RUN_ID, RunState
 
@@ -196,6 +199,7 @@ class Engine:
         self._workers: dict[str, asyncio.Task[Any]] = {}  # run -> the task processing it
         self._timers: dict[tuple[str, str], tuple[asyncio.TimerHandle, float]] = {}
         self._timer_revisions: OrderedDict[str, int] = OrderedDict()  # run -> record revision scheduled
+        self._statuses: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # run -> status written, at
         self._listeners: list[StateListener] = []
         self._consumer: PullConsumer | None = None
         self._timer_watch: asyncio.Task[None] | None = None
@@ -397,6 +401,7 @@ class Engine:
             state, cached.state = cached.state or RunState.from_bytes(cached.data), None
             if not cached.executed and state.outbox:
                 # A previous writer may have died before carrying out its commands.
+                await self._put_status(state, cached.revision, cached.revision)  # before its tasks
                 await self._execute(state, [c for c in map(commands.from_wire, state.outbox) if c])
                 cached.executed = True
             wf = await self._definition(state.definition)
@@ -450,6 +455,7 @@ class Engine:
                     self._cache.pop(run, None)
                     continue
             fresh = _Cached(data, revision, executed=False, memo=cached.memo, outputs=cached.outputs)
+            await self._put_status(new, cached.revision, revision)  # before the decision's tasks
             await self._execute(new, decision.commands, decision.audit)
             fresh.executed = True
             fresh.state = new
@@ -517,6 +523,20 @@ class Engine:
             holder = await claim_attempt(self.claims_kv, key, None, pub=self.pub)
             ev.claimed = not holder.abandoned
             ev.claimedBy, ev.claimedAt = holder.worker, holder.at
+
+    async def _put_status(self, state: RunState, since: int, revision: int) -> None:
+        """Write the run's status for agents (engine/run_status.py) if it changed: unless
+        this engine wrote the same one for the record it has just replaced (`since`; an
+        engine that did not write the revision in between cannot know what is stored)."""
+        data = dumps(run_status(state))
+        if self._statuses.get(state.run) == (data, since) and since:
+            self._statuses[state.run] = (data, revision)
+            return
+        await self.pub.kv_put(RUN_STATUS_BUCKET, run_status_key(state.namespace, state.run), data)
+        self._statuses[state.run] = (data, revision)
+        self._statuses.move_to_end(state.run)
+        if len(self._statuses) > self.settings.cache_size:
+            self._statuses.popitem(last=False)
 
     def _ended(
         self,
