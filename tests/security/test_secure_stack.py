@@ -3,14 +3,19 @@ engine and each agent process with a credential of its own, a workflow run to it
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import nats
 import pytest
+from cadenza_operator.engine.infra import ensure_infrastructure
 from cadenza_operator.local.runner import RunOptions, execute
 from cadenza_operator.manifests import load
+from cadenza_operator.security.nats_auth import client_permissions, engine_permissions
 
 from ..conftest import cadenza
 from ..integration.harness import agent_manifest, write_project
+from .conftest import SecureBus
 
 AGENTS = """
 import json, os, sys
@@ -40,11 +45,6 @@ spec:
 """
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the agent SDK still reads the runs bucket (currency check, budget guard), which the "
-    "agent role does not allow; the provenance part of issue 13 moves agents off it",
-)
 async def test_a_workflow_succeeds_on_the_secure_stack_each_agent_with_its_own_credential(
     tmp_path: Path,
 ) -> None:
@@ -77,3 +77,24 @@ def test_a_missing_creds_file_is_named(command: str, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"--creds {tmp_path / 'none.creds'}: no such file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_the_cli_on_a_secure_server_says_what_is_wrong(secure_bus: SecureBus) -> None:
+    engine = await nats.connect(
+        secure_bus.server.url, user_credentials=secure_bus.creds("engine", engine_permissions())
+    )
+    try:
+        await ensure_infrastructure(engine.jetstream())
+    finally:
+        await engine.close()
+    url = secure_bus.server.url
+    anonymous = await asyncio.to_thread(cadenza, "audit", "run-1", "--nats", url)
+    assert anonymous.returncode == 3, anonymous.stderr
+    assert "Traceback" not in anonymous.stderr
+
+    # the audit stream is the engine's to read: a client credential gets no answer
+    client = secure_bus.creds("alice", client_permissions("default", "alice"))
+    refused = await asyncio.to_thread(cadenza, "audit", "run-1", "--nats", url, "--creds", client)
+    assert refused.returncode == 3, refused.stderr
+    assert "not allowed" in refused.stderr and "Traceback" not in refused.stderr
+    assert "permissions violation" in refused.stderr.lower()

@@ -672,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     # Logs go to stderr; the CLI's own output (and --output json) alone to stdout.
     configure_logging(level="INFO" if args.command in ("operator", "dev", "engine") else "WARNING")
     from cadenza.nats import NatsUnreachable
+    from nats.errors import TimeoutError as NatsTimeout
 
     from .engine.settings import SettingsError
 
@@ -683,6 +684,15 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:  # a malformed CADENZA_* variable, named in the message
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    except NatsTimeout:
+        # A server refuses what a credential may not do by never answering it (the
+        # permissions violation goes to the connection's log, above): say so.
+        print(
+            "error: NATS did not answer a request: the server is overloaded, or the credential "
+            "(--creds, $CADENZA_NATS_CREDS) is not allowed this (docs/security.md: roles)",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
     return code
 
 

@@ -44,12 +44,12 @@ from cadenza.wire import (
     DEFINITIONS_BUCKET,
     OUTPUTS_BUCKET,
     PAYLOADS_STORE,
+    RUN_STATUS_BUCKET,
     RUNS_BUCKET,
     TASKS_STREAM,
     consumer_name,
 )
 
-RUN_STATUS_BUCKET = "cadenza_run_status"  # cadenza.wire's, once the SDK reads run status there
 ACCOUNT_NAME = "CADENZA"
 SYSTEM_ACCOUNT_NAME = "SYS"
 CONTROL_PREFIX = "cadenza.control"  # engine.control.CONTROL_PREFIX (security sits below the engine)
