@@ -438,11 +438,10 @@ class Engine:
             armed = {tid: t.at for tid, t in new.timers.items()}
             data = await fit_record(self.js, new)
             try:
-                write = self.pub.kv_update(RUNS_BUCKET, run, data, last=cached.revision)
-                if ended:  # only finished: marked along with the commit, no round trip more
-                    revision, _ = await asyncio.gather(write, self._give_up(ended))
+                if ended:  # only finished: marked along with the commit, see _write_after
+                    revision = await self._write_after(ended, run, data, cached.revision)
                 else:
-                    revision = await write
+                    revision = await self.pub.kv_update(RUNS_BUCKET, run, data, last=cached.revision)
             except KeyWrongLastSequenceError:
                 # Another engine wrote first (or, for a new run, the key exists or was deleted:
                 # nats-py's create tells those apart and recreates a deleted key).
@@ -559,6 +558,20 @@ class Engine:
                 keys.append(claim_key(after.namespace, agent, task_id(after.run, step, item, attempt)))
         return keys
 
+    async def _write_after(self, marks: list[str], run: str, data: bytes, last: int) -> int:
+        """Write the run record after marking the claims `marks` abandoned, without waiting
+        for the marks to be stored first: each publish is a task, and tasks start in the
+        order they were made, so the marks are on the connection ahead of the write. An
+        engine killed after the write left has sent them too (the soak kills engines: a
+        finished attempt left unmarked was started again from a redelivered task)."""
+        sent = [asyncio.ensure_future(give_up_attempt(self.pub, key)) for key in marks]
+        write = asyncio.ensure_future(self.pub.kv_update(RUNS_BUCKET, run, data, last=last))
+        outcomes = await asyncio.gather(write, *sent, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome  # the write's first: a lost CAS is decided again
+        return write.result()
+
     async def _give_up(self, keys: list[str]) -> None:
         """Mark the attempts `keys` (claims) `abandoned` (cadenza._claims): an agent that
         takes one of their tasks later does not start it, however late its cancel notice
@@ -566,8 +579,8 @@ class Engine:
         attempt's task is not started again (an agent need not read the run record to tell).
 
         A decision that gives attempts up marks them before it is committed, so no agent
-        starts one after the commit; one where attempts only finished marks them along
-        with the commit (their outcome is in already: the order does not matter). A crash
+        starts one after the commit; one where attempts only finished sends the marks
+        ahead of the commit without waiting for them (`_write_after`). A crash
         or a conflict before the commit can leave marks on attempts the record still has
         running: the batch's events come back and are decided again (a cancel gives them
         up again, a result finishes its attempt again; one left running that no agent may

@@ -20,6 +20,7 @@ from .. import metrics
 from ..engine.infra import ensure_agent_consumer
 from ..models import API_GROUP, API_VERSION, Agent, AutoscalingSpec, ModelSpec, parse_duration
 from ..pod_schema import pod_template_schema_errors
+from .agent_policy import violations
 from . import builders, events
 from .api import ApiError, KubeApi, path_of
 from .autoscaling import desired_replicas, prune, stabilized
@@ -184,6 +185,11 @@ async def apply_agent(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> N
         nats_creds=ctx.settings.agents_nats_creds,
         models=await agent_models(ctx.api, agent),
     )
+    settings = ctx.settings
+    for where, message in violations(
+        deployment, namespace, settings.agent_images, settings.agent_service_accounts, name
+    ):
+        raise builders.SpecError(where, message)  # nothing applied: it would run what is not allowed
     await apply_object(ctx.api, _adopted(deployment, owner), "deployments", owner)
 
     service = builders.build_metrics_service(agent)

@@ -12,6 +12,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from .agent_policy import parse_patterns
+
 
 class SettingsError(ValueError):
     """A malformed environment variable; the message names it."""
@@ -100,6 +102,14 @@ class OperatorSettings:
         """The NATS URL agents get: `agent_nats_url`, else the operator's own."""
         return self.agent_nats_url or self.nats_url
 
+    agent_images: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """CADENZA_AGENT_IMAGES: JSON, namespace (or `*`) -> glob patterns of the images an
+    Agent's pods may run there (kube/agent_policy.py); empty allows any image."""
+
+    agent_service_accounts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """CADENZA_AGENT_SERVICE_ACCOUNTS: JSON, namespace (or `*`) -> glob patterns of the
+    ServiceAccounts an Agent may name there; empty allows any."""
+
     @property
     def agents_nats_creds(self) -> tuple[str, str] | None:
         """(Secret name, key) of the credentials agents mount, or None."""
@@ -152,6 +162,14 @@ class OperatorSettings:
         number("CADENZA_SCALE_DOWN_WINDOW", "scale_down_window", float)
         number("CADENZA_WORKFLOW_INTERVAL", "workflow_interval", float)
         number("CADENZA_STATUS_OUTPUTS_LIMIT", "outputs_limit", int)
+        for var, name in (
+            ("CADENZA_AGENT_IMAGES", "agent_images"),
+            ("CADENZA_AGENT_SERVICE_ACCOUNTS", "agent_service_accounts"),
+        ):
+            try:
+                values[name] = parse_patterns(var, env.get(var, ""))
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
         if values.get("log_format", "json") not in ("json", "console"):
             raise SettingsError(f"CADENZA_LOG_FORMAT={values['log_format']!r}: use json or console")
         known = {f.name for f in fields(cls)}
