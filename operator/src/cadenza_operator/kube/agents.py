@@ -20,8 +20,8 @@ from .. import metrics
 from ..engine.infra import ensure_agent_consumer
 from ..models import API_GROUP, API_VERSION, Agent, AutoscalingSpec, ModelSpec, parse_duration
 from ..pod_schema import pod_template_schema_errors
-from .agent_policy import violations
 from . import builders, events
+from .agent_policy import violations
 from .api import ApiError, KubeApi, path_of
 from .autoscaling import desired_replicas, prune, stabilized
 from .context import OperatorContext, context_of
