@@ -266,9 +266,27 @@ async def _ask_engine(
 
     nc = await connect_once(url, **nats_options())
     try:
-        return await RunClient(nc).request(namespace, request, wait)
+        return await RunClient(nc).request(namespace, request, wait, user=_credential_user())
     finally:
         await nc.close()
+
+
+def _credential_user() -> str | None:
+    """The user name in the credential we connect with ($CADENZA_NATS_CREDS, or --creds):
+    a client credential may send control requests only on its user's subject."""
+    path = os.environ.get("CADENZA_NATS_CREDS")
+    if not path:
+        return None
+    import re
+
+    from .security.nats_auth import creds_jwt, decode_jwt
+
+    try:
+        name = decode_jwt(creds_jwt(Path(path).read_text()))[1].get("name")
+    except (OSError, ValueError, IndexError, KeyError):  # not a .creds file of ours: no user
+        return None
+    # one subject token, as client_permissions puts it in cadenza.control.<ns>.<user>
+    return name if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]+", name) else None
 
 
 def _control(args: argparse.Namespace, request: dict[str, Any]) -> int:

@@ -263,15 +263,18 @@ class RunClient:
         )
 
     # ------------------------------------------------------ steering, checked
-    async def request(self, namespace: str, request: dict[str, Any], wait: float) -> dict[str, Any] | None:
+    async def request(
+        self, namespace: str, request: dict[str, Any], wait: float, user: str | None = None
+    ) -> dict[str, Any] | None:
         """Ask a running engine to check a command (`{"op": "approve"|"signal"|"cancel",
         "run": ..., ...}`) against the run and apply it; its answer (`ok`, `error` or
-        `message`), or None when no engine answers within `wait` seconds."""
+        `message`), or None when no engine answers within `wait` seconds. `user`: the
+        credential's user, on whose subject the request goes (engine/control.py)."""
         from nats.errors import NoRespondersError
         from nats.errors import TimeoutError as NatsTimeout
 
         try:
-            msg = await self.nc.request(control_subject(namespace), dumps(request), timeout=wait)
+            msg = await self.nc.request(control_subject(namespace, user), dumps(request), timeout=wait)
         except (NoRespondersError, NatsTimeout):
             return None
         reply: dict[str, Any] = loads(msg.data)

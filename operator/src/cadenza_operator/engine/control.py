@@ -38,14 +38,29 @@ if TYPE_CHECKING:
 log = structlog.get_logger("cadenza.engine.control")
 
 CONTROL_PREFIX = "cadenza.control"
-CONTROL_SUBJECTS = f"{CONTROL_PREFIX}.*"
+CONTROL_SUBJECTS = f"{CONTROL_PREFIX}.>"  # <namespace>, or <namespace>.<user> (a credential's)
 CONTROL_QUEUE = "cadenza-engines"
 """The queue group every engine's responder joins: one answer per request."""
 OPERATIONS = frozenset({"approve", "signal", "cancel", "resume"})
 
 
-def control_subject(namespace: str) -> str:
-    return f"{CONTROL_PREFIX}.{namespace}"
+def control_subject(namespace: str, user: str | None = None) -> str:
+    """With `user`, the one subject a client credential may send requests on (its JWT's
+    name, security/nats_auth.client_permissions): nats-server does not tell a responder
+    who sent a request, so the engine takes the user from the subject."""
+    return f"{CONTROL_PREFIX}.{namespace}" + (f".{user}" if user else "")
+
+
+def as_user(request: dict[str, Any], user: str) -> dict[str, Any]:
+    """A request that came on a user's subject decides as that user: `by` is the verified
+    identity (what approvers are checked against and the audit's actor); a different
+    `--by` the client gave is kept as a display name in the comment, marked as asserted."""
+    shown = request.get("by")
+    verified = {**request, "by": user}
+    if isinstance(shown, str) and shown not in ("", "cli", user):
+        comment = request.get("comment")
+        verified["comment"] = f"[--by {shown}, not verified]" + (f" {comment}" if comment else "")
+    return verified
 
 
 def refusal(request: dict[str, Any], state: RunState | None, wf: CompiledWorkflow | None) -> str | None:
@@ -133,11 +148,15 @@ class ControlResponder:
     async def _on_request(self, msg: Any) -> None:
         if not msg.reply:
             return  # a publish, not a request: nobody to answer
-        namespace = msg.subject[len(CONTROL_PREFIX) + 1 :]
+        namespace, _, user = msg.subject[len(CONTROL_PREFIX) + 1 :].partition(".")
         try:
             request = loads(msg.data)
             if not isinstance(request, dict):
                 raise ValueError(f"a JSON {type(request).__name__}, not an object")
+            if "." in user:
+                raise ValueError(f"subject {msg.subject}: expected {CONTROL_PREFIX}.<namespace>[.<user>]")
+            if user:
+                request = as_user(request, user)
             reply = await self.answer({**request, "namespace": namespace})
         except asyncio.CancelledError:
             raise

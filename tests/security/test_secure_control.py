@@ -1,0 +1,75 @@
+"""Decisions over NATS carry the credential's identity: on a `dev --secure` stack, the CLI
+with a client credential approves as its JWT's user, checked against the step's approvers;
+a `--by` naming someone else is no way in."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from cadenza_operator.engine.control import as_user
+from cadenza_operator.local.dev import DevServer
+from cadenza_operator.manifests import load
+
+from ..conftest import cadenza
+from ..integration.harness import poll
+
+WORKFLOW = """
+apiVersion: cadenza.dev/v1alpha1
+kind: Workflow
+metadata: {name: gated}
+spec:
+  steps:
+    - name: gate
+      approval: {approvers: [alice], timeout: 10m}
+"""
+
+
+def test_a_request_on_a_users_subject_decides_as_that_user() -> None:
+    assert as_user({"op": "approve", "by": "cli"}, "alice") == {"op": "approve", "by": "alice"}
+    shown = as_user({"op": "approve", "by": "Alice A.", "comment": "ok"}, "alice")
+    assert shown["by"] == "alice"
+    assert shown["comment"] == "[--by Alice A., not verified] ok"
+    assert as_user({"op": "cancel", "by": "alice"}, "mallory")["by"] == "mallory"
+
+
+async def test_the_cli_approves_as_its_credentials_user(tmp_path: Path) -> None:
+    (tmp_path / "workflow.yaml").write_text(WORKFLOW)
+    bundle = load([tmp_path], namespace="default")
+    async with DevServer(bundle, secure=True) as server:
+        credentials = server.stack.credentials
+        assert credentials is not None
+        engine = server.engine
+        run = "gated-1"
+        await engine.client.start(bundle.compiled["gated"], {}, run_id=run)
+
+        async def phase_of(step: str | None = None) -> Any:
+            state = await engine.client.get(run)
+            if state is None:
+                return None
+            return state.steps[step].phase if step else state.phase
+
+        assert await poll(lambda: _equals(phase_of("gate"), "WaitingApproval"))
+
+        async def approve(user: str, by: str) -> Any:
+            creds = credentials.client(user)
+            args = ("approve", run, "gate", "--nats", server.url, "--creds", creds, "--by", by)
+            return await asyncio.to_thread(cadenza, *args)
+
+        # mallory's credential claiming to be alice: decided as mallory, not an approver
+        forged = await approve("mallory", "alice")
+        assert forged.returncode == 1, forged.stderr
+        assert "mallory" in forged.stderr
+        assert await phase_of("gate") == "WaitingApproval"
+
+        approved = await approve("alice", "Alice A.")
+        assert approved.returncode == 0, approved.stderr
+        assert await poll(lambda: _equals(phase_of(), "Succeeded"))
+        records = await engine.client.audit("default", run)
+        decision = [r for r in records if r.get("step") == "gate" and r.get("to") == "Succeeded"]
+        assert decision and decision[0]["actor"] == "alice", records
+
+
+async def _equals(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
