@@ -199,11 +199,14 @@ class Baseline:
 # ---------------------------------------------------------------------- worker
 
 
-async def serve_worker(url: str, concurrency: int, transport: str = "nats-py") -> None:
+async def serve_worker(
+    url: str, concurrency: int, transport: str = "nats-py", creds: str | None = None
+) -> None:
     """The baseline's worker process: x -> x + 1, result durable before the task's ack."""
     import nats
 
-    nc = await nats.connect(url, max_reconnect_attempts=-1, name="bench-baseline-worker")
+    options: dict[str, Any] = {"user_credentials": creds} if creds else {}
+    nc = await nats.connect(url, max_reconnect_attempts=-1, name="bench-baseline-worker", **options)
     out_path = Transport(nc, transport)
 
     async def handle(msg: Any) -> None:
@@ -232,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("url")
     parser.add_argument("--concurrency", type=int, default=1024)
     parser.add_argument("--transport", choices=TRANSPORTS, default="nats-py")
+    parser.add_argument("--creds", default=None, help="a NATS .creds file (run.py --secure)")
     args = parser.parse_args(argv)
-    asyncio.run(serve_worker(args.url, args.concurrency, args.transport))
+    asyncio.run(serve_worker(args.url, args.concurrency, args.transport, args.creds))
     return 0
 
 

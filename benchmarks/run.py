@@ -55,6 +55,7 @@ from cadenza_operator.engine.runtime import Engine, EngineSettings  # noqa: E402
 from cadenza_operator.engine.state import TERMINAL_RUN, RunState  # noqa: E402
 from cadenza_operator.local.nats_server import NatsServer  # noqa: E402
 from cadenza_operator.local.processes import AgentProcesses  # noqa: E402
+from cadenza_operator.local.secure import LocalCredentials  # noqa: E402
 from cadenza_operator.models import Agent, AgentSpec, ObjectMeta, WorkflowSpec  # noqa: E402
 from noop_agent import AGENT_NAME  # noqa: E402
 
@@ -367,15 +368,23 @@ def table(doc: dict[str, Any]) -> str:
 class Processes:
     """Everything this benchmark starts, stopped (synchronously) in `stop`, whatever happened."""
 
-    def __init__(self) -> None:
+    def __init__(self, secure: bool = False) -> None:
         self.log_dir = Path(tempfile.mkdtemp(prefix="cadenza-bench-"))
         self.server: NatsServer | None = None
         self.agents: AgentProcesses | None = None
         self.worker: subprocess.Popen[bytes] | None = None
+        # --secure: the server in operator mode, as `cadenza dev --secure` and the chart run
+        # it; the engine and the baseline connect with the engine's credential (the whole
+        # account), the agent with its own.
+        self.credentials = LocalCredentials(self.log_dir / "secure", NAMESPACE) if secure else None
 
     def start_server(self) -> NatsServer:
-        self.server = NatsServer(store_dir=str(self.log_dir / "jetstream"))
+        config = self.credentials.server_config() if self.credentials else None
+        self.server = NatsServer(store_dir=str(self.log_dir / "jetstream"), config=config)
         return self.server.start()
+
+    def connect_options(self) -> dict[str, Any]:
+        return {"user_credentials": self.credentials.engine()} if self.credentials else {}
 
     def start_agent(self, url: str) -> int:
         agent = Agent(
@@ -383,6 +392,8 @@ class Processes:
             spec=AgentSpec(command=["python", "noop_agent.py"], concurrency=WORKER_CONCURRENCY),
         )
         self.agents = AgentProcesses(url, NAMESPACE, self.log_dir)
+        if self.credentials:
+            self.agents.creds[AGENT_NAME] = self.credentials.agent(AGENT_NAME)
         (proc,) = self.agents.start(agent, HERE)
         return proc.proc.pid
 
@@ -398,6 +409,7 @@ class Processes:
                     str(WORKER_CONCURRENCY),
                     "--transport",
                     transport,
+                    *(["--creds", self.credentials.engine()] if self.credentials else []),
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -478,8 +490,8 @@ async def bench(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     server = await asyncio.to_thread(procs.start_server)
     log(f"nats-server pid={server.proc.pid if server.proc else '?'} at {server.url}")
-    engine_nc = await nats.connect(server.url, name="bench-engine")
-    base_nc = await nats.connect(server.url, name="bench-baseline")
+    engine_nc = await nats.connect(server.url, name="bench-engine", **procs.connect_options())
+    base_nc = await nats.connect(server.url, name="bench-baseline", **procs.connect_options())
     engine: Engine | None = None
     orch: baseline.Baseline | None = None
     try:
@@ -590,6 +602,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 6, --quick 2)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the block and shape order")
     parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="nats-server in operator mode with one credential per identity (what authentication costs)",
+    )
+    parser.add_argument(
         "--keep-logs", action="store_true", help="keep the agent/worker/server logs and print where"
     )
     parser.add_argument(
@@ -620,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("console", "WARNING")  # the engine's warnings go to stderr, the table to stdout
     signal.signal(signal.SIGTERM, _terminate)  # outside the event loop: unwind through the finally below
-    procs = Processes()
+    procs = Processes(secure=args.secure)
     try:
         doc = asyncio.run(bench(args, procs))
     except (asyncio.CancelledError, KeyboardInterrupt):
