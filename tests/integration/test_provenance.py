@@ -81,7 +81,7 @@ async def test_a_forged_result_is_rejected_and_the_real_one_wins(fresh_nats: Nat
         assert state is not None and state.phase == "Succeeded", state
         assert state.steps["pay"].output == {"approved": False, "amount": 10}
         attempt = state.steps["pay"].attempts[-1]
-        assert attempt.worker and attempt.worker != "evil:1"
+        assert attempt.worker and attempt.worker != "evil:1" and attempt.agent == "payer"
         by_claim = {(r["event"], r["claimedAgent"]): r for r in records}
         assert set(by_claim) == {("result", "spy"), ("result", None), ("cancel", "payer")}
         spy = by_claim[("result", "spy")]
@@ -108,6 +108,7 @@ async def test_an_old_agent_on_the_run_subject_still_works_without_provenance(fr
     await engine.start()
     run = "old-1"
     result = {"type": "result", "run": run, "step": "a", "item": None, "attempt": 1, "output": {"v": 1}}
+    result["agent"] = "worker"  # what a body says of its sender is not taken
     try:
         await engine.client.start(wf, {}, run_id=run)
         await poll(lambda: _dispatched(engine, run))
@@ -116,6 +117,7 @@ async def test_an_old_agent_on_the_run_subject_still_works_without_provenance(fr
         state = (await phases(engine.client, [run], timeout=30))[run]
         assert state is not None and state.phase == "Succeeded", state
         assert state.steps["a"].output == {"v": 1}
+        assert state.steps["a"].attempts[-1].agent is None  # not proven by a subject
         assert forged_count(namespace, "result") == 1
     finally:
         await engine.stop()

@@ -188,6 +188,9 @@ class AttemptEvent(_Event):
     item: Any = None
     attempt: Any = None
     worker: str | None = None
+    agent: str | None = None
+    """The Agent whose subject the event came on: set by the engine from the subject (what
+    a body says is overwritten), None on the run's own subject (engine/provenance.py)."""
 
 
 class StartedEvent(AttemptEvent):

@@ -37,7 +37,7 @@ from cadenza.nats import (
     resolve_payload,
     stored_at,
 )
-from cadenza.protocol import Event, FailedEvent, StartEvent, TaskFailure, TimerEvent
+from cadenza.protocol import AttemptEvent, Event, FailedEvent, StartEvent, TaskFailure, TimerEvent
 from cadenza.wire import (
     CLAIMS_BUCKET,
     EVENTS_STREAM,
@@ -492,6 +492,9 @@ class Engine:
             why = provenance.forged(msg.subject, ev, state.namespace, wf, required)
             if why is not None:
                 out[id(ev)] = (msg, ev, why)
+            elif isinstance(ev, AttemptEvent):  # recorded on the attempt: the verified sender
+                source = event_source(msg.subject)
+                ev.agent = source[2] if source is not None else None
         return out
 
     async def _claim_queue_timers(self, state: RunState, events: list[Event], wf: CompiledWorkflow) -> None:

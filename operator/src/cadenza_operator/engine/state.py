@@ -70,6 +70,7 @@ class Attempt(_State):
     outcome: str | None = None  # Succeeded | Failed | TimedOut | Cancelled
     error: dict[str, Any] | None = None
     worker: str | None = None
+    agent: str | None = None  # the Agent its events came from, verified by their subject
     usage: Usage | None = None
 
 

@@ -209,7 +209,8 @@ def mark_started(
     # The agent's start time (a report may come a moment after the start), never later
     # than the event was stored.
     slot.startedAt = min(float(at or d.now), d.now)
-    record_attempt(d, name, item, startedAt=slot.startedAt, worker=worker)
+    agent = d.ev.agent if isinstance(d.ev, AttemptEvent) else None
+    record_attempt(d, name, item, startedAt=slot.startedAt, worker=worker, agent=agent)
     d.disarm(timer_id("queue", name, item, slot.attempt))
     arm_attempt_timers(d, name, item, slot)
     d.changed()
@@ -264,6 +265,7 @@ def finish_attempt(
         finishedAt=finished,
         startedAt=started,
         worker=ev.worker if isinstance(ev, AttemptEvent) else None,
+        agent=ev.agent if isinstance(ev, AttemptEvent) else None,
     )
     stages = attempt_stages(slot.readyAt, slot.queuedAt, started, finished)
     st = d.st(name)
