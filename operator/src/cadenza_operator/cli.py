@@ -452,6 +452,27 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_nats_auth_init(args: argparse.Namespace) -> int:
+    """The chart's install hook: the bus's keys Secret, created once (kube/nats_credentials)."""
+    from .kube.api import ApiError, KubeApi
+    from .kube.nats_credentials import init_auth_secret
+
+    async def init() -> bool:
+        api = KubeApi.from_environment()
+        try:
+            return await init_auth_secret(api, args.namespace, args.secret)
+        finally:
+            await api.close()
+
+    try:
+        created = asyncio.run(init())
+    except ApiError as exc:
+        print(f"error: Secret {args.namespace}/{args.secret}: {exc.status} {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"Secret {args.namespace}/{args.secret} {'created' if created else 'exists: keys kept'}")
+    return EXIT_OK
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from .kube.main import run_operator
 
@@ -668,6 +689,15 @@ def build_parser() -> argparse.ArgumentParser:
     crds = sub.add_parser("crds", help="regenerate the CRDs from the models")
     crds.add_argument("--output-dir", default="crds")
     crds.set_defaults(fn=cmd_crds)
+
+    auth = sub.add_parser("nats-auth", help="the authenticated bus's keys in a cluster")
+    auth_sub = auth.add_subparsers(dest="nats_auth_command", required=True)
+    init = auth_sub.add_parser(
+        "init", help="create the keys Secret (seeds, server include, engine creds) unless it exists"
+    )
+    init.add_argument("--namespace", required=True, help="the release's namespace")
+    init.add_argument("--secret", required=True, help="the keys Secret's name")
+    init.set_defaults(fn=cmd_nats_auth_init)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (kopf + engine)")
     op.set_defaults(fn=cmd_operator)

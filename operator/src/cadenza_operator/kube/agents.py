@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import kopf
@@ -20,7 +21,7 @@ from .. import metrics
 from ..engine.infra import ensure_agent_consumer
 from ..models import API_GROUP, API_VERSION, Agent, AutoscalingSpec, ModelSpec, parse_duration
 from ..pod_schema import pod_template_schema_errors
-from . import builders, events
+from . import builders, events, nats_credentials
 from .agent_policy import violations
 from .api import ApiError, KubeApi, path_of
 from .autoscaling import desired_replicas, prune, stabilized
@@ -182,7 +183,7 @@ async def apply_agent(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> N
         nats_url=ctx.settings.agents_nats_url,
         replicas=replicas,
         log_format=ctx.settings.log_format,
-        nats_creds=ctx.settings.agents_nats_creds,
+        nats_creds=await _agent_nats_creds(ctx, agent, owner),
         models=await agent_models(ctx.api, agent),
     )
     settings = ctx.settings
@@ -200,6 +201,23 @@ async def apply_agent(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> N
         live_service = await ctx.api.get(service_path)
         if live_service is not None and _owned_by(live_service, owner):
             await ctx.api.delete(service_path)  # metrics were switched off
+
+
+async def _agent_nats_creds(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> tuple[str, str] | None:
+    """(Secret, key) of the credential the Agent's pods mount: its own, minted now when
+    the operator holds the account seed, else the shared one the chart names (or none)."""
+    seed_file = ctx.settings.nats_account_seed_file
+    if not seed_file:
+        return ctx.settings.agents_nats_creds
+    namespace, name = namespace_of(agent), agent.metadata.name
+    creds = nats_credentials.mint_agent_creds(nats_credentials.account_keys(Path(seed_file)), namespace, name)
+    secret = nats_credentials.build_agent_creds_secret(namespace, name, creds, builders.agent_labels(name))
+    kopf.adopt(secret, owner=owner)
+    try:
+        await nats_credentials.write_agent_creds(ctx.api, secret, str(owner.metadata.uid))
+    except nats_credentials.SecretNotOwned as exc:
+        raise kopf.TemporaryError(str(exc), delay=30) from None
+    return secret["metadata"]["name"], nats_credentials.AGENT_CREDS_KEY
 
 
 async def agent_models(api: KubeApi, agent: Agent) -> dict[str, ModelSpec]:

@@ -46,6 +46,13 @@ class OperatorSettings:
     agent_nats_creds_key: str = "nats.creds"
     """CADENZA_AGENT_NATS_CREDS_KEY: the key of the credentials file in that Secret."""
 
+    nats_account_seed_file: str = ""
+    """CADENZA_NATS_ACCOUNT_SEED_FILE: the CADENZA account seed (the chart mounts it from
+    the keys Secret its install hook made). Set: every Agent gets its own credential,
+    minted here with only its permissions and written to the Secret `<agent>-nats` it
+    mounts (kube/nats_credentials.py), instead of `agent_nats_creds_secret`. Read from the
+    file at each reconcile, so a rotated seed is used without reading the API."""
+
     watch_namespaces: tuple[str, ...] = ()
     """CADENZA_WATCH_NAMESPACES: comma-separated namespaces to serve; empty serves the
     whole cluster. Namespaced mode lets the operator run with Roles instead of a
@@ -148,6 +155,7 @@ class OperatorSettings:
         text("CADENZA_AGENT_NATS_URL", "agent_nats_url")
         text("CADENZA_AGENT_NATS_CREDS_SECRET", "agent_nats_creds_secret")
         text("CADENZA_AGENT_NATS_CREDS_KEY", "agent_nats_creds_key")
+        text("CADENZA_NATS_ACCOUNT_SEED_FILE", "nats_account_seed_file")
         text("CADENZA_LOG_FORMAT", "log_format")
         text("POD_ID", "peer_id")
         if "CADENZA_PEERING" in env:  # set but empty means standalone, not the default name
