@@ -21,6 +21,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
+from cadenza_operator.security.nats_auth import AuthKeys, server_config
 
 from .rbac import Rule, allows, rendered_rules, rules_of
 from .render import CHART, CI_SCENARIOS, NAMESPACE, REPO, of_kind, one, render, render_files, scenario_values
@@ -354,7 +355,8 @@ def test_operator_environment_contract() -> None:
     assert env["CADENZA_LOG_FORMAT"] == "console"
     assert env["CADENZA_PEERING"] == "prod"
     assert env["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert "CADENZA_NATS_CREDS" not in env
+    # The bundled NATS authenticates: the engine's credential from the keys Secret.
+    assert env["CADENZA_NATS_CREDS"] == "/etc/cadenza/nats/engine.creds"
 
 
 def test_agent_nats_url_override_and_standalone_peering() -> None:
@@ -464,7 +466,8 @@ def test_namespaced_rbac_is_confined_to_the_watched_namespaces() -> None:
     rules = rules_of(objects)
     assert values["watchNamespaces"] == ["team-a", "team-b"]
     for kind in ("Role", "RoleBinding"):
-        assert sorted(o["metadata"]["namespace"] for o in of_kind(objects, kind)) == ["team-a", "team-b"]
+        operators = [o for o in of_kind(objects, kind) if not hook_of(o)]  # not the keys hook's
+        assert sorted(o["metadata"]["namespace"] for o in operators) == ["team-a", "team-b"]
     _assert_operator_api_use_allowed(rules, ["team-a", "team-b"])
     for namespace in ("team-a", "team-b"):
         for verb in PEERING_VERBS:
@@ -490,7 +493,9 @@ def test_rbac_can_be_left_to_the_user() -> None:
 
 
 def test_bindings_name_the_operator_service_account() -> None:
-    objects = render(scenario_values("namespaced"), release="prod", namespace="ops")
+    objects = [
+        o for o in render(scenario_values("namespaced"), release="prod", namespace="ops") if not hook_of(o)
+    ]
     account = one(objects, "ServiceAccount")
     assert (
         operator_deployment(objects)["spec"]["template"]["spec"]["serviceAccountName"]
@@ -613,7 +618,7 @@ def test_agents_get_their_own_nats_credentials_or_the_operators() -> None:
     )
     assert env["CADENZA_NATS_CREDS"].endswith(secret["key"])  # the operator keeps its own
 
-    env = env_of(operator_container(render(scenario_values("default"))))
+    env = env_of(operator_container(render({"nats": {"auth": {"enabled": False}}})))
     assert "CADENZA_AGENT_NATS_CREDS_SECRET" not in env and "CADENZA_NATS_CREDS" not in env
 
 
@@ -633,8 +638,11 @@ needs_nats_server = pytest.mark.skipif(
 @needs_nats_server
 @pytest.mark.parametrize("scenario", ["default", "ha", "everything"])
 def test_nats_server_accepts_the_rendered_config(scenario: str, tmp_path: Path) -> None:
-    conf = tmp_path / "nats.conf"
+    conf = tmp_path / "nats" / "nats.conf"  # the include is ../nats-auth/auth.conf
+    conf.parent.mkdir()
     conf.write_text(nats_config(render(SCENARIOS[scenario])))
+    (tmp_path / "nats-auth").mkdir()
+    (tmp_path / "nats-auth" / "auth.conf").write_text(server_config(AuthKeys.generate()))
     env = {**os.environ, "SERVER_NAME": "cadenza-nats-0"}
     result = subprocess.run(
         [str(NATS_SERVER), "-t", "-c", str(conf), "-js"], env=env, capture_output=True, text=True, check=False
@@ -666,7 +674,7 @@ async def test_bundled_nats_config_serves_jetstream(tmp_path: Path) -> None:
     """Start the real nats-server with the StatefulSet's arguments on the rendered config,
     with only its addresses and paths moved to this machine, and use JetStream."""
     nats = pytest.importorskip("nats")
-    objects = render()
+    objects = render({"nats": {"auth": {"enabled": False}}})  # anonymous: tests/chart/test_nats_auth.py
     (container,) = one(objects, "StatefulSet")["spec"]["template"]["spec"]["containers"]
     port = _free_port()
     config = nats_config(objects)

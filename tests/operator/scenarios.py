@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cadenza._protocol import dumps
 from cadenza_operator.local.nats_server import NatsServer
+from cadenza_operator.security.nats_auth import AuthKeys
 
 from ..kube.emulator import KubeEmulator
 from ..kube.fixtures import CRDS_DIR, wait_for
@@ -140,7 +141,13 @@ async def collect_operator_requests_async(workdir: Path | None = None) -> set[Pe
         async with emulator.serving():
             if not emulator.load_crds(CRDS_DIR):
                 raise RuntimeError(f"no CRDs in {CRDS_DIR}: run `cadenza crds`")
-            op = RunningOperator(emulator, operator_settings(server.url))
+            # With the account seed, as the chart runs it: each Agent's credential Secret
+            op = RunningOperator(
+                emulator,
+                operator_settings(
+                    server.url, nats_account_seed_file=account_seed_file(Path(server.store_dir))
+                ),
+            )
             await op.start()
             try:
                 await representative_scenario(emulator, op)
@@ -151,10 +158,22 @@ async def collect_operator_requests_async(workdir: Path | None = None) -> set[Pe
             return used_permissions(emulator)
 
 
+def account_seed_file(folder: Path) -> str:
+    """A CADENZA account seed in a file, as the chart mounts it for the operator."""
+    path = folder / "account.nk"
+    path.write_text(AuthKeys.generate().account_seed)
+    return str(path)
+
+
 def collect_operator_requests(workdir: Path | None = None) -> set[Permission]:
     """Synchronous form, callable from any test (it runs in a thread of its own)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, collect_operator_requests_async(workdir)).result(timeout=300)
 
 
-__all__ = ["collect_operator_requests", "collect_operator_requests_async", "representative_scenario"]
+__all__ = [
+    "account_seed_file",
+    "collect_operator_requests",
+    "collect_operator_requests_async",
+    "representative_scenario",
+]

@@ -3,13 +3,14 @@ Helm chart's RBAC must follow (the chart's tests call `collect_operator_requests
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from cadenza_operator.local.nats_server import NatsServer
 
 from ..kube.emulator import KubeEmulator
 from .harness import running_operator, used_permissions
-from .scenarios import representative_scenario
+from .scenarios import account_seed_file, representative_scenario
 
 EXPECTED: set[tuple[str, str, str, str | None]] = {
     # kopf: resource discovery and the watched resources
@@ -50,6 +51,9 @@ EXPECTED: set[tuple[str, str, str, str | None]] = {
     ("delete", "", "services", None),
     # an Agent's pods: is its container crash-looping, and what did it log last?
     ("list", "", "pods", None),
+    # each Agent's own NATS credential (the chart's authenticated NATS): written, never read
+    ("create", "", "secrets", None),
+    ("patch", "", "secrets", None),
     # runs started by triggers are mirrored as WorkflowRuns; finished ones beyond the
     # Workflow's runHistoryLimit are deleted
     ("create", "cadenza.dev", "workflowruns", None),
@@ -58,9 +62,10 @@ EXPECTED: set[tuple[str, str, str, str | None]] = {
 
 
 async def test_operator_api_use_is_the_pinned_set(
-    kube_emulator: KubeEmulator, cadenza_crds: Any, fresh_nats: NatsServer
+    kube_emulator: KubeEmulator, cadenza_crds: Any, fresh_nats: NatsServer, tmp_path: Path
 ) -> None:
-    async with running_operator(kube_emulator, fresh_nats.url) as op:
+    seed = account_seed_file(tmp_path)
+    async with running_operator(kube_emulator, fresh_nats.url, nats_account_seed_file=seed) as op:
         await representative_scenario(kube_emulator, op)
     used = used_permissions(kube_emulator)
     assert used == EXPECTED, f"new: {sorted(used - EXPECTED)}; no longer used: {sorted(EXPECTED - used)}"

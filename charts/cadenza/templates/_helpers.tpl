@@ -90,16 +90,38 @@ app.kubernetes.io/component: {{ .component }}
 /etc/cadenza/nats
 {{- end }}
 
+{{/* The bundled NATS's keys Secret when authentication is on (issue 13), else empty:
+`nats.auth.existingSecret`, or the one the install hook makes (templates/nats/auth-init.yaml). */}}
+{{- define "cadenza.nats.authSecret" -}}
+{{- if and .Values.nats.enabled .Values.nats.auth.enabled }}
+{{- .Values.nats.auth.existingSecret | default (printf "%s-nats-auth" (include "cadenza.fullname" .)) }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret and key of the credential the operator and the test pod connect with:
+the engine's from the keys Secret, else `nats.credentialsSecret` (either may be empty). */}}
+{{- define "cadenza.nats.credsSecret" -}}
+{{- include "cadenza.nats.authSecret" . | default .Values.nats.credentialsSecret.name }}
+{{- end }}
+
+{{- define "cadenza.nats.credsKey" -}}
+{{- ternary "engine.creds" .Values.nats.credentialsSecret.key (ne (include "cadenza.nats.authSecret" .) "") }}
+{{- end }}
+
+{{- define "cadenza.nats.accountDir" -}}
+/etc/cadenza/nats-account
+{{- end }}
+
 {{/* Env vars and volume mount for the NATS credentials Secret (empty when not set). */}}
 {{- define "cadenza.nats.credsEnv" -}}
-{{- with .Values.nats.credentialsSecret.name }}
+{{- if include "cadenza.nats.credsSecret" . }}
 - name: CADENZA_NATS_CREDS
-  value: {{ printf "%s/%s" (include "cadenza.nats.credsDir" $) $.Values.nats.credentialsSecret.key | quote }}
+  value: {{ printf "%s/%s" (include "cadenza.nats.credsDir" $) (include "cadenza.nats.credsKey" $) | quote }}
 {{- end }}
 {{- end }}
 
 {{- define "cadenza.nats.credsVolumeMount" -}}
-{{- if .Values.nats.credentialsSecret.name }}
+{{- if include "cadenza.nats.credsSecret" . }}
 - name: nats-creds
   mountPath: {{ include "cadenza.nats.credsDir" . }}
   readOnly: true
@@ -107,14 +129,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "cadenza.nats.credsVolume" -}}
-{{- with .Values.nats.credentialsSecret.name }}
+{{- with include "cadenza.nats.credsSecret" . }}
 - name: nats-creds
   secret:
     secretName: {{ . }}
     defaultMode: 0440
     items:
-      - key: {{ $.Values.nats.credentialsSecret.key }}
-        path: {{ $.Values.nats.credentialsSecret.key }}
+      - key: {{ include "cadenza.nats.credsKey" $ }}
+        path: {{ include "cadenza.nats.credsKey" $ }}
 {{- end }}
 {{- end }}
 
@@ -133,6 +155,11 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* The credentials agent pods mount: agentCredentialsSecret, else credentialsSecret. */}}
 {{- define "cadenza.nats.agentCredsEnv" -}}
+{{- if include "cadenza.nats.authSecret" . }}
+{{- /* The operator mints each Agent its own credential from the account seed. */}}
+- name: CADENZA_NATS_ACCOUNT_SEED_FILE
+  value: {{ printf "%s/account.nk" (include "cadenza.nats.accountDir" .) | quote }}
+{{- else }}
 {{- $agents := .Values.nats.agentCredentialsSecret }}
 {{- $secret := ternary $agents .Values.nats.credentialsSecret (ne $agents.name "") }}
 {{- with $secret.name }}
@@ -140,5 +167,6 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ . | quote }}
 - name: CADENZA_AGENT_NATS_CREDS_KEY
   value: {{ $secret.key | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
