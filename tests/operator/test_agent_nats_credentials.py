@@ -7,12 +7,14 @@ real operator in-process.)"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cadenza_operator.cli import main
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.security.nats_auth import AuthKeys, agent_permissions, creds_jwt, decode_jwt, verify_jwt
 
@@ -105,3 +107,30 @@ async def test_a_secret_of_that_name_it_did_not_make_is_left_alone(
     assert secret is not None and secret["data"] == theirs["data"]
     assert not secret["metadata"].get("ownerReferences")
     assert get(kube_emulator, DEPLOYMENTS, "gamma-agent") is None  # not mounted: not given
+
+
+async def test_nats_auth_init_creates_the_keys_secret_once_and_only_creates(
+    kube_emulator: KubeEmulator, kubeconfig: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The chart's hook command: keys, the server include and the engine's credential, all
+    from one set of keys; run again (every upgrade) it keeps them; it only creates (its
+    Role allows nothing else)."""
+    argv = ["nats-auth", "init", "--namespace", NAMESPACE, "--secret", "cadenza-nats-auth"]
+    assert await asyncio.to_thread(main, argv) == 0
+    secret = get(kube_emulator, SECRETS, "cadenza-nats-auth")
+    assert secret is not None
+    files = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
+    assert set(files) == {"keys.json", "account.nk", "auth.conf", "engine.creds"}
+    keys_file = Path(kubeconfig.parent / "keys.json")
+    keys_file.write_text(files["keys.json"])
+    keys = AuthKeys.load(keys_file)
+    assert files["account.nk"] == keys.account_seed
+    assert "operator: " in files["auth.conf"] and f"  {keys.account_public_key}: " in files["auth.conf"]
+    engine = verify_jwt(creds_jwt(files["engine.creds"]))
+    assert engine["iss"] == keys.account_public_key and engine["nats"]["pub"]["allow"] == [">"]
+
+    assert await asyncio.to_thread(main, argv) == 0
+    again = get(kube_emulator, SECRETS, "cadenza-nats-auth")
+    assert again is not None and again["data"] == secret["data"]  # the keys are kept
+    assert "created" in capsys.readouterr().out.splitlines()[0]
+    assert {call.verb for call in kube_emulator.request_log if call.resource == "secrets"} == {"create"}
