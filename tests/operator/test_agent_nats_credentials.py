@@ -134,3 +134,13 @@ async def test_nats_auth_init_creates_the_keys_secret_once_and_only_creates(
     assert again is not None and again["data"] == secret["data"]  # the keys are kept
     assert "created" in capsys.readouterr().out.splitlines()[0]
     assert {call.verb for call in kube_emulator.request_log if call.resource == "secrets"} == {"create"}
+
+
+def test_nats_auth_init_without_kubernetes_credentials_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert main(["nats-auth", "init", "--namespace", NAMESPACE, "--secret", "keys"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no Kubernetes credentials") and "Traceback" not in err

@@ -454,11 +454,19 @@ def cmd_crds(args: argparse.Namespace) -> int:
 
 def cmd_nats_auth_init(args: argparse.Namespace) -> int:
     """The chart's install hook: the bus's keys Secret, created once (kube/nats_credentials)."""
+    import aiohttp
+    from kubernetes.config import ConfigException
+
     from .kube.api import ApiError, KubeApi
     from .kube.nats_credentials import init_auth_secret
 
-    async def init() -> bool:
+    try:
         api = KubeApi.from_environment()
+    except ConfigException as exc:
+        print(f"error: no Kubernetes credentials (in-cluster or $KUBECONFIG): {exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+    async def init() -> bool:
         try:
             return await init_auth_secret(api, args.namespace, args.secret)
         finally:
@@ -469,6 +477,9 @@ def cmd_nats_auth_init(args: argparse.Namespace) -> int:
     except ApiError as exc:
         print(f"error: Secret {args.namespace}/{args.secret}: {exc.status} {exc.message}", file=sys.stderr)
         return EXIT_FAILED
+    except aiohttp.ClientError as exc:
+        print(f"error: the Kubernetes API is unreachable: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     print(f"Secret {args.namespace}/{args.secret} {'created' if created else 'exists: keys kept'}")
     return EXIT_OK
 
