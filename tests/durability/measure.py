@@ -91,14 +91,16 @@ def outcomes(plan: list[PlannedRun], started: set[str], records: dict[str, RunSt
 
 @dataclass
 class Trail:
-    """What the audit trail says, each record once. A decision counts from its time (`at`),
-    which is before its commit and before any agent could see it: a judge as strict as
-    one counting from the commit (an event may wait in the stream across a server
-    restart, so the time of the event would not do)."""
+    """What the audit trail says, each record once. A decision counts from its commit
+    (`committedAt`, stamped by the engine once the write was acknowledged; the time of the
+    event it decided on, `at`, can be long before: the event waits in the stream while its
+    engine is killed, and a task redelivered meanwhile may start, before anything gave its
+    attempt up). A record without it (a trail written before it was stamped) counts from
+    `at`, which is stricter."""
 
     applied: Counter[tuple[str, str]]  # (run, step) -> transitions into Succeeded
-    finished: dict[str, float]  # run -> its first decision to a terminal phase
-    given_up: dict[tuple[str, str, int], tuple[str, float]]  # attempt -> (outcome, decided at)
+    finished: dict[str, float]  # run -> the commit of its first decision to a terminal phase
+    given_up: dict[tuple[str, str, int], tuple[str, float]]  # attempt -> (outcome, committed at)
 
 
 def trail_of(records: Iterable[dict[str, Any]]) -> Trail:
@@ -110,10 +112,11 @@ def trail_of(records: Iterable[dict[str, Any]]) -> Trail:
         run, step, to = rec["run"], rec["step"], rec["to"]
         if step and to == "Succeeded" and rec["from"] != "Succeeded":
             trail.applied[(run, step)] += 1
+        committed = rec.get("committedAt", rec["at"])
         if step is None and to in TERMINAL and run not in trail.finished:
-            trail.finished[run] = rec["at"]
+            trail.finished[run] = committed
         if step and rec.get("outcome") in ABANDONED and rec.get("attempt") and rec.get("item") is None:
-            trail.given_up.setdefault((run, step, rec["attempt"]), (rec["outcome"], rec["at"]))
+            trail.given_up.setdefault((run, step, rec["attempt"]), (rec["outcome"], committed))
     return trail
 
 

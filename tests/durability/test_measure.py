@@ -126,3 +126,23 @@ def test_failures_name_every_broken_promise() -> None:
         "agent faults missed the runs (0 of 2 with runs in flight)",
         "nats faults missed the runs (0 of 0 with runs in flight)",
     ]
+
+
+def test_a_start_counts_against_the_commit_not_the_event_decided_on(tmp_path: Path) -> None:
+    """The run's last result was stored at 100 but decided and committed at 106 (the engine
+    that took it first was killed): a task redelivered and started at 105 came before
+    anything gave it up; one started after the commit did not."""
+    (tmp_path / "exec.1").write_text(
+        "r1 join None 1 99.5\n"
+        "r1 join None 1 105.0\n"  # redelivered before the commit: a repeat, not abandoned
+        f"r1 join None 1 {106 + CHECK_GRACE + 0.1}\n"  # after it: abandoned
+    )
+    trail = trail_of(
+        [
+            audit("r1", 1, "join", "Running", "Succeeded", 100.0, committedAt=106.0),
+            audit("r1", 2, None, "Running", "Succeeded", 100.0, committedAt=106.0),
+        ]
+    )
+    starts = judge_starts(tmp_path / "exec", trail)
+    late = 106 + CHECK_GRACE + 0.1
+    assert [(a["startedAt"], a["why"]) for a in starts.abandoned] == [(late, "run finished")]

@@ -453,9 +453,10 @@ class Engine:
                 except KeyWrongLastSequenceError:
                     self._cache.pop(run, None)
                     continue
+            committed = time.time()
             fresh = _Cached(data, revision, executed=False, memo=cached.memo, outputs=cached.outputs)
             await self._put_status(new, cached.revision, revision)  # before the decision's tasks
-            await self._execute(new, decision.commands, decision.audit)
+            await self._execute(new, decision.commands, decision.audit, committed)
             fresh.executed = True
             fresh.state = new
             self._remember(run, fresh, new.terminal)
@@ -681,7 +682,11 @@ class Engine:
 
     # ------------------------------------------------------------------ commands
     async def _execute(
-        self, state: RunState, todo: list[commands.Command], audit: list[dict[str, Any]] | None = None
+        self,
+        state: RunState,
+        todo: list[commands.Command],
+        audit: list[dict[str, Any]] | None = None,
+        committed: float | None = None,
     ) -> None:
         jobs = []
         records = list(audit or ())
@@ -695,7 +700,7 @@ class Engine:
             elif isinstance(cmd, commands.Audit):  # a stored outbox carried out again
                 records.extend(cmd.records)
         if records:
-            jobs.append(self._audit(state, records))
+            jobs.append(self._audit(state, records, committed))
         if len(jobs) == 1:
             await jobs[0]  # the usual case (one task to send): no gather, which wraps it in a task
         elif jobs:
@@ -716,14 +721,21 @@ class Engine:
             data = dumps(body)
         await self.pub.publish(cmd.subject, data, {"Nats-Msg-Id": cmd.msg_id})
 
-    async def _audit(self, state: RunState, records: list[dict[str, Any]]) -> None:
+    async def _audit(self, state: RunState, records: list[dict[str, Any]], committed: float | None) -> None:
         """Append a decision's audit records to the trail: one message, published only after
         the decision was committed, and again whenever its outbox is carried out again. The
         id (run and seq range) lets JetStream drop a repeat within its duplicate window;
-        `read_audit` drops any later one by (run, seq)."""
+        `read_audit` drops any later one by (run, seq).
+
+        Each record says when its decision was committed (`committedAt`, this engine's
+        clock once the write was acknowledged), beside `at`, the time of the event it
+        decided on: an event can wait in the stream long before it is decided (its engine
+        killed). An outbox carried out again was committed before it was loaded, so then
+        the time of loading it is said (later than the commit)."""
         msg_id = f"audit:{state.namespace}:{state.run}:{records[0]['seq']}-{records[-1]['seq']}"
         subject = audit_subject(state.namespace, state.run)
-        await self.pub.publish(subject, dumps(records), {"Nats-Msg-Id": msg_id})
+        stamped = [{**rec, "committedAt": committed or time.time()} for rec in records]
+        await self.pub.publish(subject, dumps(stamped), {"Nats-Msg-Id": msg_id})
 
     async def _start_child(self, cmd: commands.StartChild) -> None:
         parent = cmd.parent
