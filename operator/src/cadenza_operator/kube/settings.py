@@ -104,11 +104,6 @@ class OperatorSettings:
     """CADENZA_STATUS_OUTPUTS_LIMIT: bytes of run outputs copied into WorkflowRun status;
     larger outputs are replaced by a reference (the run id), keeping objects small in etcd."""
 
-    @property
-    def agents_nats_url(self) -> str:
-        """The NATS URL agents get: `agent_nats_url`, else the operator's own."""
-        return self.agent_nats_url or self.nats_url
-
     agent_images: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """CADENZA_AGENT_IMAGES: JSON, namespace (or `*`) -> glob patterns of the images an
     Agent's pods may run there (kube/agent_policy.py); empty allows any image."""
@@ -116,6 +111,11 @@ class OperatorSettings:
     agent_service_accounts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """CADENZA_AGENT_SERVICE_ACCOUNTS: JSON, namespace (or `*`) -> glob patterns of the
     ServiceAccounts an Agent may name there; empty allows any."""
+
+    @property
+    def agents_nats_url(self) -> str:
+        """The NATS URL agents get: `agent_nats_url`, else the operator's own."""
+        return self.agent_nats_url or self.nats_url
 
     @property
     def agents_nats_creds(self) -> tuple[str, str] | None:
