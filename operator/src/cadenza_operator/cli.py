@@ -484,6 +484,52 @@ def cmd_nats_auth_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_nats_auth_mint_client(args: argparse.Namespace) -> int:
+    """A CLI (client) credential for one user of one namespace, minted with the account
+    seed in the chart's keys Secret (keys.json): control requests only on
+    cadenza.control.<namespace>.<user>, so the engine decides as that user."""
+    import re
+
+    import nkeys
+
+    from .security.nats_auth import AuthKeys, client_permissions, mint_user, write_creds
+
+    # one subject token each: the engine reads the user from the control subject, and the
+    # namespace is a Kubernetes one (a DNS-1123 label)
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", args.namespace):
+        print(f"error: --namespace {args.namespace!r}: not a Kubernetes namespace name", file=sys.stderr)
+        return EXIT_INVALID
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.user):
+        print(f"error: --user {args.user!r}: letters, digits, '-' and '_' only", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        keys = AuthKeys.load(Path(args.keys))
+        if not keys.account_seed.startswith("SA"):
+            raise nkeys.ErrInvalidSeed()
+        keys.account_public_key  # noqa: B018  # decodes the seed: a corrupt one fails here
+    except OSError as exc:
+        print(f"error: --keys {args.keys}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except (ValueError, KeyError, TypeError, AttributeError, nkeys.NkeysError):
+        print(
+            f"error: --keys {args.keys}: not a keys file (keys.json of the keys Secret: JSON with "
+            "an 'account' seed, SA...)",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    creds = mint_user(keys, args.user, client_permissions(args.namespace, args.user))
+    if args.output in (None, "-"):
+        sys.stdout.write(creds)
+        return EXIT_OK
+    try:
+        write_creds(Path(args.output), creds)
+    except OSError as exc:
+        print(f"error: -o {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"{args.output}: {args.user}'s credential for namespace {args.namespace}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from .kube.main import run_operator
 
@@ -709,6 +755,17 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--namespace", required=True, help="the release's namespace")
     init.add_argument("--secret", required=True, help="the keys Secret's name")
     init.set_defaults(fn=cmd_nats_auth_init)
+    mint = auth_sub.add_parser(
+        "mint-client",
+        help="a CLI credential for one user of one namespace (control requests as that user, reads)",
+    )
+    mint.add_argument("--keys", required=True, metavar="FILE", help="keys.json from the keys Secret")
+    mint.add_argument("--namespace", required=True, help="the namespace whose runs the user may steer")
+    mint.add_argument(
+        "--user", required=True, help="the identity the engine records and checks approvers against"
+    )
+    mint.add_argument("-o", "--output", metavar="FILE", help="write the .creds here (0600); default stdout")
+    mint.set_defaults(fn=cmd_nats_auth_mint_client)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (kopf + engine)")
     op.set_defaults(fn=cmd_operator)
