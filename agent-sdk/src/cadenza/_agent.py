@@ -26,7 +26,7 @@ from . import _payloads
 from ._ackinfo import deliveries, stored_at
 from ._budget import guard_for
 from ._claims import Claim, claim
-from ._connect import connect_until_stopped
+from ._connect import connect_until_stopped, tls_context
 from ._context import KVContext, record_writes
 from ._deadletter import MAX_DELIVERIES, dead_letter
 from ._errors import TaskError, failure_of
@@ -74,6 +74,9 @@ class AgentSettings:
     """CADENZA_NATS_URL: the NATS server with JetStream."""
     nats_creds: str | None = None
     """CADENZA_NATS_CREDS: path to a NATS credentials file, when the server wants one."""
+    nats_ca: str | None = None
+    """CADENZA_NATS_CA: a CA certificate (PEM file) the server's TLS certificate must chain
+    to; set, the connection is TLS (the chart mounts it when `nats.tls` is on)."""
     namespace: str = "default"
     """CADENZA_NAMESPACE: the Kubernetes namespace (or local namespace) of the Agent."""
     agent: str | None = None
@@ -111,6 +114,7 @@ class AgentSettings:
         return cls(
             nats_url=env.get("CADENZA_NATS_URL", cls.nats_url),
             nats_creds=env.get("CADENZA_NATS_CREDS") or None,
+            nats_ca=env.get("CADENZA_NATS_CA") or None,
             namespace=env.get("CADENZA_NAMESPACE", cls.namespace),
             agent=env.get("CADENZA_AGENT") or None,
             concurrency=int(concurrency) if concurrency else None,
@@ -216,6 +220,8 @@ class Agent:
         options: dict[str, Any] = {"name": f"agent:{self.name}:{socket.gethostname()}:{os.getpid()}"}
         if settings.nats_creds:
             options["user_credentials"] = settings.nats_creds
+        if settings.nats_ca:
+            options["tls"] = tls_context(settings.nats_ca)
         nc = await connect_until_stopped(settings.nats_url, stop, log=self.log, **options)
         if nc is None:
             self.log.info("agent stopped before reaching NATS", nats=settings.nats_url)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import random
 import socket
+import ssl
 from typing import Any
 
 import structlog
@@ -56,6 +57,19 @@ def describe(exc: BaseException) -> str:
         return exc.strerror.lower()
     text = str(exc).strip() or type(exc).__name__
     return text.removeprefix("nats: ")
+
+
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """The client side of a NATS server that offers TLS (the chart's `nats.tls`): the
+    server's certificate must chain to the CA in `ca_file` (CADENZA_NATS_CA, a PEM file)
+    and name the host connected to. nats-py takes it as `tls=`; with it a `nats://` URL
+    is upgraded too, so the CA alone switches TLS on. A missing or malformed file is a
+    `ValueError` naming it."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a PEM CA certificate"
+        raise ValueError(f"CADENZA_NATS_CA={ca_file}: {reason}") from None
 
 
 async def connect_once(url: str, *, timeout: float = COMMAND_TIMEOUT, log: Any = None, **options: Any) -> Any:

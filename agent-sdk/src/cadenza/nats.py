@@ -5,6 +5,7 @@ engine and the operator use the very code agents use, rather than a copy that dr
 
 - connecting: `connect_once` (a command: fail fast, `NatsUnreachable` naming the URL)
   and `connect_until_stopped` (a long-running process: retry until connected or stopped);
+  `tls_context` for a server that offers TLS (CADENZA_NATS_CA);
 - publishing and consuming: `Publisher` (JetStream publishes whose acks are awaited
   without a request each), `PullConsumer` (continuous pulls from a durable consumer) and
   the configuration of an Agent's consumer;
@@ -26,7 +27,7 @@ from ._ackinfo import deliveries, stored_at
 from ._claims import Claim
 from ._claims import claim as claim_attempt
 from ._claims import give_up as give_up_attempt
-from ._connect import NatsUnreachable, connect_once, connect_until_stopped
+from ._connect import NatsUnreachable, connect_once, connect_until_stopped, tls_context
 from ._deadletter import DELIVERIES as DEAD_LETTER_DELIVERIES_HEADER
 from ._deadletter import MAX_DELIVERIES, dead_letter
 from ._deadletter import REASON as DEAD_LETTER_REASON_HEADER
@@ -62,4 +63,5 @@ __all__ = [
     "resolve_payload",
     "store_payload",
     "stored_at",
+    "tls_context",
 ]

@@ -782,6 +782,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --creds {creds}: no such file", file=sys.stderr)
             return EXIT_INVALID
         os.environ["CADENZA_NATS_CREDS"] = creds  # read by every connection we open (nats_options)
+    if os.environ.get("CADENZA_NATS_CA"):  # every connection we open reads it (nats_options)
+        from cadenza.nats import tls_context
+
+        try:
+            tls_context(os.environ["CADENZA_NATS_CA"])
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_INVALID
     if getattr(args, "secure", False) and args.nats:
         print("error: --secure runs its own NATS server in operator mode: leave out --nats", file=sys.stderr)
         return EXIT_INVALID

@@ -38,6 +38,10 @@ class EngineSettings(BaseSettings):
     """CADENZA_NATS_CREDS: path to a NATS credentials file, for servers that authenticate
     clients (the chart mounts it from a Secret). The one way credentials reach an engine."""
 
+    nats_ca: str | None = Field(None, validation_alias=_env("nats_ca", "CADENZA_NATS_CA"))
+    """CADENZA_NATS_CA: a CA certificate (PEM file) the server's TLS certificate must chain
+    to; set, the connection is TLS (the chart mounts the CA when `nats.tls` is on)."""
+
     require_provenance: bool | None = Field(
         None, validation_alias=_env("require_provenance", "CADENZA_REQUIRE_PROVENANCE")
     )
@@ -98,8 +102,17 @@ class EngineSettings(BaseSettings):
         return self.require_provenance if self.require_provenance is not None else bool(self.nats_creds)
 
     def connect_options(self) -> dict[str, Any]:
-        """nats-py connection options these settings imply (credentials, when set)."""
-        return {"user_credentials": self.nats_creds} if self.nats_creds else {}
+        """nats-py connection options these settings imply (credentials, TLS, when set).
+        A CA file that cannot be read is a SettingsError naming CADENZA_NATS_CA."""
+        from cadenza.nats import tls_context
+
+        options: dict[str, Any] = {"user_credentials": self.nats_creds} if self.nats_creds else {}
+        if self.nats_ca:
+            try:
+                options["tls"] = tls_context(self.nats_ca)
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
+        return options
 
 
 def _describe(exc: ValidationError, given: dict[str, Any]) -> str:
