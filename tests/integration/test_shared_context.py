@@ -45,12 +45,13 @@ async def handle(task):
         nc = await nats.connect(os.environ["CADENZA_NATS_URL"])
         try:
             kv = await nc.jetstream().key_value("cadenza_context")
-            scope = task.run_id
+            scope = f"{task.namespace}.{task.run_id}"  # the bucket's keys: <namespace>.<scope>.<key>
             await kv.delete(f"{scope}.gone")
             await kv.purge(f"{scope}.purged")
             await kv.put(f"{scope}0.prefix", b"1")  # a scope whose name has this one as prefix
             await kv.put(f"{scope}.nested.deeper", b"1")  # the key of a scope '<run>.nested'
-            await kv.put(f"other-{scope}.stranger", b"1")
+            await kv.put(f"{task.namespace}.other-{task.run_id}.stranger", b"1")
+            await kv.put(f"other-{scope}.stranger", b"1")  # the same scope in another namespace
         finally:
             await nc.close()
         return await task.context.keys()
@@ -165,39 +166,44 @@ async def test_a_run_counts_lists_and_audits_its_shared_context(
 # ---------------------------------------------------------------- KVContext on its own
 
 
+NS = "ctx-ns"
+
+
 @pytest.fixture
 async def contexts(nats_server: NatsServer) -> Any:
-    """Two clients of the context bucket on connections of their own (two agent processes)."""
+    """Two connections (two agent processes), and the context bucket to inspect it directly."""
     first, second = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
     await ensure_infrastructure(first.jetstream())
-    kvs = [await nc.jetstream().key_value("cadenza_context") for nc in (first, second)]
-    yield first, kvs
+    kv = await first.jetstream().key_value("cadenza_context")
+    yield first, kv, (first, second)
     await first.close()
     await second.close()
 
 
 async def test_keys_reads_neither_values_nor_other_scopes(contexts: Any) -> None:
-    nc, (kv, _) = contexts
+    nc, kv, _ = contexts
     scope = unique_namespace()
-    ctx = KVContext(kv, scope)
+    ctx = KVContext(nc, NS, scope)
     big = "x" * 200_000
     for n in range(10):
         await ctx.put(f"k{n}", big)
-    await kv.delete(f"{scope}.k3")
-    await kv.purge(f"{scope}.k4")
-    await kv.put(f"{scope}x.k5", b"1")
-    await kv.put(f"{scope}.sub.k6", b"1")
+    await kv.delete(f"{NS}.{scope}.k3")
+    await kv.purge(f"{NS}.{scope}.k4")
+    await kv.put(f"{NS}.{scope}x.k5", b"1")
+    await kv.put(f"{NS}.{scope}.sub.k6", b"1")
+    await kv.put(f"other-{NS}.{scope}.k7", b"1")  # the same scope in another namespace
     await nc.flush()
     before = nc.stats["in_bytes"]
     assert await ctx.keys() == ["k0", "k1", "k2", "k5", "k6", "k7", "k8", "k9"]
     assert nc.stats["in_bytes"] - before < len(big)  # 2 MB of values stayed on the server
-    assert await KVContext(kv, f"{scope}-empty").keys() == []
+    assert await KVContext(nc, NS, f"{scope}-empty").keys() == []
+    assert await KVContext(nc, f"other-{NS}", scope).keys() == ["k7"]
 
 
 async def test_a_conflicting_write_makes_update_read_again_and_retry(contexts: Any) -> None:
-    _, (kv, other_kv) = contexts
+    _, _, (nc, other_nc) = contexts
     scope = unique_namespace()
-    ours, theirs = KVContext(kv, scope), KVContext(other_kv, scope)
+    ours, theirs = KVContext(nc, NS, scope), KVContext(other_nc, NS, scope)
     seen: list[Any] = []
 
     async def add_one(n: int) -> int:
@@ -212,7 +218,7 @@ async def test_a_conflicting_write_makes_update_read_again_and_retry(contexts: A
 
 
 async def test_two_updaters_hammering_one_key_lose_nothing(contexts: Any) -> None:
-    _, kvs = contexts
+    _, _, ncs = contexts
     scope = unique_namespace()
     calls = 0
 
@@ -223,17 +229,17 @@ async def test_two_updaters_hammering_one_key_lose_nothing(contexts: Any) -> Non
 
     each = 25
     results = await asyncio.gather(
-        *(KVContext(kv, scope).update("n", add_one, default=0) for kv in kvs for _ in range(each))
+        *(KVContext(nc, NS, scope).update("n", add_one, default=0) for nc in ncs for _ in range(each))
     )
     assert sorted(results) == list(range(1, 2 * each + 1))
-    assert await KVContext(kvs[0], scope).get("n") == 2 * each
+    assert await KVContext(ncs[0], NS, scope).get("n") == 2 * each
     assert calls > 2 * each  # there were conflicts, and each was retried
 
 
 async def test_update_gives_up_with_a_clear_error_after_many_conflicts(contexts: Any) -> None:
-    _, (kv, other_kv) = contexts
+    _, _, (nc, other_nc) = contexts
     scope = unique_namespace()
-    ours, theirs = KVContext(kv, scope), KVContext(other_kv, scope)
+    ours, theirs = KVContext(nc, NS, scope), KVContext(other_nc, NS, scope)
     ours.max_attempts = 5
     from cadenza import ContextConflict  # part of the SDK's surface, for handlers that catch it
 
@@ -246,10 +252,10 @@ async def test_update_gives_up_with_a_clear_error_after_many_conflicts(contexts:
 
 
 async def test_update_starts_a_deleted_key_again_from_the_default(contexts: Any) -> None:
-    _, (kv, _) = contexts
+    nc, kv, _ = contexts
     scope = unique_namespace()
-    ctx = KVContext(kv, scope)
+    ctx = KVContext(nc, NS, scope)
     await ctx.put("list", ["old"])
-    await kv.delete(f"{scope}.list")
+    await kv.delete(f"{NS}.{scope}.list")
     assert await ctx.update("list", lambda v: [*v, "new"], default=[]) == ["new"]
     assert await ctx.keys() == ["list"]

@@ -34,7 +34,6 @@ from ._events import AttemptEvents
 from ._logging import configure_logging
 from ._protocol import (
     CLAIMS_BUCKET,
-    CONTEXT_BUCKET,
     MAX_VALUE_BYTES,
     RUN_STATUS_BUCKET,
     RUNS_BUCKET,
@@ -231,7 +230,6 @@ class Agent:
         ns = settings.namespace
         durable = consumer_name(ns, self.name)
         await self._ensure_consumer(js, durable, ns, settings.ack_wait, stop, create=not settings.nats_creds)
-        context_kv = await js.key_value(CONTEXT_BUCKET)
         runs_kv = await _run_reads(js, ns)  # one read per burst of a run's tasks
         models = ModelRegistry(load_model_specs(), js, loop)  # task.model(): limits shared in NATS
         worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -310,7 +308,7 @@ class Agent:
                 loop,
                 log,
             )
-            task.context = KVContext(context_kv, scope, loop, on_write=record_writes(events, scope))
+            task.context = KVContext(nc, ns, scope, loop, on_write=record_writes(events, scope))
             task._models = models
             task._usage = functools.partial(record_usage, events)
             task._budget = guard_for(body, runs_kv.get)  # None (no reads) for a run without a budget

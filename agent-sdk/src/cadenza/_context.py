@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import inspect
 import random
+import secrets
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
@@ -23,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 from ._events import AttemptEvents
 from ._protocol import CONTEXT_BUCKET, dumps, loads
 
+CONTEXT_STREAM = f"KV_{CONTEXT_BUCKET}"
 _KEY_CHARS = frozenset("-_=abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 MAX_KEY_CHARS = 256
 """The longest context key: a key is one subject token, and the audit trail keeps it."""
@@ -40,6 +42,12 @@ _ABSENT = object()
 
 class ContextConflict(RuntimeError):
     """`context.update` lost its compare-and-swap MAX_UPDATE_ATTEMPTS times in a row."""
+
+
+def context_key(namespace: str, scope: str, key: str) -> str:
+    """The bucket's key of a context key: namespace first, then the scope (the root run's
+    id), so that an Agent's credential can be limited to `<namespace>.>`."""
+    return f"{namespace}.{scope}.{key}"
 
 
 def _check_key(key: str) -> str:
@@ -95,23 +103,42 @@ class _SyncMixin:
 
 
 class KVContext(_SyncMixin):
-    """The run's context in the JetStream KV bucket `cadenza_context`, keys `<scope>.<key>`.
+    """The run's context in the JetStream KV bucket `cadenza_context`, keys
+    `<namespace>.<scope>.<key>` (see `context_key`).
+
+    The namespace comes first so that an Agent's credential can name its namespace's keys
+    and nothing else (security.nats_auth.agent_permissions): every operation here uses a
+    subject that carries the key, never one that takes it in a request body. The bucket
+    is bound without a stream-info request, which would list every key of the bucket
+    (`subjects_filter`), so the credential needs none.
 
     `on_write(key, revision)` is called after each write that was stored (the agent
     records it in the run's audit trail).
     """
 
     max_attempts = MAX_UPDATE_ATTEMPTS
+    list_timeout = 10.0
+    """Seconds `keys()` waits for each key of the listing before it gives up (TimeoutError);
+    the server sends them at once, so only a server in trouble takes that long."""
 
     def __init__(
         self,
-        kv: Any,
+        nc: Any,
+        namespace: str,
         scope: str,
         loop: asyncio.AbstractEventLoop | None = None,
         on_write: Callable[[str, int], None] | None = None,
     ) -> None:
-        self._kv = kv
-        self._scope = scope
+        from nats.js.kv import KeyValue
+
+        self._nc = nc
+        self._js = nc.jetstream()
+        # Direct gets by subject (the engine creates the bucket with allow_direct), writes
+        # on the key's own subject: what `js.key_value()` would bind, minus its stream info.
+        self._kv = KeyValue(
+            name=CONTEXT_BUCKET, stream=CONTEXT_STREAM, pre=f"$KV.{CONTEXT_BUCKET}.", js=self._js, direct=True
+        )
+        self._prefix = context_key(namespace, scope, "")
         self._loop = loop
         self._on_write = on_write
 
@@ -119,39 +146,64 @@ class KVContext(_SyncMixin):
         from nats.js.errors import KeyNotFoundError
 
         try:
-            entry = await self._kv.get(f"{self._scope}.{_check_key(key)}")
+            entry = await self._kv.get(self._prefix + _check_key(key))
         except KeyNotFoundError:
             return default
         return default if entry.value is None else loads(entry.value)
 
     async def put(self, key: str, value: Any) -> None:
-        revision = await self._kv.put(f"{self._scope}.{_check_key(key)}", dumps(value))
+        revision = await self._kv.put(self._prefix + _check_key(key), dumps(value))
         self._written(key, revision)
 
     async def keys(self) -> list[str]:
         """The keys of this scope that exist now (not deleted or purged), sorted.
 
-        A watch of `<scope>.*`, as nats.go's ListKeysFiltered does: an ordered consumer
-        that the server filters on the subject, delivering the last message of each key
+        As nats.go's ListKeysFiltered does, a consumer that the server filters on
+        `<namespace>.<scope>.*` and that delivers the last message of each key
         (deliver-last-per-subject) with headers only, so its cost is the scope's keys and
         never their values or the rest of the bucket; a key whose last message is a
         delete or purge marker is left out. `*` and not `>`: keys are one token, so a
-        scope `<run>.x` or `<run>0` is never listed. (nats-py's `keys(filters=...)`
-        reads every key of the bucket and matches the filters as substrings: never
-        `<scope>.>`. The stream's subject counts, the other server-side filter, cannot
-        tell a deleted key from a live one: both keep a message.)
+        scope `<run>.x` or `<run>0` is never listed.
+
+        The consumer is ephemeral and named, so nats-py creates it on
+        `$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`, a subject a permission can
+        restrict to a namespace (nats-py's own `watch` creates an unnamed one, whose filter
+        is in the request body). It is not deleted: the server removes an ephemeral
+        consumer once nobody listens on its deliver subject (inactive_threshold), so the
+        credential needs no delete, which could not be restricted to its own consumers.
+        (nats-py's `keys(filters=...)` reads every key of the bucket; the stream's
+        subject counts cannot tell a deleted key from a live one.)
         """
-        watcher = await self._kv.watch(f"{self._scope}.*", meta_only=True, ignore_deletes=True)
-        prefix = len(self._scope) + 1
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        subject = f"$KV.{CONTEXT_BUCKET}.{self._prefix}"
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox)
         names: set[str] = set()
         try:
-            async for entry in watcher:
-                if entry is None:  # the end of what existed when the watch began
-                    break
-                names.add(entry.key[prefix:])
+            info = await self._js.add_consumer(
+                CONTEXT_STREAM,
+                ConsumerConfig(
+                    name=f"keys_{secrets.token_hex(8)}",
+                    filter_subject=f"{subject}*",
+                    deliver_subject=inbox,
+                    deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                    ack_policy=AckPolicy.NONE,
+                    headers_only=True,
+                    mem_storage=True,
+                    num_replicas=1,
+                    inactive_threshold=5.0,
+                ),
+            )
+            pending = info.num_pending
+            while pending:
+                msg = await sub.next_msg(timeout=self.list_timeout)
+                pending = msg.metadata.num_pending
+                if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+                    names.add(msg.subject[len(subject) :])
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await sub.unsubscribe()
         return sorted(names)
 
     async def update(self, key: str, fn: Updater, default: Any = None) -> Any:
@@ -165,7 +217,7 @@ class KVContext(_SyncMixin):
         """
         from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-        name = f"{self._scope}.{_check_key(key)}"
+        name = self._prefix + _check_key(key)
         for conflicts in range(self.max_attempts):
             try:
                 entry = await self._kv.get(name)
@@ -271,5 +323,6 @@ __all__ = [
     "ContextConflict",
     "KVContext",
     "MemoryContext",
+    "context_key",
     "record_writes",
 ]

@@ -209,8 +209,8 @@ def agent_permissions(namespace: str, agent: str) -> Permissions:
 
     No stream or consumer create/delete on the task stream (the engine creates the Agent's
     consumer), no other Agent's consumer, no `cadenza.task.>` subscription, no
-    `cadenza.control.>`, no run record. The KV watch of a context scope creates an
-    ephemeral consumer on the context bucket's stream only."""
+    `cadenza.control.>`, no run record, no other namespace's shared context. Listing a
+    context scope creates an ephemeral consumer filtered on its own namespace's keys."""
     durable = consumer_name(namespace, agent)
     api = "$JS.API"
     publish = [
@@ -222,8 +222,14 @@ def agent_permissions(namespace: str, agent: str) -> Permissions:
         f"cadenza.event.{namespace}.*.agent.{agent}",
         # a task it cannot handle, copied to the dead letters (cadenza._deadletter)
         f"cadenza.dead.task.{namespace}.{agent}",
-        # shared context: read, put, compare-and-swap, list a scope by a watch
-        *_kv_access(CONTEXT_BUCKET, write=True, watch=True),
+        # shared context, keyed <namespace>.<scope>.<key> (cadenza._context.KVContext): its
+        # namespace's only. Read by direct get, written on the key's subject, listed by an
+        # ephemeral consumer created on a subject that names its filter; no stream info
+        # (its subjects_filter lists every key), no STREAM.MSG.GET or unnamed consumer
+        # create (they take the subject in the body), no consumer delete.
+        f"{api}.DIRECT.GET.KV_{CONTEXT_BUCKET}.$KV.{CONTEXT_BUCKET}.{namespace}.>",
+        f"$KV.{CONTEXT_BUCKET}.{namespace}.>",
+        f"{api}.CONSUMER.CREATE.KV_{CONTEXT_BUCKET}.*.$KV.{CONTEXT_BUCKET}.{namespace}.>",
         # claims: one per attempt, created before the handler starts, keyed
         # <namespace>.<agent>.<task id> (cadenza.wire.claim_key): its own Agent's only
         f"{api}.STREAM.INFO.KV_{CLAIMS_BUCKET}",
@@ -292,22 +298,6 @@ def creds_jwt(creds: str) -> str:
     """The JWT of a .creds file."""
     lines = creds.splitlines()
     return lines[lines.index("-----BEGIN NATS USER JWT-----") + 1].strip()
-
-
-def _kv_access(bucket: str, *, write: bool, watch: bool = False) -> list[str]:
-    api = "$JS.API"
-    stream = f"KV_{bucket}"
-    subjects = [
-        f"{api}.STREAM.INFO.{stream}",
-        f"{api}.DIRECT.GET.{stream}.>",
-        f"{api}.STREAM.MSG.GET.{stream}",
-    ]
-    if write:
-        subjects.append(f"$KV.{bucket}.>")
-    if watch:
-        subjects += [f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>"]
-        subjects.append(f"{api}.CONSUMER.DELETE.{stream}.>")
-    return subjects
 
 
 def _account_claims(*, jetstream: bool) -> dict[str, Any]:
