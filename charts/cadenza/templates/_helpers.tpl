@@ -80,9 +80,55 @@ app.kubernetes.io/component: {{ .component }}
 {{/* The NATS URL the operator and the test pod use: the bundled server or `nats.url`. */}}
 {{- define "cadenza.nats.url" -}}
 {{- if .Values.nats.enabled }}
-{{- printf "nats://%s.%s.svc.%s:4222" (include "cadenza.nats.fullname" .) .Release.Namespace .Values.clusterDomain }}
+{{- printf "%s://%s.%s.svc.%s:4222" (include "cadenza.nats.scheme" .) (include "cadenza.nats.fullname" .) .Release.Namespace .Values.clusterDomain }}
 {{- else }}
 {{- .Values.nats.url }}
+{{- end }}
+{{- end }}
+
+{{/* tls when the bundled NATS serves TLS (`nats.tls.enabled`): nats-py then verifies
+the server against the CA in CADENZA_NATS_CA. */}}
+{{- define "cadenza.nats.scheme" -}}
+{{- ternary "tls" "nats" (and .Values.nats.enabled .Values.nats.tls.enabled) }}
+{{- end }}
+
+{{/* The kubernetes.io/tls Secret of the bundled NATS when TLS is on, else empty. */}}
+{{- define "cadenza.nats.tlsSecret" -}}
+{{- if and .Values.nats.enabled .Values.nats.tls.enabled }}
+{{- .Values.nats.tls.secretName }}
+{{- end }}
+{{- end }}
+
+{{- define "cadenza.nats.caDir" -}}
+/etc/cadenza/nats-ca
+{{- end }}
+
+{{/* CADENZA_NATS_CA, its mount and its volume (ca.crt alone: the server's key stays in
+the NATS pods); empty without TLS. */}}
+{{- define "cadenza.nats.caEnv" -}}
+{{- if include "cadenza.nats.tlsSecret" . }}
+- name: CADENZA_NATS_CA
+  value: {{ printf "%s/ca.crt" (include "cadenza.nats.caDir" .) | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "cadenza.nats.caVolumeMount" -}}
+{{- if include "cadenza.nats.tlsSecret" . }}
+- name: nats-ca
+  mountPath: {{ include "cadenza.nats.caDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "cadenza.nats.caVolume" -}}
+{{- with include "cadenza.nats.tlsSecret" . }}
+- name: nats-ca
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0444
+    items:
+      - key: ca.crt
+        path: ca.crt
 {{- end }}
 {{- end }}
 
@@ -147,6 +193,12 @@ the engine's from the keys Secret, else `nats.credentialsSecret` (either may be 
 {{- end }}
 {{- if and .Values.nats.enabled .Values.nats.url }}
 {{- fail "nats.url and nats.enabled=true are mutually exclusive: set nats.enabled=false to use the NATS at nats.url, or clear nats.url to use the bundled NATS" }}
+{{- end }}
+{{- if and .Values.nats.enabled .Values.nats.tls.enabled (not .Values.nats.tls.secretName) }}
+{{- fail "nats.tls.secretName is required when nats.tls.enabled is true: a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt (e.g. from cert-manager)" }}
+{{- end }}
+{{- if and .Values.nats.enabled .Values.nats.tls.enabled (not .Values.nats.auth.enabled) }}
+{{- fail "nats.tls.enabled needs nats.auth.enabled: each Agent gets the CA in its own credential Secret (<agent>-nats), which the operator writes only with authentication on" }}
 {{- end }}
 {{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.peering.enabled) }}
 {{- fail "operator.replicas > 1 requires operator.peering.enabled=true: without kopf peering every replica would handle every resource" }}

@@ -185,6 +185,7 @@ async def apply_agent(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> N
         log_format=ctx.settings.log_format,
         nats_creds=await _agent_nats_creds(ctx, agent, owner),
         models=await agent_models(ctx.api, agent),
+        nats_ca=nats_credentials.AGENT_CA_KEY if _carries_nats_ca(ctx.settings) else None,
     )
     settings = ctx.settings
     for where, message in violations(
@@ -211,13 +212,25 @@ async def _agent_nats_creds(ctx: OperatorContext, agent: Agent, owner: kopf.Body
         return ctx.settings.agents_nats_creds
     namespace, name = namespace_of(agent), agent.metadata.name
     creds = nats_credentials.mint_agent_creds(nats_credentials.account_keys(Path(seed_file)), namespace, name)
-    secret = nats_credentials.build_agent_creds_secret(namespace, name, creds, builders.agent_labels(name))
+    labels = builders.agent_labels(name)
+    secret = nats_credentials.build_agent_creds_secret(namespace, name, creds, labels, _agent_nats_ca(ctx))
     kopf.adopt(secret, owner=owner)
     try:
         await nats_credentials.write_agent_creds(ctx.api, secret, str(owner.metadata.uid))
     except nats_credentials.SecretNotOwned as exc:
         raise kopf.TemporaryError(str(exc), delay=30) from None
     return secret["metadata"]["name"], nats_credentials.AGENT_CREDS_KEY
+
+
+def _carries_nats_ca(settings: OperatorSettings) -> bool:
+    """Whether Agents' Secrets carry the NATS CA: only beside a credential the operator
+    mints (the shared one of `agents_nats_creds` is not the operator's to write)."""
+    return bool(settings.nats_ca and settings.nats_account_seed_file)
+
+
+def _agent_nats_ca(ctx: OperatorContext) -> str | None:
+    """The NATS CA (PEM) for the Agent's Secret, read from the operator's own mount."""
+    return Path(ctx.settings.nats_ca).read_text() if _carries_nats_ca(ctx.settings) else None
 
 
 async def agent_models(api: KubeApi, agent: Agent) -> dict[str, ModelSpec]:

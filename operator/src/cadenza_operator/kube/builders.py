@@ -97,6 +97,7 @@ def agent_env(
     log_format: str = "json",
     nats_creds: tuple[str, str] | None = None,
     models: Mapping[str, ModelSpec] | None = None,
+    nats_ca: str | None = None,
 ) -> list[Manifest]:
     """The agent's environment: the SDK's connection settings, then the spec's own `env`
     (which may override them on purpose, e.g. a different NATS URL for one agent). A
@@ -114,6 +115,8 @@ def agent_env(
     }
     if nats_creds is not None:
         base["CADENZA_NATS_CREDS"] = f"{NATS_CREDS_DIR}/{nats_creds[1]}"
+        if nats_ca is not None:
+            base["CADENZA_NATS_CA"] = f"{NATS_CREDS_DIR}/{nats_ca}"
     rendered: dict[str, Manifest] = {k: {"name": k, "value": v} for k, v in base.items()}
     rendered.update({var["name"]: var for var in model_env(agent, models or {})})
     for var in agent.spec.env:
@@ -167,10 +170,12 @@ def build_deployment(
     log_format: str = "json",
     nats_creds: tuple[str, str] | None = None,
     models: Mapping[str, ModelSpec] | None = None,
+    nats_ca: str | None = None,
 ) -> Manifest:
     """The Deployment running an Agent's replicas; `replicas` is decided by the caller
     (the spec, or the autoscaler when `spec.autoscaling` is set). `nats_creds` is the
-    (Secret name, key) of a NATS credentials file to mount, when NATS wants one."""
+    (Secret name, key) of a NATS credentials file to mount, when NATS wants one;
+    `nats_ca` the key of the NATS CA (TLS) in that same Secret."""
     if not agent.spec.image:
         raise SpecError("spec.image", "an Agent needs an image to run in a cluster")
     name = agent.metadata.name
@@ -179,7 +184,12 @@ def build_deployment(
         "name": "agent",
         "image": agent.spec.image,
         "env": agent_env(
-            agent, nats_url=nats_url, log_format=log_format, nats_creds=nats_creds, models=models
+            agent,
+            nats_url=nats_url,
+            log_format=log_format,
+            nats_creds=nats_creds,
+            models=models,
+            nats_ca=nats_ca if nats_creds is not None else None,
         ),
         "securityContext": container_security_context(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
@@ -207,6 +217,7 @@ def build_deployment(
     }
     if nats_creds is not None:
         secret, key = nats_creds
+        items = [{"key": k, "path": k} for k in (key, nats_ca) if k is not None]
         container["volumeMounts"].append(
             {"name": "nats-creds", "mountPath": NATS_CREDS_DIR, "readOnly": True}
         )
@@ -214,7 +225,7 @@ def build_deployment(
             {
                 "name": "nats-creds",
                 # 0440 and the pod's fsGroup: readable by the agent's user, by no one else.
-                "secret": {"secretName": secret, "defaultMode": 0o440, "items": [{"key": key, "path": key}]},
+                "secret": {"secretName": secret, "defaultMode": 0o440, "items": items},
             }
         )
     if not agent.spec.serviceAccountName:

@@ -90,7 +90,10 @@ class OperatorContext:
         settings = self.settings
         self._stopping.clear()
         engine_settings = EngineSettings(
-            name=settings.peer_id, nats_url=settings.nats_url, nats_creds=settings.nats_creds
+            name=settings.peer_id,
+            nats_url=settings.nats_url,
+            nats_creds=settings.nats_creds,
+            nats_ca=settings.nats_ca or None,
         )
         self._host = EngineHost(engine_settings, connection_name=f"cadenza-operator-{settings.peer_id}")
         if not await self._host.start(self._stopping):

@@ -34,6 +34,8 @@ ENGINE_CREDS_FILE = "engine.creds"
 """The engine's credential (the whole account), mounted by the operator and the test pod."""
 AGENT_CREDS_KEY = "nats.creds"
 """The key of an Agent's credential in its `<agent>-nats` Secret."""
+AGENT_CA_KEY = "ca.crt"
+"""The key of the NATS CA (TLS) in that Secret, beside the credential."""
 ENGINE_USER = "cadenza-engine"
 
 
@@ -86,14 +88,18 @@ def agent_creds_secret_name(agent: str) -> str:
     return f"{agent}-nats"
 
 
-def build_agent_creds_secret(namespace: str, agent: str, creds: str, labels: dict[str, str]) -> Json:
-    """The `<agent>-nats` Secret holding one Agent's credential (pure)."""
+def build_agent_creds_secret(
+    namespace: str, agent: str, creds: str, labels: dict[str, str], ca: str | None = None
+) -> Json:
+    """The `<agent>-nats` Secret holding one Agent's credential (pure), and the CA of a
+    NATS that serves TLS when there is one."""
+    files = {AGENT_CREDS_KEY: creds} if ca is None else {AGENT_CREDS_KEY: creds, AGENT_CA_KEY: ca}
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
         "metadata": {"name": agent_creds_secret_name(agent), "namespace": namespace, "labels": labels},
-        "data": _encoded({AGENT_CREDS_KEY: creds}),
+        "data": _encoded(files),
     }
 
 

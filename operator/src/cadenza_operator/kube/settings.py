@@ -31,6 +31,13 @@ class OperatorSettings:
     """CADENZA_NATS_CREDS: path to a NATS credentials file, for servers that authenticate
     clients (the chart mounts it from a Secret)."""
 
+    nats_ca: str = ""
+    """CADENZA_NATS_CA: the CA certificate (PEM file) of a NATS that serves TLS (the chart's
+    `nats.tls` mounts ca.crt alone). The engine connects with it; with per-Agent
+    credentials (`nats_account_seed_file`) each `<agent>-nats` Secret carries it too, as
+    `ca.crt`, and its pods get CADENZA_NATS_CA (a pod mounts only its own namespace's
+    Secrets, so the CA travels with the credential)."""
+
     agent_nats_url: str = ""
     """CADENZA_AGENT_NATS_URL: the NATS URL injected into agent pods. Empty means
     `nats_url`; set it when agents reach NATS by another address than the operator (e.g.
@@ -152,6 +159,7 @@ class OperatorSettings:
 
         text("CADENZA_NATS_URL", "nats_url")
         text("CADENZA_NATS_CREDS", "nats_creds")
+        text("CADENZA_NATS_CA", "nats_ca")
         text("CADENZA_AGENT_NATS_URL", "agent_nats_url")
         text("CADENZA_AGENT_NATS_CREDS_SECRET", "agent_nats_creds_secret")
         text("CADENZA_AGENT_NATS_CREDS_KEY", "agent_nats_creds_key")
