@@ -75,7 +75,7 @@ class AgentSettings:
     """CADENZA_NATS_CREDS: path to a NATS credentials file, when the server wants one."""
     nats_ca: str | None = None
     """CADENZA_NATS_CA: a CA certificate (PEM file) the server's TLS certificate must chain
-    to; set, the connection is TLS (the chart mounts it when `nats.tls` is on)."""
+    to, for a server that requires TLS or a tls:// URL (the operator mounts it with `nats.tls`)."""
     namespace: str = "default"
     """CADENZA_NAMESPACE: the Kubernetes namespace (or local namespace) of the Agent."""
     agent: str | None = None

@@ -62,8 +62,9 @@ def describe(exc: BaseException) -> str:
 def tls_context(ca_file: str) -> ssl.SSLContext:
     """The client side of a NATS server that offers TLS (the chart's `nats.tls`): the
     server's certificate must chain to the CA in `ca_file` (CADENZA_NATS_CA, a PEM file)
-    and name the host connected to. nats-py takes it as `tls=`; with it a `nats://` URL
-    is upgraded too, so the CA alone switches TLS on. A missing or malformed file is a
+    and name the host connected to. nats-py takes it as `tls=` and speaks TLS with a
+    `tls://` URL or a server that requires it (a plaintext server is not upgraded: the
+    server's `tls {}` block is what enforces TLS). A missing or malformed file is a
     `ValueError` naming it."""
     try:
         return ssl.create_default_context(cafile=ca_file)

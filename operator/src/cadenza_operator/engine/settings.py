@@ -40,7 +40,7 @@ class EngineSettings(BaseSettings):
 
     nats_ca: str | None = Field(None, validation_alias=_env("nats_ca", "CADENZA_NATS_CA"))
     """CADENZA_NATS_CA: a CA certificate (PEM file) the server's TLS certificate must chain
-    to; set, the connection is TLS (the chart mounts the CA when `nats.tls` is on)."""
+    to, for a server that requires TLS or a tls:// URL (the chart mounts it with `nats.tls`)."""
 
     require_provenance: bool | None = Field(
         None, validation_alias=_env("require_provenance", "CADENZA_REQUIRE_PROVENANCE")
