@@ -376,7 +376,7 @@ class Agent:
                     start_report = loop.call_later(
                         float(body["reportStartAfter"]), _report, pub, subject, started_event
                     )
-                task.input = await _payloads.resolve(js, body.get("input"))
+                task.input = await _payloads.resolve(js, body.get("input"), namespace=ns)
                 # asyncio.timeout, not wait_for: a TimeoutError the handler itself raises (an
                 # HTTP client's) is a plain exception, not this attempt's timeout.
                 deadline = asyncio.timeout(task.timeout)
@@ -384,7 +384,12 @@ class Agent:
                     async with deadline:
                         output = await self.call(task)
                     output = await _payloads.offload(
-                        js, f"{key}.output", output, max_bytes=settings.max_value_bytes, what="the output"
+                        js,
+                        f"{key}.output",
+                        output,
+                        namespace=ns,
+                        max_bytes=settings.max_value_bytes,
+                        what="the output",
                     )
                     event: dict[str, Any] = {"type": "result", **base, "output": output}
                 except Exception as exc:

@@ -51,6 +51,14 @@ everywhere; an engine or agent holds such a value in memory a few times over (ab
 REF_KEY = "$cadenzaRef"
 
 
+def payloads_store(namespace: str) -> str:
+    """The object store of a namespace's values larger than OFFLOAD_BYTES: one per namespace,
+    because an object's subjects ($O.<bucket>.M.<name>, $O.<bucket>.C.<nuid>) cannot be
+    scoped by name, so a credential can only be given whole buckets. (PAYLOADS_STORE
+    itself holds what was stored before, and is read only as a fallback.)"""
+    return f"{PAYLOADS_STORE}_{namespace}"
+
+
 def task_subject(namespace: str, agent: str) -> str:
     return f"cadenza.task.{namespace}.{agent}"
 

@@ -134,7 +134,9 @@ class RunClient:
         if not is_ref(input):
             validate_input(wf, input, self.max_value_bytes)
         elif wf.spec.inputSchema is not None:
-            validate_input(wf, await resolve_payload(self.js, input), self.max_value_bytes)
+            validate_input(
+                wf, await resolve_payload(self.js, input, namespace=wf.namespace), self.max_value_bytes
+            )
         if wf.key not in self.definitions:
             await self.publish_definition(wf)
         run = run_id or new_run_id(wf.name)
@@ -151,7 +153,7 @@ class RunClient:
         }
         if requested_at is not None:
             body["requestedAt"] = requested_at
-        body["input"] = await offload_payload(self.js, f"{run}.input", input)
+        body["input"] = await offload_payload(self.js, f"{run}.input", input, namespace=wf.namespace)
         await self.pub.publish(event_subject(wf.namespace, run), dumps(body), {"Nats-Msg-Id": f"start:{run}"})
         return run
 
@@ -190,12 +192,14 @@ class RunClient:
         if key is None:
             return state.outputs
         if key.startswith(OBJECT_REF_PREFIX):
-            return await resolve_payload(self.js, {REF_KEY: key[len(OBJECT_REF_PREFIX) :]})
+            return await resolve_payload(
+                self.js, {REF_KEY: key[len(OBJECT_REF_PREFIX) :]}, namespace=state.namespace
+            )
         try:
             entry = await self.outputs_kv.get(key)
         except KeyNotFoundError:
             return None
-        return await resolve_payload(self.js, loads(entry.value))
+        return await resolve_payload(self.js, loads(entry.value), namespace=state.namespace)
 
     async def audit(self, namespace: str, run: str = ">", idle: float = 0.5) -> builtins.list[dict[str, Any]]:
         """Every audit record of one run (or, with run='>', of every run of a namespace), in order."""

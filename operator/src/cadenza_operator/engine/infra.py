@@ -24,6 +24,7 @@ from cadenza.wire import (
     RUNS_BUCKET,
     TASK_SUBJECTS,
     TASKS_STREAM,
+    payloads_store,
 )
 from nats.js.errors import NotFoundError
 
@@ -184,8 +185,24 @@ def engine_consumer_config(ack_wait: float, max_deliveries: int) -> Any:
 
 
 async def ensure_agent_consumer(js: Any, namespace: str, agent: str, ack_wait: float = 30.0) -> None:
-    """The durable pull consumer an Agent's replicas share (competing consumers)."""
+    """The durable pull consumer an Agent's replicas share (competing consumers), and its
+    namespace's payload store, which an Agent's credential may use but not create."""
     await _ensure_consumer(js, TASKS_STREAM, agent_consumer_config(namespace, agent, ack_wait))
+    await ensure_payloads_store(js, namespace)
+
+
+async def ensure_payloads_store(js: Any, namespace: str) -> None:
+    """The object store of a namespace's large values (cadenza.wire.payloads_store)."""
+    from nats.js.api import ObjectStoreConfig, StorageType
+
+    bucket = payloads_store(namespace)
+    try:
+        await js.stream_info(f"OBJ_{bucket}")
+    except NotFoundError:
+        with contextlib.suppress(Exception):  # another process created it meanwhile
+            await js.create_object_store(
+                bucket, config=ObjectStoreConfig(bucket=bucket, storage=StorageType.FILE)
+            )
 
 
 async def _ensure_consumer(js: Any, stream: str, config: Any) -> None:

@@ -31,12 +31,13 @@ MIN_PAYLOAD_APART = 1024
 """Smaller payloads stay in the record: a reference saves little and costs a write."""
 
 
-async def store_apart(js: Any, pub: Any, key: str, value: Any) -> None:
+async def store_apart(js: Any, pub: Any, key: str, value: Any, namespace: str) -> None:
     """Put `value` under `key` in the outputs bucket, or in the object store when it is too
-    large for a KV value, the bucket entry then holding its reference."""
+    large for a KV value, the bucket entry then holding its reference (the object in the
+    run's namespace's store)."""
     data = dumps(value)
     if len(data) > OFFLOAD_BYTES:
-        data = dumps(await store_payload(js, key, data))
+        data = dumps(await store_payload(js, key, data, namespace=namespace))
     await pub.kv_put(OUTPUTS_BUCKET, key, data)
 
 
@@ -58,7 +59,7 @@ async def fit_record(js: Any, state: RunState) -> bytes:
     for size, holder, field, name, raw in payloads:
         if excess <= 0 or size < MIN_PAYLOAD_APART:
             break
-        holder[field] = await store_payload(js, name, raw)
+        holder[field] = await store_payload(js, name, raw, namespace=state.namespace)
         excess -= size - len(dumps(holder[field]))
     return state.to_bytes()
 

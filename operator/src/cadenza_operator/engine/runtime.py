@@ -428,7 +428,7 @@ class Engine:
             new.outbox = outbox(decision)
             if decision.stores:
                 await asyncio.gather(
-                    *(store_apart(self.js, self.pub, k, v) for k, v in decision.stores.items())
+                    *(store_apart(self.js, self.pub, k, v, new.namespace) for k, v in decision.stores.items())
                 )
                 cached.outputs.update(decision.stores)
             ended = self._ended(was_running, new, decision.commands, wf)
@@ -606,7 +606,7 @@ class Engine:
             # event: it is stored apart once and the record keeps a reference. One that came
             # through the object store stays there: the bucket entry holds its reference.
             input_ref = f"{start.run}._input"
-            await store_apart(self.js, self.pub, input_ref, value)
+            await store_apart(self.js, self.pub, input_ref, value, start.namespace or "default")
             if not is_ref(value):
                 cached.outputs[input_ref] = value
         state = RunState(
@@ -647,27 +647,30 @@ class Engine:
                     cached.outputs.update(d.stores)
                 return total
             except MissingOutputs as missing:
-                await self._load_outputs(missing.keys, cached.outputs)
+                await self._load_outputs(missing.keys, cached.outputs, state.namespace)
         raise RuntimeError("outputs could not be loaded")
 
-    async def _load_outputs(self, keys: set[str], into: dict[str, Any]) -> None:
+    async def _load_outputs(self, keys: set[str], into: dict[str, Any], namespace: str) -> None:
         from nats.js.errors import KeyNotFoundError
 
         for key in keys:
             if key.startswith(OBJECT_REF_PREFIX):
-                into[key] = await resolve_payload(self.js, {REF_KEY: key[len(OBJECT_REF_PREFIX) :]})
+                ref = {REF_KEY: key[len(OBJECT_REF_PREFIX) :]}
+                into[key] = await resolve_payload(self.js, ref, namespace=namespace)
             elif key.endswith(".*"):
                 watcher = await self.outputs_kv.watch(key)
                 async for entry in watcher:
                     if entry is None:
                         break
                     if entry.value is not None:
-                        into[entry.key] = await resolve_payload(self.js, loads(entry.value))
+                        into[entry.key] = await resolve_payload(
+                            self.js, loads(entry.value), namespace=namespace
+                        )
                 await watcher.stop()
             else:
                 try:
                     entry = await self.outputs_kv.get(key)
-                    into[key] = await resolve_payload(self.js, loads(entry.value))
+                    into[key] = await resolve_payload(self.js, loads(entry.value), namespace=namespace)
                 except KeyNotFoundError:
                     into[key] = None
 
@@ -692,7 +695,7 @@ class Engine:
         records = list(audit or ())
         for cmd in todo:
             if isinstance(cmd, commands.Dispatch | commands.Publish):
-                jobs.append(self._publish(cmd))
+                jobs.append(self._publish(cmd, state.namespace))
             elif isinstance(cmd, commands.CancelTasks):
                 jobs.append(self.nc.publish(cmd.subject, dumps(cmd.body)))
             elif isinstance(cmd, commands.StartChild):
@@ -706,7 +709,7 @@ class Engine:
         elif jobs:
             await asyncio.gather(*jobs)
 
-    async def _publish(self, cmd: commands.Dispatch | commands.Publish) -> None:
+    async def _publish(self, cmd: commands.Dispatch | commands.Publish, namespace: str) -> None:
         body = cmd.body
         if isinstance(cmd, commands.Dispatch):
             # A secret of this dispatch: the agent's outcome carries it in its Nats-Msg-Id
@@ -717,7 +720,10 @@ class Engine:
             body = {**body, "nonce": secrets.token_hex(8)}
         data = dumps(body)
         if isinstance(cmd, commands.Dispatch) and len(data) > OFFLOAD_BYTES:
-            body = {**body, "input": await offload_payload(self.js, f"{cmd.msg_id}.input", body["input"])}
+            offloaded = await offload_payload(
+                self.js, f"{cmd.msg_id}.input", body["input"], namespace=namespace
+            )
+            body = {**body, "input": offloaded}
             data = dumps(body)
         await self.pub.publish(cmd.subject, data, {"Nats-Msg-Id": cmd.msg_id})
 

@@ -43,11 +43,11 @@ from cadenza.wire import (
     CONTEXT_BUCKET,
     DEFINITIONS_BUCKET,
     OUTPUTS_BUCKET,
-    PAYLOADS_STORE,
     RUN_STATUS_BUCKET,
     RUNS_BUCKET,
     TASKS_STREAM,
     consumer_name,
+    payloads_store,
 )
 
 ACCOUNT_NAME = "CADENZA"
@@ -212,6 +212,7 @@ def agent_permissions(namespace: str, agent: str) -> Permissions:
     `cadenza.control.>`, no run record, no other namespace's shared context. Listing a
     context scope creates an ephemeral consumer filtered on its own namespace's keys."""
     durable = consumer_name(namespace, agent)
+    payloads = payloads_store(namespace)
     api = "$JS.API"
     publish = [
         # its own task consumer: pull, ack/nak/in-progress, and look it up
@@ -243,14 +244,18 @@ def agent_permissions(namespace: str, agent: str) -> Permissions:
         f"{api}.STREAM.INFO.KV_{LIMITS_BUCKET}",
         f"{api}.DIRECT.GET.KV_{LIMITS_BUCKET}.$KV.{LIMITS_BUCKET}.{namespace}.>",
         f"$KV.{LIMITS_BUCKET}.{namespace}.>",
-        # large inputs and outputs by reference: read and write objects
-        f"{api}.STREAM.INFO.OBJ_{PAYLOADS_STORE}",
-        f"{api}.DIRECT.GET.OBJ_{PAYLOADS_STORE}.>",
-        f"{api}.STREAM.MSG.GET.OBJ_{PAYLOADS_STORE}",
-        f"{api}.CONSUMER.CREATE.OBJ_{PAYLOADS_STORE}",
-        f"{api}.CONSUMER.CREATE.OBJ_{PAYLOADS_STORE}.>",
-        f"{api}.CONSUMER.DELETE.OBJ_{PAYLOADS_STORE}.>",
-        f"$O.{PAYLOADS_STORE}.>",
+        # large inputs and outputs by reference: read and write objects of its namespace's
+        # object store (an object's subjects cannot be scoped by name; the bucket can)
+        f"{api}.STREAM.INFO.OBJ_{payloads}",
+        f"{api}.DIRECT.GET.OBJ_{payloads}.>",
+        f"{api}.STREAM.MSG.GET.OBJ_{payloads}",
+        f"{api}.CONSUMER.CREATE.OBJ_{payloads}",
+        f"{api}.CONSUMER.CREATE.OBJ_{payloads}.>",
+        f"{api}.CONSUMER.DELETE.OBJ_{payloads}.>",
+        f"$O.{payloads}.>",
+        # nats-py reads an object's chunks through a subscription that looks its stream up
+        # by subject (ObjectStore.get names no stream): stream names, not their content
+        f"{api}.STREAM.NAMES",
     ]
     subscribe = [
         "_INBOX.>",  # replies: pulled tasks, publish acks, KV reads, watches
