@@ -122,3 +122,27 @@ async def test_a_consumer_named_for_its_own_namespace_cannot_filter_another(
     )
     assert "error" in json.loads(reply.data)
     assert ours.errors == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="every role may subscribe to _INBOX.>, so any credential receives the replies to "
+    "another's requests (context reads, pulled tasks, object chunks): needs an inbox prefix "
+    "per identity (nats-py inbox_prefix) and subscribe permissions naming it",
+)
+async def test_an_agent_cannot_overhear_the_replies_to_another_namespaces_reads(
+    agents: tuple[Connection, Connection],
+) -> None:
+    ours, theirs = agents
+    overheard: list[bytes] = []
+
+    async def keep(msg: Any) -> None:
+        overheard.append(msg.data)
+
+    await ours.nc.subscribe("_INBOX.>", cb=keep)
+    await ours.nc.flush()
+    assert await KVContext(theirs.nc, OTHER_NS, OTHER_RUN).get("secret") == {"card": "4111"}
+    await ours.nc.flush()  # anything routed to us before b's reply came is here by now
+    await theirs.nc.flush()
+    await ours.nc.flush()
+    assert not any(b"4111" in data for data in overheard)  # refused, or never routed to us
