@@ -13,6 +13,7 @@ from typing import Any
 
 import nats
 import pytest
+from cadenza.nats import inbox_prefix
 from cadenza.wire import TASKS_STREAM, consumer_name, task_subject
 from cadenza_operator.engine.infra import ensure_agent_consumer, ensure_infrastructure
 from cadenza_operator.kube import nats_credentials
@@ -171,6 +172,8 @@ class _Refusals:
 
 async def _connect(url: str, creds: Path | None = None, refusals: _Refusals | None = None) -> Any:
     options: dict[str, Any] = {"user_credentials": str(creds)} if creds else {}
+    if creds and (prefix := inbox_prefix(str(creds))):
+        options["inbox_prefix"] = prefix  # as every client of ours connects
     if refusals is not None:
         options["error_cb"] = refusals.record
     return await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, **options)

@@ -65,7 +65,9 @@ async def test_each_agent_gets_its_own_credential_with_exactly_its_permissions(
         assert claims["nats"]["type"] == "user"
         wanted = agent_permissions(NAMESPACE, name)
         assert claims["nats"]["pub"]["allow"] == list(wanted.publish)
-        assert claims["nats"]["sub"]["allow"] == list(wanted.subscribe)
+        # its replies: only the inboxes named after its own key (cadenza.nats.inbox_prefix)
+        own = [f"_INBOX_{claims['sub']}.>" if sub == "_INBOX.>" else sub for sub in wanted.subscribe]
+        assert claims["nats"]["sub"]["allow"] == own
 
         deployment = await wait_for(lambda n=name: get(kube_emulator, DEPLOYMENTS, f"{n}-agent"), timeout=20)
         pod = deployment["spec"]["template"]["spec"]

@@ -11,6 +11,7 @@ from typing import Any
 
 import nats
 import pytest
+from cadenza.nats import inbox_prefix
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.security.nats_auth import AuthKeys, Permissions, mint_user, server_config, write_creds
 
@@ -45,6 +46,8 @@ class Connection:
             self.errors.append(str(exc))
 
         options: dict[str, Any] = {"user_credentials": creds} if creds else {}
+        if creds and (prefix := inbox_prefix(creds)):
+            options["inbox_prefix"] = prefix  # as every client of ours connects
         self.nc = await nats.connect(
             url, error_cb=on_error, allow_reconnect=False, max_reconnect_attempts=0, **options
         )

@@ -126,15 +126,11 @@ async def test_a_consumer_named_for_its_own_namespace_cannot_filter_another(
     assert ours.errors == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every role may subscribe to _INBOX.>, so any credential receives the replies to "
-    "another's requests (context reads, pulled tasks, object chunks): needs an inbox prefix "
-    "per identity (nats-py inbox_prefix) and subscribe permissions naming it",
-)
 async def test_an_agent_cannot_overhear_the_replies_to_another_namespaces_reads(
     agents: tuple[Connection, Connection],
 ) -> None:
+    """Replies go to inbox subjects; a credential may subscribe only to the inboxes named
+    after its own user key (cadenza.nats.inbox_prefix), not to `_INBOX.>`."""
     ours, theirs = agents
     overheard: list[bytes] = []
     secret_heard = asyncio.Event()

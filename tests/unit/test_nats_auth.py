@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import nkeys
 import pytest
+from cadenza.nats import inbox_prefix
 from cadenza_operator.security.nats_auth import (
     AuthKeys,
     Permissions,
@@ -18,6 +20,7 @@ from cadenza_operator.security.nats_auth import (
     mint_user,
     server_config,
     verify_jwt,
+    write_creds,
 )
 
 
@@ -53,10 +56,25 @@ def test_a_tampered_jwt_does_not_verify(keys: AuthKeys) -> None:
 
 
 def test_permissions_are_written_as_allow_lists(keys: AuthKeys) -> None:
-    perms = Permissions(publish=("a.b", "c.>"), subscribe=("_INBOX.>",))
-    claims = verify_jwt(creds_jwt(mint_user(keys, "x", perms)))
+    perms = Permissions(publish=("a.b", "c.>"), subscribe=("_INBOX.>", "d.*"))
+    creds = mint_user(keys, "x", perms)
+    claims = verify_jwt(creds_jwt(creds))
     assert claims["nats"]["pub"] == {"allow": ["a.b", "c.>"]}
-    assert claims["nats"]["sub"] == {"allow": ["_INBOX.>"]}
+    # A role's replies are minted as the credential's own inboxes, never everyone's.
+    assert claims["nats"]["sub"] == {"allow": [f"_INBOX_{claims['sub']}.>", "d.*"]}
+
+
+def test_a_connection_makes_its_inboxes_where_its_credential_may_read_them(
+    keys: AuthKeys, tmp_path: Path
+) -> None:
+    creds = write_creds(
+        tmp_path / "x.creds", mint_user(keys, "x", Permissions(publish=(), subscribe=("_INBOX.>",)))
+    )
+    claims = verify_jwt(creds_jwt(creds.read_text()))
+    assert inbox_prefix(str(creds)) == f"_INBOX_{claims['sub']}"
+    assert claims["nats"]["sub"]["allow"] == [f"{inbox_prefix(str(creds))}.>"]
+    (tmp_path / "junk.creds").write_text("not a creds file")
+    assert inbox_prefix(str(tmp_path / "junk.creds")) is None and inbox_prefix(str(tmp_path / "none")) is None
 
 
 def test_agent_role_is_scoped_to_its_own_agent_and_namespace() -> None:

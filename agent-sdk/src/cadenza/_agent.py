@@ -26,7 +26,7 @@ from . import _payloads
 from ._ackinfo import deliveries, stored_at
 from ._budget import guard_for
 from ._claims import Claim, claim
-from ._connect import connect_until_stopped, tls_context
+from ._connect import connect_until_stopped, inbox_prefix, tls_context
 from ._context import KVContext, record_writes
 from ._deadletter import MAX_DELIVERIES, dead_letter
 from ._errors import TaskError, failure_of
@@ -219,6 +219,8 @@ class Agent:
         options: dict[str, Any] = {"name": f"agent:{self.name}:{socket.gethostname()}:{os.getpid()}"}
         if settings.nats_creds:
             options["user_credentials"] = settings.nats_creds
+            if prefix := inbox_prefix(settings.nats_creds):
+                options["inbox_prefix"] = prefix  # the only inboxes the credential may read
         if settings.nats_ca:
             options["tls"] = tls_context(settings.nats_ca)
         nc = await connect_until_stopped(settings.nats_url, stop, log=self.log, **options)

@@ -180,3 +180,31 @@ async def _attempt(url: str, timeout: float, log: Any, options: dict[str, Any]) 
                 await connecting
             with contextlib.suppress(Exception):
                 await nc.close()
+
+
+def inbox_prefix(creds_path: str) -> str | None:
+    """The reply-subject prefix a credential may subscribe to: `_INBOX_<its user key>`.
+
+    Every request's reply (a pulled task, a publish ack, a KV read, an object chunk) goes
+    to an inbox subject; a credential allowed `_INBOX.>` would receive everyone's. A
+    credential minted by Cadenza may subscribe only to the inboxes named after its own
+    user public key (security/nats_auth.mint_user), so a connection with it must make its
+    inboxes there (nats-py's `inbox_prefix`). None when the file holds no user JWT we can
+    read: the connection keeps nats-py's `_INBOX`."""
+    import base64
+    import json
+
+    try:
+        with open(creds_path) as f:
+            lines = f.read().splitlines()
+        token = lines[lines.index("-----BEGIN NATS USER JWT-----") + 1].strip()
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (OSError, ValueError, IndexError):
+        return None
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    return f"{INBOX_PREFIX}{subject}" if isinstance(subject, str) and subject.isalnum() else None
+
+
+INBOX_PREFIX = "_INBOX_"
+"""Followed by a credential's user public key: the inboxes only that credential may read."""

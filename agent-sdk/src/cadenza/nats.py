@@ -27,7 +27,14 @@ from ._ackinfo import deliveries, stored_at
 from ._claims import Claim
 from ._claims import claim as claim_attempt
 from ._claims import give_up as give_up_attempt
-from ._connect import NatsUnreachable, connect_once, connect_until_stopped, tls_context
+from ._connect import (
+    INBOX_PREFIX,
+    NatsUnreachable,
+    connect_once,
+    connect_until_stopped,
+    inbox_prefix,
+    tls_context,
+)
 from ._deadletter import DELIVERIES as DEAD_LETTER_DELIVERIES_HEADER
 from ._deadletter import MAX_DELIVERIES, dead_letter
 from ._deadletter import REASON as DEAD_LETTER_REASON_HEADER
@@ -45,6 +52,7 @@ __all__ = [
     "DEAD_LETTER_REASON_HEADER",
     "DEAD_LETTER_SOURCE_HEADER",
     "DEAD_LETTER_SUBJECT_HEADER",
+    "INBOX_PREFIX",
     "MAX_DELIVERIES",
     "SERVER_DELIVERY_SLACK",
     "Claim",
@@ -59,6 +67,7 @@ __all__ = [
     "dead_letter",
     "deliveries",
     "give_up_attempt",
+    "inbox_prefix",
     "offload_payload",
     "resolve_payload",
     "store_payload",

@@ -46,10 +46,12 @@ def nats_options() -> dict[str, Any]:
     """Connection options every client of ours shares: CADENZA_NATS_CREDS, when set, is
     the credentials file of a NATS server that authenticates its clients; CADENZA_NATS_CA
     the CA of one that offers TLS (as EngineSettings.connect_options reads them)."""
-    from cadenza.nats import tls_context
+    from cadenza.nats import inbox_prefix, tls_context
 
     creds, ca = os.environ.get("CADENZA_NATS_CREDS"), os.environ.get("CADENZA_NATS_CA")
     options: dict[str, Any] = {"user_credentials": creds} if creds else {}
+    if creds and (prefix := inbox_prefix(creds)):
+        options["inbox_prefix"] = prefix  # a client credential reads only its own inboxes
     if ca:
         options["tls"] = tls_context(ca)  # ValueError naming CADENZA_NATS_CA (the CLI checks it first)
     return options

@@ -38,6 +38,7 @@ from typing import Any
 
 import nkeys
 from cadenza.models import LIMITS_BUCKET
+from cadenza.nats import INBOX_PREFIX
 from cadenza.wire import (
     CLAIMS_BUCKET,
     CONTEXT_BUCKET,
@@ -164,9 +165,13 @@ def mint_user(keys: AuthKeys, name: str, permissions: Permissions, *, now: int |
     as nats-py's `user_credentials=` and the nats CLI read it. `name` is the identity the
     engine records (the JWT's `name`)."""
     seed = _new_seed(nkeys.PREFIX_BYTE_USER)
+    # `_INBOX.>` in a role's list means "its own replies": the inboxes named after this
+    # user's key (cadenza.nats.inbox_prefix), never everyone's.
+    own_inbox = f"{INBOX_PREFIX}{_public(seed)}.>"
+    subscribe = [own_inbox if subject == "_INBOX.>" else subject for subject in permissions.subscribe]
     claims = {
         "pub": {"allow": list(permissions.publish)},
-        "sub": {"allow": list(permissions.subscribe)},
+        "sub": {"allow": subscribe},
         "subs": _UNLIMITED,
         "data": _UNLIMITED,
         "payload": _UNLIMITED,
@@ -258,7 +263,7 @@ def agent_permissions(namespace: str, agent: str) -> Permissions:
         f"{api}.STREAM.NAMES",
     ]
     subscribe = [
-        "_INBOX.>",  # replies: pulled tasks, publish acks, KV reads, watches
+        "_INBOX.>",  # replies (pulled tasks, publish acks, KV reads): minted as its own inboxes only
         f"cadenza.cancel.{namespace}.*",
     ]
     return Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
