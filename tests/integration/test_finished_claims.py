@@ -130,3 +130,34 @@ async def test_an_agent_reads_no_run_record_only_its_runs_status(
     assert RUNS_BUCKET not in opened and RUN_STATUS_BUCKET in opened, opened
     assert seen == [{"phase": "Running"}]
     assert loads(status.value) == {"phase": "Succeeded"}
+
+
+async def test_a_run_without_a_budget_writes_no_status(fresh_nats: NatsServer) -> None:
+    """Its agents have no model call to refuse, and its claims say whether an attempt may
+    start: the status would be two writes per run (and one computed per decision) for nothing."""
+    from nats.js.errors import KeyNotFoundError
+
+    namespace = unique_namespace()
+    spec = WorkflowSpec.model_validate({"steps": [{"name": "a", "agent": "worker", "input": {"n": 1}}]})
+    wf = compile_workflow("plain", spec, namespace)
+    nc = await nats.connect(fresh_nats.url)
+    js = nc.jetstream()
+    engine = Engine(nc)
+    await engine.start()
+    await ensure_agent_consumer(js, namespace, "worker")
+    agent = Agent("worker")
+
+    @agent.handler
+    async def handle(task: Any) -> dict[str, Any]:
+        return {"ok": True}
+
+    try:
+        async with serving(agent, fresh_nats.url, namespace):
+            await engine.client.start(wf, {}, run_id="plain-1")
+            state = (await phases(engine.client, ["plain-1"], timeout=30))["plain-1"]
+            assert state is not None and state.phase == "Succeeded", state
+        with pytest.raises(KeyNotFoundError):
+            await (await js.key_value(RUN_STATUS_BUCKET)).get(run_status_key(namespace, "plain-1"))
+    finally:
+        await engine.stop()
+        await nc.close()

@@ -11,14 +11,23 @@ totals and the budgets a resume raised, with per step only what a budget needs.
 
 The engine writes it to `cadenza_run_status` under `<namespace>.<run>` (an agent's
 credential reads its namespace's) after the record commits and before the decision's
-tasks go out, so a task never finds a status older than its dispatch.
+tasks go out, so a task never finds a status older than its dispatch. Only runs with a
+budget have one (`has_budget`): for the others there is nothing a model call must be
+refused for, and whether an attempt may start is its claim's to say.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .definition import CompiledWorkflow
 from .state import RunState
+
+
+def has_budget(wf: CompiledWorkflow) -> bool:
+    """Whether the workflow caps usage (the run, a step, or onExit): its runs have a status."""
+    steps = [*wf.steps.values(), *([wf.on_exit] if wf.on_exit is not None else [])]
+    return wf.budget is not None or any(step.budget is not None for step in steps)
 
 
 def run_status(state: RunState) -> dict[str, Any]:
