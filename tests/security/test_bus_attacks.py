@@ -10,9 +10,11 @@ from typing import Any
 
 import nats
 import pytest
+from cadenza.models import LIMITS_BUCKET
 from cadenza.wire import (
     AUDIT_STREAM,
     CLAIMS_BUCKET,
+    RUN_STATUS_BUCKET,
     RUNS_BUCKET,
     TASKS_STREAM,
     claim_key,
@@ -185,3 +187,38 @@ async def test_agent_cannot_claim_another_agents_attempt(connect: Connect, bus: 
     theirs = f"$KV.{CLAIMS_BUCKET}.{claim_key(NS, 'b', 'r.s.1')}"
     await agent.nc.publish(theirs, b'"abandoned"')
     await agent.refused(theirs)
+
+
+@pytest.mark.parametrize("bucket", [CLAIMS_BUCKET, RUN_STATUS_BUCKET, LIMITS_BUCKET])
+async def test_agent_cannot_list_the_keys_of_buckets_namespaces_share(
+    connect: Connect, bus: dict[str, Any], bucket: str
+) -> None:
+    """A stream's info with a subjects filter lists every key: other namespaces' run ids,
+    task ids and Models. The SDK binds these buckets without asking (cadenza._kvbind)."""
+    agent = await connect(bus["agent_a"])
+    subject = f"$JS.API.STREAM.INFO.KV_{bucket}"
+    await agent.nc.publish(subject, json.dumps({"subjects_filter": ">"}).encode(), reply=agent.nc.new_inbox())
+    await agent.refused(subject)
+    # positive control: the engine may
+    info = await bus["engine"].nc.jetstream().stream_info(f"KV_{bucket}")
+    assert info.config.name == f"KV_{bucket}"
+
+
+async def test_an_agent_credential_uses_its_namespaces_model_limits(
+    connect: Connect, bus: dict[str, Any]
+) -> None:
+    """The positive control of the above for the limits: bound without stream info, the
+    agent's limiter takes and gives back a slot under its credential, nothing refused."""
+    from cadenza.models import ModelLimiter, ModelSpec
+
+    agent = await connect(bus["agent_a"])
+    spec = ModelSpec.from_spec(
+        "fast",
+        {"baseURL": "http://127.0.0.1:9/v1", "model": "m", "limits": {"requests": 5, "concurrency": 2}},
+        NS,
+    )
+    limiter = await ModelLimiter.open(agent.nc.jetstream(), spec, bound=True)
+    lease, waited = await limiter.acquire(10)
+    await limiter.release(lease, 12)
+    await agent.nc.flush()
+    assert waited >= 0 and agent.errors == []

@@ -31,6 +31,7 @@ from ._context import KVContext, record_writes
 from ._deadletter import MAX_DELIVERIES, dead_letter
 from ._errors import TaskError, failure_of
 from ._events import AttemptEvents
+from ._kvbind import bind
 from ._logging import configure_logging
 from ._protocol import (
     CLAIMS_BUCKET,
@@ -232,8 +233,9 @@ class Agent:
         ns = settings.namespace
         durable = consumer_name(ns, self.name)
         await self._ensure_consumer(js, durable, ns, settings.ack_wait, stop, create=not settings.nats_creds)
-        runs_kv = await _run_reads(js, ns)  # one read per burst of a run's tasks
-        models = ModelRegistry(load_model_specs(), js, loop)  # task.model(): limits shared in NATS
+        runs_kv = await _run_reads(js, ns, bool(settings.nats_creds))  # one read per burst of a run's tasks
+        # task.model(): limits shared in NATS
+        models = ModelRegistry(load_model_specs(), js, loop, bound=bool(settings.nats_creds))
         worker = f"{socket.gethostname()}:{os.getpid()}"
         heartbeat_every = max(0.2, settings.ack_wait / 3)
         claims_kv: Any = None  # bound at the first task
@@ -244,6 +246,8 @@ class Agent:
             from nats.js.errors import NotFoundError
 
             nonlocal claims_kv
+            if claims_kv is None and settings.nats_creds:
+                claims_kv = bind(js, CLAIMS_BUCKET)  # its keys are no business of ours (_kvbind)
             if claims_kv is None:
                 try:
                     claims_kv = await js.key_value(CLAIMS_BUCKET)
@@ -633,12 +637,15 @@ class _StatusReads:
             return _NoStatus()
 
 
-async def _run_reads(js: Any, namespace: str) -> Any:
+async def _run_reads(js: Any, namespace: str, credentials: bool = False) -> Any:
     """What `abandoned()` and the budget check read, by run id: the run's status; from an
     engine that writes none (no status bucket: one from before statuses, on an open bus),
-    the run record as before."""
+    the run record as before. With credentials, the bucket is bound without its stream
+    info (cadenza._kvbind): the engine that gave them created it."""
     from nats.js.errors import NotFoundError
 
+    if credentials:
+        return _StatusReads(bind(js, RUN_STATUS_BUCKET), namespace)
     try:
         return _StatusReads(await js.key_value(RUN_STATUS_BUCKET), namespace)
     except NotFoundError:

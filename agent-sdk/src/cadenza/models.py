@@ -282,9 +282,15 @@ class ModelLimiter:
         self._key = f"{spec.namespace}.{spec.name}"
 
     @classmethod
-    async def open(cls, js: Any, spec: ModelSpec) -> ModelLimiter:
+    async def open(cls, js: Any, spec: ModelSpec, bound: bool = False) -> ModelLimiter:
+        """The limiter of `spec`; `bound`: the bucket exists (the engine creates it) and is
+        bound without asking its stream's info, which an agent credential may not ask."""
         from nats.js.errors import BucketNotFoundError
 
+        from ._kvbind import bind
+
+        if bound:
+            return cls(bind(js, LIMITS_BUCKET), spec)
         try:
             kv = await js.key_value(LIMITS_BUCKET)
         except BucketNotFoundError:
@@ -355,10 +361,12 @@ class ModelRegistry:
         specs: dict[str, ModelSpec],
         js: Any = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        bound: bool = False,
     ) -> None:
         self.specs = specs
         self._js = js
         self._loop = loop
+        self._bound = bound  # bind the limits bucket without its stream info (cadenza._kvbind)
         self._limiters: dict[str, ModelLimiter] = {}
 
     @classmethod
@@ -382,7 +390,7 @@ class ModelRegistry:
         if self._js is None or not spec.limited:
             return None
         if spec.name not in self._limiters:
-            self._limiters[spec.name] = await ModelLimiter.open(self._js, spec)
+            self._limiters[spec.name] = await ModelLimiter.open(self._js, spec, bound=self._bound)
         return self._limiters[spec.name]
 
 

@@ -6,6 +6,7 @@ import contextlib
 import os
 from typing import Any
 
+from cadenza.models import LIMITS_BUCKET
 from cadenza.nats import SERVER_DELIVERY_SLACK, agent_consumer_config
 from cadenza.wire import (
     AUDIT_STREAM,
@@ -115,6 +116,9 @@ async def ensure_infrastructure(
         (TRIGGERS_BUCKET, 1, None),
         # What agents may know of a run (engine/run_status.py): kept as long as run records.
         (RUN_STATUS_BUCKET, 1, None),
+        # The Models' shared rate windows (cadenza.models): created here, as an agent with
+        # a credential may create no bucket.
+        (LIMITS_BUCKET, 1, None),
         # Claims of attempts with a queueTimeout (cadenza._claims): only needed while the
         # attempt can still be started or timed out, so they expire instead of growing.
         (CLAIMS_BUCKET, 1, CLAIM_MAX_AGE),

@@ -236,17 +236,16 @@ def agent_permissions(namespace: str, agent: str) -> Permissions:
         f"{api}.DIRECT.GET.KV_{CONTEXT_BUCKET}.$KV.{CONTEXT_BUCKET}.{namespace}.>",
         f"$KV.{CONTEXT_BUCKET}.{namespace}.>",
         f"{api}.CONSUMER.CREATE.KV_{CONTEXT_BUCKET}.*.$KV.{CONTEXT_BUCKET}.{namespace}.>",
+        # The claims, run status and limits buckets are bound without their stream info
+        # (cadenza._kvbind): asked with a subjects filter, it lists every namespace's keys.
         # claims: one per attempt, created before the handler starts, keyed
         # <namespace>.<agent>.<task id> (cadenza.wire.claim_key): its own Agent's only
-        f"{api}.STREAM.INFO.KV_{CLAIMS_BUCKET}",
         f"{api}.DIRECT.GET.KV_{CLAIMS_BUCKET}.$KV.{CLAIMS_BUCKET}.{namespace}.{agent}.>",
         f"$KV.{CLAIMS_BUCKET}.{namespace}.{agent}.>",
         # what an agent may know of a run (phase, budget), keyed <namespace>.<run>: its
         # namespace's only; the run records themselves (RUNS_BUCKET) stay the engine's
-        f"{api}.STREAM.INFO.KV_{RUN_STATUS_BUCKET}",
         f"{api}.DIRECT.GET.KV_{RUN_STATUS_BUCKET}.$KV.{RUN_STATUS_BUCKET}.{namespace}.>",
         # model rate windows, keyed <namespace>.<model>
-        f"{api}.STREAM.INFO.KV_{LIMITS_BUCKET}",
         f"{api}.DIRECT.GET.KV_{LIMITS_BUCKET}.$KV.{LIMITS_BUCKET}.{namespace}.>",
         f"$KV.{LIMITS_BUCKET}.{namespace}.>",
         # large inputs and outputs by reference: read and write objects of its namespace's
