@@ -11,6 +11,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -55,6 +56,18 @@ async def engine_with_triggers(url: str, started: list[str]) -> AsyncIterator[Tr
         await nc.close()
 
 
+async def publish_when_both_pull(js: Any, durable: str, subject: str) -> None:
+    """EVENTS events at once, once both engines wait on the workflow's trigger consumer
+    (so both take events at the same time)."""
+
+    async def both_pulling() -> bool:
+        return bool((await js.consumer_info(TRIGGERS_STREAM, durable)).num_waiting >= 2)
+
+    await poll(both_pulling, 60.0)
+    for i in range(EVENTS):
+        await js.publish(subject, json.dumps({"i": i}).encode())
+
+
 async def test_concurrent_trigger_events_on_two_engines_track_every_run(
     tmp_path: Path, fresh_nats: NatsServer
 ) -> None:
@@ -74,13 +87,7 @@ async def test_concurrent_trigger_events_on_two_engines_track_every_run(
         nc = await nats.connect(fresh_nats.url)
         js = nc.jetstream()
         try:
-
-            async def both_pulling() -> bool:
-                return bool((await js.consumer_info(TRIGGERS_STREAM, durable)).num_waiting >= 2)
-
-            await poll(both_pulling, 60.0)
-            for i in range(EVENTS):
-                await js.publish(subject, json.dumps({"i": i}).encode())
+            await publish_when_both_pull(js, durable, subject)
 
             async def all_handled() -> bool:
                 info = await js.consumer_info(TRIGGERS_STREAM, durable)
@@ -147,13 +154,7 @@ async def test_two_engines_never_admit_more_runs_than_the_policy_allows(
         nc = await nats.connect(fresh_nats.url)
         js = nc.jetstream()
         try:
-
-            async def both_pulling() -> bool:
-                return bool((await js.consumer_info(TRIGGERS_STREAM, durable)).num_waiting >= 2)
-
-            await poll(both_pulling, 60.0)
-            for i in range(EVENTS):
-                await js.publish(subject, json.dumps({"i": i}).encode())
+            await publish_when_both_pull(js, durable, subject)
 
             async def decided() -> bool:
                 info = await js.consumer_info(TRIGGERS_STREAM, durable)
