@@ -28,23 +28,25 @@ def _reasons(emulator: KubeEmulator, namespace: str, name: str) -> list[str]:
     ]
 
 
-async def test_a_run_id_annotation_from_another_namespace_neither_mirrors_approves_nor_cancels(
-    kube_emulator: KubeEmulator, operator: RunningOperator
-) -> None:
-    kube_emulator.create_object(WORKFLOWS, manifest("Workflow", "gated", GATED))
-    kube_emulator.create_object(WORKFLOWRUNS, manifest("WorkflowRun", "victim", {"workflowRef": "gated"}))
+async def waiting_at_gate(emulator: KubeEmulator, name: str) -> str:
+    """The run id of WorkflowRun `name`, once its step `gate` waits for an approval."""
     status = await wait_for(
         lambda: (
-            (s := status_of(kube_emulator, WORKFLOWRUNS, "victim"))
-            .get("steps", {})
-            .get("gate", {})
-            .get("phase")
+            (s := status_of(emulator, WORKFLOWRUNS, name)).get("steps", {}).get("gate", {}).get("phase")
             == "WaitingApproval"
             and s
         ),
         timeout=30,
     )
-    victim = str(status["runId"])
+    return str(status["runId"])
+
+
+async def test_a_run_id_annotation_from_another_namespace_neither_mirrors_approves_nor_cancels(
+    kube_emulator: KubeEmulator, operator: RunningOperator
+) -> None:
+    kube_emulator.create_object(WORKFLOWS, manifest("Workflow", "gated", GATED))
+    kube_emulator.create_object(WORKFLOWRUNS, manifest("WorkflowRun", "victim", {"workflowRef": "gated"}))
+    victim = await waiting_at_gate(kube_emulator, "victim")
 
     attack = {
         "cadenza.dev/run-id": victim,
@@ -123,18 +125,7 @@ async def test_approvers_are_checked_against_the_admitted_identity_users_and_gro
     spec = {"steps": [{"name": "gate", "approval": {"approvers": ["group:finance"]}}]}
     kube_emulator.create_object(WORKFLOWS, manifest("Workflow", "payout", spec))
     kube_emulator.create_object(WORKFLOWRUNS, manifest("WorkflowRun", "payout-1", {"workflowRef": "payout"}))
-    status = await wait_for(
-        lambda: (
-            (s := status_of(kube_emulator, WORKFLOWRUNS, "payout-1"))
-            .get("steps", {})
-            .get("gate", {})
-            .get("phase")
-            == "WaitingApproval"
-            and s
-        ),
-        timeout=30,
-    )
-    run = str(status["runId"])
+    run = await waiting_at_gate(kube_emulator, "payout-1")
 
     def decide(**annotations: str) -> None:
         kube_emulator.patch_object(
