@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cadenza import Agent, AgentSettings
+from cadenza_operator.engine.runtime import Engine
 from cadenza_operator.local.runner import RunOptions, execute
 from cadenza_operator.manifests import load
 
@@ -48,6 +49,25 @@ async def poll(probe: Callable[[], Awaitable[T | None]], timeout: float = 20.0) 
             return value
         assert loop.time() < deadline, f"not true within {timeout} s"
         await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running_engine(url: str, namespace: str, agent: str = "worker") -> AsyncIterator[Engine]:
+    """An engine started on a connection of its own, with `agent`'s task consumer created
+    (as the operator or `cadenza run` creates it before the agent's pods pull); stopped and
+    disconnected when the block ends. `engine.nc`, `engine.js` and `engine.client` serve the test."""
+    import nats
+    from cadenza_operator.engine.infra import ensure_agent_consumer
+
+    nc = await nats.connect(url)
+    engine = Engine(nc)
+    try:
+        await engine.start()
+        await ensure_agent_consumer(nc.jetstream(), namespace, agent)
+        yield engine
+    finally:
+        await engine.stop()
+        await nc.close()
 
 
 @contextlib.asynccontextmanager

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import nats
 import pytest
 from cadenza import Agent
 from cadenza import _agent as agent_module
@@ -27,12 +26,10 @@ from cadenza.wire import (
     task_subject,
 )
 from cadenza_operator.engine.definition import compile_workflow
-from cadenza_operator.engine.infra import ensure_agent_consumer
-from cadenza_operator.engine.runtime import Engine
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.models import WorkflowSpec
 
-from .harness import poll, serving, unique_namespace
+from .harness import poll, running_engine, serving, unique_namespace
 from .test_poison_and_timers import phases
 
 
@@ -42,11 +39,6 @@ async def test_a_finished_attempt_is_not_started_again(
     namespace = unique_namespace()
     spec = WorkflowSpec.model_validate({"steps": [{"name": "a", "agent": "worker", "input": {"n": 1}}]})
     wf = compile_workflow("once", spec, namespace)
-    nc = await nats.connect(fresh_nats.url)
-    js = nc.jetstream()
-    engine = Engine(nc)
-    await engine.start()
-    await ensure_agent_consumer(js, namespace, "worker")
 
     async def looks_current(runs_kv: Any, body: dict[str, Any]) -> str | None:
         return None
@@ -60,26 +52,23 @@ async def test_a_finished_attempt_is_not_started_again(
         starts.append(task.run_id)
         return {"ok": True}
 
-    async def drained() -> bool:
+    async def drained(js: Any) -> bool:
         info = await js.consumer_info(TASKS_STREAM, consumer_name(namespace, "worker"))
         return info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq >= 2
 
     run = "once-1"
-    try:
-        async with serving(agent, fresh_nats.url, namespace):
-            await engine.client.start(wf, {}, run_id=run)
-            state = (await phases(engine.client, [run], timeout=30))[run]
-            assert state is not None and state.phase == "Succeeded", state
-            claims = await js.key_value(CLAIMS_BUCKET)
-            key = claim_key(namespace, "worker", f"{run}.a.1")
-            assert (await claims.get(key)).value == b"abandoned"  # finished: nobody starts it again
-            again = {"run": run, "step": "a", "item": None, "attempt": 1, "input": {"n": 1}}
-            subject = task_subject(namespace, "worker")
-            await js.publish(subject, dumps(again), headers={"Nats-Msg-Id": "again"})
-            await poll(drained)
-    finally:
-        await engine.stop()
-        await nc.close()
+    async with running_engine(fresh_nats.url, namespace) as engine, serving(agent, fresh_nats.url, namespace):
+        js = engine.js
+        await engine.client.start(wf, {}, run_id=run)
+        state = (await phases(engine.client, [run], timeout=30))[run]
+        assert state is not None and state.phase == "Succeeded", state
+        claims = await js.key_value(CLAIMS_BUCKET)
+        key = claim_key(namespace, "worker", f"{run}.a.1")
+        assert (await claims.get(key)).value == b"abandoned"  # finished: nobody starts it again
+        again = {"run": run, "step": "a", "item": None, "attempt": 1, "input": {"n": 1}}
+        subject = task_subject(namespace, "worker")
+        await js.publish(subject, dumps(again), headers={"Nats-Msg-Id": "again"})
+        await poll(lambda: drained(js))
     assert starts == [run]
 
 
@@ -95,11 +84,6 @@ async def test_an_agent_reads_no_run_record_only_its_runs_status(
         {"budget": {"tokens": 1000}, "steps": [{"name": "a", "agent": "worker", "input": {"n": 1}}]}
     )
     wf = compile_workflow("status", spec, namespace)
-    nc = await nats.connect(fresh_nats.url)
-    js = nc.jetstream()
-    engine = Engine(nc)
-    await engine.start()
-    await ensure_agent_consumer(js, namespace, "worker")
     opened: list[str] = []
     key_value = JetStreamContext.key_value
 
@@ -107,7 +91,6 @@ async def test_an_agent_reads_no_run_record_only_its_runs_status(
         opened.append(bucket)
         return await key_value(self, bucket)
 
-    monkeypatch.setattr(JetStreamContext, "key_value", recording)
     seen: list[Any] = []
     agent = Agent("worker")
 
@@ -117,16 +100,14 @@ async def test_an_agent_reads_no_run_record_only_its_runs_status(
         return {"ok": True}
 
     run = "status-1"
-    try:
+    async with running_engine(fresh_nats.url, namespace) as engine:
+        monkeypatch.setattr(JetStreamContext, "key_value", recording)  # the agent's, from here
         async with serving(agent, fresh_nats.url, namespace):
             await engine.client.start(wf, {}, run_id=run)
             state = (await phases(engine.client, [run], timeout=30))[run]
             assert state is not None and state.phase == "Succeeded", state
-    finally:
         monkeypatch.undo()
-        status = await (await js.key_value(RUN_STATUS_BUCKET)).get(run_status_key(namespace, run))
-        await engine.stop()
-        await nc.close()
+        status = await (await engine.js.key_value(RUN_STATUS_BUCKET)).get(run_status_key(namespace, run))
     assert RUNS_BUCKET not in opened and RUN_STATUS_BUCKET in opened, opened
     assert seen == [{"phase": "Running"}]
     assert loads(status.value) == {"phase": "Succeeded"}
@@ -140,24 +121,16 @@ async def test_a_run_without_a_budget_writes_no_status(fresh_nats: NatsServer) -
     namespace = unique_namespace()
     spec = WorkflowSpec.model_validate({"steps": [{"name": "a", "agent": "worker", "input": {"n": 1}}]})
     wf = compile_workflow("plain", spec, namespace)
-    nc = await nats.connect(fresh_nats.url)
-    js = nc.jetstream()
-    engine = Engine(nc)
-    await engine.start()
-    await ensure_agent_consumer(js, namespace, "worker")
     agent = Agent("worker")
 
     @agent.handler
     async def handle(task: Any) -> dict[str, Any]:
         return {"ok": True}
 
-    try:
+    async with running_engine(fresh_nats.url, namespace) as engine:
         async with serving(agent, fresh_nats.url, namespace):
             await engine.client.start(wf, {}, run_id="plain-1")
             state = (await phases(engine.client, ["plain-1"], timeout=30))["plain-1"]
             assert state is not None and state.phase == "Succeeded", state
         with pytest.raises(KeyNotFoundError):
-            await (await js.key_value(RUN_STATUS_BUCKET)).get(run_status_key(namespace, "plain-1"))
-    finally:
-        await engine.stop()
-        await nc.close()
+            await (await engine.js.key_value(RUN_STATUS_BUCKET)).get(run_status_key(namespace, "plain-1"))

@@ -16,18 +16,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import nats
 import pytest
 from cadenza import Agent
 from cadenza import _agent as agent_module
 from cadenza.wire import TASKS_STREAM, consumer_name
 from cadenza_operator.engine.definition import compile_workflow
-from cadenza_operator.engine.infra import ensure_agent_consumer
-from cadenza_operator.engine.runtime import Engine
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.models import WorkflowSpec
 
-from .harness import poll, serving, unique_namespace
+from .harness import poll, running_engine, serving, unique_namespace
 from .test_poison_and_timers import phases
 
 STEPS = {
@@ -42,11 +39,6 @@ async def test_an_agent_never_starts_a_task_of_a_cancelled_run(
 ) -> None:
     namespace = unique_namespace()
     wf = compile_workflow("cancelled", WorkflowSpec.model_validate({"steps": [STEPS[shape]]}), namespace)
-    nc = await nats.connect(fresh_nats.url)
-    js = nc.jetstream()
-    engine = Engine(nc)
-    await engine.start()
-    await ensure_agent_consumer(js, namespace, "worker")
     run = f"cancel-{shape.lower()}"
 
     async def looks_current(runs_kv: Any, body: dict[str, Any]) -> str | None:
@@ -61,28 +53,23 @@ async def test_an_agent_never_starts_a_task_of_a_cancelled_run(
         starts.append((task.run_id, task.item))
         return {}
 
-    async def queued() -> int:
-        info = await js.consumer_info(TASKS_STREAM, consumer_name(namespace, "worker"))
-        return info.num_pending
+    async with running_engine(fresh_nats.url, namespace) as engine:
 
-    async def drained() -> bool:
-        info = await js.consumer_info(TASKS_STREAM, consumer_name(namespace, "worker"))
-        return info.num_pending == 0 and info.num_ack_pending == 0
+        async def queue() -> Any:
+            return await engine.js.consumer_info(TASKS_STREAM, consumer_name(namespace, "worker"))
 
-    try:
+        async def queued() -> bool:
+            return bool((await queue()).num_pending >= (5 if shape == "forEach" else 1))
+
+        async def drained() -> bool:
+            info = await queue()
+            return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
         await engine.client.start(wf, {}, run_id=run)
-        expected = 5 if shape == "forEach" else 1
-        await poll(lambda: _at_least(queued, expected))  # the tasks wait: no agent yet
+        await poll(queued)  # the tasks wait: no agent yet
         await engine.client.cancel(namespace, run, by="test")
         state = (await phases(engine.client, [run], timeout=30))[run]
         assert state is not None and state.phase == "Cancelled", state
         async with serving(agent, fresh_nats.url, namespace):
             await poll(drained)  # every task taken and settled
-    finally:
-        await engine.stop()
-        await nc.close()
     assert starts == []
-
-
-async def _at_least(probe: Any, n: int) -> bool:
-    return await probe() >= n
