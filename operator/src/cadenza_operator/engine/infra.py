@@ -99,14 +99,33 @@ async def ensure_infrastructure(
             duplicate_window=DUPLICATE_WINDOW,
             num_replicas=replicas,
         ),
+        # The audit trail: the engine publishes each committed decision's audit records
+        # here (cadenza.audit.<namespace>.<run>), from the run record's outbox, so a record
+        # reaches it however long the server was away. It used to source the runs bucket,
+        # whose few revisions per run were superseded before a stalled source copied them
+        # (records lost), and stored whole run records for AUDIT_MAX_AGE.
+        StreamConfig(
+            name=AUDIT_STREAM,
+            subjects=[AUDIT_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=AUDIT_MAX_AGE,
+            duplicate_window=DUPLICATE_WINDOW,
+            num_replicas=replicas,
+        ),
     ]
     for cfg in streams:
         # Only create what is missing: updating a stream or consumer that is in use makes
         # the server drop the pull requests other processes have waiting on it.
         try:
-            await js.stream_info(cfg.name)
+            info = await js.stream_info(cfg.name)
         except NotFoundError:
             await js.add_stream(cfg)
+            continue
+        if cfg.name == AUDIT_STREAM and info.config.sources:  # the sourcing trail of an earlier version
+            info.config.sources = None
+            info.config.subjects = [AUDIT_SUBJECTS]
+            await js.update_stream(info.config)
     for bucket, history, ttl in (
         (RUNS_BUCKET, RUNS_HISTORY, None),
         (OUTPUTS_BUCKET, 1, None),
@@ -144,29 +163,6 @@ async def ensure_infrastructure(
             continue
         if not info.config.allow_direct:  # a bucket an earlier version created
             info.config.allow_direct = True
-            await js.update_stream(info.config)
-    # The audit trail: the engine publishes each committed decision's audit records here
-    # (cadenza.audit.<namespace>.<run>), from the run record's outbox, so a record reaches
-    # it however long the server was away. It used to source the runs bucket, whose few
-    # revisions per run were superseded before a stalled source copied them (records lost)
-    # and which stored whole run records for AUDIT_MAX_AGE; such a stream is updated here.
-    audit = StreamConfig(
-        name=AUDIT_STREAM,
-        subjects=[AUDIT_SUBJECTS],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=AUDIT_MAX_AGE,
-        duplicate_window=DUPLICATE_WINDOW,
-        num_replicas=replicas,
-    )
-    try:
-        info = await js.stream_info(AUDIT_STREAM)
-    except NotFoundError:
-        await js.add_stream(audit)
-    else:
-        if info.config.sources or list(info.config.subjects or []) != [AUDIT_SUBJECTS]:
-            info.config.sources = None
-            info.config.subjects = [AUDIT_SUBJECTS]
             await js.update_stream(info.config)
     with contextlib.suppress(Exception):
         await js.create_object_store(
