@@ -182,15 +182,10 @@ async def _attempt(url: str, timeout: float, log: Any, options: dict[str, Any]) 
                 await nc.close()
 
 
-def inbox_prefix(creds_path: str) -> str | None:
-    """The reply-subject prefix a credential may subscribe to: `_INBOX_<its user key>`.
-
-    Every request's reply (a pulled task, a publish ack, a KV read, an object chunk) goes
-    to an inbox subject; a credential allowed `_INBOX.>` would receive everyone's. A
-    credential minted by Cadenza may subscribe only to the inboxes named after its own
-    user public key (security/nats_auth.mint_user), so a connection with it must make its
-    inboxes there (nats-py's `inbox_prefix`). None when the file holds no user JWT we can
-    read: the connection keeps nats-py's `_INBOX`."""
+def credential_claims(creds_path: str) -> dict[str, Any] | None:
+    """The claims of the user JWT in a .creds file (its `sub`, the user's public key, its
+    `name`, its permissions), read, not verified: the server verifies it. None when the
+    file holds no JWT we can read."""
     import base64
     import json
 
@@ -202,7 +197,19 @@ def inbox_prefix(creds_path: str) -> str | None:
         claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     except (OSError, ValueError, IndexError):
         return None
-    subject = claims.get("sub") if isinstance(claims, dict) else None
+    return claims if isinstance(claims, dict) else None
+
+
+def inbox_prefix(creds_path: str) -> str | None:
+    """The reply-subject prefix a credential may subscribe to: `_INBOX_<its user key>`.
+
+    Every request's reply (a pulled task, a publish ack, a KV read, an object chunk) goes
+    to an inbox subject; a credential allowed `_INBOX.>` would receive everyone's. A
+    credential minted by Cadenza may subscribe only to the inboxes named after its own
+    user public key (security/nats_auth.mint_user), so a connection with it must make its
+    inboxes there (nats-py's `inbox_prefix`). None when the file holds no user JWT we can
+    read: the connection keeps nats-py's `_INBOX`."""
+    subject = (credential_claims(creds_path) or {}).get("sub")
     return f"{INBOX_PREFIX}{subject}" if isinstance(subject, str) and subject.isalnum() else None
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from ._events import AttemptEvents
+from ._kvbind import bind
 from ._protocol import CONTEXT_BUCKET, dumps, loads
 
 CONTEXT_STREAM = f"KV_{CONTEXT_BUCKET}"
@@ -129,15 +130,11 @@ class KVContext(_SyncMixin):
         loop: asyncio.AbstractEventLoop | None = None,
         on_write: Callable[[str, int], None] | None = None,
     ) -> None:
-        from nats.js.kv import KeyValue
-
         self._nc = nc
         self._js = nc.jetstream()
-        # Direct gets by subject (the engine creates the bucket with allow_direct), writes
-        # on the key's own subject: what `js.key_value()` would bind, minus its stream info.
-        self._kv = KeyValue(
-            name=CONTEXT_BUCKET, stream=CONTEXT_STREAM, pre=f"$KV.{CONTEXT_BUCKET}.", js=self._js, direct=True
-        )
+        # Direct gets and writes on the key's own subject, without the stream info a
+        # namespace's credential may not ask for (cadenza._kvbind).
+        self._kv = bind(self._js, CONTEXT_BUCKET)
         self._prefix = context_key(namespace, scope, "")
         self._loop = loop
         self._on_write = on_write

@@ -32,6 +32,7 @@ from ._connect import (
     NatsUnreachable,
     connect_once,
     connect_until_stopped,
+    credential_claims,
     inbox_prefix,
     tls_context,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "claim_attempt",
     "connect_once",
     "connect_until_stopped",
+    "credential_claims",
     "dead_letter",
     "deliveries",
     "give_up_attempt",

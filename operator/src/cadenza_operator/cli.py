@@ -279,12 +279,9 @@ def _credential_user() -> str | None:
         return None
     import re
 
-    from .security.nats_auth import creds_jwt, decode_jwt
+    from cadenza.nats import credential_claims
 
-    try:
-        name = decode_jwt(creds_jwt(Path(path).read_text()))[1].get("name")
-    except (OSError, ValueError, IndexError, KeyError):  # not a .creds file of ours: no user
-        return None
+    name = (credential_claims(path) or {}).get("name")  # not a .creds file of ours: no user
     # one subject token, as client_permissions puts it in cadenza.control.<ns>.<user>
     return name if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]+", name) else None
 
