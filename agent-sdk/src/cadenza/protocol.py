@@ -133,6 +133,14 @@ class StartEvent(_Event):
     parent: dict[str, Any] | None = None
     scope: str | None = None
     requestedAt: float | None = None
+    retryOf: str | None = None
+    """The finished run this one retries (`cadenza retry`)."""
+    reuse: dict[str, dict[str, Any]] | None = None
+    """Steps of the retried run whose results this run takes as they are, by step name:
+    {"output": value} or {"outputRef": key, "items": n} (a forEach's or a large output,
+    kept where the retried run stored it)."""
+    by: str | None = None
+    """Who asked for the run (a retry's requester), the audit's actor."""
 
 
 class CancelEvent(_Event):

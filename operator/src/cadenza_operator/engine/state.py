@@ -72,6 +72,11 @@ class Attempt(_State):
     worker: str | None = None
     agent: str | None = None  # the Agent its events came from, verified by their subject
     usage: Usage | None = None
+    # sha256 (16 hex) of the rendered input and of the output, as canonical JSON (a value
+    # passed by reference: of the reference): `cadenza diagnose` groups attempts by input
+    # to find steps whose output differs for the same input.
+    inputHash: str | None = None
+    outputHash: str | None = None
 
 
 class Slot(_State):

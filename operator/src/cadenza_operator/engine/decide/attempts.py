@@ -23,7 +23,7 @@ from ..commands import Dispatch, StartChild
 from ..definition import CompiledStep
 from ..state import MAX_ATTEMPT_RECORDS, Attempt, Slot, Timer, Timing, attempt_stages
 from . import budget, foreach, graph
-from .context import Decider, ValueTooLarge, timer_id
+from .context import Decider, ValueTooLarge, timer_id, value_hash
 
 START_REPORT_AFTER = 0.25
 """Seconds after which an attempt with no timer still running reports its start."""
@@ -135,7 +135,9 @@ def dispatch(d: Decider, name: str, item: int | None, retry: bool = False) -> No
     if item is None:
         st.attempt = slot.attempt
         st.firstQueuedAt = st.firstQueuedAt or d.handled
-        st.attempts.append(Attempt(n=slot.attempt, readyAt=ready, queuedAt=d.handled))
+        st.attempts.append(
+            Attempt(n=slot.attempt, readyAt=ready, queuedAt=d.handled, inputHash=value_hash(payload))
+        )
         del st.attempts[:-MAX_ATTEMPT_RECORDS]
     if cs.kind == "workflow":
         child = d.child_id(name, item, slot.attempt)
@@ -244,6 +246,11 @@ def record_attempt(d: Decider, name: str, item: int | None, **fields: Any) -> No
                 if v is not None:
                     setattr(rec, k, v)
             return
+
+
+def record_output(d: Decider, name: str, output: Any) -> None:
+    """The hash of the step attempt's output (items keep counts only), beside its input's."""
+    record_attempt(d, name, None, outputHash=value_hash(output))
 
 
 def finish_attempt(

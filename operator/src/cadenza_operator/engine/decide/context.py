@@ -8,6 +8,8 @@ foreach, graph, lifecycle) are functions of it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -87,6 +89,22 @@ def whole(value: Any, least: int) -> bool:
 
 def json_size(value: Any) -> int:
     return len(dumps(value))  # the size it will have on the wire and in the record
+
+
+HASH_CHARS = 16
+"""Hex characters of an attempt's input and output hash: 64 bits, ample to tell apart the
+values of one step over any window `cadenza diagnose` reads."""
+
+
+def value_hash(value: Any) -> str:
+    """sha256 of a value's canonical JSON (sorted keys, compact), cut to HASH_CHARS.
+
+    A value passed by reference (`{REF_KEY: name}`, here or nested) is hashed as the
+    reference: its content is never read (a payload may be megabytes, and decide does no
+    I/O). References carry no digest of their content, so two runs passing the same large
+    value by reference hash differently: diagnose cannot compare those."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:HASH_CHARS]
 
 
 def timer_id(kind: str, name: str, item: int | None, attempt: int | None = None) -> str:

@@ -185,6 +185,7 @@ def on_result(d: Decider, ev: ResultEvent) -> None:
     attempts.finish_attempt(d, name, item, slot, "Succeeded", None)
     output = ev.output
     if item is None:
+        attempts.record_output(d, name, output)
         graph.succeed_step(d, name, output, "attempt succeeded")
     else:
         foreach.item_done(d, name, item, output, failed=False)
