@@ -19,6 +19,7 @@ Approvals, signals and cancellations go two ways:
 from __future__ import annotations
 
 import builtins
+import hashlib
 import time
 import uuid
 from typing import Any
@@ -37,14 +38,24 @@ from cadenza.wire import (
 
 from ..models import WorkflowSpec
 from .audit import read_audit
-from .control import control_subject
+from .control import control_subject, retry_refusal
+from .decide.reuse import reused_steps
 from .definition import CompiledWorkflow, compile_workflow, definition_document
 from .inputs import validate_input
+from .payloads import store_apart
 from .state import RunState
 
 
 class DefinitionNotFound(LookupError):
     """A workflow definition no engine has published (or one since removed)."""
+
+
+class RetryRefused(ValueError):
+    """A run that cannot be retried as asked: the message says why."""
+
+
+REUSE_INLINE_BYTES = 256 * 1024
+"""Reused outputs a retry's start event carries inline; larger ones go to the outputs bucket."""
 
 
 def new_run_id(workflow: str) -> str:
@@ -122,8 +133,14 @@ class RunClient:
         parent: dict[str, Any] | None = None,
         scope: str | None = None,
         requested_at: float | None = None,
+        retry_of: str | None = None,
+        reuse: dict[str, dict[str, Any]] | None = None,
+        by: str | None = None,
     ) -> str:
         """Validate the input, then start the run; return its id. Idempotent for a given run_id.
+
+        `retry_of` and `reuse`: the run this one retries and the results of its steps taken
+        as they are (`retry_run` computes them; engine/decide/reuse.py applies them).
 
         `requested_at` is when the run was asked for, if it waited before this call (a
         trigger event held back by maxActiveRuns): its first steps count as ready from then.
@@ -153,9 +170,74 @@ class RunClient:
         }
         if requested_at is not None:
             body["requestedAt"] = requested_at
+        if retry_of is not None:
+            body.update(retryOf=retry_of, reuse=reuse or {})
+        if by is not None:
+            body["by"] = by
         body["input"] = await offload_payload(self.js, f"{run}.input", input, namespace=wf.namespace)
         await self.pub.publish(event_subject(wf.namespace, run), dumps(body), {"Nats-Msg-Id": f"start:{run}"})
         return run
+
+    async def retry(
+        self, namespace: str, run: str, from_step: str | None = None, *, by: str, key: str | None = None
+    ) -> str:
+        """Start a new run of `run`'s definition and input that reuses the outputs of the
+        steps it finished well and runs the others again (with `from_step`, that step and
+        what depends on it too); return the new run's id. RetryRefused (naming the run or
+        the step) for a run of another namespace, one not finished, an unknown step.
+        The same `key` starts the same run once, however often it is asked for."""
+        state = await self.get(run)
+        if state is None or state.namespace != namespace:
+            raise RetryRefused(f"no run {run} in namespace {namespace}")
+        wf = await self.definition(state.definition)
+        refused = retry_refusal(state, wf, from_step)
+        if refused is not None:
+            raise RetryRefused(refused)
+        return await self.retry_run(state, from_step=from_step, by=by, key=key)
+
+    async def retry_run(
+        self, state: RunState, *, from_step: str | None = None, by: str, key: str | None = None
+    ) -> str:
+        """`retry` of a run already checked (`control.retry_refusal`): the engine's control
+        responder calls it once it has read and checked the record."""
+        wf = await self.definition(state.definition)
+        seed = f"{state.run}\0{from_step or ''}\0{key if key is not None else uuid.uuid4().hex}"
+        new = f"{wf.name}-{hashlib.sha256(seed.encode()).hexdigest()[:10]}"
+        reuse: dict[str, dict[str, Any]] = {}
+        inline = 0
+        for name in reused_steps(state, wf, from_step):
+            st = state.steps[name]
+            if st.outputRef is not None:
+                # Kept where the retried run stored it: a forEach's items, a large output.
+                taken: dict[str, Any] = {"outputRef": st.outputRef}
+                if st.forEach is not None:
+                    taken["items"] = st.forEach.total
+            else:
+                size = len(dumps(st.output))
+                inline += size
+                taken = {"output": st.output}
+                if inline > REUSE_INLINE_BYTES:  # the start event must stay one message
+                    ref = f"{new}.{name}"
+                    await store_apart(self.js, self.pub, ref, st.output, state.namespace)
+                    taken = {"outputRef": ref}
+                    inline -= size
+            reuse[name] = taken
+        return await self.start(
+            wf,
+            await self._run_input(state),
+            run_id=new,
+            retry_of=state.run,
+            reuse=reuse,
+            by=by,
+        )
+
+    async def _run_input(self, state: RunState) -> Any:
+        """A run's input as a new run can be given it: the value, or the object-store
+        reference a large one is kept under (not copied)."""
+        if state.inputRef is None:
+            return state.input
+        entry = await self.outputs_kv.get(state.inputRef)
+        return loads(entry.value)
 
     async def get(self, run: str) -> RunState | None:
         """The run's committed record, or None for a run the bucket does not hold."""

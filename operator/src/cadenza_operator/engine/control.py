@@ -41,7 +41,7 @@ CONTROL_PREFIX = "cadenza.control"
 CONTROL_SUBJECTS = f"{CONTROL_PREFIX}.>"  # <namespace>, or <namespace>.<user> (a credential's)
 CONTROL_QUEUE = "cadenza-engines"
 """The queue group every engine's responder joins: one answer per request."""
-OPERATIONS = frozenset({"approve", "signal", "cancel", "resume"})
+OPERATIONS = frozenset({"approve", "signal", "cancel", "resume", "retry"})
 
 
 def control_subject(namespace: str, user: str | None = None) -> str:
@@ -72,6 +72,8 @@ def refusal(request: dict[str, Any], state: RunState | None, wf: CompiledWorkflo
     run, namespace = request.get("run"), request.get("namespace", "default")
     if state is None or state.namespace != namespace:
         return f"no run {run} in namespace {namespace}"
+    if request.get("op") == "retry":
+        return retry_refusal(state, wf, request.get("from"))
     if state.terminal:
         return f"run {run} already {state.phase}"
     op = request.get("op")
@@ -96,6 +98,22 @@ def refusal(request: dict[str, Any], state: RunState | None, wf: CompiledWorkflo
             return f"run {run} already received signal {name}"
         return None
     return f"unknown command {op!r}"
+
+
+def retry_refusal(state: RunState, wf: CompiledWorkflow | None, from_step: Any = None) -> str | None:
+    """Why the run cannot be retried (from `from_step`), or None: only a finished run can,
+    and the step to start again from must be one of its workflow's."""
+    if not state.terminal:
+        return (
+            f"run {state.run} is {state.phase}: only a finished run (Succeeded, Failed, Cancelled) "
+            "can be retried; cancel it first"
+        )
+    if from_step is not None:
+        if wf is None:  # pragma: no cover - the caller loads it for retry
+            return f"run {state.run}: its workflow definition could not be read"
+        if not isinstance(from_step, str) or from_step not in wf.steps:
+            return f"--from {from_step}: workflow {wf.name} has no such step (steps: {', '.join(wf.order)})"
+    return None
 
 
 def _approval_refusal(request: dict[str, Any], state: RunState, wf: CompiledWorkflow) -> str | None:
@@ -179,15 +197,27 @@ class ControlResponder:
         client = self.engine.client
         state = await client.get(run)
         wf = None
-        if state is not None and op in ("approve", "signal"):
+        if state is not None and op in ("approve", "signal", "retry"):
             wf = await client.definition(state.definition)
         error = refusal(request, state, wf)
         by = str(request.get("by") or "cli")
         if error is not None:
             log.info("control request refused", op=op, run=run, namespace=namespace, by=by, reason=error)
-            return {"ok": False, "error": error, "phase": state.phase if state else None}
+            # Another namespace's run is not there for this client: not even its phase.
+            mine = state is not None and state.namespace == namespace
+            return {"ok": False, "error": error, "phase": state.phase if mine and state else None}
         reply: dict[str, Any] = {"ok": True, "run": run}
-        if op == "approve":
+        if op == "retry" and state is not None:
+            from_step = request.get("from")
+            key = request.get("key")
+            new = await client.retry_run(
+                state, from_step=from_step, by=by, key=key if isinstance(key, str) else None
+            )
+            reply["newRun"] = new
+            reply["message"] = f"retry of {run} started: run {new}" + (
+                f" (again from step {from_step})" if from_step else ""
+            )
+        elif op == "approve":
             approved = bool(request.get("approved", True))
             await client.approve(
                 namespace, run, str(request["step"]), approved, by=by, comment=request.get("comment")

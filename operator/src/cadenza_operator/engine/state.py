@@ -186,6 +186,7 @@ class RunState(_State):
     exitPhase: RunPhase | None = None  # the phase to finish with once onExit is done
     cancelledBy: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    retryOf: str | None = None  # the finished run this one retries, reusing its succeeded steps
     auditSeq: int = 0
     usage: Usage | None = None
     usageSeen: list[str] = Field(default_factory=list)  # the last MAX_USAGE_IDS usage ids

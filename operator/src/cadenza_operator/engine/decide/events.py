@@ -26,7 +26,7 @@ from cadenza.protocol import (
 )
 
 from ..state import Timer
-from . import attempts, budget, foreach, graph, lifecycle, timers
+from . import attempts, budget, foreach, graph, lifecycle, reuse, timers
 from .context import CONTEXT_KEY, Decider, whole
 
 
@@ -50,6 +50,7 @@ def on_start(d: Decider, ev: StartEvent) -> None:
         d.arm("deadline", Timer(at=d.now + d.wf.deadline, kind="deadline"))
     for name in d.wf.order:
         d.st(name)
+    reuse.reuse_steps(d, ev)
 
 
 def on_cancel(d: Decider, ev: CancelEvent) -> None:
