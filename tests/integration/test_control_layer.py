@@ -313,8 +313,13 @@ spec:
 
 
 def _sample(name: str, labels: dict[str, str]) -> float:
-    value = REGISTRY.get_sample_value(name, labels)
-    return value or 0.0
+    """Summed over the labels not given (the run's workload_namespace among them)."""
+    return sum(
+        s.value
+        for m in REGISTRY.collect()
+        for s in m.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )
 
 
 async def test_metrics_split_waiting_from_executing_and_count_retries(

@@ -3,7 +3,7 @@ outcome, rate-limit wait, latency) becomes cadenza_model_requests_total,
 cadenza_model_ratelimit_wait_seconds and cadenza_model_latency_seconds, once per usage
 id (a redelivered event is not counted again), with the outcome label held to a fixed set.
 Events go through `decide` as the engine feeds it and the metrics are observed as the
-engine observes them (`metrics.observe_model_calls(decision.calls)`)."""
+engine observes them (`metrics.observe_model_calls(namespace, decision.calls)`)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from .helpers import Driver, agent_step, compile_spec
 
 
 def _value(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return REGISTRY.get_sample_value(name, {"workload_namespace": "default", **labels}) or 0.0
 
 
 def _send_usage(d: Driver, model: str, call: str, **measured: Any) -> None:
     t = d.task("a")
     body = {"type": "usage", "step": "a", "item": None, "attempt": t.attempt, "id": call, "model": model}
     decision = d.send({**body, "inputTokens": 3, "outputTokens": 2, **measured})
-    metrics.observe_model_calls(decision.calls)  # what Engine._observe does with a decision
+    metrics.observe_model_calls("default", decision.calls)  # what Engine._observe does
 
 
 def test_usage_events_are_observed_once_per_call() -> None:
@@ -51,7 +51,7 @@ def test_a_failed_call_counts_its_requests_and_no_tokens() -> None:
     t = d.task("a")
     body = {"type": "usage", "step": "a", "item": None, "attempt": t.attempt, "id": "f1", "model": model}
     decision = d.send({**body, "requests": {"error": 6}, "waited": 0.0, "latency": 0.01})
-    metrics.observe_model_calls(decision.calls)
+    metrics.observe_model_calls("default", decision.calls)
     assert _value("cadenza_model_requests_total", model=model, outcome="error") == 6
     assert d.state.usage is not None and d.state.usage.tokens == 0 and d.state.usage.calls == 1
 

@@ -37,7 +37,16 @@ from cadenza.nats import (
     resolve_payload,
     stored_at,
 )
-from cadenza.protocol import AttemptEvent, Event, FailedEvent, StartEvent, TaskFailure, TimerEvent
+from cadenza.protocol import (
+    AttemptEvent,
+    Event,
+    FailedEvent,
+    RunPhase,
+    StartEvent,
+    StepPhase,
+    TaskFailure,
+    TimerEvent,
+)
 from cadenza.wire import (
     CLAIMS_BUCKET,
     EVENTS_STREAM,
@@ -411,6 +420,7 @@ class Engine:
                     events = [ev for ev in events if id(ev) not in rejected]
             await self._claim_queue_timers(state, events, wf)
             was_running = state.running_attempts()  # before decide, which works on `state`
+            was_waiting = waits_on_someone(state, wf)
             armed_before = {tid: t.at for tid, t in state.timers.items()}
             decision = await self._decide_all(state, events, wf, cached)
             if rejected:
@@ -469,7 +479,7 @@ class Engine:
                 await self.pub.kv_put(
                     TIMERS_BUCKET, run, dumps({"ns": new.namespace, "timers": armed, "rev": revision})
                 )
-            self._observe(new, events, decision)
+            self._observe(new, events, decision, was_waiting, wf)
             for listener in self._listeners:
                 result = listener(new)
                 if asyncio.iscoroutine(result):
@@ -903,45 +913,80 @@ class Engine:
         return fired
 
     # ------------------------------------------------------------------- metrics
-    def _observe(self, state: RunState, events: list[Event], decision: Decision) -> None:
-        wf = state.workflow
+    def _observe(
+        self,
+        state: RunState,
+        events: list[Event],
+        decision: Decision,
+        was_waiting: bool,
+        compiled: CompiledWorkflow,
+    ) -> None:
+        # Every series about the run carries its namespace (metrics.NS): behind a
+        # ServiceMonitor the operator's own namespace would otherwise stand for all of them.
+        ns, wf = state.namespace, state.workflow
         for timed_out in decision.timed_out:  # counted where it is decided, once per attempt
-            metrics.child(metrics.STEP_TIMEOUTS, wf, timed_out).inc()
+            metrics.child(metrics.STEP_TIMEOUTS, ns, wf, timed_out).inc()
         for rec in decision.audit:
             step, old, new = rec.get("step"), rec.get("from"), rec.get("to")
             if step is None:
                 if new == "Running" and old == "Pending":
-                    metrics.child(metrics.RUNS_STARTED, wf).inc()
-                    metrics.child(metrics.ACTIVE_RUNS, wf).inc()
+                    metrics.child(metrics.RUNS_STARTED, ns, wf).inc()
+                    metrics.child(metrics.ACTIVE_RUNS, ns, wf).inc()
                 elif new in ("Succeeded", "Failed", "Cancelled") and old != new:
-                    metrics.child(metrics.RUNS_FINISHED, wf, new).inc()
-                    metrics.child(metrics.ACTIVE_RUNS, wf).dec()
+                    metrics.child(metrics.RUNS_FINISHED, ns, wf, new).inc()
+                    metrics.child(metrics.ACTIVE_RUNS, ns, wf).dec()
                     if state.startedAt and state.finishedAt:
-                        metrics.child(metrics.RUN_DURATION, wf).observe(state.finishedAt - state.startedAt)
+                        duration = state.finishedAt - state.startedAt
+                        metrics.child(metrics.RUN_DURATION, ns, wf).observe(duration)
                 continue
             if rec.get("retry"):
-                metrics.child(metrics.STEP_RETRIES, wf, step).inc()
+                metrics.child(metrics.STEP_RETRIES, ns, wf, step).inc()
             # Only a change of phase moves the gauge: an ignored decision (a non-approver, a
             # duplicate) is audited as WaitingApproval -> WaitingApproval and changes nothing.
             if old != new and new == "WaitingApproval":
-                metrics.child(metrics.PENDING_APPROVALS, wf).inc()
+                metrics.child(metrics.PENDING_APPROVALS, ns, wf).inc()
             elif old != new and old == "WaitingApproval":
-                metrics.child(metrics.PENDING_APPROVALS, wf).dec()
+                metrics.child(metrics.PENDING_APPROVALS, ns, wf).dec()
+        # Like the active runs, moved where the run changes: the record before and after
+        # this decision say it, whichever engine decided the previous one.
+        waiting = waits_on_someone(state, compiled)
+        if waiting != was_waiting:
+            metrics.child(metrics.RUNS_WAITING, ns, wf).inc(1 if waiting else -1)
         for ev in events:
             if isinstance(ev, FailedEvent) and ev.error.type == "PoisonTask":
                 metrics.child(metrics.DEAD_LETTERS, TASKS_STREAM, "deliveries").inc()
         for model, input_tokens, output_tokens, cost in decision.usage:
-            ns, name = state.namespace, model[:63]
+            name = model[:63]
             metrics.child(metrics.MODEL_TOKENS, ns, wf, name, "input").inc(input_tokens)
             metrics.child(metrics.MODEL_TOKENS, ns, wf, name, "output").inc(output_tokens)
             metrics.child(metrics.MODEL_COST, ns, wf, name).inc(cost)
-        metrics.observe_model_calls(decision.calls)
+        metrics.observe_model_calls(ns, decision.calls)
         for step, scheduling, queued, executing in decision.timings:
-            metrics.child(metrics.STEP_SCHEDULING, wf, step).observe(scheduling)
-            metrics.child(metrics.STEP_QUEUE, wf, step).observe(queued)
-            metrics.child(metrics.STEP_WAITING, wf, step).observe(scheduling + queued)
+            metrics.child(metrics.STEP_SCHEDULING, ns, wf, step).observe(scheduling)
+            metrics.child(metrics.STEP_QUEUE, ns, wf, step).observe(queued)
+            metrics.child(metrics.STEP_WAITING, ns, wf, step).observe(scheduling + queued)
             if executing is not None:
-                metrics.child(metrics.STEP_EXECUTION, wf, step).observe(executing)
+                metrics.child(metrics.STEP_EXECUTION, ns, wf, step).observe(executing)
+
+
+def waits_on_someone(state: RunState, wf: CompiledWorkflow) -> bool:
+    """The run is active but has nothing to do until someone acts: it is Paused by its
+    budget, or every step still going waits for an approval or a signal (no attempt is
+    queued, running or backing off). Such a run is not stuck (`cadenza_runs_waiting`)."""
+    if state.phase == RunPhase.PAUSED:
+        return True
+    if state.phase != RunPhase.RUNNING:
+        return False
+    waiting = False
+    for name, st in state.steps.items():
+        if st.phase == StepPhase.WAITING_APPROVAL:
+            waiting = True
+        elif st.phase == StepPhase.RUNNING:
+            cs = wf.steps.get(name)
+            if cs is None or cs.kind != "signal":
+                return False  # an attempt (or a sub-run) that should be progressing
+            waiting = True
+    return waiting
 
 
 def _overdue_timers(data: bytes | None, before: float) -> list[tuple[str, float, str]]:
