@@ -52,6 +52,7 @@ from ._protocol import (
 from ._publish import Publisher
 from ._pull import PullConsumer, agent_consumer_config
 from ._reads import SharedReads
+from ._runlog import MAX_LINES, attempt_log
 from ._task import Task
 from ._usage import record_usage
 from .models import ModelRegistry, load_model_specs
@@ -92,6 +93,9 @@ class AgentSettings:
     max_value_bytes: int = MAX_VALUE_BYTES
     """CADENZA_MAX_VALUE_BYTES: the largest output (as JSON) a handler may return; a larger
     one fails the attempt (ValueTooLarge) instead of being sent on."""
+    run_log_lines: int = MAX_LINES
+    """CADENZA_RUN_LOG_LINES: lines of `task.log` one attempt sends to the run's log
+    (`cadenza logs`), besides stderr; past it, one record counts the lines dropped. 0: none."""
     parent_pid: int | None = None
     """CADENZA_PARENT_PID: the process that started this one (`cadenza run`/`dev` set it);
     when it is gone (killed with SIGKILL, which it cannot pass on), the agent stops as on
@@ -124,6 +128,7 @@ class AgentSettings:
             max_value_bytes=int(
                 number("CADENZA_MAX_VALUE_BYTES", cls.max_value_bytes) or cls.max_value_bytes
             ),
+            run_log_lines=int(number("CADENZA_RUN_LOG_LINES", cls.run_log_lines) or 0),
             parent_pid=int(number("CADENZA_PARENT_PID", None) or 0) or None,
         )
 
@@ -318,6 +323,7 @@ class Agent:
             task._models = models
             task._usage = functools.partial(record_usage, events)
             task._budget = guard_for(body, runs_kv.get)  # None (no reads) for a run without a budget
+            task._runlog = attempt_log(pub.publish, ns, self.name, worker, task, loop, settings.run_log_lines)
             try:
                 why = await self._currency(runs_kv, body, msg) if self._may_be_stale(body, msg) else None
             except Exception as exc:
@@ -418,6 +424,8 @@ class Agent:
                 msg_id = f"{event['type']}:{outcome_id}"
                 # Durable first, then the ack: a crash in between redelivers the task and
                 # the duplicate result is dropped by Nats-Msg-Id and by the engine.
+                if task._runlog is not None and task._runlog.used:
+                    await task._runlog.close()  # the run's log is complete once the outcome is in
                 await events.settle()  # the context writes and usage come before the outcome
                 await self._publish_outcome(pub, subject, dumps(event), msg_id, stop, log)
                 await msg.ack()

@@ -22,6 +22,8 @@ TASK_SUBJECTS = "cadenza.task.>"
 EVENT_SUBJECTS = "cadenza.event.>"
 DEAD_LETTER_SUBJECTS = "cadenza.dead.>"
 AUDIT_SUBJECTS = "cadenza.audit.>"
+LOGS_STREAM = "CADENZA_LOGS"  # limits (age and size): what handlers log through task.log, per attempt
+LOG_SUBJECTS = "cadenza.log.>"
 
 TERMINAL_RUN_PHASES = frozenset({"Succeeded", "Failed", "Cancelled"})
 
@@ -95,6 +97,21 @@ def cancel_subject(namespace: str, run: str) -> str:
 def audit_subject(namespace: str, run: str) -> str:
     """Where the engine publishes a run's audit records (AUDIT_STREAM)."""
     return f"cadenza.audit.{namespace}.{run}"
+
+
+def log_subject(namespace: str, agent: str, run: str, step: str, item: int | None, attempt: int) -> str:
+    """Where an attempt's `task.log` lines go (LOGS_STREAM). The agent comes before the run,
+    at a fixed token, so a credential can pin it (`cadenza.log.<ns>.<agent>.>`) whatever
+    the run id holds; the run is one token (`log_token`) so a reader can filter on it."""
+    return (
+        f"cadenza.log.{namespace}.{agent}.{log_token(run)}.{step}.{'-' if item is None else item}.{attempt}"
+    )
+
+
+def log_token(run: str) -> str:
+    """A run id as one subject token: a run id may hold dots (engine/state.py RUN_ID),
+    never `~`, so the mapping is one to one."""
+    return run.replace(".", "~")
 
 
 def consumer_name(namespace: str, agent: str) -> str:

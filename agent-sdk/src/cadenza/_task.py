@@ -13,6 +13,7 @@ from ._context import KVContext, MemoryContext
 
 if TYPE_CHECKING:
     from ._budget import BudgetGuard
+    from ._runlog import AttemptLog
     from .models import Model, ModelRegistry, Usage
 
 
@@ -41,6 +42,7 @@ class Task:
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _models: ModelRegistry | None = field(default=None, repr=False)
     _budget: BudgetGuard | None = field(default=None, repr=False)  # None: the run has no budget
+    _runlog: AttemptLog | None = field(default=None, repr=False)  # None: stderr only (cadenza.testing)
 
     def __post_init__(self) -> None:
         if self.log is None:
@@ -117,7 +119,11 @@ class _LazyLogger:
         if self._bound is None:
             t = self._task
             extra = {"item": t.item} if t.item is not None else {}
-            self._bound = structlog.get_logger("cadenza.task").bind(
-                run=t.run_id, step=t.step, attempt=t.attempt, agent=t.agent, **extra
+            # With a run log, each line also goes to the run's log stream (cadenza._runlog).
+            base = (
+                structlog.get_logger("cadenza.task")
+                if t._runlog is None
+                else t._runlog.logger("cadenza.task")
             )
+            self._bound = base.bind(run=t.run_id, step=t.step, attempt=t.attempt, agent=t.agent, **extra)
         return getattr(self._bound, name)

@@ -382,6 +382,37 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    """What the run's handlers logged through task.log (observe/runlogs.py)."""
+    from .observe.runlogs import LogsRequestError, show_logs
+
+    def write(line: str) -> None:
+        # plain writes: user data is never read as rich markup, nor wrapped when piped
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    async def show(js: Any) -> None:
+        await show_logs(
+            js,
+            args.namespace,
+            args.run,
+            args.step,
+            args.attempt,
+            follow=args.follow,
+            output=args.output,
+            write=write,
+        )
+
+    try:
+        asyncio.run(_with_js(args.nats, show))
+    except LogsRequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_OK
+
+
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     from .engine.deadletters import read_dead_letters
 
@@ -720,6 +751,19 @@ def build_parser() -> argparse.ArgumentParser:
         "print the decisions taken for a run (or every run with '>'); exit 1 for an unknown run",
     )
     aud.add_argument("--output", choices=["text", "json"], default="text")
+
+    logs = run_command(
+        "logs",
+        cmd_logs,
+        "print what a run's handlers logged (task.log), of one STEP when given; exit 2 for an unknown run",
+    )
+    logs.add_argument("step", nargs="?", help="only this step's lines")
+    logs.add_argument("--attempt", type=int, metavar="N", help="only attempt N (from 1)")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="print new lines as they come until the run ends"
+    )
+    logs.add_argument("--output", choices=["text", "json"], default="text", help="json: one object per line")
+    logs.add_argument("-n", dest="namespace", default="default", help="the run's namespace (as --namespace)")
 
     dead = sub.add_parser("dead-letters", help="list tasks and events given up on, with the reason")
     nats_option(dead)

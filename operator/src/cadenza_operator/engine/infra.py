@@ -19,6 +19,8 @@ from cadenza.wire import (
     DEFINITIONS_BUCKET,
     EVENT_SUBJECTS,
     EVENTS_STREAM,
+    LOG_SUBJECTS,
+    LOGS_STREAM,
     OUTPUTS_BUCKET,
     PAYLOADS_STORE,
     RUN_STATUS_BUCKET,
@@ -39,6 +41,13 @@ ENGINE_MAX_DELIVERIES = 20
 event also comes back when its engine dies or NATS restarts mid-batch, and a nak after a
 failed batch waits longer each time (see runtime), so 20 spans minutes of outage."""
 DUPLICATE_WINDOW = 600.0  # seconds JetStream remembers a Nats-Msg-Id
+LOGS_MAX_AGE = 72 * 3600.0
+"""Seconds the run logs (LOGS_STREAM) are kept by default (CADENZA_LOGS_MAX_AGE)."""
+LOGS_MAX_BYTES = 512 * 1024 * 1024
+"""Bytes the run logs may take by default (CADENZA_LOGS_MAX_BYTES); the oldest go first."""
+LOGS_MAX_MSG_BYTES = 64 * 1024
+"""The largest log record the stream stores: above what an agent sends (cadenza._runlog
+cuts a record at 16 KiB), so only a client bypassing the SDK meets it."""
 RUNS_HISTORY = 8
 """Revisions the runs bucket keeps per run (the audit trail no longer reads them)."""
 
@@ -63,9 +72,12 @@ async def ensure_infrastructure(
     replicas: int = 1,
     engine_ack_wait: float = 30.0,
     engine_max_deliveries: int = ENGINE_MAX_DELIVERIES,
+    logs_max_age: float = LOGS_MAX_AGE,
+    logs_max_bytes: int = LOGS_MAX_BYTES,
 ) -> None:
     """Create (or bring up to date) every stream, bucket and the engine's consumer."""
     from nats.js.api import (
+        DiscardPolicy,
         KeyValueConfig,
         ObjectStoreConfig,
         RetentionPolicy,
@@ -113,6 +125,20 @@ async def ensure_infrastructure(
             duplicate_window=DUPLICATE_WINDOW,
             num_replicas=replicas,
         ),
+        # What handlers log through task.log, per attempt (cadenza._runlog): bounded by
+        # age and size, the oldest dropped first, so a chatty agent costs disk, not an outage.
+        StreamConfig(
+            name=LOGS_STREAM,
+            subjects=[LOG_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=logs_max_age,
+            max_bytes=logs_max_bytes,
+            max_msg_size=LOGS_MAX_MSG_BYTES,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=min(DUPLICATE_WINDOW, logs_max_age),
+            num_replicas=replicas,
+        ),
     ]
     for cfg in streams:
         # Only create what is missing: updating a stream or consumer that is in use makes
@@ -122,6 +148,13 @@ async def ensure_infrastructure(
         except NotFoundError:
             await js.add_stream(cfg)
             continue
+        if cfg.name == LOGS_STREAM and (info.config.max_age, info.config.max_bytes) != (
+            cfg.max_age,
+            cfg.max_bytes,
+        ):  # its limits changed (settings): nobody holds a pull request on it to lose
+            info.config.max_age, info.config.max_bytes = cfg.max_age, cfg.max_bytes
+            info.config.duplicate_window = cfg.duplicate_window
+            await js.update_stream(info.config)
         if cfg.name == AUDIT_STREAM and info.config.sources:  # the sourcing trail of an earlier version
             info.config.sources = None
             info.config.subjects = [AUDIT_SUBJECTS]

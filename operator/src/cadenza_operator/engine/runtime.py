@@ -228,6 +228,8 @@ class Engine:
             self.js,
             engine_ack_wait=self.settings.ack_wait,
             engine_max_deliveries=self.settings.max_deliveries,
+            logs_max_age=self.settings.logs_max_age,
+            logs_max_bytes=self.settings.logs_max_bytes,
         )
         await self.client.open()
         self.kv = self.client.kv

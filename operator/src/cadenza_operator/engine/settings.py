@@ -15,7 +15,7 @@ from cadenza.wire import MAX_VALUE_BYTES
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .infra import ENGINE_MAX_DELIVERIES
+from .infra import ENGINE_MAX_DELIVERIES, LOGS_MAX_AGE, LOGS_MAX_BYTES
 
 
 class SettingsError(ValueError):
@@ -89,6 +89,18 @@ class EngineSettings(BaseSettings):
     """CADENZA_MAX_VALUE_BYTES: the largest value (run input, step input, run output) as
     JSON. A larger input is rejected at start, a larger rendered step input or run output
     fails its step or run: the engine holds such a value in memory a few times over."""
+
+    logs_max_age: float = Field(
+        LOGS_MAX_AGE, gt=0, validation_alias=_env("logs_max_age", "CADENZA_LOGS_MAX_AGE")
+    )
+    """CADENZA_LOGS_MAX_AGE: seconds the run logs (`cadenza logs`, what handlers log through
+    task.log) are kept; older records are removed. Applied to the stream at start."""
+
+    logs_max_bytes: int = Field(
+        LOGS_MAX_BYTES, gt=0, validation_alias=_env("logs_max_bytes", "CADENZA_LOGS_MAX_BYTES")
+    )
+    """CADENZA_LOGS_MAX_BYTES: the disk the run logs may take; past it the oldest records go
+    first, so a chatty agent can never fill the server's JetStream storage."""
 
     def __init__(self, **values: Any) -> None:
         try:
