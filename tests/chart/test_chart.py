@@ -785,7 +785,7 @@ def test_grafana_dashboard_configmap() -> None:
     by_phase = [e for e in exprs if "cadenza_runs_finished_total" in e]
     assert any("by (phase)" in e for e in by_phase)
     queue_depth = [e for e in exprs if "cadenza_agent_pending_tasks" in e]
-    assert any("by (agent)" in e for e in queue_depth)
+    assert any("sum by (workload_namespace, agent)" in e for e in queue_depth)
     # Grafana legend templates survive Helm (the file is copied, not templated).
     assert "{{phase}}" in configmap["data"]["cadenza.json"]
     # The chart file and the rendered ConfigMap are the same JSON.
@@ -798,8 +798,8 @@ def test_grafana_dashboard_has_a_models_row_on_the_operators_model_metrics() -> 
 
     _, dashboard = _dashboard(render({"grafana": {"dashboard": {"enabled": True}}}))
     rows = [p for p in dashboard["panels"] if p["type"] == "row"]
-    assert [r["title"] for r in rows] == ["Models: tokens and cost"]
-    below = [p for p in dashboard["panels"] if p["gridPos"]["y"] > rows[0]["gridPos"]["y"]]
+    assert [r["title"] for r in rows] == ["Engine and operator", "Models: tokens and cost"]
+    below = [p for p in dashboard["panels"] if p["gridPos"]["y"] > rows[-1]["gridPos"]["y"]]
     exprs = [t["expr"] for p in below for t in p.get("targets", [])]
     exported = {
         m._name: isinstance(m, Histogram)
@@ -838,12 +838,17 @@ def test_prometheus_rule_alerts() -> None:
         "CadenzaRunsStuck",
         "CadenzaEngineEventLagHigh",
         "CadenzaAgentQueueGrowing",
+        "CadenzaStepRetryRateHigh",
     }
     failure = alerts["CadenzaRunFailureRateHigh"]["expr"]
     assert 'cadenza_runs_finished_total{phase="Failed"}' in failure and failure.rstrip().endswith("> 0.25")
     assert "cadenza_active_runs" in alerts["CadenzaRunsStuck"]["expr"]
     assert "cadenza_runs_finished_total" in alerts["CadenzaRunsStuck"]["expr"]
-    assert "cadenza_engine_event_lag_seconds" in alerts["CadenzaEngineEventLagHigh"]["expr"]
+    assert "cadenza_runs_waiting" in alerts["CadenzaRunsStuck"]["expr"]
+    assert "rate(cadenza_engine_event_lag_seconds_bucket[5m])" in alerts["CadenzaEngineEventLagHigh"]["expr"]
+    retry = alerts["CadenzaStepRetryRateHigh"]
+    assert "cadenza_step_retries_total" in retry["expr"] and retry["expr"].rstrip().endswith("> 0.2")
+    assert retry["for"] == "15m"
     assert "deriv(cadenza_agent_pending_tasks[10m])" in alerts["CadenzaAgentQueueGrowing"]["expr"]
     assert alerts["CadenzaAgentQueueGrowing"]["for"] == "15m"
     for alert in alerts.values():

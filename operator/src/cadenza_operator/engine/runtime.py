@@ -934,6 +934,7 @@ class Engine:
                 if new == "Running" and old == "Pending":
                     metrics.child(metrics.RUNS_STARTED, ns, wf).inc()
                     metrics.child(metrics.ACTIVE_RUNS, ns, wf).inc()
+                    metrics.child(metrics.RUNS_WAITING, ns, wf)  # the series, at 0 until one waits
                 elif new in ("Succeeded", "Failed", "Cancelled") and old != new:
                     metrics.child(metrics.RUNS_FINISHED, ns, wf, new).inc()
                     metrics.child(metrics.ACTIVE_RUNS, ns, wf).dec()
