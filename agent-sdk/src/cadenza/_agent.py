@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from . import _payloads
+from . import _payloads, _tracing
 from ._ackinfo import deliveries, stored_at
 from ._budget import guard_for
 from ._claims import Claim, claim
@@ -195,11 +195,14 @@ class Agent:
         watch = (
             loop.create_task(self._stop_when_gone(settings.parent_pid, stop)) if settings.parent_pid else None
         )
+        traced = _tracing.setup(self.name)  # off (and nothing imported) unless OTEL_* asks
         try:
             await self._serve(settings, stop, concurrency)
         finally:
             if watch is not None:
                 watch.cancel()
+            if traced:
+                await asyncio.to_thread(_tracing.shutdown)  # the spans still queued are sent
 
     async def _stop_when_gone(self, pid: int, stop: asyncio.Event) -> None:
         """Set `stop` once process `pid` is gone, polled each second: this process was
@@ -394,7 +397,8 @@ class Agent:
                 deadline = asyncio.timeout(task.timeout)
                 try:
                     async with deadline:
-                        output = await self.call(task)
+                        with _tracing.handler_span(self.name, task, body.get("traceparent")):
+                            output = await self.call(task)
                     output = await _payloads.offload(
                         js,
                         f"{key}.output",

@@ -58,6 +58,7 @@ from typing import Any
 
 import aiohttp
 
+from . import _tracing
 from ._errors import FatalError, RetryableError
 
 __all__ = [
@@ -431,9 +432,11 @@ class Model:
             return _total_tokens(raw.get("usage"))
 
         call = _Measure()
-        await self._send(body, read, call)
+        with _tracing.model_call(self.spec.name, self.spec.model) as span:
+            await self._send(body, read, call)
+            usage = self._usage(raw.get("usage"), call)
+            span.usage(usage.input_tokens, usage.output_tokens, usage.cost)
         message = (raw.get("choices") or [{}])[0].get("message") or {}
-        usage = self._usage(raw.get("usage"), call)
         self._record(usage)
         return ChatResponse(text=str(message.get("content") or ""), usage=usage, raw=raw)
 
@@ -474,15 +477,18 @@ class Model:
             finally:
                 await queue.put(None)
 
-        caller = asyncio.create_task(call())
-        try:
-            while (piece := await queue.get()) is not None:
-                yield piece
-            await caller  # raises the call's error, if any
-        finally:
-            if not caller.done():
-                caller.cancel()
-        self._record(self._usage(last_usage, measure))
+        with _tracing.model_call(self.spec.name, self.spec.model) as span:
+            caller = asyncio.create_task(call())
+            try:
+                while (piece := await queue.get()) is not None:
+                    yield piece
+                await caller  # raises the call's error, if any
+            finally:
+                if not caller.done():
+                    caller.cancel()
+            usage = self._usage(last_usage, measure)
+            span.usage(usage.input_tokens, usage.output_tokens, usage.cost)
+        self._record(usage)
 
     def chat_sync(self, messages: list[dict[str, Any]], **params: Any) -> ChatResponse:
         """`chat` for a sync handler (which runs in a worker thread, outside the event loop)."""

@@ -84,6 +84,7 @@ from .provenance import step_agent
 from .run_status import has_budget, run_status
 from .settings import EngineSettings
 from .state import RUN_ID, RunState
+from .tracing import Tracer, traceparent
 
 log = structlog.get_logger("cadenza.engine")
 
@@ -215,6 +216,8 @@ class Engine:
         self._sweeper: asyncio.Task[None] | None = None
         self._control: ControlResponder | None = None  # answers `cadenza approve|signal|cancel`
         self._background: set[asyncio.Task[Any]] = set()
+        self.tracer = Tracer.from_env()
+        """Makes the spans of committed decisions (engine/tracing.py); None: traces are off."""
         self.kv: Any = None
         self.outputs_kv: Any = None
         self.defs_kv: Any = None
@@ -269,6 +272,8 @@ class Engine:
         if workers:
             await asyncio.wait(workers, timeout=5)
         await self.pub.close()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.flush)  # what is queued is sent (and it may start again)
 
     def on_state(self, listener: StateListener) -> None:
         """Call `listener` with every run state this engine writes.
@@ -714,7 +719,7 @@ class Engine:
         records = list(audit or ())
         for cmd in todo:
             if isinstance(cmd, commands.Dispatch | commands.Publish):
-                jobs.append(self._publish(cmd, state.namespace))
+                jobs.append(self._publish(cmd, state.namespace, self._traceparent(state, cmd)))
             elif isinstance(cmd, commands.CancelTasks):
                 jobs.append(self.nc.publish(cmd.subject, dumps(cmd.body)))
             elif isinstance(cmd, commands.StartChild):
@@ -723,12 +728,24 @@ class Engine:
                 records.extend(cmd.records)
         if records:
             jobs.append(self._audit(state, records, committed))
+            if self.tracer is not None:  # the spans the committed decision finished
+                self.tracer.emit(state, records)
         if len(jobs) == 1:
             await jobs[0]  # the usual case (one task to send): no gather, which wraps it in a task
         elif jobs:
             await asyncio.gather(*jobs)
 
-    async def _publish(self, cmd: commands.Dispatch | commands.Publish, namespace: str) -> None:
+    def _traceparent(self, state: RunState, cmd: commands.Dispatch | commands.Publish) -> str | None:
+        """The trace context of a task (the attempt's span), when traces are on: added
+        here, not by decide, so that a task carries none when they are off."""
+        if self.tracer is None or not isinstance(cmd, commands.Dispatch):
+            return None
+        body = cmd.body
+        return traceparent(state, body["step"], body.get("item"), body["attempt"])
+
+    async def _publish(
+        self, cmd: commands.Dispatch | commands.Publish, namespace: str, trace: str | None = None
+    ) -> None:
         body = cmd.body
         if isinstance(cmd, commands.Dispatch):
             # A secret of this dispatch: the agent's outcome carries it in its Nats-Msg-Id
@@ -737,6 +754,8 @@ class Engine:
             # duplicate. A task published again (an outbox carried out again) gets another
             # nonce, but within JetStream's duplicate window only the first is stored.
             body = {**body, "nonce": secrets.token_hex(8)}
+            if trace is not None:
+                body["traceparent"] = trace
         data = dumps(body)
         if isinstance(cmd, commands.Dispatch) and len(data) > OFFLOAD_BYTES:
             offloaded = await offload_payload(
