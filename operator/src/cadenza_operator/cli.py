@@ -413,6 +413,160 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class UnknownRun(ValueError):
+    """A RUN argument that names no run: neither a run id the runs bucket holds nor, with a
+    kubeconfig, a WorkflowRun whose run was started (exit 2, like any bad argument)."""
+
+
+def resolve_run(args: argparse.Namespace) -> str:
+    """The run id a command's RUN argument means: the id itself when the engine's runs
+    bucket holds it, else (a kubeconfig configured: --kubeconfig, $KUBECONFIG or
+    ~/.kube/config) the run of the WorkflowRun of that name in --namespace. Every command
+    taking RUN goes through here (main() calls it); UnknownRun otherwise."""
+    from .engine.client import RunClient
+    from .kube.lookup import LookupFailed, configured_kubeconfig, workflowrun_run_id
+
+    run, namespace = args.run, args.namespace
+    if run == ">":  # audit: every run of the namespace
+        return str(run)
+    known: list[bool] = []
+
+    async def look(nc: Any) -> None:
+        known.append(await (await RunClient(nc).open()).get(run) is not None)
+
+    asyncio.run(_with_nc(args.nats, look))
+    if known and known[0]:
+        return str(run)
+    kubeconfig = configured_kubeconfig(getattr(args, "kubeconfig", None))
+    if kubeconfig is None:
+        raise UnknownRun(
+            f"no run {run} in namespace {namespace}: the engine holds no run of that id (to look "
+            "up a WorkflowRun of that name, configure a kubeconfig: --kubeconfig, $KUBECONFIG "
+            "or ~/.kube/config)"
+        )
+    try:
+        found = asyncio.run(workflowrun_run_id(kubeconfig, namespace, run))
+    except LookupFailed as exc:
+        raise UnknownRun(f"no run {run}, and no WorkflowRun could be looked up: {exc}") from None
+    if found is None:
+        raise UnknownRun(f"no run {run} in namespace {namespace}: neither a run id nor a started WorkflowRun")
+    return found
+
+
+def _read_runs(args: argparse.Namespace, fn: Any) -> None:
+    """Run `fn(client)` on an opened RunClient; a credential that may not read what it needs
+    is told so (a client credential reads records by key only)."""
+    from .engine.client import RunClient
+
+    async def go(nc: Any) -> None:
+        client = await RunClient(nc).open()
+        await fn(client)
+
+    asyncio.run(_with_nc(args.nats, go))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import time
+
+    from nats.errors import TimeoutError as NatsTimeout
+
+    from .engine.view import run_view
+    from .observe.listing import RunFilter, parse_since, row, run_table
+    from .observe.terminal import show
+
+    if args.limit < 1:
+        print(f"error: --limit {args.limit}: not a number of runs above 0", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    now = time.time()
+    wanted = RunFilter(
+        namespace=None if args.all_namespaces else args.namespace,
+        workflow=args.workflow,
+        phase=args.phase,
+        since=since,
+    )
+    views: list[Any] = []
+
+    async def read(client: Any) -> None:
+        states = await client.recent(wanted.namespace, args.limit, lambda s: wanted.keeps(run_view(s), now))
+        views.extend(run_view(s) for s in states)
+
+    try:
+        _read_runs(args, read)
+    except NatsTimeout:
+        print(
+            "error: cadenza list reads every run record through a consumer on the runs bucket "
+            "(KV_cadenza_runs), which this credential may not create; a client credential reads "
+            "runs by id only: use `cadenza get RUN`, or an engine's or admin's credential",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
+    if args.output == "json":
+        print(json.dumps([row(v, now) for v in views], indent=2, default=str))
+        return EXIT_OK
+    if not views:
+        where = "any namespace" if args.all_namespaces else f"namespace {args.namespace}"
+        print(f"no runs in {where}", file=sys.stderr)
+        return EXIT_OK
+    show(run_table(views, wide=args.output == "wide", namespaces=args.all_namespaces, now=now))
+    return EXIT_OK
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    import time
+
+    from .engine.view import document, run_view
+    from .observe.terminal import show
+    from .observe.tree import run_tree
+
+    found: list[Any] = []
+
+    async def read(client: Any) -> None:
+        state = await client.get(args.run)
+        if state is not None:
+            found.extend([state, await client.outputs(state) if args.output == "json" else None])
+
+    _read_runs(args, read)
+    if not found or found[0].namespace != args.namespace:
+        where = f" (run {args.run} is in namespace {found[0].namespace})" if found else ""
+        print(f"error: no run {args.run} in namespace {args.namespace}{where}", file=sys.stderr)
+        return EXIT_INVALID
+    state, outputs = found
+    view = run_view(state)
+    if args.output == "json":
+        print(json.dumps({**document(view), "outputs": outputs}, indent=2, default=str))
+    else:
+        show(run_tree(view, now=time.time()))
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    import uuid
+
+    if args.from_step is not None:  # a bad --from is a bad argument (exit 2), not a refusal
+        steps: list[str] = []
+
+        async def read(client: Any) -> None:
+            state = await client.get(args.run)
+            if state is not None and state.namespace == args.namespace:
+                steps.extend((await client.definition(state.definition)).order)
+
+        _read_runs(args, read)
+        if steps and args.from_step not in steps:
+            print(
+                f"error: --from {args.from_step}: run {args.run} has no such step "
+                f"(steps: {', '.join(steps)})",
+                file=sys.stderr,
+            )
+            return EXIT_INVALID
+    request = {"op": "retry", "by": args.by, "from": args.from_step, "key": uuid.uuid4().hex}
+    return _control(args, request)
+
+
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     from .engine.deadletters import read_dead_letters
 
@@ -623,6 +777,15 @@ ENV_FILE_HELP = (
 )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cadenza")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cadenza",
@@ -630,6 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=STEP_SEMANTICS,
     )
+    parser.add_argument("--version", action="version", version=f"cadenza {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
@@ -704,7 +868,13 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(positional)
         nats_option(cmd)
         cmd.add_argument("--namespace", default="default")
-        cmd.set_defaults(fn=fn)
+        cmd.add_argument(
+            "--kubeconfig",
+            metavar="FILE",
+            help="look RUN up as a WorkflowRun name with this kubeconfig when it is no run id "
+            "(default: $KUBECONFIG, else ~/.kube/config if present)",
+        )
+        cmd.set_defaults(fn=fn, resolve_run=True)  # main() turns RUN into a run id (resolve_run)
         return cmd
 
     def engine_command(name: str, fn: Any, helptext: str, *positionals: str) -> argparse.ArgumentParser:
@@ -748,7 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
     aud = run_command(
         "audit",
         cmd_audit,
-        "print the decisions taken for a run (or every run with '>'); exit 1 for an unknown run",
+        "print the decisions taken for a run (or every run with '>'); exit 2 for an unknown run",
     )
     aud.add_argument("--output", choices=["text", "json"], default="text")
 
@@ -764,6 +934,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     logs.add_argument("--output", choices=["text", "json"], default="text", help="json: one object per line")
     logs.add_argument("-n", dest="namespace", default="default", help="the run's namespace (as --namespace)")
+
+    lst = sub.add_parser("list", help="list runs, newest first (like argo list)")
+    nats_option(lst)
+    lst.add_argument("-n", "--namespace", default="default", help="the runs of this namespace (default)")
+    lst.add_argument("-A", "--all-namespaces", action="store_true", help="the runs of every namespace")
+    lst.add_argument("--workflow", metavar="NAME", help="only runs of this workflow")
+    lst.add_argument("--phase", metavar="PHASE", help="only runs in this phase (Running, Failed, ...)")
+    lst.add_argument("--since", metavar="DURATION", help="only runs created this recently: 90s, 15m, 1h, 2d")
+    lst.add_argument("--limit", type=int, default=500, help="show the newest N (default 500)")
+    lst.add_argument("--output", "-o", choices=["text", "wide", "json"], default="text")
+    lst.set_defaults(fn=cmd_list)
+
+    get = run_command(
+        "get",
+        cmd_get,
+        "show a run as a tree of steps: phases, attempts, waiting vs executing, usage, messages",
+    )
+    get.add_argument("-n", dest="namespace", default="default", help="the run's namespace (as --namespace)")
+    get.add_argument("--output", "-o", choices=["text", "json"], default="text")
+
+    rt = engine_command(
+        "retry",
+        cmd_retry,
+        "start a finished run again as a new run that reuses the outputs of its steps that "
+        "succeeded and re-runs the others and what depends on them",
+    )
+    rt.add_argument(
+        "--from",
+        dest="from_step",
+        metavar="STEP",
+        help="re-run STEP and what depends on it too, even if they succeeded",
+    )
+    rt.add_argument("-n", dest="namespace", default="default", help="the run's namespace (as --namespace)")
+    rt.add_argument("--by", default="cli")
 
     dead = sub.add_parser("dead-letters", help="list tasks and events given up on, with the reason")
     nats_option(dead)
@@ -842,7 +1046,12 @@ def main(argv: list[str] | None = None) -> int:
     from .engine.settings import SettingsError
 
     try:
+        if getattr(args, "resolve_run", False):
+            args.run = resolve_run(args)
         code: int = args.fn(args)
+    except UnknownRun as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     except NatsUnreachable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

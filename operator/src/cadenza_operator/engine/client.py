@@ -264,6 +264,37 @@ class RunClient:
                 runs.append(state)
         return runs
 
+    async def recent(
+        self, namespace: str | None = None, limit: int = 500, keep: Any = None
+    ) -> builtins.list[RunState]:
+        """The newest `limit` runs (of `namespace`, when given; those `keep(state)` accepts),
+        newest first: one pass over the bucket's current values (an ordered consumer), not
+        one read per key. Needs a consumer on the runs bucket, which a client credential
+        may not create (nats.errors.TimeoutError then)."""
+        import heapq
+
+        watcher = await self.kv.watch(">", include_history=False, ignore_deletes=True)
+        newest: builtins.list[tuple[float, str, RunState]] = []
+        try:
+            async for entry in watcher:
+                if entry is None:  # every current value delivered
+                    break
+                if not entry.value:
+                    continue
+                state = RunState.from_bytes(entry.value)
+                if namespace is not None and state.namespace != namespace:
+                    continue
+                if keep is not None and not keep(state):
+                    continue
+                item = (state.createdAt, state.run, state)
+                if len(newest) < limit:
+                    heapq.heappush(newest, item)
+                elif item[:2] > newest[0][:2]:
+                    heapq.heapreplace(newest, item)
+        finally:
+            await watcher.stop()
+        return [state for _, _, state in sorted(newest, key=lambda i: i[:2], reverse=True)]
+
     async def outputs(self, state: RunState) -> Any:
         """The run's outputs, loaded from where they are kept when too large for the record."""
         from nats.js.errors import KeyNotFoundError

@@ -113,6 +113,8 @@ class RunView:
     """Summed over the steps' finished attempts (`run_timing`)."""
     usage: Usage = field(default_factory=Usage)
     """Model usage the run's attempts recorded."""
+    retry_of: str | None = None
+    """The run this one retries (`cadenza retry`), reusing what it finished well."""
 
     @property
     def terminal(self) -> bool:
@@ -188,6 +190,7 @@ def run_view(state: RunState) -> RunView:
         steps={name: step_view(name, st) for name, st in state.steps.items()},
         timing=run_timing(state),
         usage=state.usage or Usage(),
+        retry_of=state.retryOf,
     )
 
 
@@ -290,4 +293,4 @@ def document(view: RunView) -> dict[str, Any]:
         "timing": timing_doc(view.timing),
         "usage": usage_doc(view.usage),
         "steps": {name: step_document(s) for name, s in view.steps.items()},
-    }
+    } | ({"retryOf": view.retry_of} if view.retry_of else {})
