@@ -132,27 +132,35 @@ class AttemptLog:
             "n": n,
             "fields": {},
         }
-        budget = MAX_RECORD_BYTES - len(dumps(record)) - 64  # room for the marker below
+        budget = MAX_RECORD_BYTES - len(dumps(record)) - 128  # room for the marker below
         fields: dict[str, Any] = record["fields"]
-        cut: list[str] = []
+        cut = 0
         for key, value in event_dict.items():
             if key in _OWN_KEYS:
                 continue
             text = dumps(value)  # JSON-safe: what JSON cannot hold becomes a string
             kept = value
-            if len(text) > MAX_TEXT:
-                kept = truncate(text.decode(errors="replace"))
+            # a long value is cut to what the record has room for (at most MAX_TEXT), with
+            # its marker; one with no room left is left out and counted
+            room = min(MAX_TEXT, budget - len(key) - 80)
+            if len(text) + len(key) + 4 > budget or len(text) > MAX_TEXT:
+                if room < 16:
+                    cut += 1
+                    continue
+                kept = truncate(text.decode(errors="replace"), room)
                 text = dumps(kept)
-            if len(text) + len(key) + 4 > budget:
-                cut.append(str(key))
-                continue
             budget -= len(text) + len(key) + 4
             fields[str(key)] = kept
         if cut:
-            fields["truncated"] = (
-                f"{len(cut)} values left out: the record is limited to {MAX_RECORD_BYTES} bytes"
-            )
-        return dumps(record)
+            fields["truncated"] = f"{cut} values left out: the record is limited to {MAX_RECORD_BYTES} bytes"
+        data = dumps(record)
+        if len(data) > MAX_RECORD_BYTES:  # characters of several bytes each, cut by count
+            record["event"] = truncate(record["event"], MAX_TEXT // 8)
+            record["fields"] = {
+                "truncated": f"values left out: the record is limited to {MAX_RECORD_BYTES} bytes"
+            }
+            data = dumps(record)
+        return data
 
     def _send(self, data: bytes) -> None:
         try:
