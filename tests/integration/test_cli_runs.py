@@ -67,8 +67,9 @@ async def test_list_get_and_retry_from_the_command_line(nats_server: NatsServer)
     failing = {"loud"}
     nats = ("--nats", nats_server.url)
     ns = (*nats, "-n", namespace)
-    async with running_engine(nats_server.url, namespace) as engine, serving(
-        worker(calls, failing), nats_server.url, namespace
+    async with (
+        running_engine(nats_server.url, namespace) as engine,
+        serving(worker(calls, failing), nats_server.url, namespace),
     ):
         client = engine.client
         first = await client.start(wf, {"v": 3})

@@ -173,10 +173,12 @@ def applied(result: subprocess.CompletedProcess[str], message: str) -> None:
 async def test_commands_on_an_unknown_run_are_refused(runs: Runs, one_engine: str) -> None:
     ns = ("--nats", one_engine, "--namespace", runs.namespace)
     missing = f"no run nosuch-run in namespace {runs.namespace}"
-    refused(await cli("approve", "nosuch-run", "gate", *ns), missing)
-    refused(await cli("signal", "nosuch-run", "go", *ns), missing)
-    refused(await cli("cancel", "nosuch-run", *ns), missing)
-    refused(await cli("audit", "nosuch-run", *ns), missing)
+    # A RUN that names no run at all is a bad argument (exit 2), said before any engine is asked.
+    for args in (("approve", "nosuch-run", "gate"), ("signal", "nosuch-run", "go"), ("cancel", "nosuch-run")):
+        unknown = await cli(*args, *ns)
+        assert unknown.returncode == EXIT_INVALID and missing in unknown.stderr, unknown
+    unknown = await cli("audit", "nosuch-run", *ns)
+    assert unknown.returncode == EXIT_INVALID and missing in unknown.stderr, unknown
     # A run of another namespace is not one of this namespace's.
     run = await runs.start()
     elsewhere = ("--nats", one_engine, "--namespace", "elsewhere")

@@ -199,13 +199,14 @@ async def test_an_unknown_run_or_step_name_is_exit_2(stack: dict[str, Any]) -> N
     ns, url = stack["namespace"], stack["url"]
     missing = await asyncio.to_thread(logs, url, ns, "no-such-run-123")
     assert missing.returncode == 2
-    assert "no run 'no-such-run-123'" in missing.stderr and "Traceback" not in missing.stderr
-    bad_step = await asyncio.to_thread(logs, url, ns, "no-such-run-123", "not a step")
-    assert bad_step.returncode == 2 and "'not a step' is not a step name" in bad_step.stderr
+    # RUN is resolved for every command taking one (cli.resolve_run), before logs reads anything
+    assert f"no run no-such-run-123 in namespace {ns}" in missing.stderr and "Traceback" not in missing.stderr
     engine = stack["engine"]
     wf = compile_workflow("chatty", WorkflowSpec.model_validate(GATED), ns)
     run = await engine.client.start(wf, {})
     (stack["gates"] / run).touch()
     await finished(engine, run)
+    bad_step = await asyncio.to_thread(logs, url, ns, run, "not a step")
+    assert bad_step.returncode == 2 and "'not a step' is not a step name" in bad_step.stderr
     elsewhere = await asyncio.to_thread(cadenza, "logs", run, "--nats", url, "-n", "another")
     assert elsewhere.returncode == 2 and f"it is in namespace {ns}" in elsewhere.stderr

@@ -2,7 +2,8 @@
 
 Exit codes: 0 the run Succeeded (or the command worked); 1 the run Failed or was
 Cancelled, or a command was refused (an unknown or finished run, a step not waiting);
-2 invalid manifests or input, with a message naming file, object and field;
+2 invalid manifests or input, with a message naming file, object and field, or a RUN that
+names no run (neither a run id nor, with a kubeconfig, a WorkflowRun: `resolve_run`);
 3 NATS could not be reached (`cannot reach NATS at URL: reason`, after one bounded attempt),
 or no engine answered a command that needs one.
 """
