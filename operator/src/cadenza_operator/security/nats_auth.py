@@ -43,6 +43,7 @@ from cadenza.wire import (
     CLAIMS_BUCKET,
     CONTEXT_BUCKET,
     DEFINITIONS_BUCKET,
+    LOGS_STREAM,
     OUTPUTS_BUCKET,
     RUN_STATUS_BUCKET,
     RUNS_BUCKET,
@@ -226,6 +227,9 @@ def agent_permissions(namespace: str, agent: str) -> Permissions:
         f"$JS.ACK.{TASKS_STREAM}.{durable}.>",
         # its attempt events (result, failed, heartbeat, started, usage, context writes)
         f"cadenza.event.{namespace}.*.agent.{agent}",
+        # what its handlers log through task.log (cadenza._runlog), under its own name,
+        # which a reader trusts as the agent that wrote the line
+        f"cadenza.log.{namespace}.{agent}.>",
         # a task it cannot handle, copied to the dead letters (cadenza._deadletter)
         f"cadenza.dead.task.{namespace}.{agent}",
         # shared context, keyed <namespace>.<scope>.<key> (cadenza._context.KVContext): its
@@ -271,11 +275,17 @@ def agent_permissions(namespace: str, agent: str) -> Permissions:
 def client_permissions(namespace: str, user: str) -> Permissions:
     """The CLI or console of one namespace, as `user`: control requests on its own
     subject (the engine reads the user from it) and reads of run records, step outputs
-    and definitions by key; no task, event, stream or consumer operation."""
+    and definitions by key, and of its namespace's run logs; no task, event or stream
+    operation, no other consumer."""
     api = "$JS.API"
     publish = [f"{CONTROL_PREFIX}.{namespace}.{user}"]
     for bucket in (RUNS_BUCKET, OUTPUTS_BUCKET, DEFINITIONS_BUCKET):
         publish += [f"{api}.STREAM.INFO.KV_{bucket}", f"{api}.DIRECT.GET.KV_{bucket}.$KV.{bucket}.>"]
+    # `cadenza logs` (observe/runlogs.py): an ephemeral named consumer delivering to its own
+    # inbox, created on a subject that names its filter, which the server holds the body's
+    # filter to: its namespace's logs only. Never deleted (the server removes it once its
+    # inbox is gone), so no delete, which could not be limited to its own consumers.
+    publish.append(f"{api}.CONSUMER.CREATE.{LOGS_STREAM}.*.cadenza.log.{namespace}.>")
     return Permissions(publish=tuple(publish), subscribe=("_INBOX.>",))
 
 
