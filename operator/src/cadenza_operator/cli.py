@@ -568,6 +568,42 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return _control(args, request)
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """Waiting vs executing, retries and load, non-determinism and audit volume over the
+    workflow's recent runs (observe/diagnose.py). Exit 2 for an unknown workflow or a bad
+    --since; no runs in the window is a report (exit 0)."""
+    from .engine.client import RunClient
+    from .models import parse_duration
+    from .observe.diagnose import UnknownWorkflow, diagnose, renderable
+    from .observe.terminal import show
+
+    err = Console(stderr=True)
+    try:
+        since = parse_duration(args.since)
+    except ValueError as exc:
+        err.print(f"[red]error[/red]: --since: {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return EXIT_INVALID
+    if not since > 0:
+        err.print("[red]error[/red]: --since: the window must be longer than 0s", highlight=False)
+        return EXIT_INVALID
+    reports: list[Any] = []
+
+    async def read(nc: Any) -> None:
+        client = await RunClient(nc).open()
+        reports.append(await diagnose(client, args.namespace, args.workflow, since))
+
+    try:
+        asyncio.run(_with_nc(args.nats, read))
+    except UnknownWorkflow as exc:
+        err.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return EXIT_INVALID
+    if args.output == "json":
+        print(json.dumps(reports[0].to_dict(), indent=2))
+    else:
+        show(renderable(reports[0]))
+    return EXIT_OK
+
+
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     from .engine.deadletters import read_dead_letters
 
@@ -922,6 +958,20 @@ def build_parser() -> argparse.ArgumentParser:
         "print the decisions taken for a run (or every run with '>'); exit 2 for an unknown run",
     )
     aud.add_argument("--output", choices=["text", "json"], default="text")
+
+    diag = sub.add_parser(
+        "diagnose",
+        help="where a workflow's recent runs wait, retry (and whether with load), give different "
+        "outputs for the same input, and write the most audit records",
+    )
+    diag.add_argument("workflow")
+    nats_option(diag)
+    diag.add_argument("-n", "--namespace", default="default")
+    diag.add_argument(
+        "--since", default="1h", metavar="DURATION", help="runs started within this (default 1h; 30m, 2h, 1d)"
+    )
+    diag.add_argument("--output", choices=["text", "json"], default="text")
+    diag.set_defaults(fn=cmd_diagnose)
 
     logs = run_command(
         "logs",
