@@ -89,10 +89,13 @@ def parse(query: str) -> tuple[list[Selector], list[Grouping]]:
     for node in _walk(tree):
         if isinstance(node, promql_parser.VectorSelector):
             matchers = {m.name: m.value for m in node.matchers.matchers if m.name != "__name__"}
-            selectors.append(Selector(node.name, matchers))
+            selectors.append(Selector(node.name or "", matchers))  # "": no name, never exported
         elif isinstance(node, promql_parser.AggregateExpr) and str(node.modifier).startswith("by"):
-            inner = tuple(n.name for n in _walk(node.expr) if isinstance(n, promql_parser.VectorSelector))
-            groupings.append(Grouping(tuple(node.modifier.labels), inner))
+            inner = tuple(
+                n.name or "" for n in _walk(node.expr) if isinstance(n, promql_parser.VectorSelector)
+            )
+            labels = node.modifier.labels if node.modifier is not None else []
+            groupings.append(Grouping(tuple(str(label) for label in labels), inner))
     return selectors, groupings
 
 

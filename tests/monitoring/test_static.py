@@ -40,7 +40,9 @@ def problems(query: str, *, grafana: bool) -> list[str]:
             hint = f" (a {defined.kind}: select {sorted(defined.series)})" if defined else ""
             found.append(f"selects {sel.name}, a series the operator does not export{hint}")
             continue
-        allowed = metric.labels | (TARGET_LABELS - {"namespace"} if NS in metric.labels else TARGET_LABELS)
+        # A series with workload_namespace must not be matched on the scrape's namespace.
+        scrape = TARGET_LABELS - {"namespace"} if NS in metric.labels else TARGET_LABELS
+        allowed = set(metric.labels | scrape)
         if sel.name.endswith("_bucket"):
             allowed |= {"le"}
         for label in sel.matchers:
@@ -52,9 +54,9 @@ def problems(query: str, *, grafana: bool) -> list[str]:
                     found.append(f'{sel.name}: not filtered by {label}=~"{variable}"')
     for group in groupings:
         metrics = [index[name] for name in group.selected if name in index]
-        labels = set().union(*(m.labels for m in metrics)) if metrics else set()
+        labels: set[str] = set().union(*(m.labels for m in metrics))
         workload = any(NS in m.labels for m in metrics)
-        allowed = labels | (TARGET_LABELS - {"namespace"} if workload else TARGET_LABELS)
+        allowed = labels | set(TARGET_LABELS - {"namespace"} if workload else TARGET_LABELS)
         if any(name.endswith("_bucket") for name in group.selected):
             allowed |= {"le"}
         for label in group.labels:
