@@ -756,7 +756,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from .local.dev import dev
+    from .local.dev import HttpPortError, dev
     from .local.runner import MetricsPortError
     from .local.supervision import Interrupted, until_signalled
 
@@ -776,11 +776,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
                         metrics_port=args.metrics_port,
                         console=err,
                         secure=args.secure,
+                        http_port=args.http_port,
                     )
                 )
             )
         )
-    except MetricsPortError as exc:
+    except (MetricsPortError, HttpPortError) as exc:
         err.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_INVALID
     except (Interrupted, KeyboardInterrupt):  # how dev is stopped: everything it started is
@@ -877,6 +878,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--nats", help="use this NATS server instead of an embedded one")
     dev.add_argument("--secure", action="store_true", help=SECURE_HELP)
     dev.add_argument("--metrics-port", type=int, metavar="PORT", help=METRICS_HELP)
+    dev.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="serve the web console (runs, graphs, approvals) and /metrics on 127.0.0.1:PORT "
+        "(0: any free port, printed)",
+    )
     dev.add_argument("--env-file", metavar="FILE", help=ENV_FILE_HELP)
     dev.set_defaults(fn=cmd_dev)
 

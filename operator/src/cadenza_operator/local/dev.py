@@ -4,7 +4,9 @@ triggers, approvals and signals can be exercised locally before going to a clust
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import getpass
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -17,6 +19,9 @@ from ..engine.view import run_view, transitions
 from ..manifests import Bundle
 from .runner import LocalStack, serve_metrics
 from .supervision import run_to_end
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 
 class DevServer:
@@ -71,11 +76,20 @@ def _describe(wf: CompiledWorkflow) -> str:
 
 
 async def dev(
-    bundle: Bundle, *, nats_url: str | None, metrics_port: int | None, console: Console, secure: bool = False
+    bundle: Bundle,
+    *,
+    nats_url: str | None,
+    metrics_port: int | None,
+    console: Console,
+    secure: bool = False,
+    http_port: int | None = None,
 ) -> int:
     # Only when asked, and before anything starts: a taken port is an error (exit 2), not a
     # stack left half started; 0 takes any free port, printed below.
     bound = serve_metrics(metrics_port) if metrics_port is not None else None
+    # The engine is asked per request (None until it starts); `server` is bound below,
+    # before this function next awaits, so before any request is handled.
+    web = await serve_console(lambda: server.stack.engine, http_port) if http_port is not None else None
     seen: dict[str, dict[str, str]] = {}  # run -> the phases last shown (RunView.phases)
 
     def on_state(state: RunState) -> None:
@@ -104,14 +118,38 @@ async def dev(
             console.print(f"CLI credential:  export CADENZA_NATS_CREDS={client}  (or --creds {client})")
         if bound is not None:
             console.print(f"metrics  http://127.0.0.1:{bound}/metrics")
+        if web is not None:
+            console.print(f"console  http://127.0.0.1:{web[1]}/  (metrics at /metrics)")
         for wf in bundle.compiled.values():
             console.print(f"workflow {wf.name}: {_describe(wf)}")
         console.print(f"publish an event:  cadenza publish SUBJECT '{{...}}' --nats {server.url}")
         console.print("Ctrl-C (or SIGTERM) stops everything.")
         await asyncio.Event().wait()
     finally:
+        if web is not None:
+            await web[0].cleanup()
         await run_to_end(server.stop())
     return 0
+
+
+class HttpPortError(ValueError):
+    """--http-port names a port this process cannot listen on."""
+
+
+async def serve_console(engine: Callable[[], Engine | None], port: int) -> tuple[web.AppRunner, int]:
+    """The web console (and /metrics) on 127.0.0.1:`port` (0: any free port), acting as
+    the local user; the runner and the port bound. HttpPortError when it cannot listen."""
+    from ..observe.web import Console as WebConsole
+    from ..observe.web import Identity, serve
+
+    try:
+        return await serve(WebConsole(engine, Identity(fixed_user=getpass.getuser())), "127.0.0.1", port)
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise HttpPortError(
+            f"--http-port {port}: cannot serve the console on 127.0.0.1:{port}: {reason} "
+            "(choose another port, or 0 for any free one)"
+        ) from None
 
 
 async def publish(url: str, subject: str, payload: Any) -> None:

@@ -1,0 +1,59 @@
+"""Who may act in the console, and from where.
+
+Identity: the console has no login of its own. In the operator it trusts the header an
+authenticating proxy in front of it sets (oauth2-proxy's `X-Forwarded-User`, or whatever
+`console.auth.userHeader` names) and only when that is configured; the header's user is
+then the verified `by` of every action, checked by the engine like any approver. Without
+it, actions carry `console`, an unverified display name: cancel, resume and signals go
+through (whoever reaches the Service may steer runs, which is why the chart leaves the
+console off), and an approval whose step names approvers is refused by the engine, since
+`console` is none of them. `cadenza dev` acts as the local user.
+
+Cross-site requests: every POST must come from the console's own pages. Browsers say where
+a request comes from (`Sec-Fetch-Site`, else `Origin`); a form on another site posting to
+the console is refused before anything is done, so a page a user visits cannot approve or
+cancel in their name. A request saying neither (not a browser) is refused too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+UNVERIFIED = "console"
+"""The `by` of actions when no identity is known: a display name, never an approver."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Where the console takes the viewer's name from: a trusted proxy header, or a fixed
+    user (`cadenza dev`: the local user), else nobody (`console`, unverified)."""
+
+    user_header: str | None = None
+    fixed_user: str | None = None
+
+    def viewer(self, request: web.Request) -> tuple[str | None, bool]:
+        """(name, verified); name None: the proxy header is configured but missing, so
+        nobody may act (a request that bypassed the proxy)."""
+        if self.user_header:
+            user = request.headers.get(self.user_header, "").strip()
+            return (user or None), True
+        if self.fixed_user:
+            return self.fixed_user, True
+        return UNVERIFIED, False
+
+
+def cross_site_refusal(request: web.Request) -> str | None:
+    """Why a POST is refused as not coming from the console's own pages, or None."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return None if site in ("same-origin", "none") else f"cross-site request refused ({site})"
+    origin = request.headers.get("Origin")
+    if not origin:
+        return "request refused: no Origin or Sec-Fetch-Site header (not from the console's pages)"
+    parts = urlsplit(origin)
+    if parts.netloc != request.host:
+        return f"cross-origin request refused (from {origin})"
+    return None

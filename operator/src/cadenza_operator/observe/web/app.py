@@ -1,0 +1,316 @@
+"""The console's HTTP side: aiohttp handlers over the engine's client and control path.
+
+Pages and live fragments are HTML rendered here (jinja2, autoescaped: every run id, step
+name, input, output and error is user data). Actions are HTML forms posted to
+`/runs/<ns>/<run>/<op>`: the request goes to the engine's control responder
+(engine/control.py `ControlResponder.answer`), the same check `cadenza approve|signal|
+cancel|resume` gets (run state, namespace, approvers), and the page shows the engine's
+answer, a refusal included. `/metrics` is prometheus_client's exposition of the default
+registry, so `cadenza dev` needs one port for both.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+import jinja2
+import structlog
+from aiohttp import web
+from cadenza.protocol import RunPhase
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from ...engine.client import DefinitionNotFound
+from ...engine.control import ControlResponder
+from ...engine.state import RUN_ID
+from ...engine.view import run_view
+from . import layout
+from .access import Identity, cross_site_refusal
+from .data import AUDIT_IDLE, MAX_LISTED, RefCache, Shown, kept_apart, matches, shown
+
+if TYPE_CHECKING:
+    from ...engine.definition import CompiledStep, CompiledWorkflow
+    from ...engine.runtime import Engine
+    from ...engine.state import RunState
+    from ...engine.view import RunView
+
+log = structlog.get_logger("cadenza.console")
+
+LIVE_EVERY_MS = 1500
+"""How often a page asks for its live fragment again."""
+OPERATIONS = ("approve", "reject", "signal", "cancel", "resume")
+
+
+def _templates() -> jinja2.Environment:
+    folder = resources.files(__package__) / "templates"
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(folder)),
+        autoescape=True,  # every template: run data is user data
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["when"] = _when
+    env.filters["secs"] = _secs
+    return env
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+
+
+def _secs(s: float | None) -> str:
+    if s is None:
+        return ""
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+@dataclass
+class Console:
+    """The console over one engine. `engine` is asked on every request: the operator's
+    engine starts after the server does (and is None until then: the pages say so)."""
+
+    engine: Callable[[], Engine | None]
+    identity: Identity = field(default_factory=Identity)
+    title: str = "Cadenza"
+    refs: RefCache = field(default_factory=RefCache)
+    _env: jinja2.Environment = field(default_factory=_templates)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/", self.runs_page)
+        app.router.add_get("/fragments/runs", self.runs_fragment)
+        app.router.add_get("/runs/{namespace}/{run}", self.run_page)
+        app.router.add_get("/runs/{namespace}/{run}/live", self.run_fragment)
+        app.router.add_post("/runs/{namespace}/{run}/{op}", self.act)
+        app.router.add_get("/metrics", metrics)
+        app.router.add_static("/static", str(resources.files(__package__) / "static"))
+        return app
+
+    # ---------------------------------------------------------------- helpers
+    def _render(self, template: str, status: int = 200, **values: Any) -> web.Response:
+        html = self._env.get_template(template).render(title=self.title, live_every=LIVE_EVERY_MS, **values)
+        return web.Response(text=html, content_type="text/html", status=status, headers=NO_STORE)
+
+    def _engine(self) -> Engine:
+        engine = self.engine()
+        if engine is None:
+            raise web.HTTPServiceUnavailable(text="the engine is starting; try again in a moment")
+        return engine
+
+    # ------------------------------------------------------------------ runs
+    async def _runs(self, request: web.Request) -> dict[str, Any]:
+        q = request.query
+        workflow, phase, namespace = q.get("workflow", ""), q.get("phase", ""), q.get("namespace", "")
+        states = await self._engine().client.list()
+        namespaces = sorted({s.namespace for s in states})
+        workflows = sorted({s.workflow for s in states if not namespace or s.namespace == namespace})
+        found = sorted(
+            (s for s in states if matches(s, workflow, phase, namespace)),
+            key=lambda s: s.createdAt,
+            reverse=True,
+        )
+        filters = {k: v for k, v in (("workflow", workflow), ("phase", phase), ("namespace", namespace)) if v}
+        return {
+            "runs": [run_view(s) for s in found[:MAX_LISTED]],
+            "total": len(found),
+            "filters": {"workflow": workflow, "phase": phase, "namespace": namespace},
+            "query": urlencode(filters),
+            "namespaces": namespaces,
+            "workflows": workflows,
+            "phases": [p.value for p in RunPhase],
+        }
+
+    async def runs_page(self, request: web.Request) -> web.Response:
+        return self._render("runs.html", **await self._runs(request))
+
+    async def runs_fragment(self, request: web.Request) -> web.Response:
+        return self._render("runs_rows.html", **await self._runs(request))
+
+    # ------------------------------------------------------------------- run
+    async def _run(self, request: web.Request) -> dict[str, Any]:
+        namespace, run = request.match_info["namespace"], request.match_info["run"]
+        client = self._engine().client
+        state = await client.get(run) if RUN_ID.match(run) else None
+        if state is None or state.namespace != namespace:
+            raise web.HTTPNotFound(text=f"no run {run} in namespace {namespace}")
+        view = run_view(state)
+        wf: CompiledWorkflow | None
+        try:
+            wf = await client.definition(state.definition)
+        except DefinitionNotFound:
+            wf = None
+        return {
+            "view": view,
+            "state": state,
+            "graph": layout.dag(wf, view) if wf is not None else None,
+            "timeline": layout.timeline(view, time.time()),
+            "steps": await self._steps(state, view, wf),
+            "input": await self._value(state.input, state.inputRef, state.namespace),
+            "outputs": await self._outputs(state),
+            "audit": await client.audit(namespace, run, idle=AUDIT_IDLE),
+            "signals": sorted(wf.signals) if wf is not None else [],
+        }
+
+    async def _value(
+        self, value: Any, ref: str | None, namespace: str, settled: bool = True, items: int = 0
+    ) -> Shown:
+        """A value of the record, or the one kept apart under `ref` once it is final."""
+        if ref is None or not settled:
+            return shown(value)
+        client = self._engine().client
+        return await self.refs.get(ref, lambda: kept_apart(client, ref, namespace, items))
+
+    async def _outputs(self, state: RunState) -> Shown:
+        client = self._engine().client
+        if state.outputsRef is None or not state.terminal:
+            return shown(state.outputs)
+        return await self.refs.get(state.outputsRef, lambda: client.outputs(state))
+
+    async def _steps(
+        self, state: RunState, view: RunView, wf: CompiledWorkflow | None
+    ) -> list[dict[str, Any]]:
+        names = list(wf.order) if wf is not None else []
+        if wf is not None and wf.on_exit is not None:
+            names.append(wf.on_exit.name)
+        names += [n for n in view.steps if n not in names]
+        steps = []
+        for name in names:
+            sv = view.steps.get(name)
+            cs = (
+                (wf.on_exit if wf.on_exit is not None and wf.on_exit.name == name else wf.steps.get(name))
+                if wf
+                else None
+            )
+            template = cs.spec.input if cs is not None else None
+            steps.append(
+                {
+                    "name": name,
+                    "view": sv,
+                    "kind": _kind(cs),
+                    "input": shown(template),
+                    "output": await self._value(
+                        sv.output,
+                        sv.output_ref,
+                        state.namespace,
+                        sv.terminal,
+                        sv.items.total if sv.items else 0,
+                    )
+                    if sv is not None
+                    else shown(None),
+                    "error": shown(sv.error) if sv is not None else shown(None),
+                }
+            )
+        return steps
+
+    async def run_page(self, request: web.Request) -> web.Response:
+        values = await self._run(request)
+        return self._render(
+            "run.html",
+            notice=request.query.get("notice", ""),
+            refused=request.query.get("ok") == "0",
+            **values,
+        )
+
+    async def run_fragment(self, request: web.Request) -> web.Response:
+        return self._render("run_live.html", **await self._run(request))
+
+    # ---------------------------------------------------------------- actions
+    async def act(self, request: web.Request) -> web.Response:
+        namespace, run, op = (request.match_info[k] for k in ("namespace", "run", "op"))
+        refusal = cross_site_refusal(request)
+        if refusal is not None:
+            log.warning("console action refused", op=op, run=run, reason=refusal)
+            raise web.HTTPForbidden(text=refusal)
+        if op not in OPERATIONS:
+            raise web.HTTPNotFound(text=f"no action {op}")
+        by, verified = self.identity.viewer(request)
+        if by is None:
+            raise web.HTTPForbidden(
+                text=f"no user in header {self.identity.user_header}: the console is reached past its proxy"
+            )
+        form = await request.post()
+        try:
+            command = _command(op, run, form)
+        except ValueError as exc:
+            return _back(namespace, run, str(exc), ok=False)
+        command["by"] = by
+        if not verified:
+            command["comment"] = " ".join(filter(None, ["[console, unverified]", command.get("comment")]))
+        reply = await ControlResponder(self._engine()).answer({**command, "namespace": namespace})
+        log.info("console action", op=op, run=run, namespace=namespace, by=by, ok=reply.get("ok"))
+        text = str(reply.get("message") or reply.get("error") or "")
+        return _back(namespace, run, text, ok=bool(reply.get("ok")))
+
+
+def _kind(cs: CompiledStep | None) -> str:
+    if cs is None:
+        return ""
+    return f"agent {cs.agent}" if cs.agent else cs.kind
+
+
+def _step_def(wf: CompiledWorkflow, name: str) -> CompiledStep | None:
+    if wf.on_exit is not None and wf.on_exit.name == name:
+        return wf.on_exit
+    return wf.steps.get(name)
+
+
+def _command(op: str, run: str, form: Any) -> dict[str, Any]:
+    """The control request for a form; ValueError naming the field when it is bad."""
+    comment = str(form.get("comment", "")).strip() or None
+    if op in ("approve", "reject"):
+        step = str(form.get("step", "")).strip()
+        if not step:
+            raise ValueError(f"{op}: the form names no step")
+        return {"op": "approve", "run": run, "step": step, "approved": op == "approve", "comment": comment}
+    if op == "signal":
+        name = str(form.get("name", "")).strip()
+        if not name:
+            raise ValueError("signal: name is empty")
+        raw = str(form.get("payload", "")).strip()
+        try:
+            payload = json.loads(raw) if raw else None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"signal {name}: payload is not JSON ({exc.msg} at line {exc.lineno})") from None
+        return {"op": "signal", "run": run, "name": name, "payload": payload}
+    if op == "cancel":
+        return {
+            "op": "cancel",
+            "run": run,
+            "reason": str(form.get("reason", "")).strip() or "from the console",
+        }
+    return {"op": op, "run": run}
+
+
+def _back(namespace: str, run: str, notice: str, *, ok: bool) -> web.Response:
+    """After an action, back to the run page (Post/Redirect/Get) with the engine's answer."""
+    query = urlencode({"notice": notice, "ok": "1" if ok else "0"})
+    raise web.HTTPSeeOther(location=f"/runs/{namespace}/{run}?{query}")
+
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+async def metrics(_: web.Request) -> web.Response:
+    body = generate_latest(REGISTRY)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def serve(console: Console, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Listen on host:port (0: any free port); the runner (to `cleanup`) and the port bound.
+    OSError when the port cannot be had."""
+    runner = web.AppRunner(console.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1] if runner.addresses else port
+    return runner, int(bound)
