@@ -8,7 +8,9 @@ from pathlib import Path
 
 import nats
 import pytest
+from cadenza.wire import RUNS_BUCKET
 from cadenza_operator.engine.infra import ensure_infrastructure
+from cadenza_operator.engine.state import RunState
 from cadenza_operator.local.runner import RunOptions, execute
 from cadenza_operator.manifests import load
 from cadenza_operator.security.nats_auth import client_permissions, engine_permissions
@@ -85,6 +87,9 @@ async def test_the_cli_on_a_secure_server_says_what_is_wrong(secure_bus: SecureB
     )
     try:
         await ensure_infrastructure(engine.jetstream())
+        # a run the client may look up by id (RUN is resolved before the audit is read)
+        record = RunState(run="run-1", workflow="w", definition="w-1", createdAt=1.0, phase="Failed")
+        await (await engine.jetstream().key_value(RUNS_BUCKET)).put("run-1", record.to_bytes())
     finally:
         await engine.close()
     url = secure_bus.server.url
@@ -98,3 +103,10 @@ async def test_the_cli_on_a_secure_server_says_what_is_wrong(secure_bus: SecureB
     assert refused.returncode == 3, refused.stderr
     assert "not allowed" in refused.stderr and "Traceback" not in refused.stderr
     assert "permissions violation" in refused.stderr.lower()
+
+    # a run by its id is the client's to read; the list of every run is not: it says so
+    got = await asyncio.to_thread(cadenza, "get", "run-1", "--nats", url, "--creds", client)
+    assert got.returncode == 0 and got.stdout.startswith("run-1  Failed  workflow w"), got
+    listed = await asyncio.to_thread(cadenza, "list", "--nats", url, "--creds", client)
+    assert listed.returncode == 3 and "Traceback" not in listed.stderr, listed
+    assert "a client credential reads runs by id only" in " ".join(listed.stderr.split())
