@@ -13,11 +13,12 @@ import pytest
 from cadenza import Task
 from cadenza._publish import Publisher
 from cadenza._runlog import attempt_log
-from cadenza.wire import LOGS_STREAM, log_subject
+from cadenza.wire import LOGS_STREAM, RUNS_BUCKET, log_subject
 from cadenza_operator.engine.infra import ensure_infrastructure
-from cadenza_operator.observe.runlogs import log_filter, read_logs
+from cadenza_operator.observe.runlogs import follow_logs, log_filter, read_logs
 from cadenza_operator.security.nats_auth import agent_permissions, client_permissions, engine_permissions
 
+from ..integration.harness import poll
 from .conftest import Connection, SecureBus
 
 NS, OTHER_NS = "team-a", "team-b"
@@ -144,3 +145,30 @@ async def test_an_agent_cannot_read_logs(bus: dict[str, Any]) -> None:
     subject = f"$JS.API.CONSUMER.CREATE.{LOGS_STREAM}.peek.cadenza.log.{NS}.>"
     await agent.nc.publish(subject, b"{}", reply=agent.nc.new_inbox())
     await agent.refused(subject)
+
+
+async def test_a_client_follows_its_namespaces_logs_under_its_credential(bus: dict[str, Any]) -> None:
+    """--follow's reads (the live consumer, then the exact read from the last sequence seen,
+    the run record's phase) are all allowed to a client credential."""
+    run = f"{RUN}-follow"
+    engine_js = bus["engine"].nc.jetstream()
+    runs = await engine_js.key_value(RUNS_BUCKET)
+    await runs.put(run, json.dumps({"run": run, "namespace": NS, "phase": "Running"}).encode())
+    alice: Connection = bus["client_a"]
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for record in follow_logs(alice.nc.jetstream(), NS, run, poll=0.1):
+            seen.append(record.event)
+
+    following = asyncio.create_task(follow())
+    assert await log_as_agent(bus["agent_a"], run, "first") == 0
+    await poll(lambda: _now(seen == ["first"]))
+    assert await log_as_agent(bus["agent_a"], run, "last") == 0
+    await runs.put(run, json.dumps({"run": run, "namespace": NS, "phase": "Succeeded"}).encode())
+    await asyncio.wait_for(following, 30)  # ends by itself once the run has
+    assert seen == ["first", "last"] and alice.errors == []
+
+
+async def _now(value: bool) -> bool:
+    return value
