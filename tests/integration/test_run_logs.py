@@ -210,3 +210,7 @@ async def test_an_unknown_run_or_step_name_is_exit_2(stack: dict[str, Any]) -> N
     assert bad_step.returncode == 2 and "'not a step' is not a step name" in bad_step.stderr
     elsewhere = await asyncio.to_thread(cadenza, "logs", run, "--nats", url, "-n", "another")
     assert elsewhere.returncode == 2 and f"it is in namespace {ns}" in elsewhere.stderr
+    # a step that logged nothing: nothing on stdout, a note on stderr, exit 0
+    silent = await asyncio.to_thread(logs, url, ns, run, "other")
+    assert (silent.returncode, silent.stdout) == (0, "")
+    assert f"no lines logged through task.log by step other of run {run}" in silent.stderr

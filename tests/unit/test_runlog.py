@@ -43,6 +43,19 @@ async def test_a_record_holds_the_line_its_values_and_the_attempt() -> None:
     assert sent.subjects == {"cadenza.log.ns.a.wf-1.work.3.2"}
 
 
+async def test_an_exception_logged_carries_its_traceback() -> None:
+    sent = Sent()
+    task = task_with_log(sent, asyncio.get_running_loop())
+    try:
+        raise ValueError("bad input 42")
+    except ValueError:
+        task.log.exception("handler raised")
+    assert task._runlog is not None and await task._runlog.close() == 0
+    (record,) = sent.records
+    assert record["level"] == "error" and "exc_info" not in record["fields"]
+    assert "Traceback" in record["fields"]["exception"] and "bad input 42" in record["fields"]["exception"]
+
+
 async def test_long_lines_and_values_are_cut_to_the_record_limit() -> None:
     sent = Sent()
     log = AttemptLog(sent, "s", {}, asyncio.get_running_loop())

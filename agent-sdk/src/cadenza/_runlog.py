@@ -123,6 +123,9 @@ class AttemptLog:
         return event_dict
 
     def _record(self, n: int, method: str, event_dict: MutableMapping[str, Any]) -> bytes:
+        if event_dict.get("exc_info") and "exception" not in event_dict:
+            # a chain without format_exc_info (structlog's default) renders it only at the end
+            event_dict = structlog.processors.format_exc_info(None, method, dict(event_dict))
         level = str(event_dict.get("level") or method)
         record: dict[str, Any] = {
             "time": time.time(),

@@ -392,16 +392,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
+    shown: list[int] = []
+
     async def show(js: Any) -> None:
-        await show_logs(
-            js,
-            args.namespace,
-            args.run,
-            args.step,
-            args.attempt,
-            follow=args.follow,
-            output=args.output,
-            write=write,
+        shown.append(
+            await show_logs(
+                js,
+                args.namespace,
+                args.run,
+                args.step,
+                args.attempt,
+                follow=args.follow,
+                output=args.output,
+                write=write,
+            )
         )
 
     try:
@@ -411,7 +415,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     except KeyboardInterrupt:
         return 130
+    if shown == [0]:  # on stderr: stdout stays the records alone
+        what = f"step {args.step} of run {args.run}" if args.step else f"run {args.run}"
+        print(f"no lines logged through task.log by {what} (kept {_LOGS_KEPT})", file=sys.stderr)
     return EXIT_OK
+
+
+_LOGS_KEPT = "72h and 512 MiB by default: CADENZA_LOGS_MAX_AGE, CADENZA_LOGS_MAX_BYTES"
 
 
 class UnknownRun(ValueError):

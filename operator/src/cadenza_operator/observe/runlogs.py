@@ -238,10 +238,10 @@ async def show_logs(
     follow: bool = False,
     output: str = "text",
     write: Callable[[str], None],
-) -> None:
+) -> int:
     """`cadenza logs`: each record written as a line (text, or one JSON object per line),
-    read once or followed until the run ends. Raises LogsRequestError for a step that is not
-    a step name, a run no NATS holds or one of another namespace."""
+    read once or followed until the run ends; the number written. Raises LogsRequestError
+    for a step that is not a step name, a run no NATS holds or one of another namespace."""
     import json
     import re
 
@@ -257,25 +257,38 @@ async def show_logs(
             f"no run {run!r} in namespace {namespace} (it is in namespace {where}: -n {where})"
         )
 
-    def emit(record: LogRecord) -> None:
-        write(json.dumps(record.to_dict(), default=str) if output == "json" else format_record(record))
+    written = 0
 
-    if follow:
-        async for record in follow_logs(js, namespace, run, step, attempt):
-            emit(record)
-    else:
-        for record in await read_logs(js, namespace, run, step, attempt):
-            emit(record)
+    def emit(record: LogRecord) -> None:
+        nonlocal written
+        write(json.dumps(record.to_dict(), default=str) if output == "json" else format_record(record))
+        written += 1
+
+    from nats.js.errors import NotFoundError
+
+    try:
+        if follow:
+            async for record in follow_logs(js, namespace, run, step, attempt):
+                emit(record)
+        else:
+            for record in await read_logs(js, namespace, run, step, attempt):
+                emit(record)
+    except NotFoundError:  # the stream: NATS holds runs, but no engine of this version started
+        raise LogsRequestError(
+            f"no run logs on this NATS server: the {LOGS_STREAM} stream does not exist (an engine "
+            "creates it when it starts: upgrade the engines)"
+        ) from None
+    return written
 
 
 async def run_namespace(js: Any, run: str) -> str | None:
     """The namespace of a run the runs bucket holds, or None when it holds no such run."""
-    from nats.js.errors import InvalidKeyError, KeyNotFoundError
+    from nats.js.errors import BucketNotFoundError, InvalidKeyError, KeyNotFoundError
 
-    kv = await js.key_value(RUNS_BUCKET)
     try:
+        kv = await js.key_value(RUNS_BUCKET)
         entry = await kv.get(run)
-    except (KeyNotFoundError, InvalidKeyError):
+    except (BucketNotFoundError, KeyNotFoundError, InvalidKeyError):  # no engine ran here, no run
         return None
     if not entry.value:
         return None
