@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from cadenza_operator.local.nats_server import NatsServer
 from playwright.async_api import expect
@@ -23,6 +24,7 @@ echo = Agent("echo")
 
 @echo.handler
 async def handle(task):
+    task.log.info("echoing <b>input</b>", keys=sorted(task.input))
     return {"echo": task.input}
 
 if __name__ == "__main__":
@@ -84,16 +86,15 @@ async def test_list_open_graph_timeline_approve_finish(
 ) -> None:
     async with console_stack(tmp_path / "p", AGENTS, agent_manifest("echo") + REVIEW, nats_server.url) as s:
         page = await browser.new_page(viewport={"width": 1400, "height": 1000})
-        await page.goto(s.url + "/")
-        await expect(page.locator("tbody#runs")).to_contain_text("no runs")
+        await page.goto(f"{s.url}/?namespace={s.namespace}")  # the session's server has others' runs
+        await expect(page.locator("tbody#runs")).to_contain_text("no runs match these filters")
 
         run = await s.client.start(s.workflow("review"), {"text": "hello"})
         row = page.locator(f'tr[data-run="{run}"]')
         await expect(row).to_be_visible(timeout=LIVE)  # live: the page was not reloaded
         await expect(row).to_contain_text("waits for approval", timeout=LIVE)
-        await page.screenshot(path=str(artifacts / "console-list.png"))
 
-        await row.locator("a").click()
+        await row.get_by_role("link", name=run).click()
         await expect(page).to_have_url(f"{s.url}/runs/{s.namespace}/{run}")
         # One node per step and one for onExit, coloured by phase.
         await expect(page.locator("svg.dag g.node")).to_have_count(5)
@@ -115,6 +116,10 @@ async def test_list_open_graph_timeline_approve_finish(
         await expect(page.locator('svg.timeline g.bar[data-step="fanout"]')).to_have_count(1)
         await page.locator('details[data-step="draft"] summary').click()
         await expect(page.locator('details[data-step="draft"] pre.output')).to_contain_text('"text": "hello"')
+        # The step's logs (the run-log stream), as text.
+        await expect(page.locator('details[data-step="draft"] pre.logs')).to_contain_text(
+            "draft attempt 1 INFO echoing <b>input</b> keys=", timeout=LIVE
+        )
         await page.screenshot(path=str(artifacts / "console-run.png"), full_page=True)
 
         approval = page.locator('section.approval[data-step="review"]')
@@ -127,11 +132,24 @@ async def test_list_open_graph_timeline_approve_finish(
         await expect(page.locator("table.audit")).to_contain_text("tester")
         await page.screenshot(path=str(artifacts / "console-run-done.png"), full_page=True)
 
+        # The workflow's diagnosis, linked from the run page.
+        await page.get_by_role("link", name="diagnose review").click()
+        await expect(page.locator("#diagnose-runs")).to_contain_text("1 runs")
+        await expect(page.locator('table.diagnose-steps tr[data-step="draft"]')).to_be_visible()
+        await expect(page.locator("table.trace")).to_contain_text(run)
+        await page.screenshot(path=str(artifacts / "console-diagnose.png"), full_page=True)
+
         # The list follows the run's end as well.
-        await page.goto(s.url + "/?workflow=review&phase=Succeeded")
+        await page.goto(f"{s.url}/?namespace={s.namespace}&workflow=review&phase=Succeeded")
         await expect(page.locator(f'tr[data-run="{run}"] .phase')).to_have_text("Succeeded")
-        await page.goto(s.url + "/?phase=Failed")
+        await page.goto(f"{s.url}/?namespace={s.namespace}&phase=Failed")
         await expect(page.locator(f'tr[data-run="{run}"]')).to_have_count(0)
+        await page.goto(f"{s.url}/?namespace={s.namespace}")
+        waiting = await s.client.start(s.workflow("review"), {"text": "second"})
+        await expect(page.locator(f'tr[data-run="{waiting}"]')).to_contain_text(
+            "waits for approval", timeout=LIVE
+        )
+        await page.screenshot(path=str(artifacts / "console-list.png"))
 
 
 async def test_reject_refusals_cancel_and_signals(
@@ -150,6 +168,14 @@ async def test_reject_refusals_cancel_and_signals(
         # The engine refuses what no longer applies, and the page says why.
         await page.get_by_role("button", name="Cancel run").click()
         await expect(page.locator(".notice.refused")).to_contain_text(f"run {rejected} already Failed")
+        # Retry: a new run, whose page the console opens; the rejected approval waits again.
+        await page.get_by_role("button", name="Retry").click()
+        await expect(page.locator(".notice.ok")).to_contain_text(f"retry of {rejected} started: run gate-")
+        path = urlsplit(page.url).path
+        assert path.startswith(f"/runs/{s.namespace}/gate-") and not path.endswith(rejected)
+        await expect(await node(page, "review")).to_have_attribute(
+            "data-phase", "WaitingApproval", timeout=LIVE
+        )
 
         # Someone who is not an approver: the engine's refusal, the step still waits.
         guarded = await s.client.start(s.workflow("guarded"), {})

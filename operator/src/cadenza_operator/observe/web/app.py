@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -43,7 +44,9 @@ log = structlog.get_logger("cadenza.console")
 
 LIVE_EVERY_MS = 1500
 """How often a page asks for its live fragment again."""
-OPERATIONS = ("approve", "reject", "signal", "cancel", "resume")
+OPERATIONS = ("approve", "reject", "signal", "cancel", "resume", "retry")
+LOG_LINES = 500
+"""The newest log records a run page shows (per run, split by step)."""
 
 
 def _templates() -> jinja2.Environment:
@@ -88,6 +91,7 @@ class Console:
         app.router.add_get("/runs/{namespace}/{run}", self.run_page)
         app.router.add_get("/runs/{namespace}/{run}/live", self.run_fragment)
         app.router.add_post("/runs/{namespace}/{run}/{op}", self.act)
+        app.router.add_get("/diagnose/{namespace}/{workflow}", self.diagnose_page)
         app.router.add_get("/metrics", metrics)
         app.router.add_static("/static", str(resources.files(__package__) / "static"))
         return app
@@ -108,7 +112,7 @@ class Console:
         q = request.query
         workflow, phase, namespace = q.get("workflow", ""), q.get("phase", ""), q.get("namespace", "")
         states = await self._engine().client.list()
-        namespaces = sorted({s.namespace for s in states})
+        namespaces = sorted({s.namespace for s in states} | ({namespace} if namespace else set()))
         workflows = sorted({s.workflow for s in states if not namespace or s.namespace == namespace})
         found = sorted(
             (s for s in states if matches(s, workflow, phase, namespace)),
@@ -145,9 +149,11 @@ class Console:
             wf = await client.definition(state.definition)
         except DefinitionNotFound:
             wf = None
+        logs = await self._logs(namespace, run)
         return {
             "view": view,
             "state": state,
+            "logs": logs,
             "graph": layout.dag(wf, view) if wf is not None else None,
             "timeline": layout.timeline(view, time.time()),
             "steps": await self._steps(state, view, wf),
@@ -155,7 +161,23 @@ class Console:
             "outputs": await self._outputs(state),
             "audit": await client.audit(namespace, run, idle=AUDIT_IDLE),
             "signals": sorted(wf.signals) if wf is not None else [],
+            "step_names": list(wf.order) if wf is not None else list(view.steps),
         }
+
+    async def _logs(self, namespace: str, run: str) -> dict[str, Shown] | None:
+        """What the run's handlers logged (observe/runlogs.py), by step: the newest
+        LOG_LINES records, each step's cut at 64 KiB. None when they cannot be read."""
+        from ..runlogs import format_record, read_logs
+
+        try:
+            records = await read_logs(self._engine().js, namespace, run, limit=LOG_LINES)
+        except Exception as exc:  # no logs stream (an older server), or it is unreachable: no panel
+            log.info("console could not read run logs", run=run, error=repr(exc))
+            return None
+        lines: dict[str, list[str]] = {}
+        for record in records:
+            lines.setdefault(record.step, []).append(format_record(record))
+        return {step: shown("\n".join(text)) for step, text in lines.items()}
 
     async def _value(
         self, value: Any, ref: str | None, namespace: str, settled: bool = True, items: int = 0
@@ -213,6 +235,7 @@ class Console:
         return self._render(
             "run.html",
             notice=request.query.get("notice", ""),
+            retry_key=uuid.uuid4().hex,
             refused=request.query.get("ok") == "0",
             **values,
         )
@@ -245,7 +268,34 @@ class Console:
         reply = await ControlResponder(self._engine()).answer({**command, "namespace": namespace})
         log.info("console action", op=op, run=run, namespace=namespace, by=by, ok=reply.get("ok"))
         text = str(reply.get("message") or reply.get("error") or "")
-        return _back(namespace, run, text, ok=bool(reply.get("ok")))
+        new = reply.get("newRun")
+        return _back(namespace, new if isinstance(new, str) else run, text, ok=bool(reply.get("ok")))
+
+    # --------------------------------------------------------------- diagnose
+    async def diagnose_page(self, request: web.Request) -> web.Response:
+        """`cadenza diagnose` for one workflow, as a page (observe/diagnose.py)."""
+        from ...models import parse_duration
+        from ..diagnose import UnknownWorkflow, diagnose
+
+        namespace, workflow = request.match_info["namespace"], request.match_info["workflow"]
+        since_text = request.query.get("since", "1h")
+        try:
+            since = parse_duration(since_text)
+            if not since > 0:
+                raise ValueError("the window must be longer than 0s")
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=f"since: {exc}") from None
+        try:
+            report = await diagnose(self._engine().client, namespace, workflow, since)
+        except UnknownWorkflow as exc:
+            raise web.HTTPNotFound(text=str(exc)) from None
+        return self._render(
+            "diagnose.html",
+            report=report.to_dict(),
+            namespace=namespace,
+            workflow=workflow,
+            since=since_text,
+        )
 
 
 def _kind(cs: CompiledStep | None) -> str:
@@ -278,6 +328,15 @@ def _command(op: str, run: str, form: Any) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"signal {name}: payload is not JSON ({exc.msg} at line {exc.lineno})") from None
         return {"op": "signal", "run": run, "name": name, "payload": payload}
+    if op == "retry":
+        # The page's key: the same form posted twice starts one run, a new page view another.
+        start, key = str(form.get("from", "")).strip(), str(form.get("key", "")).strip()
+        return {
+            "op": "retry",
+            "run": run,
+            **({"from": start} if start else {}),
+            **({"key": key} if key else {}),
+        }
     if op == "cancel":
         return {
             "op": "cancel",
