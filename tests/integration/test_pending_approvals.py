@@ -84,6 +84,12 @@ async def test_the_pending_approvals_gauge_counts_the_steps_waiting(
                 count += sum(st.phase == "WaitingApproval" for st in state.steps.values())
             return count
 
+        async def counted(workflow: str, runs: list[str]) -> tuple[float, int]:
+            """The gauge and the steps waiting, the gauge read once the engine is idle: a
+            record is written before its decision is observed, so reading it first races."""
+            steps = await waiting(runs)
+            return pending(workflow), steps
+
         async def phase_of(run: str, step: str) -> str:
             state = await engine.client.get(run)
             return state.steps[step].phase if state and step in state.steps else ""
@@ -93,35 +99,35 @@ async def test_the_pending_approvals_gauge_counts_the_steps_waiting(
             runs = [await engine.client.start(wf, {}, run_id=f"{name}-{i}") for i in range(5)]
             for run in runs:
                 await poll(lambda run=run: _is(phase_of(run, "gate"), "WaitingApproval"))
-            assert pending(name) == await waiting(runs) == 5
+            assert await counted(name, runs) == (5, 5)
 
             # Ignored decisions: someone not among the approvers, twice.
             for _ in range(2):
                 await RunClient(nc).approve(namespace, runs[0], "gate", True, by="mallory")
-                assert pending(name) == await waiting(runs) == 5
+                assert await counted(name, runs) == (5, 5)
             # Approved, then the same decision again (a duplicate is ignored).
             await RunClient(nc).approve(namespace, runs[0], "gate", True, by="ada")
             await poll(lambda: _is(phase_of(runs[0], "gate"), "Succeeded"))
             await RunClient(nc).approve(namespace, runs[0], "gate", True, by="ada")
-            assert pending(name) == await waiting(runs) == 4
+            assert await counted(name, runs) == (4, 4)
             # Rejected, and a late decision on the rejected step.
             await RunClient(nc).approve(namespace, runs[1], "gate", False, by="ada")
             await poll(lambda: _is(phase_of(runs[1], "gate"), "Failed"))
             await RunClient(nc).approve(namespace, runs[1], "gate", True, by="ada")
-            assert pending(name) == await waiting(runs) == 3
+            assert await counted(name, runs) == (3, 3)
             # The run cancelled while waiting.
             await RunClient(nc).cancel(namespace, runs[2], by="test")
             await poll(lambda: _is(phase_of(runs[2], "gate"), "Cancelled"))
-            assert pending(name) == await waiting(runs) == 2
+            assert await counted(name, runs) == (2, 2)
             # The run failing while waiting (another step fails).
             await RunClient(nc).signal(namespace, runs[3], "go", None, by="test")
             await poll(lambda: _is(phase_of(runs[3], "gate"), "Cancelled"))
-            assert pending(name) == await waiting(runs) == 1
+            assert await counted(name, runs) == (1, 1)
             # No decision within the approval's timeout.
             slow = await engine.client.start(bundle.compiled[timed], {}, run_id=f"{timed}-0")
             await poll(lambda: _is(phase_of(slow, "gate"), "Failed"))
-            assert pending(timed) == await waiting([slow]) == 0
-            assert pending(name) == await waiting(runs) == 1
+            assert await counted(timed, [slow]) == (0, 0)
+            assert await counted(name, runs) == (1, 1)
         finally:
             await nc.close()
 
