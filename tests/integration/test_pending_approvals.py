@@ -52,6 +52,14 @@ def pending(workflow: str) -> float:
     return _summed("cadenza_pending_approvals", {"workflow": workflow})
 
 
+def runs_waiting(workflow: str) -> tuple[float, float]:
+    """(active runs, those waiting only on an approval or a signal): cadenza_runs_waiting."""
+    return (
+        _summed("cadenza_active_runs", {"workflow": workflow}),
+        _summed("cadenza_runs_waiting", {"workflow": workflow}),
+    )
+
+
 async def test_the_pending_approvals_gauge_counts_the_steps_waiting(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
@@ -100,6 +108,7 @@ async def test_the_pending_approvals_gauge_counts_the_steps_waiting(
             for run in runs:
                 await poll(lambda run=run: _is(phase_of(run, "gate"), "WaitingApproval"))
             assert await counted(name, runs) == (5, 5)
+            assert runs_waiting(name) == (5, 5)  # each waits for its approval and a signal
 
             # Ignored decisions: someone not among the approvers, twice.
             for _ in range(2):
@@ -127,7 +136,10 @@ async def test_the_pending_approvals_gauge_counts_the_steps_waiting(
             slow = await engine.client.start(bundle.compiled[timed], {}, run_id=f"{timed}-0")
             await poll(lambda: _is(phase_of(slow, "gate"), "Failed"))
             assert await counted(timed, [slow]) == (0, 0)
+            assert runs_waiting(timed) == (0, 0)  # rejected by its timeout: failed
             assert await counted(name, runs) == (1, 1)
+            # Left: runs[4] waiting for its approval, runs[0] approved and waiting for `go`.
+            assert runs_waiting(name) == (2, 2)
         finally:
             await nc.close()
 
