@@ -67,6 +67,8 @@ NONDETERMINISM_RULE = (
     "succeeded attempts of a step with the same inputHash and more than one outputHash "
     "(values passed by reference are compared by reference)"
 )
+MAX_RUNS = 100_000
+"""Runs read at most (the newest): the analysis is linear, but each record is parsed."""
 TOP_RUNS = 10
 """Runs listed (and whose audit records are read) for traceability."""
 EXAMPLES = 3
@@ -719,15 +721,23 @@ def _duration(seconds: float) -> str:
 
 
 # -------------------------------------------------------------------- the I/O
-async def audit_counts(js: Any, namespace: str) -> dict[str, int]:
-    """Audit messages per run of a namespace, from one STREAM.INFO with a subjects filter
-    (the server lists at most 100,000 subjects in one answer)."""
-    from cadenza.wire import AUDIT_STREAM, audit_subject
+async def audit_counts(nc: Any, namespace: str) -> dict[str, int]:
+    """Audit messages per run of a namespace, from STREAM.INFO with a subjects filter: one
+    request per 100,000 subjects (the server's page; nats-py's stream_info reads only the
+    first, so the request is made here with its offset)."""
+    from cadenza.wire import AUDIT_STREAM, audit_subject, dumps, loads
 
     prefix = audit_subject(namespace, "")
-    info = await js.stream_info(AUDIT_STREAM, subjects_filter=f"{prefix}>")
-    subjects = info.state.subjects or {}
-    return {subject[len(prefix) :]: count for subject, count in subjects.items()}
+    counts: dict[str, int] = {}
+    while True:
+        body = {"subjects_filter": f"{prefix}>", "offset": len(counts)}
+        reply = loads((await nc.request(f"$JS.API.STREAM.INFO.{AUDIT_STREAM}", dumps(body), timeout=10)).data)
+        if "error" in reply:
+            raise RuntimeError(f"audit stream info: {reply['error'].get('description', reply['error'])}")
+        page = (reply.get("state") or {}).get("subjects") or {}
+        counts.update((subject[len(prefix) :], int(n)) for subject, n in page.items())
+        if not page or len(counts) >= int(reply.get("total") or 0):
+            return counts
 
 
 async def audit_steps(js: Any, namespace: str, run: str, expected: int, idle: float = 2.0) -> dict[str, int]:
@@ -762,17 +772,24 @@ async def diagnose(
     from nats.js.errors import KeyNotFoundError
 
     now = time.time() if now is None else now
-    every = [r for r in await client.list(namespace) if r.workflow == workflow]
+
+    def bears_on_window(state: RunState) -> bool:
+        # A run that finished before the window can be neither in it nor load it.
+        ended = state.finishedAt
+        return state.workflow == workflow and (ended is None or ended >= now - since)
+
+    # One pass over the bucket (RunClient.recent), not one read per key.
+    every = await client.recent(namespace, limit=MAX_RUNS, keep=bears_on_window)
     if not every:
         try:
             await client.defs_kv.get(f"latest.{namespace}.{workflow}")
         except KeyNotFoundError:
             raise UnknownWorkflow(f"workflow {workflow!r} is not known in namespace {namespace!r}") from None
-    counts = await audit_counts(client.js, namespace) if every else {}
+    counts = await audit_counts(client.nc, namespace) if every else {}
     steps = {}
     for run in top_traced_runs(every, now, since):
         steps[run] = await audit_steps(client.js, namespace, run, counts.get(run, 0))
-    return analyse(
+    report = analyse(
         every,
         counts,
         now,
@@ -782,3 +799,6 @@ async def diagnose(
         audit_steps=steps,
         load_records=every,
     )
+    if len(every) >= MAX_RUNS:
+        report.notes.append(f"only the newest {MAX_RUNS:,} runs were read: narrow --since")
+    return report
