@@ -295,6 +295,7 @@ def _control(args: argparse.Namespace, request: dict[str, Any]) -> int:
     if not args.wait > 0:  # also NaN
         err.print(f"[red]error[/red]: --wait: {args.wait:g} is not a number of seconds above 0")
         return EXIT_INVALID
+    args.run = resolve_run(args)  # after the command's own checks of its arguments
     reply = asyncio.run(_ask_engine(args.nats, args.namespace, {**request, "run": args.run}, args.wait))
     if reply is None:
         err.print(
@@ -433,20 +434,27 @@ def resolve_run(args: argparse.Namespace) -> str:
     """The run id a command's RUN argument means: the id itself when the engine's runs
     bucket holds it, else (a kubeconfig configured: --kubeconfig, $KUBECONFIG or
     ~/.kube/config) the run of the WorkflowRun of that name in --namespace. Every command
-    taking RUN goes through here (main() calls it); UnknownRun otherwise."""
+    taking RUN goes through here (main() calls it; _control and retry, once their own
+    arguments are checked); UnknownRun otherwise."""
+    from nats.js.errors import BucketNotFoundError
+
     from .engine.client import RunClient
     from .kube.lookup import LookupFailed, configured_kubeconfig, workflowrun_run_id
 
     run, namespace = args.run, args.namespace
-    if run == ">":  # audit: every run of the namespace
+    if run == ">" or getattr(args, "resolved", None) == run:  # audit's every run; done already
         return str(run)
     known: list[bool] = []
 
     async def look(nc: Any) -> None:
-        known.append(await (await RunClient(nc).open()).get(run) is not None)
+        try:
+            known.append(await (await RunClient(nc).open()).get(run) is not None)
+        except BucketNotFoundError:  # no engine ever ran on this bus: the command says what is wrong
+            known.append(True)
 
     asyncio.run(_with_nc(args.nats, look))
     if known and known[0]:
+        args.resolved = run
         return str(run)
     kubeconfig = configured_kubeconfig(getattr(args, "kubeconfig", None))
     if kubeconfig is None:
@@ -461,6 +469,7 @@ def resolve_run(args: argparse.Namespace) -> str:
         raise UnknownRun(f"no run {run}, and no WorkflowRun could be looked up: {exc}") from None
     if found is None:
         raise UnknownRun(f"no run {run} in namespace {namespace}: neither a run id nor a started WorkflowRun")
+    args.resolved = found
     return found
 
 
@@ -558,6 +567,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     import uuid
 
+    args.run = resolve_run(args)
     if args.from_step is not None:  # a bad --from is a bad argument (exit 2), not a refusal
         steps: list[str] = []
 
@@ -943,6 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="SECONDS",
             help=f"how long to wait for an engine's answer (default {CONTROL_WAIT:g})",
         )
+        cmd.set_defaults(resolve_run=False)  # _control resolves RUN, once the arguments are checked
         return cmd
 
     ap = engine_command(
