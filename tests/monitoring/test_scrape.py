@@ -1,6 +1,7 @@
 """A real Prometheus scrapes a real `cadenza dev` (the CLI as a subprocess) running a
 workload with retries, a timeout, a forEach, model calls (an OpenAI-compatible server
-answering 429 then 200, and recorded usage) and an approval; then every dashboard query,
+answering 429 then 200, and recorded usage) and an approval, its target labelled with a
+`namespace` as a ServiceMonitor labels the operator's; then every dashboard query,
 with the dashboard's variables filled in, is evaluated through Prometheus' HTTP API.
 
 Each must succeed, and each must return series unless every metric it selects is one
@@ -35,6 +36,7 @@ from .promql import alert_rules, dashboard, exported, panel_queries, parse, seri
 from .test_rules import promtool
 
 NAMESPACE = "default"  # cadenza dev's
+OPERATOR_NAMESPACE = "cadenza-system"  # the scrape target's, as a ServiceMonitor labels it
 WORKFLOW = "scraped"
 # Metrics the workload cannot produce under cadenza dev, and why. A query may come back
 # empty only when every series it selects belongs to one of these.
@@ -138,7 +140,14 @@ class Prometheus:
         tmp.mkdir(parents=True, exist_ok=True)
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "cadenza-dev", "static_configs": [{"targets": [target]}]}],
+            # The target labels a ServiceMonitor gives the operator's series: its own
+            # `namespace` among them, which an exported `namespace` would clash with.
+            "scrape_configs": [
+                {
+                    "job_name": "cadenza-dev",
+                    "static_configs": [{"targets": [target], "labels": {"namespace": OPERATOR_NAMESPACE}}],
+                }
+            ],
         }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         binary = shutil.which("prometheus") or str(Path(promtool()).with_name("prometheus"))
@@ -256,9 +265,15 @@ async def test_prometheus_scraping_cadenza_dev_answers_every_dashboard_query(tmp
             )
             assert await prometheus.value(f"sum({waiting})") == 0.0
 
-            # The workload's namespace is its own label (no target label can override it).
-            namespaces = await prometheus.query("count by (workload_namespace) (cadenza_runs_started_total)")
-            assert [r["metric"] for r in namespaces] == [{"workload_namespace": NAMESPACE}]
+            # The workload's namespace is its own label: the target's `namespace` does not
+            # override it, and nothing was renamed exported_namespace.
+            namespaces = await prometheus.query(
+                "count by (namespace, workload_namespace) (cadenza_runs_started_total)"
+            )
+            assert [r["metric"] for r in namespaces] == [
+                {"namespace": OPERATOR_NAMESPACE, "workload_namespace": NAMESPACE}
+            ]
+            assert await prometheus.query('count({exported_namespace!=""})') == []
 
             board = dashboard()
             for name, selector, label in variable_queries(board):
