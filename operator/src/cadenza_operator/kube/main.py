@@ -19,6 +19,7 @@ from typing import Any
 
 import kopf
 import structlog
+from aiohttp import web
 
 from .. import metrics
 from . import agents, models, runs, workflows
@@ -123,6 +124,7 @@ async def serve(
     if on_context is not None:
         on_context(ctx)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    console = await serve_console(settings, ctx) if settings.console_port else None
     log.info(
         "operator starting",
         nats=settings.nats_url,
@@ -146,8 +148,27 @@ async def serve(
             ready_flag=ready_flag,
         )
     finally:
+        if console is not None:
+            await console.cleanup()
         await ctx.stop()  # if kopf failed before its cleanup handlers ran
         await ctx.api.close()
+
+
+async def serve_console(settings: OperatorSettings, ctx: OperatorContext) -> web.AppRunner:
+    """The web console on `console_address:console_port` (a Service in front), over the
+    engine this process hosts once kopf's startup handler has started it (until then the
+    pages say it is starting)."""
+    from ..observe.web import Console, Identity
+    from ..observe.web import serve as serve_web
+
+    def engine() -> Any:
+        return ctx.engine if ctx.started else None
+
+    identity = Identity(user_header=settings.console_user_header or None)
+    address = settings.console_address
+    runner, port = await serve_web(Console(engine, identity), address, settings.console_port)
+    log.info("console serving", address=address, port=port, user_header=settings.console_user_header or None)
+    return runner
 
 
 def run_operator() -> int:

@@ -68,6 +68,22 @@ class OperatorSettings:
     metrics_port: int = 9090
     """CADENZA_METRICS_PORT: Prometheus /metrics of the engine and the operator; 0 turns it off."""
 
+    console_port: int = 0
+    """CADENZA_CONSOLE_PORT: the web console (runs, graphs, approvals; observe/web) on
+    0.0.0.0:PORT; 0 (the default) serves none. Anyone who reaches it may steer runs, so the
+    chart leaves it off and documents putting an authenticating proxy in front."""
+
+    console_address: str = "0.0.0.0"
+    """CADENZA_CONSOLE_ADDRESS: the address the console listens on: every interface of the
+    pod, for its Service (tests listen on 127.0.0.1)."""
+
+    console_user_header: str = ""
+    """CADENZA_CONSOLE_USER_HEADER: the request header an authenticating proxy in front of
+    the console sets to the signed-in user (oauth2-proxy: X-Forwarded-User). Set, that user
+    is who approves, cancels and signals, checked against approvers by the engine, and a
+    request without it is refused; empty, actions carry the unverified name `console`
+    (refused by any approval step that names its approvers)."""
+
     health_port: int = 8080
     """CADENZA_HEALTH_PORT: kopf's liveness endpoint /healthz, probed by the kubelet; 0 turns it off."""
 
@@ -165,6 +181,8 @@ class OperatorSettings:
         text("CADENZA_AGENT_NATS_CREDS_KEY", "agent_nats_creds_key")
         text("CADENZA_NATS_ACCOUNT_SEED_FILE", "nats_account_seed_file")
         text("CADENZA_LOG_FORMAT", "log_format")
+        text("CADENZA_CONSOLE_USER_HEADER", "console_user_header")
+        text("CADENZA_CONSOLE_ADDRESS", "console_address")
         text("POD_ID", "peer_id")
         if "CADENZA_PEERING" in env:  # set but empty means standalone, not the default name
             values["peering"] = env["CADENZA_PEERING"].strip()
@@ -173,6 +191,7 @@ class OperatorSettings:
         number("CADENZA_PEERING_PRIORITY", "peering_priority", int)
         number("CADENZA_METRICS_PORT", "metrics_port", int)
         number("CADENZA_HEALTH_PORT", "health_port", int)
+        number("CADENZA_CONSOLE_PORT", "console_port", int)
         number("CADENZA_STATUS_INTERVAL", "status_interval", float)
         number("CADENZA_AGENT_INTERVAL", "agent_interval", float)
         number("CADENZA_SCALE_DOWN_WINDOW", "scale_down_window", float)
