@@ -34,7 +34,7 @@ from .harness import unique_namespace
 from .test_poison_and_timers import phases, serving
 
 
-def queued_workflow(namespace: str, queue_timeout: str, retry_limit: int = 1) -> Any:
+def queued_workflow(namespace: str, queue_timeout: str, retry_limit: int = 1, name: str = "queued") -> Any:
     spec = WorkflowSpec.model_validate(
         {
             "steps": [
@@ -48,7 +48,7 @@ def queued_workflow(namespace: str, queue_timeout: str, retry_limit: int = 1) ->
             ]
         }
     )
-    return compile_workflow("queued", spec, namespace)
+    return compile_workflow(name, spec, namespace)
 
 
 async def fire_queue_timer(nc: Any, engine: Engine, namespace: str, run: str, attempt: int) -> None:
@@ -190,9 +190,17 @@ async def test_a_busy_agent_never_starts_an_attempt_its_queue_timeout_abandoned(
         return {"n": task.input.get("n")}
 
     runs = [f"stress-{i}" for i in range(40)]
+    # A few runs whose attempts may wait a minute in the queue start for certain, however
+    # slow the machine: the check below is never passed by no attempt having started.
+    patient = queued_workflow(namespace, "60s", name="patient")
+    sure = [f"sure-{i}" for i in range(4)]
     try:
         async with serving(agent, fresh_nats.url, namespace):
-            await asyncio.gather(*(engine.client.start(wf, {"n": i}, run_id=r) for i, r in enumerate(runs)))
+            await asyncio.gather(
+                *(engine.client.start(wf, {"n": i}, run_id=r) for i, r in enumerate(runs)),
+                *(engine.client.start(patient, {"n": i}, run_id=r) for i, r in enumerate(sure)),
+            )
+            runs += sure
             states = await phases(engine.client, runs, timeout=120)
         trail = await read_trail(nc.jetstream(), namespace)
         Path(f"{exec_log}.0").write_text("".join(logged))
