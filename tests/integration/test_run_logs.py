@@ -214,3 +214,9 @@ async def test_an_unknown_run_or_step_name_is_exit_2(stack: dict[str, Any]) -> N
     silent = await asyncio.to_thread(logs, url, ns, run, "other")
     assert (silent.returncode, silent.stdout) == (0, "")
     assert f"no lines logged through task.log by step other of run {run}" in silent.stderr
+
+
+def test_a_bus_no_engine_has_used_is_exit_2(fresh_nats: Any) -> None:
+    shown = logs(fresh_nats.url, "default", "some-run")
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr
+    assert "no run 'some-run'" in shown.stderr
