@@ -198,3 +198,56 @@ async def test_a_retry_asked_twice_of_two_engines_starts_one_run(nats_server: Na
     assert state.phase == "Succeeded" and state.outputs == {"v": 1}
     assert sorted(s.run for s in runs) == sorted([first, again])
     assert calls == {"a": 1, "b": 1, "side": 1, "c": 2}  # c once per run, not per request
+
+
+async def test_a_retry_of_large_values_keeps_its_start_event_small(nats_server: NatsServer) -> None:
+    """A large input is passed on as the retried run kept it; reused outputs that would make
+    the start event too large (ten of 30 KB each) go to the outputs bucket, by reference."""
+    namespace = unique_namespace()
+    steps: list[dict[str, Any]] = [
+        {"name": "s0", "agent": "worker", "input": {"v": "${{ size(input.big) }}"}}
+    ]
+    for i in range(1, 10):
+        steps.append(
+            {
+                "name": f"s{i}",
+                "agent": "worker",
+                "dependsOn": [f"s{i - 1}"],
+                "input": {"v": f"${{{{ steps.s{i - 1}.output.v }}}}"},
+            }
+        )
+    steps.append(
+        {"name": "last", "agent": "worker", "dependsOn": ["s9"], "input": {"v": "${{ steps.s9.output.v }}"}}
+    )
+    wf = compile_workflow(
+        "big",
+        WorkflowSpec.model_validate({"steps": steps, "output": {"v": "${{ steps.last.output.v }}"}}),
+        namespace,
+    )
+    calls: collections.Counter[str] = collections.Counter()
+    failing = {"last"}
+    agent = Agent("worker", concurrency=8)
+
+    @agent.handler
+    async def handle(task: Any) -> dict[str, Any]:
+        calls[task.step] += 1
+        if task.step in failing:
+            raise FatalError("not yet")
+        return {"v": task.input["v"], "pad": "y" * 30_000}
+
+    async with (
+        running_engine(nats_server.url, namespace) as engine,
+        serving(agent, nats_server.url, namespace),
+    ):
+        client = engine.client
+        first = await client.start(wf, {"big": "z" * 40_000})
+        old = await _finished(client, first)
+        assert old.phase == "Failed" and old.inputRef is not None
+        failing.clear()
+        again = await client.retry(namespace, first, by="ada")
+        state = await _finished(client, again)
+    assert state.phase == "Succeeded", state.message
+    assert state.outputs == {"v": 40_000}
+    apart = [n for n, s in state.steps.items() if s.outputRef == f"{again}.{n}"]
+    assert apart and len(apart) < 10, apart  # past 256 KB of inline outputs only
+    assert {n: calls[n] for n in ("s0", "s9", "last")} == {"s0": 1, "s9": 1, "last": 2}
