@@ -70,6 +70,25 @@ async def test_the_cli_approves_as_its_credentials_user(tmp_path: Path) -> None:
         decision = [r for r in records if r.get("step") == "gate" and r.get("to") == "Succeeded"]
         assert decision and decision[0]["actor"] == "alice", records
 
+        # a retry with the same credential: the engine starts it as alice (issue 14)
+        creds = credentials.client("alice")
+        common = ("--nats", server.url, "--creds", creds, "-n", "default")
+        bad = await asyncio.to_thread(cadenza, "retry", run, "--from", "nope", *common)
+        assert bad.returncode == 2 and "--from nope: run gated-1 has no such step" in bad.stderr, bad
+        retried = await asyncio.to_thread(cadenza, "retry", run, "--from", "gate", *common, "--by", "eve")
+        assert retried.returncode == 0, retried.stderr
+        again = retried.stdout.split()[-1]
+        assert await poll(lambda: _equals(_phase(engine, again), "Running"))
+        started = [r for r in await engine.client.audit("default", again) if r.get("reason") == "run started"]
+        assert started and started[0]["actor"] == "alice", started
+        shown = await asyncio.to_thread(cadenza, "get", again, *common)
+        assert shown.returncode == 0 and f"retry of run {run}" in shown.stdout, shown
+
+
+async def _phase(engine: Any, run: str) -> Any:
+    state = await engine.client.get(run)
+    return state.phase if state is not None else None
+
 
 async def _equals(value: Any, expected: Any) -> bool:
     return bool(await value == expected)

@@ -214,9 +214,9 @@ class ControlResponder:
                 state, from_step=from_step, by=by, key=key if isinstance(key, str) else None
             )
             reply["newRun"] = new
-            reply["message"] = f"retry of {run} started: run {new}" + (
-                f" (again from step {from_step})" if from_step else ""
-            )
+            # the new run's id last: a script takes the last word
+            again = f" from step {from_step}" if from_step else ""
+            reply["message"] = f"retry of {run}{again} started: run {new}"
         elif op == "approve":
             approved = bool(request.get("approved", True))
             await client.approve(
