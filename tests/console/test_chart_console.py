@@ -42,7 +42,7 @@ def test_enabled_it_has_a_service_a_port_and_its_settings() -> None:
             "console": {
                 "enabled": True,
                 "port": 8181,
-                "auth": {"userHeader": "X-Forwarded-User"},
+                "auth": {"userHeader": "X-Forwarded-User", "groupsHeader": "X-Forwarded-Groups"},
                 "service": {"annotations": {"a": "b"}},
             }
         }
@@ -59,6 +59,7 @@ def test_enabled_it_has_a_service_a_port_and_its_settings() -> None:
     env = env_of(container)
     settings = OperatorSettings.from_env({k: v for k, v in env.items() if isinstance(v, str)})
     assert (settings.console_port, settings.console_user_header) == (8181, "X-Forwarded-User")
+    assert settings.console_groups_header == "X-Forwarded-Groups"
     assert settings.console_address == "0.0.0.0"  # reached through the Service
     pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()

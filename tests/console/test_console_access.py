@@ -137,6 +137,13 @@ async def test_without_an_identity_actions_are_the_unverified_console(
             assert (await http.get(f"{s.url}/runs/other-namespace/{guarded}")).status == 404
             metrics = await http.get(f"{s.url}/metrics")
             assert metrics.status == 200 and "cadenza_" in await metrics.text()
+            # The diagnosis page: a bad window and an unknown workflow are named, not a traceback.
+            bad = await http.get(f"{s.url}/diagnose/{s.namespace}/gate?since=soon")
+            assert bad.status == 400 and "since: invalid duration 'soon'" in await bad.text()
+            unknown = await http.get(f"{s.url}/diagnose/{s.namespace}/nope")
+            assert unknown.status == 404 and "workflow 'nope' is not known" in await unknown.text()
+            page = await http.get(f"{s.url}/diagnose/{s.namespace}/guarded?since=2h")
+            assert page.status == 200 and 'data-step="review"' not in await page.text()  # no attempts yet
         await poll(lambda: _step(s, open_gate, "review", "Succeeded"))
         state = await s.client.get(open_gate)
         assert state is not None
@@ -147,3 +154,65 @@ async def test_without_an_identity_actions_are_the_unverified_console(
 async def _step(s: Any, run: str, step: str, phase: str) -> bool:
     state = await s.client.get(run)
     return state is not None and step in state.steps and state.steps[step].phase == phase
+
+
+TEAM = """
+---
+apiVersion: cadenza.dev/v1alpha1
+kind: Workflow
+metadata: {name: team}
+spec:
+  steps:
+    - name: review
+      approval: {approvers: ["group:reviewers"]}
+"""
+
+
+async def test_a_group_the_proxy_vouches_for_may_approve(tmp_path: Path, nats_server: NatsServer) -> None:
+    identity = Identity(user_header="X-Forwarded-User", groups_header="X-Forwarded-Groups")
+    async with console_stack(tmp_path / "p", "", TEAM, nats_server.url, identity) as s:
+        first = await s.client.start(s.workflow("team"), {})
+        await poll(lambda: waiting(s, first))
+        async with aiohttp.ClientSession() as http:
+
+            async def approve(run: str, **headers: str) -> tuple[str, str]:
+                reply = await http.post(
+                    f"{s.url}/runs/{s.namespace}/{run}/approve",
+                    data={"step": "review"},
+                    headers={"Origin": s.url, "X-Forwarded-User": "bob", **headers},
+                    allow_redirects=False,
+                )
+                return notice(reply)
+
+            refused = "refused: bob is not an approver of review (approvers: group:reviewers)"
+            assert await approve(first) == ("0", refused)  # no groups said
+            assert await approve(first, **{"X-Forwarded-Groups": "dev, ops"}) == ("0", refused)
+            # A group name that would smuggle another into the vouched form is dropped.
+            assert await approve(first, **{"X-Forwarded-Groups": "x] [group:reviewers"}) == ("0", refused)
+            ok = await approve(first, **{"X-Forwarded-Groups": "dev, reviewers"})
+            assert ok == ("1", f"approved {first}/review as bob (group reviewers)")
+            # Once decided, the engine's refusal stands, whatever the groups.
+            again = await approve(first, **{"X-Forwarded-Groups": "reviewers"})
+            assert again[0] == "0" and (
+                "is not waiting for approval" in again[1] or "already Succeeded" in again[1]
+            )
+        await poll(lambda: _phase(s, first, "Succeeded"))
+        state = await s.client.get(first)
+        assert (
+            state is not None and (state.steps["review"].approval or {}).get("by") == "bob [group:reviewers]"
+        )
+
+    # Without a groups header configured, a groups header a client sends is not believed.
+    async with console_stack(
+        tmp_path / "q", "", TEAM, nats_server.url, Identity(user_header="X-Forwarded-User")
+    ) as s:
+        run = await s.client.start(s.workflow("team"), {})
+        await poll(lambda: waiting(s, run))
+        async with aiohttp.ClientSession() as http:
+            reply = await http.post(
+                f"{s.url}/runs/{s.namespace}/{run}/approve",
+                data={"step": "review"},
+                headers={"Origin": s.url, "X-Forwarded-User": "bob", "X-Forwarded-Groups": "reviewers"},
+                allow_redirects=False,
+            )
+            assert notice(reply)[0] == "0"

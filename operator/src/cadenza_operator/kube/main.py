@@ -164,7 +164,10 @@ async def serve_console(settings: OperatorSettings, ctx: OperatorContext) -> web
     def engine() -> Any:
         return ctx.engine if ctx.started else None
 
-    identity = Identity(user_header=settings.console_user_header or None)
+    identity = Identity(
+        user_header=settings.console_user_header or None,
+        groups_header=settings.console_groups_header or None,
+    )
     address = settings.console_address
     runner, port = await serve_web(Console(engine, identity), address, settings.console_port)
     log.info("console serving", address=address, port=port, user_header=settings.console_user_header or None)

@@ -84,6 +84,12 @@ class OperatorSettings:
     request without it is refused; empty, actions carry the unverified name `console`
     (refused by any approval step that names its approvers)."""
 
+    console_groups_header: str = ""
+    """CADENZA_CONSOLE_GROUPS_HEADER: the proxy's header of the user's groups,
+    comma-separated (oauth2-proxy: X-Forwarded-Groups), read with the user header: an
+    approval naming `group:NAME` then accepts a member, as the operator does for a
+    WorkflowRun annotation whose author Kubernetes admission checked."""
+
     health_port: int = 8080
     """CADENZA_HEALTH_PORT: kopf's liveness endpoint /healthz, probed by the kubelet; 0 turns it off."""
 
@@ -182,6 +188,7 @@ class OperatorSettings:
         text("CADENZA_NATS_ACCOUNT_SEED_FILE", "nats_account_seed_file")
         text("CADENZA_LOG_FORMAT", "log_format")
         text("CADENZA_CONSOLE_USER_HEADER", "console_user_header")
+        text("CADENZA_CONSOLE_GROUPS_HEADER", "console_groups_header")
         text("CADENZA_CONSOLE_ADDRESS", "console_address")
         text("POD_ID", "peer_id")
         if "CADENZA_PEERING" in env:  # set but empty means standalone, not the default name

@@ -7,7 +7,10 @@ then the verified `by` of every action, checked by the engine like any approver.
 it, actions carry `console`, an unverified display name: cancel, resume and signals go
 through (whoever reaches the Service may steer runs, which is why the chart leaves the
 console off), and an approval whose step names approvers is refused by the engine, since
-`console` is none of them. `cadenza dev` acts as the local user.
+`console` is none of them. `cadenza dev` acts as the local user. With a groups header
+too (oauth2-proxy's `X-Forwarded-Groups`), an approval naming `group:NAME` accepts a
+member: the console vouches for the group as the operator does after Kubernetes admission
+(`USER [group:NAME]`, engine/decide/events.py `is_approver`); a NATS client cannot.
 
 Cross-site requests: every POST must come from the console's own pages. Browsers say where
 a request comes from (`Sec-Fetch-Site`, else `Origin`); a form on another site posting to
@@ -32,6 +35,9 @@ class Identity:
     user (`cadenza dev`: the local user), else nobody (`console`, unverified)."""
 
     user_header: str | None = None
+    groups_header: str | None = None
+    """The proxy's header of the user's groups, comma-separated (oauth2-proxy:
+    X-Forwarded-Groups); read only with `user_header`."""
     fixed_user: str | None = None
 
     def viewer(self, request: web.Request) -> tuple[str | None, bool]:
@@ -43,6 +49,13 @@ class Identity:
         if self.fixed_user:
             return self.fixed_user, True
         return UNVERIFIED, False
+
+    def groups(self, request: web.Request) -> list[str]:
+        """The groups the proxy vouches the viewer is in (none without both headers set)."""
+        if not (self.user_header and self.groups_header):
+            return []
+        raw = request.headers.get(self.groups_header, "")
+        return [g.strip() for g in raw.split(",") if g.strip() and "]" not in g]
 
 
 def cross_site_refusal(request: web.Request) -> str | None:

@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from ...engine.client import DefinitionNotFound
 from ...engine.control import ControlResponder
+from ...engine.decide.events import GROUP_PREFIX, is_approver
 from ...engine.state import RUN_ID
 from ...engine.view import run_view
 from . import layout
@@ -266,10 +267,43 @@ class Console:
         if not verified:
             command["comment"] = " ".join(filter(None, ["[console, unverified]", command.get("comment")]))
         reply = await ControlResponder(self._engine()).answer({**command, "namespace": namespace})
+        groups = self.identity.groups(request)
+        if not reply.get("ok") and command["op"] == "approve" and groups:
+            reply = await self._as_member(command, namespace, groups, reply)
         log.info("console action", op=op, run=run, namespace=namespace, by=by, ok=reply.get("ok"))
         text = str(reply.get("message") or reply.get("error") or "")
         new = reply.get("newRun")
         return _back(namespace, new if isinstance(new, str) else run, text, ok=bool(reply.get("ok")))
+
+    async def _as_member(
+        self, command: dict[str, Any], namespace: str, groups: list[str], reply: dict[str, Any]
+    ) -> dict[str, Any]:
+        """An approval the engine refused only because the user is not among the step's
+        approvers by name, while the proxy vouches for a group that is: sent as
+        `USER [group:NAME]`, the form the engine accepts from the operator. Every other
+        refusal (not waiting, finished, another namespace) stands as the engine gave it."""
+        client = self._engine().client
+        run, step, user = command["run"], command["step"], command["by"]
+        state = await client.get(run)
+        if state is None or state.namespace != namespace:
+            return reply
+        cs = (await client.definition(state.definition)).steps.get(step)
+        approval = cs.approval if cs is not None else None
+        if approval is None:
+            return reply
+        by_name = f"refused: {user} is not an approver of {step} (approvers: {', '.join(approval.approvers)})"
+        if reply.get("error") != by_name:
+            return reply
+        for group in groups:
+            member = f"{user} [{GROUP_PREFIX}{group}]"
+            if is_approver(approval.approvers, member):
+                approved = bool(command["approved"])
+                await client.approve(
+                    namespace, run, step, approved, by=member, comment=command.get("comment")
+                )
+                verb = "approved" if approved else "rejected"
+                return {"ok": True, "message": f"{verb} {run}/{step} as {user} (group {group})"}
+        return reply
 
     # --------------------------------------------------------------- diagnose
     async def diagnose_page(self, request: web.Request) -> web.Response:
