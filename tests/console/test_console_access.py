@@ -133,6 +133,12 @@ async def test_without_an_identity_actions_are_the_unverified_console(
                 allow_redirects=False,
             )
             assert notice(reply) == ("1", f"approved {open_gate}/review as console")
+            # Resume: a budget that is not a number is named; a run not Paused is the engine's refusal.
+            resume = f"{s.url}/runs/{s.namespace}/{guarded}/resume"
+            reply = await http.post(resume, data={"tokens": "lots"}, headers=own, allow_redirects=False)
+            assert notice(reply) == ("0", "resume: tokens 'lots' is not a number")
+            reply = await http.post(resume, data={"tokens": "5000"}, headers=own, allow_redirects=False)
+            assert notice(reply) == ("0", f"run {guarded} is not Paused (it is Running)")
             assert (await http.get(f"{s.url}/runs/{s.namespace}/nope")).status == 404
             assert (await http.get(f"{s.url}/runs/other-namespace/{guarded}")).status == 404
             metrics = await http.get(f"{s.url}/metrics")

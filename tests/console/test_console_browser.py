@@ -243,3 +243,53 @@ async def test_user_data_is_shown_as_text_never_run(
         await page.goto(s.url + "/")
         await expect(page.locator(f'tr[data-run="{run}"]')).to_be_visible()
         assert await page.evaluate("window.pwned") is None
+
+
+SPENDER = """
+from cadenza import Agent
+
+spender = Agent("spender")
+
+@spender.handler
+async def spend(task):
+    task.record_usage(model="fast", input_tokens=45, output_tokens=15, cost=0.03)
+    return {"step": task.step}
+
+if __name__ == "__main__":
+    spender.run()
+"""
+
+BUDGETED = """
+---
+apiVersion: cadenza.dev/v1alpha1
+kind: Workflow
+metadata: {name: capped}
+spec:
+  budget: {tokens: 100}
+  steps:
+    - {name: a, agent: spender}
+    - {name: b, agent: spender, dependsOn: [a]}
+    - {name: c, agent: spender, dependsOn: [b]}
+"""
+
+
+async def test_a_paused_run_shows_its_usage_and_resumes_with_a_new_budget(
+    tmp_path: Path, nats_server: NatsServer, browser: Any
+) -> None:
+    manifests = agent_manifest("spender") + BUDGETED
+    async with console_stack(tmp_path / "p", SPENDER, manifests, nats_server.url) as s:
+        run = await s.client.start(s.workflow("capped"), {})
+        page = await browser.new_page()
+        await page.goto(f"{s.url}/runs/{s.namespace}/{run}")
+        # a and b use 60 tokens each: c waits for a new budget.
+        await expect(page.locator("#run-phase")).to_have_text("Paused", timeout=LIVE)
+        await expect(page.locator("section.summary")).to_contain_text("90 in / 30 out tokens")
+        await page.locator("input[name=tokens]").fill("1000")
+        await page.get_by_role("button", name="Resume").click()
+        await expect(page.locator(".notice.ok")).to_contain_text(
+            f"resume of {run} requested with a budget of tokens 1000"
+        )
+        await expect(page.locator("#run-phase")).to_have_text("Succeeded", timeout=LIVE)
+        await expect(page.locator("section.summary")).to_contain_text("135 in / 45 out tokens")
+        await page.locator('details[data-step="c"] summary').click()
+        await expect(page.locator('details[data-step="c"]')).to_contain_text("45 in / 15 out tokens")

@@ -362,6 +362,19 @@ def _command(op: str, run: str, form: Any) -> dict[str, Any]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"signal {name}: payload is not JSON ({exc.msg} at line {exc.lineno})") from None
         return {"op": "signal", "run": run, "name": name, "payload": payload}
+    if op == "resume":
+        budget: dict[str, Any] = {}
+        for name, kind in (("tokens", int), ("cost", float)):
+            raw = str(form.get(name, "")).strip()
+            if raw:
+                try:
+                    value = kind(raw)
+                except ValueError:
+                    raise ValueError(f"resume: {name} {raw!r} is not a number") from None
+                if value < 0:
+                    raise ValueError(f"resume: {name} must not be negative")
+                budget[name] = value
+        return {"op": "resume", "run": run, **budget}
     if op == "retry":
         # The page's key: the same form posted twice starts one run, a new page view another.
         start, key = str(form.get("from", "")).strip(), str(form.get("key", "")).strip()
