@@ -170,6 +170,12 @@ async def test_only_a_finished_run_of_the_namespace_with_that_step_is_retried(
         assert reply["ok"] is False
         assert reply["error"] == "--from nope: workflow gated has no such step (steps: gate, after)"
         assert [s.run for s in await client.list(namespace)] == [run]  # nothing was started
+        # what an engine lists is the namespace the request came on, no other's
+        listed = await responder.answer({"op": "list", "namespace": namespace, "limit": 10})
+        assert [(r["run"], r["phase"]) for r in listed["runs"]] == [(run, "Cancelled")]
+        assert (await responder.answer({"op": "list", "namespace": "elsewhere"}))["runs"] == []
+        listed = await responder.answer({"op": "list", "namespace": namespace, "phase": "Failed"})
+        assert listed["runs"] == []
 
 
 async def test_a_retry_asked_twice_of_two_engines_starts_one_run(nats_server: NatsServer) -> None:

@@ -5,6 +5,7 @@ a `--by` naming someone else is no way in."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,15 @@ async def test_the_cli_approves_as_its_credentials_user(tmp_path: Path) -> None:
         assert started and started[0]["actor"] == "alice", started
         shown = await asyncio.to_thread(cadenza, "get", again, *common)
         assert shown.returncode == 0 and f"retry of run {run}" in shown.stdout, shown
+        # the list, which a client credential cannot read itself: an engine answers it
+        listed = await asyncio.to_thread(cadenza, "list", *common, "--output", "json")
+        assert listed.returncode == 0, listed.stderr
+        assert [(r["run"], r["retryOf"]) for r in json.loads(listed.stdout)] == [(again, run), (run, None)]
+        table = await asyncio.to_thread(cadenza, "list", *common, "--phase", "Succeeded")
+        assert table.returncode == 0 and [line.split()[0] for line in table.stdout.splitlines()] == [
+            "NAME",
+            run,
+        ]
 
 
 async def _phase(engine: Any, run: str) -> Any:

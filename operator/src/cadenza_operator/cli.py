@@ -490,8 +490,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     from nats.errors import TimeoutError as NatsTimeout
 
-    from .engine.view import run_view
-    from .observe.listing import RunFilter, parse_since, row, run_table
+    from .engine.view import RunFilter, run_view, summary
+    from .observe.listing import parse_since, run_table
     from .observe.terminal import show
 
     if args.limit < 1:
@@ -503,36 +503,48 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     now = time.time()
-    wanted = RunFilter(
-        namespace=None if args.all_namespaces else args.namespace,
-        workflow=args.workflow,
-        phase=args.phase,
-        since=since,
-    )
-    views: list[Any] = []
+    wanted = RunFilter(workflow=args.workflow, phase=args.phase, since=since)
+    namespace = None if args.all_namespaces else args.namespace
+    rows: list[dict[str, Any]] = []
+    if _credential_user() is not None:
+        # A client credential reads runs by id only (no consumer on the runs bucket): an
+        # engine lists them, those of the namespace the credential may send requests for.
+        if namespace is None:
+            print("error: -A: a client credential lists the runs of its namespace only (-n)", file=sys.stderr)
+            return EXIT_INVALID
+        request = {"op": "list", "workflow": args.workflow, "phase": args.phase, "since": since}
+        reply = asyncio.run(_ask_engine(args.nats, namespace, {**request, "limit": args.limit}, CONTROL_WAIT))
+        if reply is None:
+            print(f"error: no engine answered on NATS {args.nats}; is an engine running?", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        if not reply.get("ok"):
+            print(f"error: {reply.get('error')}", file=sys.stderr)
+            return EXIT_FAILED
+        rows = list(reply.get("runs") or [])
+    else:
 
-    async def read(client: Any) -> None:
-        states = await client.recent(wanted.namespace, args.limit, lambda s: wanted.keeps(run_view(s), now))
-        views.extend(run_view(s) for s in states)
+        async def read(client: Any) -> None:
+            states = await client.recent(namespace, args.limit, lambda s: wanted.keeps(s, now))
+            rows.extend(summary(run_view(s), now) for s in states)
 
-    try:
-        _read_runs(args, read)
-    except NatsTimeout:
-        print(
-            "error: cadenza list reads every run record through a consumer on the runs bucket "
-            "(KV_cadenza_runs), which this credential may not create; a client credential reads "
-            "runs by id only: use `cadenza get RUN`, or an engine's or admin's credential",
-            file=sys.stderr,
-        )
-        return EXIT_UNREACHABLE
+        try:
+            _read_runs(args, read)
+        except NatsTimeout:
+            print(
+                "error: cadenza list reads every run record through a consumer on the runs bucket "
+                "(KV_cadenza_runs), which this credential may not create; a client credential "
+                "(one minted by nats-auth mint-client) asks an engine instead",
+                file=sys.stderr,
+            )
+            return EXIT_UNREACHABLE
     if args.output == "json":
-        print(json.dumps([row(v, now) for v in views], indent=2, default=str))
+        print(json.dumps(rows, indent=2, default=str))
         return EXIT_OK
-    if not views:
+    if not rows:
         where = "any namespace" if args.all_namespaces else f"namespace {args.namespace}"
         print(f"no runs in {where}", file=sys.stderr)
         return EXIT_OK
-    show(run_table(views, wide=args.output == "wide", namespaces=args.all_namespaces, now=now))
+    show(run_table(rows, wide=args.output == "wide", namespaces=args.all_namespaces, now=now))
     return EXIT_OK
 
 

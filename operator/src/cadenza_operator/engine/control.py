@@ -41,7 +41,9 @@ CONTROL_PREFIX = "cadenza.control"
 CONTROL_SUBJECTS = f"{CONTROL_PREFIX}.>"  # <namespace>, or <namespace>.<user> (a credential's)
 CONTROL_QUEUE = "cadenza-engines"
 """The queue group every engine's responder joins: one answer per request."""
-OPERATIONS = frozenset({"approve", "signal", "cancel", "resume", "retry"})
+OPERATIONS = frozenset({"approve", "signal", "cancel", "resume", "retry", "list"})
+MAX_LISTED = 500
+"""Runs one `list` answer carries at most: their summaries fit one NATS message."""
 
 
 def control_subject(namespace: str, user: str | None = None) -> str:
@@ -187,11 +189,32 @@ class ControlResponder:
         with contextlib.suppress(Exception):
             await msg.respond(dumps(reply))
 
+    async def listing(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The newest runs of the request's namespace, summarized (`cadenza list` under a
+        client credential, which may read runs by id only): the namespace is the one the
+        request came on, so a credential lists its own namespace's runs and no other's."""
+        import time
+
+        from .view import RunFilter, run_view, summary
+
+        limit, since = request.get("limit"), request.get("since")
+        limit = limit if isinstance(limit, int) and 0 < limit <= MAX_LISTED else MAX_LISTED
+        wanted = RunFilter(
+            workflow=request.get("workflow") if isinstance(request.get("workflow"), str) else None,
+            phase=request.get("phase") if isinstance(request.get("phase"), str) else None,
+            since=float(since) if isinstance(since, int | float) and since > 0 else None,
+        )
+        now = time.time()
+        states = await self.engine.client.recent(request["namespace"], limit, lambda s: wanted.keeps(s, now))
+        return {"ok": True, "runs": [summary(run_view(s), now) for s in states]}
+
     async def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """Check the request against the committed run record; publish its event if accepted."""
         op, run, namespace = request.get("op"), request.get("run"), request["namespace"]
         if op not in OPERATIONS:
             return {"ok": False, "error": f"unknown command {op!r}"}
+        if op == "list":
+            return await self.listing(request)
         if not isinstance(run, str) or not RUN_ID.match(run):
             return {"ok": False, "error": f"{run!r} is not a run id"}
         client = self.engine.client

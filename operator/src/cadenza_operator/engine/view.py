@@ -276,6 +276,50 @@ def step_document(s: StepView) -> dict[str, Any]:
     return entry
 
 
+@dataclass(frozen=True)
+class RunFilter:
+    """Which runs `cadenza list` shows: all of them for every field left None."""
+
+    workflow: str | None = None
+    phase: str | None = None
+    since: float | None = None
+    """Seconds: runs created at most this long ago."""
+
+    def keeps(self, state: RunState, now: float) -> bool:
+        return (
+            (self.workflow is None or state.workflow == self.workflow)
+            and (self.phase is None or str(state.phase).lower() == self.phase.lower())
+            and (self.since is None or state.createdAt >= now - self.since)
+        )
+
+
+MAX_SUMMARY_MESSAGE = 200
+"""Characters of a run's message in its summary (`document` has it whole)."""
+
+
+def summary(view: RunView, now: float) -> dict[str, Any]:
+    """One run as a list shows it (`cadenza list`, the engine's `list` answer): no steps,
+    no outputs, the message cut short, so hundreds fit in one reply."""
+    end = view.finished_at if view.finished_at is not None else now
+    message = " ".join(view.message.split())
+    if len(message) > MAX_SUMMARY_MESSAGE:
+        message = message[: MAX_SUMMARY_MESSAGE - 1] + "…"
+    return {
+        "run": view.run,
+        "namespace": view.namespace,
+        "workflow": view.workflow,
+        "phase": str(view.phase),
+        "createdAt": view.created_at,
+        "startedAt": view.started_at,
+        "finishedAt": view.finished_at,
+        "durationSeconds": (end - view.started_at) if view.started_at is not None else None,
+        "progress": f"{view.finished_steps}/{len(view.steps)}",
+        "message": message,
+        "retryOf": view.retry_of,
+        "usage": usage_doc(view.usage),
+    }
+
+
 def document(view: RunView) -> dict[str, Any]:
     """The `cadenza run --output json` document (outputs as in the record: a caller with
     the outputs bucket replaces them when they were kept apart)."""

@@ -1,43 +1,21 @@
 """The run list of `cadenza list`: one row per run, newest first, like `argo list`.
 
-Rows are built from the engine's `RunView` (engine/view.py), the reading of a run record
-the status writer, `cadenza get` and the web console share. Cells hold user data (a run's
-message) as `rich.text.Text`, never as markup.
+Rows are run summaries (`engine.view.summary`), read from the runs bucket or, for a client
+credential that may read runs by id only, answered by an engine (the control operation
+`list`). Cells hold user data (a run's message) as `rich.text.Text`, never as markup.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
-from ..engine.view import RunView, usage_doc
 from .tree import phase_text, seconds
-
-MAX_MESSAGE_CHARS = 200
-"""Characters of a run's message in a row (`cadenza get` and JSON have it whole)."""
-
-
-@dataclass(frozen=True)
-class RunFilter:
-    """Which runs `cadenza list` shows: all of them for every field left None."""
-
-    namespace: str | None = None
-    workflow: str | None = None
-    phase: str | None = None
-    since: float | None = None
-    """Seconds: runs created at most this long ago."""
-
-    def keeps(self, view: RunView, now: float) -> bool:
-        return (
-            (self.namespace is None or view.namespace == self.namespace)
-            and (self.workflow is None or view.workflow == self.workflow)
-            and (self.phase is None or str(view.phase).lower() == self.phase.lower())
-            and (self.since is None or view.created_at >= now - self.since)
-        )
 
 
 def parse_since(text: str) -> float:
@@ -50,73 +28,46 @@ def parse_since(text: str) -> float:
         value = float(number) * (scale or 1)
     except ValueError:
         raise ValueError(f"--since {text!r}: not a duration (90s, 15m, 1h, 2d)") from None
-    if not value > 0 or value == float("inf"):
+    if not value > 0 or math.isinf(value):
         raise ValueError(f"--since {text!r}: not a duration above 0")
     return value
 
 
-def progress(view: RunView) -> str:
-    return f"{view.finished_steps}/{len(view.steps)}"
-
-
-def row(view: RunView, now: float) -> dict[str, Any]:
-    """A run as `cadenza list --output json` gives it."""
-    end = view.finished_at if view.finished_at is not None else (now if view.started_at else None)
-    return {
-        "run": view.run,
-        "namespace": view.namespace,
-        "workflow": view.workflow,
-        "phase": str(view.phase),
-        "createdAt": view.created_at,
-        "startedAt": view.started_at,
-        "finishedAt": view.finished_at,
-        "durationSeconds": (end - view.started_at) if end is not None and view.started_at else None,
-        "progress": progress(view),
-        "message": view.message,
-        "retryOf": view.retry_of,
-        "usage": usage_doc(view.usage),
-    }
-
-
 def run_table(
-    views: list[RunView], *, wide: bool = False, namespaces: bool = False, now: float | None = None
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    wide: bool = False,
+    namespaces: bool = False,
+    now: float | None = None,
 ) -> Table:
     """The table `cadenza list` prints: NAMESPACE (with -A), NAME, WORKFLOW, PHASE, STARTED
     (age), DURATION, PROGRESS, MESSAGE; wide adds the retried run and usage."""
     now = time.time() if now is None else now
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    columns = (["NAMESPACE"] if namespaces else []) + [
-        "NAME",
-        "WORKFLOW",
-        "PHASE",
-        "STARTED",
-        "DURATION",
-        "PROGRESS",
-    ]
+    columns = ["NAME", "WORKFLOW", "PHASE", "STARTED", "DURATION", "PROGRESS"]
+    columns = (["NAMESPACE"] if namespaces else []) + columns
     if wide:
         columns += ["RETRY OF", "TOKENS", "COST"]
     for name in [*columns, "MESSAGE"]:
         table.add_column(name, no_wrap=True, overflow="ignore")
-    for view in views:
-        data = row(view, now)
-        cells: list[Text | str] = [view.namespace] if namespaces else []
+    for row in rows:
+        cells: list[Text | str] = [Text(str(row["namespace"]))] if namespaces else []
         cells += [
-            Text(view.run),
-            Text(view.workflow),
-            phase_text(view.phase),
-            seconds(max(0.0, now - view.created_at)) + " ago",
-            seconds(data["durationSeconds"]),
-            progress(view),
+            Text(str(row["run"])),
+            Text(str(row["workflow"])),
+            phase_text(str(row["phase"])),
+            seconds(max(0.0, now - float(row["createdAt"]))) + " ago",
+            seconds(row.get("durationSeconds")),
+            str(row.get("progress", "")),
         ]
         if wide:
+            usage = row.get("usage") or {}
+            tokens = int(usage.get("inputTokens", 0)) + int(usage.get("outputTokens", 0))
             cells += [
-                Text(view.retry_of or ""),
-                str(view.usage.tokens) if view.usage.tokens else "",
-                f"{view.usage.cost:.6g}" if view.usage.cost else "",
+                Text(str(row.get("retryOf") or "")),
+                str(tokens) if tokens else "",
+                f"{usage['cost']:.6g}" if usage.get("cost") else "",
             ]
-        message = " ".join(view.message.split())
-        if len(message) > MAX_MESSAGE_CHARS:
-            message = message[: MAX_MESSAGE_CHARS - 1] + "…"
-        cells.append(Text(message))
+        cells.append(Text(str(row.get("message") or "")))
         table.add_row(*cells)
     return table
