@@ -108,7 +108,7 @@ def test_a_run_over_budget_pauses_and_resumes_with_a_higher_budget(
         assert proc.poll() is None
 
         refused = cadenza("resume", "no-such-run", "--tokens", "1000", "--nats", url)
-        assert refused.returncode == 1, refused.stderr
+        assert refused.returncode == 2 and "no run no-such-run" in refused.stderr, refused.stderr
 
         resumed = cadenza("resume", run, "--tokens", "1000", "--by", "alice", "--nats", url)
         assert resumed.returncode == 0, resumed.stderr
