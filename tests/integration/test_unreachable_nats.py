@@ -164,6 +164,9 @@ NEEDS_NATS = {
     "signal": ["signal", "run-1", "go"],
     "cancel": ["cancel", "run-1"],
     "audit": ["audit", "run-1"],
+    "list": ["list"],
+    "get": ["get", "run-1"],
+    "retry": ["retry", "run-1", "--from", "a"],
     "publish": ["publish", "orders.created", "{}"],
 }
 
