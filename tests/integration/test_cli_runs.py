@@ -109,6 +109,9 @@ async def test_list_get_and_retry_from_the_command_line(nats_server: NatsServer)
         rows = json.loads(ok(await cli("list", *ns, "--output", "json")))
         assert [r["run"] for r in rows] == [again, first]
         assert rows[0]["retryOf"] == first and rows[0]["progress"] == "2/2"
+        wide = ok(await cli("list", *ns, "--output", "wide")).splitlines()
+        assert "RETRY OF" in wide[0] and wide[1].split()[:3] == [again, "loud", "Succeeded"]
+        assert first in wide[1].split()  # the run it retries
         everywhere = ok(await cli("list", *nats, "-A", "--limit", "100000")).splitlines()
         assert everywhere[0].split()[0] == "NAMESPACE"
         assert any(line.split()[:2] == [namespace, again] for line in everywhere)
@@ -133,6 +136,15 @@ async def test_list_get_and_retry_from_the_command_line(nats_server: NatsServer)
         assert refused.returncode == 1 and "only a finished run" in refused.stderr, refused
         elsewhere = await cli("retry", first, *nats, "-n", "elsewhere")
         assert elsewhere.returncode == 1 and f"no run {first} in namespace elsewhere" in elsewhere.stderr
+
+
+def test_a_bus_no_engine_has_used_has_no_runs(fresh_nats: NatsServer) -> None:
+    nats = ("--nats", fresh_nats.url)
+    listed = cadenza("list", *nats)
+    assert listed.returncode == 0 and "no runs in namespace default" in listed.stderr, listed
+    got = cadenza("get", "run-1", *nats)
+    assert got.returncode == 2 and "no run run-1 in namespace default" in got.stderr, got
+    assert "Traceback" not in listed.stderr + got.stderr
 
 
 def test_version() -> None:

@@ -474,12 +474,17 @@ def resolve_run(args: argparse.Namespace) -> str:
 
 
 def _read_runs(args: argparse.Namespace, fn: Any) -> None:
-    """Run `fn(client)` on an opened RunClient; a credential that may not read what it needs
-    is told so (a client credential reads records by key only)."""
+    """Run `fn(client)` on an opened RunClient; not at all when no engine has made the
+    buckets yet (a bus with no runs: the caller finds none)."""
+    from nats.js.errors import BucketNotFoundError
+
     from .engine.client import RunClient
 
     async def go(nc: Any) -> None:
-        client = await RunClient(nc).open()
+        try:
+            client = await RunClient(nc).open()
+        except BucketNotFoundError:
+            return
         await fn(client)
 
     asyncio.run(_with_nc(args.nats, go))
