@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from cadenza_operator.local.nats_server import NatsServer
-from prometheus_client import REGISTRY
 
 from .chat_server import INPUT_TOKENS, OUTPUT_TOKENS, ChatServer
 from .harness import run_project, write_project
+from .metrics import summed
 
 MODEL = "metered"  # a name no other test uses: the registry is this process's
 
@@ -52,19 +52,8 @@ if __name__ == "__main__":
 """
 
 
-def _summed(name: str, labels: dict[str, str]) -> float:
-    """The samples of `name` whose labels include `labels`, summed over the rest (the
-    workload_namespace of whichever namespace the test's runs had)."""
-    return sum(
-        s.value
-        for m in REGISTRY.collect()
-        for s in m.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    )
-
-
 def _value(name: str, **labels: str) -> float:
-    return _summed(name, {"model": MODEL, **labels})
+    return summed(name, {"model": MODEL, **labels})
 
 
 async def test_a_429_then_200_call_is_counted_by_outcome_with_its_wait(

@@ -14,9 +14,9 @@ from cadenza_operator.engine.infra import ENGINE_CONSUMER
 from cadenza_operator.local.dev import DevServer
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.manifests import load
-from prometheus_client import REGISTRY
 
 from .harness import poll, unique_namespace, write_project
+from .metrics import summed
 
 # No agents: `go` waits for a signal, and `boom` then fails on its `when` (the run fails
 # while `gate` still waits); `gate` waits for ada, or times out after `timeout`.
@@ -37,26 +37,15 @@ spec:
 """
 
 
-def _summed(name: str, labels: dict[str, str]) -> float:
-    """The samples of `name` whose labels include `labels`, summed over the rest (the
-    workload_namespace of whichever namespace the test's runs had)."""
-    return sum(
-        s.value
-        for m in REGISTRY.collect()
-        for s in m.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    )
-
-
 def pending(workflow: str) -> float:
-    return _summed("cadenza_pending_approvals", {"workflow": workflow})
+    return summed("cadenza_pending_approvals", {"workflow": workflow})
 
 
 def runs_waiting(workflow: str) -> tuple[float, float]:
     """(active runs, those waiting only on an approval or a signal): cadenza_runs_waiting."""
     return (
-        _summed("cadenza_active_runs", {"workflow": workflow}),
-        _summed("cadenza_runs_waiting", {"workflow": workflow}),
+        summed("cadenza_active_runs", {"workflow": workflow}),
+        summed("cadenza_runs_waiting", {"workflow": workflow}),
     )
 
 

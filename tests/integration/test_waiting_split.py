@@ -20,6 +20,7 @@ from cadenza_operator.manifests import load
 from prometheus_client import REGISTRY
 
 from .harness import agent_manifest, run_project, unique_namespace, write_project
+from .metrics import summed
 
 SLEEP = 0.4
 
@@ -56,29 +57,18 @@ spec:
 """
 
 
-def _summed(name: str, labels: dict[str, str]) -> float:
-    """The samples of `name` whose labels include `labels`, summed over the rest (the
-    workload_namespace of whichever namespace the test's runs had)."""
-    return sum(
-        s.value
-        for m in REGISTRY.collect()
-        for s in m.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    )
-
-
 def metric(name: str, step: str, workflow: str = "waitsplit") -> float:
     labels = {"workflow": workflow, "step": step}
     seen = [s for m in REGISTRY.collect() for s in m.samples if s.name == name]
     assert any(labels.items() <= s.labels.items() for s in seen), f"{name}{{step={step}}} was never observed"
-    return _summed(name, labels)
+    return summed(name, labels)
 
 
 async def test_queue_and_window_waits_are_split_from_execution(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
     before = {
-        s: _summed("cadenza_step_scheduling_seconds_sum", {"workflow": "waitsplit", "step": s})
+        s: summed("cadenza_step_scheduling_seconds_sum", {"workflow": "waitsplit", "step": s})
         for s in ("each",)
     }
     root = write_project(tmp_path / "p", AGENTS, agent_manifest("slow", concurrency=1) + WORKFLOW)
