@@ -30,7 +30,7 @@ _owned = False  # the provider is ours to flush and shut down (not one the progr
 def enabled(environ: Mapping[str, str] | None = None) -> bool:
     """Whether traces are exported: an OTLP endpoint is set (for all signals or for
     traces) and neither `OTEL_SDK_DISABLED` nor `OTEL_TRACES_EXPORTER=none` says no.
-    (engine/tracing.py asks the same: the operator imports no private SDK module.)"""
+    (The engine asks this too, through its public face `cadenza.tracing`.)"""
     env = os.environ if environ is None else environ
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False

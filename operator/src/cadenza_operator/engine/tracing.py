@@ -12,8 +12,9 @@ Which spans a decision finishes is read from its audit records, which travel in 
 record's outbox (engine/runtime.py carries them out after the commit, and again when
 another engine loads an outbox not carried out): `finished_spans` is pure.
 
-Off unless the standard OTLP variables are set (`enabled`): opentelemetry is then not
-even imported, and tasks carry no `traceparent`.
+Off unless the standard OTLP variables are set (`enabled`: the agents' rule, from
+cadenza.tracing): opentelemetry is then not even imported, and tasks carry no
+`traceparent`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import structlog
 from cadenza.protocol import RunPhase, StepPhase
+from cadenza.tracing import enabled
 
 from .state import Attempt, RunState, StepState, Usage
 
@@ -40,19 +42,6 @@ record itself (a stale cache) sends its spans once."""
 ERROR_OUTCOMES = frozenset({"Failed", "TimedOut"})
 _TERMINAL_RUN = frozenset(p.value for p in RunPhase if p.is_terminal)
 _TERMINAL_STEP = frozenset(p.value for p in StepPhase if p.is_terminal)
-
-
-def enabled(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether traces are exported: an OTLP endpoint is set (for all signals or for
-    traces) and neither `OTEL_SDK_DISABLED` nor `OTEL_TRACES_EXPORTER=none` says no.
-    (cadenza._tracing asks the same of an agent's environment; the operator imports no
-    private SDK module, hence the twin.)"""
-    env = os.environ if environ is None else environ
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
-        return False
-    return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
 
 
 # ------------------------------------------------------------------------- ids
