@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from ..commands import Audit
 from ..definition import CompiledWorkflow
 from ..state import RunState
-from .attempts import MAX_ERROR_BYTES, START_REPORT_AFTER, capped_backoff
+from .attempts import MAX_ERROR_BYTES, START_REPORT_AFTER, capped_backoff, step_input_now
 from .context import (
     INLINE_OUTPUT_BYTES,
     OBJECT_REF_PREFIX,
@@ -44,6 +44,7 @@ from .context import (
     MissingOutputs,
     ValueTooLarge,
     json_size,
+    value_hash,
 )
 from .events import HANDLERS, apply
 
@@ -59,6 +60,8 @@ __all__ = [
     "capped_backoff",
     "decide",
     "outbox",
+    "step_input_now",
+    "value_hash",
 ]
 
 

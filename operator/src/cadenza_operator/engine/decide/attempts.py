@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 from cadenza.errors import MAX_TYPE_NAME_CHARS, MAX_TYPE_NAMES, non_retryable_match
-from cadenza.protocol import AttemptEvent, FailedEvent, ResultEvent, StepPhase, TaskFailure
+from cadenza.protocol import AttemptEvent, FailedEvent, ResultEvent, StepPhase, TaskFailure, TimerEvent
 from cadenza.wire import task_id, task_subject
 
 from ...expressions import ExpressionError
 from ..commands import Dispatch, StartChild
-from ..definition import CompiledStep
-from ..state import MAX_ATTEMPT_RECORDS, Attempt, Slot, Timer, Timing, attempt_stages
+from ..definition import CompiledStep, CompiledWorkflow
+from ..state import MAX_ATTEMPT_RECORDS, Attempt, RunState, Slot, Timer, Timing, attempt_stages
 from . import budget, foreach, graph
-from .context import Decider, ValueTooLarge, timer_id, value_hash
+from .context import Decider, ValueTooLarge, json_size, timer_id, value_hash
 
 START_REPORT_AFTER = 0.25
 """Seconds after which an attempt with no timer still running reports its start."""
@@ -89,6 +90,28 @@ def bounded_error(d: Decider, error: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ dispatch
+def render_input(d: Decider, name: str, item: int | None = None) -> Any:
+    """Step `name`'s input (or forEach item `item`'s) rendered over the record as it is:
+    the run input, the outputs of the steps it reads (MissingOutputs for those kept apart
+    and not loaded), `run`. What dispatch sends, and hashes into the attempt's inputHash."""
+    cs = d.step_def(name)
+    if item is None:
+        return cs.input.render(d.resolve_lazy(d.env(), cs.input.steps))
+    items = foreach.foreach_items(d, name)
+    return cs.input.render(d.resolve_lazy(d.env(items[item], item), cs.input.steps))
+
+
+def step_input_now(state: RunState, wf: CompiledWorkflow, name: str, outputs: Mapping[str, Any]) -> Any:
+    """Step `name`'s input rendered over `state` as it is now, for display (observe/
+    step_input.py): the record keeps only its hash per attempt, to keep each decision's
+    write small. Not for a forEach step (its items are rendered one by one). `outputs`
+    holds the values kept apart already loaded (MissingOutputs names the others), as for
+    `decide`; ExpressionError when it does not render. The state is not changed."""
+    # A Decider is built around an event; this one is never applied, only its env read.
+    d = Decider(state, wf, TimerEvent(run=state.run), outputs=outputs, size_of=json_size, memo={})
+    return render_input(d, name)
+
+
 def dispatch(d: Decider, name: str, item: int | None, retry: bool = False) -> None:
     """Send attempt N+1 of a step or item: a task for an agent, or a child run."""
     cs = d.step_def(name)
@@ -101,11 +124,7 @@ def dispatch(d: Decider, name: str, item: int | None, retry: bool = False) -> No
     if budget.held(d, name, item, retry):
         return
     try:
-        if item is None:
-            payload = cs.input.render(d.resolve_lazy(d.env(), cs.input.steps))
-        else:
-            items = foreach.foreach_items(d, name)
-            payload = cs.input.render(d.resolve_lazy(d.env(items[item], item), cs.input.steps))
+        payload = render_input(d, name, item)
         d.sized("the input", payload)
     except (ExpressionError, ValueTooLarge) as exc:
         error = TaskFailure(
