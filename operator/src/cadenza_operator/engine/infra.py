@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any
 
@@ -85,59 +86,42 @@ async def ensure_infrastructure(
         StreamConfig,
     )
 
+    # Every stream is on disk, on `replicas` servers, and drops a message whose Nats-Msg-Id
+    # it saw in the last DUPLICATE_WINDOW; each below says only what is its own.
+    stream = functools.partial(
+        StreamConfig, storage=StorageType.FILE, duplicate_window=DUPLICATE_WINDOW, num_replicas=replicas
+    )
     streams = [
-        StreamConfig(
-            name=TASKS_STREAM,
-            subjects=[TASK_SUBJECTS],
-            retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE,
-            duplicate_window=DUPLICATE_WINDOW,
-            num_replicas=replicas,
-        ),
-        StreamConfig(
-            name=EVENTS_STREAM,
-            subjects=[EVENT_SUBJECTS],
-            retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE,
-            duplicate_window=DUPLICATE_WINDOW,
-            num_replicas=replicas,
-        ),
-        StreamConfig(
+        stream(name=TASKS_STREAM, subjects=[TASK_SUBJECTS], retention=RetentionPolicy.WORK_QUEUE),
+        stream(name=EVENTS_STREAM, subjects=[EVENT_SUBJECTS], retention=RetentionPolicy.WORK_QUEUE),
+        stream(
             name=DEAD_LETTER_STREAM,
             subjects=[DEAD_LETTER_SUBJECTS],
             retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
             max_age=DEAD_LETTER_MAX_AGE,
-            duplicate_window=DUPLICATE_WINDOW,
-            num_replicas=replicas,
         ),
         # The audit trail: the engine publishes each committed decision's audit records
         # here (cadenza.audit.<namespace>.<run>), from the run record's outbox, so a record
         # reaches it however long the server was away. It used to source the runs bucket,
         # whose few revisions per run were superseded before a stalled source copied them
         # (records lost), and stored whole run records for AUDIT_MAX_AGE.
-        StreamConfig(
+        stream(
             name=AUDIT_STREAM,
             subjects=[AUDIT_SUBJECTS],
             retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
             max_age=AUDIT_MAX_AGE,
-            duplicate_window=DUPLICATE_WINDOW,
-            num_replicas=replicas,
         ),
         # What handlers log through task.log, per attempt (cadenza._runlog): bounded by
         # age and size, the oldest dropped first, so a chatty agent costs disk, not an outage.
-        StreamConfig(
+        stream(
             name=LOGS_STREAM,
             subjects=[LOG_SUBJECTS],
             retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
             max_age=logs_max_age,
             max_bytes=logs_max_bytes,
             max_msg_size=LOGS_MAX_MSG_BYTES,
             discard=DiscardPolicy.OLD,
             duplicate_window=min(DUPLICATE_WINDOW, logs_max_age),
-            num_replicas=replicas,
         ),
     ]
     for cfg in streams:
