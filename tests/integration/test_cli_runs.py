@@ -13,6 +13,7 @@ from cadenza import Agent, FatalError
 from cadenza_operator.engine.definition import compile_workflow
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.models import WorkflowSpec
+from cadenza_operator.observe.step_input import Rendering, step_input
 
 from ..conftest import cadenza
 from .harness import poll, running_engine, serving, unique_namespace
@@ -85,6 +86,13 @@ async def test_list_get_and_retry_from_the_command_line(nats_server: NatsServer)
         document = json.loads(ok(await cli("get", first, *ns, "--output", "json")))
         assert document["phase"] == "Failed" and document["steps"]["a"]["output"] == {"v": 3}
         assert LOUD in document["steps"]["loud"]["error"]["message"]
+        # Each step's input as it was rendered (re-rendered, checked by hash), not its template.
+        assert document["steps"]["loud"]["input"] == {
+            "shown": "rendered",
+            "label": "rendered input (what attempt 1 received)",
+            "value": {"v": 3},
+            "attempt": 1,
+        }
 
         # list: the run, its progress, its message with literal brackets on one line.
         listed = ok(await cli("list", *ns))
@@ -136,6 +144,45 @@ async def test_list_get_and_retry_from_the_command_line(nats_server: NatsServer)
         assert refused.returncode == 1 and "only a finished run" in refused.stderr, refused
         elsewhere = await cli("retry", first, *nats, "-n", "elsewhere")
         assert elsewhere.returncode == 1 and f"no run {first} in namespace elsewhere" in elsewhere.stderr
+
+
+BIG = {
+    "steps": [
+        {"name": "a", "agent": "big"},
+        {"name": "b", "agent": "big", "dependsOn": ["a"], "input": {"prev": "${{ steps.a.output }}"}},
+    ]
+}
+
+
+async def test_get_shows_an_input_read_from_an_output_kept_apart(nats_server: NatsServer) -> None:
+    """b's input is a's 40 KB output, which the record keeps apart (the outputs bucket):
+    get loads it as the engine did, and the hash matches; past the load limit, the template."""
+    namespace = unique_namespace()
+    wf = compile_workflow("big", WorkflowSpec.model_validate(BIG), namespace)
+    agent = Agent("big")
+    blob = "y" * 40_000
+
+    @agent.handler
+    async def handle(task: Any) -> dict[str, Any]:
+        return {"blob": blob} if task.step == "a" else {"got": len(task.input["prev"]["blob"])}
+
+    async with (
+        running_engine(nats_server.url, namespace) as engine,
+        serving(agent, nats_server.url, namespace),
+    ):
+        run = await engine.client.start(wf, {})
+        state = (await phases(engine.client, [run], 60))[run]
+        assert state is not None and state.phase == "Succeeded"
+        assert state.steps["a"].outputRef is not None  # kept apart: the case under test
+        document = json.loads(
+            ok(await cli("get", run, "--nats", nats_server.url, "-n", namespace, "-o", "json"))
+        )
+        b = document["steps"]["b"]["input"]
+        assert (b["shown"], b["value"]) == ("rendered", {"prev": {"blob": blob}}), b["label"]
+        cut = await step_input(engine.client, state, wf, "b", limit=10_000)
+        assert cut is not None and cut.shown is Rendering.TEMPLATE
+        assert cut.value == {"prev": "${{ steps.a.output }}"}
+        assert cut.label == "template: the input is too large to show (over 10000 bytes to read)"
 
 
 def test_a_bus_no_engine_has_used_has_no_runs(fresh_nats: NatsServer) -> None:

@@ -562,10 +562,14 @@ def cmd_get(args: argparse.Namespace) -> int:
 
     found: list[Any] = []
 
+    inputs: dict[str, Any] = {}
+
     async def read(client: Any) -> None:
         state = await client.get(args.run)
         if state is not None:
             found.extend([state, await client.outputs(state) if args.output == "json" else None])
+            if args.output == "json" and state.namespace == args.namespace:
+                inputs.update(await _step_inputs(client, state))
 
     _read_runs(args, read)
     if not found or found[0].namespace != args.namespace:
@@ -575,10 +579,34 @@ def cmd_get(args: argparse.Namespace) -> int:
     state, outputs = found
     view = run_view(state)
     if args.output == "json":
-        print(json.dumps({**document(view), "outputs": outputs}, indent=2, default=str))
+        doc = document(view)
+        for name, entry in doc["steps"].items():
+            if name in inputs:
+                entry["input"] = inputs[name]
+        print(json.dumps({**doc, "outputs": outputs}, indent=2, default=str))
     else:
         show(run_tree(view, now=time.time()))
     return EXIT_OK
+
+
+async def _step_inputs(client: Any, state: Any) -> dict[str, Any]:
+    """Each recorded step's input, re-rendered (observe/step_input.py), by step; none when
+    the run's definition cannot be read (a credential that may not, or it is gone)."""
+    from nats.errors import Error as NatsError
+
+    from .engine.client import DefinitionNotFound
+    from .observe.step_input import step_input
+
+    inputs = {}
+    try:
+        wf = await client.definition(state.definition)
+        for name in state.steps:
+            found = await step_input(client, state, wf, name)
+            if found is not None:
+                inputs[name] = found.document()
+    except (DefinitionNotFound, NatsError):
+        pass  # the document without (the rest of) the inputs: they are an aid, not the record
+    return inputs
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
