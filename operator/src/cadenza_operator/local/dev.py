@@ -17,7 +17,7 @@ from ..engine.state import RunState
 from ..engine.triggers import Triggers
 from ..engine.view import run_view, transitions
 from ..manifests import Bundle
-from .runner import LocalStack, serve_metrics
+from .runner import LocalStack, cannot_listen, serve_metrics
 from .supervision import run_to_end
 
 if TYPE_CHECKING:
@@ -145,11 +145,7 @@ async def serve_console(engine: Callable[[], Engine | None], port: int) -> tuple
     try:
         return await serve(WebConsole(engine, Identity(fixed_user=getpass.getuser())), "127.0.0.1", port)
     except (OSError, OverflowError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise HttpPortError(
-            f"--http-port {port}: cannot serve the console on 127.0.0.1:{port}: {reason} "
-            "(choose another port, or 0 for any free one)"
-        ) from None
+        raise HttpPortError(cannot_listen("--http-port", "the console", port, exc)) from None
 
 
 async def publish(url: str, subject: str, payload: Any) -> None:

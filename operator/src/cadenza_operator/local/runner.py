@@ -62,6 +62,16 @@ class MetricsPortError(ValueError):
     """--metrics-port names a port this process cannot listen on."""
 
 
+def cannot_listen(option: str, what: str, port: int, exc: OSError | OverflowError) -> str:
+    """The message for an `option` PORT this process cannot serve `what` on: the system's
+    reason (a port taken, out of range) and what to do instead (--metrics-port, --http-port)."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return (
+        f"{option} {port}: cannot serve {what} on 127.0.0.1:{port}: {reason} "
+        "(choose another port, or 0 for any free one)"
+    )
+
+
 def serve_metrics(port: int) -> int:
     """Serve /metrics on 127.0.0.1:`port` (0: any free port); return the port bound."""
     from .. import metrics
@@ -69,11 +79,7 @@ def serve_metrics(port: int) -> int:
     try:
         return metrics.serve(port)
     except (OSError, OverflowError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise MetricsPortError(
-            f"--metrics-port {port}: cannot serve metrics on 127.0.0.1:{port}: {reason} "
-            "(choose another port, or 0 for any free one)"
-        ) from None
+        raise MetricsPortError(cannot_listen("--metrics-port", "metrics", port, exc)) from None
 
 
 def agents_needed(bundle: Bundle, wf: CompiledWorkflow) -> set[str]:
