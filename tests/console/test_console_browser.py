@@ -116,6 +116,21 @@ async def test_list_open_graph_timeline_approve_finish(
         await expect(page.locator('svg.timeline g.bar[data-step="fanout"]')).to_have_count(1)
         await page.locator('details[data-step="draft"] summary').click()
         await expect(page.locator('details[data-step="draft"] pre.output')).to_contain_text('"text": "hello"')
+        # Its input as the attempt received it (re-rendered, checked by hash), not its template;
+        # fanout's items and publish (not sent yet) show their templates, labelled so.
+        draft_input = page.locator('details[data-step="draft"] pre.input')
+        await expect(draft_input).to_contain_text('"text": "hello"')
+        await expect(draft_input).not_to_contain_text("${{")
+        await expect(page.locator('details[data-step="draft"] h3').first).to_have_text(
+            "rendered input (what attempt 1 received)"
+        )
+        for step, label, template in (
+            ("fanout", "template, rendered for each of 3 items", "${{ item }}"),
+            ("publish", "template: the step's inputs are not available yet", '"done": true'),
+        ):
+            await page.locator(f'details[data-step="{step}"] summary').click()
+            await expect(page.locator(f'details[data-step="{step}"] h3').first).to_have_text(label)
+            await expect(page.locator(f'details[data-step="{step}"] pre.input')).to_contain_text(template)
         # The step's logs (the run-log stream), as text.
         await expect(page.locator('details[data-step="draft"] pre.logs')).to_contain_text(
             "draft attempt 1 INFO echoing <b>input</b> keys=", timeout=LIVE

@@ -83,6 +83,7 @@ class Console:
     identity: Identity = field(default_factory=Identity)
     title: str = "Cadenza"
     refs: RefCache = field(default_factory=RefCache)
+    _inputs: dict[str, tuple[str, Shown]] = field(default_factory=dict)
     _env: jinja2.Environment = field(default_factory=_templates)
 
     def app(self) -> web.Application:
@@ -210,13 +211,14 @@ class Console:
                 if wf
                 else None
             )
-            template = cs.spec.input if cs is not None else None
+            label, value = await self._input(state, wf, name)
             steps.append(
                 {
                     "name": name,
                     "view": sv,
                     "kind": _kind(cs),
-                    "input": shown(template),
+                    "input_label": label,
+                    "input": value,
                     "output": await self._value(
                         sv.output,
                         sv.output_ref,
@@ -230,6 +232,29 @@ class Console:
                 }
             )
         return steps
+
+    async def _input(self, state: RunState, wf: CompiledWorkflow | None, name: str) -> tuple[str, Shown]:
+        """The step's input, re-rendered (observe/step_input.py). One the newest attempt
+        received is kept by (run, step, attempt, hash): the live fragment asks every few
+        seconds, and it cannot change."""
+        from ..step_input import Rendering, step_input
+
+        if wf is None:
+            return "input", shown(None)
+        st = state.steps.get(name)
+        last = st.attempts[-1] if st is not None and st.attempts else None
+        key = f"input:{state.run}:{name}:{last.n}:{last.inputHash}" if last is not None else ""
+        if key in self._inputs:
+            return self._inputs[key]
+        found = await step_input(self._engine().client, state, wf, name)
+        if found is None:
+            return "input", shown(None)
+        result = (found.label, shown(found.value))
+        if found.shown is Rendering.RENDERED and key:
+            self._inputs[key] = result
+            while len(self._inputs) > self.refs.size:
+                self._inputs.pop(next(iter(self._inputs)))
+        return result
 
     async def run_page(self, request: web.Request) -> web.Response:
         values = await self._run(request)
