@@ -50,15 +50,17 @@ def fresh_nats() -> Iterator[NatsServer]:
         yield server
 
 
-def cadenza(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as a user would, in a subprocess."""
-    env = {**os.environ, "CADENZA_LOG_FORMAT": "json"}
+def cadenza(
+    *args: str, timeout: float = 120, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user would, in a subprocess: in `env`, the whole environment when
+    given, else this process's with JSON logs."""
     return subprocess.run(
         [sys.executable, "-m", "cadenza_operator.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=cwd or ROOT,
-        env=env,
+        env=env if env is not None else {**os.environ, "CADENZA_LOG_FORMAT": "json"},
         stdin=subprocess.DEVNULL,
     )

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from cadenza_operator.engine.state import RunState
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.models import WorkflowSpec
 
-from ..conftest import ROOT, cadenza
+from ..conftest import cadenza
 from .harness import start_engine, unique_namespace
 
 EXIT_OK, EXIT_REFUSED, EXIT_INVALID, EXIT_NO_ENGINE = 0, 1, 2, 3
@@ -145,18 +144,7 @@ async def runs(one_engine: str) -> AsyncIterator[Runs]:
 
 
 async def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    if env is None:
-        return await asyncio.to_thread(cadenza, *args)
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "cadenza_operator.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
+    return await asyncio.to_thread(cadenza, *args, env=env)
 
 
 def refused(result: subprocess.CompletedProcess[str], message: str) -> None:

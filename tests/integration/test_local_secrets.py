@@ -10,13 +10,12 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 from cadenza_operator.local.nats_server import NatsServer
 
-from ..conftest import ROOT
+from ..conftest import cadenza
 
 EXIT_INVALID = 2
 API_KEY = "sk-test-6f1d0c-plain-secret"
@@ -80,15 +79,7 @@ def _cadenza(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
     base = {
         k: v for k, v in os.environ.items() if not k.startswith(("CADENZA_SECRET_", "CADENZA_CONFIGMAP_"))
     }
-    return subprocess.run(
-        [sys.executable, "-m", "cadenza_operator.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-        env={**base, "CADENZA_LOG_FORMAT": "json", **env},
-        stdin=subprocess.DEVNULL,
-    )
+    return cadenza(*args, timeout=180, env={**base, "CADENZA_LOG_FORMAT": "json", **env})
 
 
 def test_secrets_from_the_environment_and_an_env_file_reach_the_handler_and_nowhere_else(

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +13,10 @@ from cadenza_operator.engine.definition import compile_workflow
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.models import WorkflowSpec
 
-from ..conftest import ROOT
+from ..conftest import cadenza
 from ..integration.harness import poll, running_engine, unique_namespace
 from ..kube.emulator import KubeEmulator
 from .harness import WORKFLOWRUNS, manifest
-
-
-def cadenza(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cadenza_operator.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env=env if env is not None else {**os.environ, "CADENZA_LOG_FORMAT": "json"},
-        stdin=subprocess.DEVNULL,
-    )
 
 
 async def test_a_workflowrun_name_stands_for_its_run(
