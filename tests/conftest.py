@@ -36,6 +36,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """structlog's configuration as before each test: a command run in-process configures
+    logging for the whole process (`cadenza validate` at WARNING), which would otherwise
+    filter the INFO lines of whatever test the same worker runs next."""
+    import structlog
+    from cadenza import _logging
+
+    saved, configured = structlog.get_config(), _logging._configured
+    yield
+    structlog.configure(**saved)
+    _logging._configured = configured
+
+
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[NatsServer]:
     """One real nats-server for the session, on 127.0.0.1 and a free port."""
