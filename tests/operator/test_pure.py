@@ -498,6 +498,41 @@ def test_mirrored_run_manifest() -> None:
     assert body["spec"] == {"workflowRef": "nightly"}
 
 
+def test_the_mirror_of_a_retry_is_labelled_with_the_retried_workflowrun() -> None:
+    from cadenza_operator.engine.definition import compile_workflow
+    from cadenza_operator.kube.runs import looks_like_mirror, run_record
+    from cadenza_operator.kube.status import runs_to_collect
+    from cadenza_operator.models import WorkflowSpec
+
+    wf = compile_workflow(
+        "nightly", WorkflowSpec.model_validate({"steps": [{"name": "a", "agent": "x"}]}), "ops"
+    )
+    body = mirrored_run_manifest(
+        wf, "nightly-0a1b2c3d4e", "retry", retry_of="first-7f3e", retried_name="first", from_step="a"
+    )
+    meta = body["metadata"]
+    assert meta["name"] == "nightly-0a1b2c3d4e"
+    assert meta["labels"] == {"cadenza.dev/workflow": "nightly", "cadenza.dev/retry-of": "first"}
+    assert meta["annotations"] == {
+        "cadenza.dev/run-id": "nightly-0a1b2c3d4e",
+        "cadenza.dev/retry-of-run": "first-7f3e",
+        "cadenza.dev/retry-from": "a",
+    }
+    # followed as a mirror, and subject to runHistoryLimit as the mirrors of triggered runs are
+    assert looks_like_mirror(meta["name"], meta["labels"], "nightly-0a1b2c3d4e")
+    record = run_record(
+        meta["name"], meta["labels"], body["spec"], {"phase": "Failed"}, "2026-01-01T00:00:00Z"
+    )
+    assert runs_to_collect([record], 0) == [meta["name"]]
+    # a WorkflowRun name no label value can hold (too long, or a dot at its end): the run id
+    for name in ("x" * 64, "first."):
+        labels = mirrored_run_manifest(wf, "n-1", "retry", retry_of="First.Run", retried_name=name)[
+            "metadata"
+        ]
+        assert labels["labels"]["cadenza.dev/retry-of"] == "first-run"
+        assert "cadenza.dev/retry-from" not in labels["annotations"]
+
+
 # ------------------------------------------------------------------------ settings
 
 

@@ -189,6 +189,24 @@ class ControlResponder:
         with contextlib.suppress(Exception):
             await msg.respond(dumps(reply))
 
+    async def _retry_started(self, wf: CompiledWorkflow, new: str, info: dict[str, Any]) -> None:
+        """Tell the process's hook (the operator's: a WorkflowRun for the retry) of the new
+        run. Each time the retry is answered: the hook is idempotent, as the run's start is.
+        The run has started whatever the hook does: a failing hook is logged, not replied."""
+        hook = self.engine.on_run_started
+        if hook is None:
+            return
+        try:
+            result = hook(wf, new, info)
+            if asyncio.iscoroutine(result):
+                await result
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "retry started, but its hook failed", run=new, retry_of=info.get("retryOf"), error=repr(exc)
+            )
+
     async def listing(self, request: dict[str, Any]) -> dict[str, Any]:
         """The newest runs of the request's namespace, summarized (`cadenza list` under a
         client credential, which may read runs by id only): the namespace is the one the
@@ -237,6 +255,10 @@ class ControlResponder:
                 state, from_step=from_step, by=by, key=key if isinstance(key, str) else None
             )
             reply["newRun"] = new
+            if wf is not None:
+                await self._retry_started(
+                    wf, new, {"source": "retry", "retryOf": run, "from": from_step, "by": by}
+                )
             # the new run's id last: a script takes the last word
             again = f" from step {from_step}" if from_step else ""
             reply["message"] = f"retry of {run}{again} started: run {new}"

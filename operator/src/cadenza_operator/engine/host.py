@@ -25,9 +25,9 @@ import structlog
 from cadenza.nats import connect_once, connect_until_stopped
 
 from .client import RunClient
-from .runtime import Engine, StateListener
+from .runtime import Engine, RunStarted, StateListener
 from .settings import EngineSettings
-from .triggers import RunStarted, Triggers, TriggerWarning
+from .triggers import Triggers, TriggerWarning
 
 log = structlog.get_logger("cadenza.engine")
 
@@ -87,11 +87,13 @@ class EngineHost:
         stop: asyncio.Event | None = None,
         *,
         on_state: StateListener | None = None,
+        on_started: RunStarted | None = None,
         triggers: bool = False,
     ) -> bool:
         """Connect, open, start the engine (and the triggers, or later: `start_triggers`).
         With `stop`, wait for NATS and JetStream until they answer or `stop` is set
-        (False); without, fail at once."""
+        (False); without, fail at once. `on_started` is told of each retry the engine
+        starts when asked (the triggers take theirs in `start_triggers`)."""
         if not await self.connect(stop):
             self.log.info("engine stopped before reaching NATS", nats=self.settings.nats_url)
             return False
@@ -99,6 +101,8 @@ class EngineHost:
         assert engine is not None  # connect made it
         if on_state is not None:
             engine.on_state(on_state)
+        if on_started is not None:
+            engine.on_run_started = on_started
         if stop is None:
             await self.open()
             await engine.start()

@@ -92,6 +92,11 @@ INLINE_INPUT_BYTES = 16 * 1024
 """Run inputs larger than this are kept apart from the run record."""
 
 StateListener = Callable[[RunState], Awaitable[None] | None]
+RunStarted = Callable[[CompiledWorkflow, str, dict[str, Any]], Awaitable[None] | None]
+"""Told of a run this process started on someone's behalf: (its workflow, its run id, how it
+started: `{"source": "nats"|"schedule", ...}` from a trigger, `{"source": "retry", "retryOf":
+RUN, "from": STEP|None, "by": WHO}` from a retry asked of the engine). The operator hands one
+in, to mirror such runs as WorkflowRuns; the engine knows nothing of Kubernetes."""
 
 
 EVENT_TYPES = frozenset(
@@ -211,6 +216,8 @@ class Engine:
         self._timer_revisions: OrderedDict[str, int] = OrderedDict()  # run -> record revision scheduled
         self._statuses: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # run -> status written, at
         self._listeners: list[StateListener] = []
+        self.on_run_started: RunStarted | None = None
+        """Called after the control responder starts a retry (see `RunStarted`)."""
         self._consumer: PullConsumer | None = None
         self._timer_watch: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None

@@ -42,7 +42,7 @@ from ..expressions import Expr, ExpressionError, Template, compile_expr, compile
 from .definition import CompiledWorkflow
 from .infra import TRIGGERS_BUCKET
 from .inputs import InputError
-from .runtime import Engine, retry_delay
+from .runtime import Engine, RunStarted, retry_delay
 
 log = structlog.get_logger("cadenza.triggers")
 
@@ -51,8 +51,6 @@ RETRY_WHEN_FULL = 2.0  # seconds before an event held back by maxActiveRuns is o
 RESERVATION_SECONDS = 600.0
 """How long a run admitted by the concurrency policy but not started yet counts as active:
 longer than its event can take to come back to an engine (redeliveries and their delays)."""
-
-RunStarted = Callable[[CompiledWorkflow, str, dict[str, Any]], Awaitable[None] | None]
 
 
 class TriggerProblem(Exception):

@@ -22,9 +22,9 @@ import structlog
 
 from ..engine.client import RunClient
 from ..engine.host import EngineHost
-from ..engine.runtime import Engine
+from ..engine.runtime import Engine, RunStarted
 from ..engine.settings import EngineSettings
-from ..engine.triggers import RunStarted, Triggers, TriggerWarning
+from ..engine.triggers import Triggers, TriggerWarning
 from .api import KubeApi
 from .feed import RunFeed
 from .settings import OperatorSettings
@@ -86,7 +86,8 @@ class OperatorContext:
         self, on_started: RunStarted | None = None, on_warning: TriggerWarning | None = None
     ) -> None:
         """Connect to NATS (waiting while it is unreachable, until `stop`); start the
-        engine, the run feed and the triggers (`on_started`/`on_warning` are theirs)."""
+        engine, the run feed and the triggers (`on_started`/`on_warning` are theirs;
+        `on_started` is also told of the retries the engine starts)."""
         settings = self.settings
         self._stopping.clear()
         engine_settings = EngineSettings(
@@ -96,7 +97,7 @@ class OperatorContext:
             nats_ca=settings.nats_ca or None,
         )
         self._host = EngineHost(engine_settings, connection_name=f"cadenza-operator-{settings.peer_id}")
-        if not await self._host.start(self._stopping):
+        if not await self._host.start(self._stopping, on_started=on_started):  # retries, too
             return
         feed = RunFeed(self._host.js)
         await feed.start()

@@ -46,7 +46,7 @@ def build_registry(settings: OperatorSettings, ctx: OperatorContext) -> kopf.Ope
     async def operator_startup(**_: Any) -> None:
         # The hooks are handed in here, so that context.py needs neither runs.py nor workflows.py.
         async def on_started(wf: Any, run_id: str, info: dict[str, Any]) -> None:
-            await runs.mirror_triggered_run(ctx, wf, run_id, info)
+            await runs.mirror_started_run(ctx, wf, run_id, info)  # triggers and retries
 
         async def on_warning(wf: Any, problem: Any) -> None:
             await workflows.workflow_trigger_warning(ctx, wf, problem)

@@ -1,6 +1,6 @@
 """WorkflowRun handlers: start the run in the engine, mirror the run record into a bounded
 status with coalesced writes, turn annotations into approvals, cancel on deletion, and
-mirror runs started by triggers as WorkflowRuns.
+mirror runs started by triggers or retries as WorkflowRuns.
 
 Write budget: the run record changes on every event of the run (thousands for a large
 fan-out); the WorkflowRun is written at most once per `status_interval` while the run
@@ -58,8 +58,16 @@ COMMENT_ANNOTATION = "cadenza.dev/comment"
 RESUME_ANNOTATION = "cadenza.dev/resume"
 """`tokens=N,cost=X` (either or both): resume a run paused by its budget with that budget."""
 WORKFLOW_LABEL = "cadenza.dev/workflow"
-"""On WorkflowRuns subject to the Workflow's runHistoryLimit (mirrored triggered runs)."""
+"""On WorkflowRuns subject to the Workflow's runHistoryLimit (the mirrors of runs started by
+a trigger or a retry)."""
 TRIGGER_LABEL = "cadenza.dev/trigger"
+RETRY_OF_LABEL = "cadenza.dev/retry-of"
+"""On the mirror of a retry: the retried run's WorkflowRun (`kubectl get wfr -l
+cadenza.dev/retry-of=NAME`), or its run id where the name is no label value."""
+RETRY_OF_RUN_ANNOTATION = "cadenza.dev/retry-of-run"
+"""On the mirror of a retry: the retried run's id."""
+RETRY_FROM_ANNOTATION = "cadenza.dev/retry-from"
+"""On the mirror of a `retry --from STEP`: the step."""
 MIRRORED_KEYS = frozenset({"stepsNotListed"})
 """Status keys the mirror writes only sometimes: removed when no longer wanted."""
 WORKFLOWRUN_LABEL = "cadenza.dev/workflowrun"
@@ -90,19 +98,21 @@ def run_id_of(body: kopf.Body) -> str:
 
 
 def mirrored_run_name(run_id: str) -> str:
-    """The name of the WorkflowRun mirroring a run a trigger started."""
+    """The name of the WorkflowRun mirroring a run a trigger or a retry started."""
     return re.sub(r"[^a-z0-9-]", "-", run_id.lower())[:63].strip("-")
 
 
 def looks_like_mirror(name: str, labels: Mapping[str, str], run_id: str) -> bool:
-    """Whether a WorkflowRun is shaped like the mirror the operator makes for a triggered
-    run (`mirrored_run_manifest`): the run's record, once there, must still agree (`is_mirror_of`)."""
-    return WORKFLOW_LABEL in labels and TRIGGER_LABEL in labels and mirrored_run_name(run_id) == name
+    """Whether a WorkflowRun is shaped like the mirror the operator makes for a run a trigger
+    or a retry started (`mirrored_run_manifest`): the run's record, once there, must still
+    agree (`is_mirror_of`)."""
+    started = TRIGGER_LABEL in labels or RETRY_OF_LABEL in labels
+    return WORKFLOW_LABEL in labels and started and mirrored_run_name(run_id) == name
 
 
 def is_mirror_of(namespace: str, state: RunState) -> bool:
-    """Whether a mirror may follow `state`: a run a trigger started in the same namespace,
-    never one a WorkflowRun started nor another namespace's."""
+    """Whether a mirror may follow `state`: a run a trigger or a retry started in the same
+    namespace, never one a WorkflowRun started nor another namespace's."""
     return state.namespace == namespace and WORKFLOWRUN_LABEL not in state.labels
 
 
@@ -163,17 +173,38 @@ def run_record(
     )
 
 
-def mirrored_run_manifest(wf: CompiledWorkflow, run_id: str, source: str) -> Json:
-    """A WorkflowRun for a run a trigger started, named after the run."""
-    name = mirrored_run_name(run_id)
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def mirrored_run_manifest(
+    wf: CompiledWorkflow,
+    run_id: str,
+    source: str,
+    *,
+    retry_of: str | None = None,
+    retried_name: str = "",
+    from_step: str | None = None,
+) -> Json:
+    """A WorkflowRun for a run a trigger (`source`) or a retry (`retry_of`: the retried run,
+    `retried_name`: its WorkflowRun's name) started, named after the run."""
+    labels = {WORKFLOW_LABEL: wf.name}
+    annotations = {RUN_ID_ANNOTATION: run_id}
+    if retry_of is None:
+        labels[TRIGGER_LABEL] = source
+    else:
+        fits = len(retried_name) <= 63 and LABEL_VALUE.match(retried_name)
+        labels[RETRY_OF_LABEL] = retried_name if retried_name and fits else mirrored_run_name(retry_of)
+        annotations[RETRY_OF_RUN_ANNOTATION] = retry_of
+        if from_step:
+            annotations[RETRY_FROM_ANNOTATION] = from_step
     return {
         "apiVersion": GROUP_VERSION,
         "kind": "WorkflowRun",
         "metadata": {
-            "name": name,
+            "name": mirrored_run_name(run_id),
             "namespace": wf.namespace,
-            "labels": {WORKFLOW_LABEL: wf.name, TRIGGER_LABEL: source},
-            "annotations": {RUN_ID_ANNOTATION: run_id},
+            "labels": labels,
+            "annotations": annotations,
         },
         "spec": {"workflowRef": wf.name},
     }
@@ -194,7 +225,7 @@ async def workflowrun_start(
     if (body.metadata.annotations or {}).get(RUN_ID_ANNOTATION) != run_id:
         patch.metadata.setdefault("annotations", {})[RUN_ID_ANNOTATION] = run_id  # an output only
     if run_id != run_id_of(body):
-        return  # the mirror of a run that a trigger started
+        return  # the mirror of a run that a trigger or a retry started
     try:
         run = load_resource(WorkflowRun, body)
     except InvalidSpec as exc:
@@ -334,7 +365,7 @@ async def resolve_run(
     ctx: OperatorContext, body: kopf.Body, *, warn: bool = True
 ) -> tuple[str, RunState | None]:
     """The run a WorkflowRun follows and its record, if the record is in the WorkflowRun's
-    namespace: the run derived from its uid, or, for the mirror of a triggered run, that
+    namespace: the run derived from its uid, or, for the mirror of a run a trigger or retry started, that
     run (`is_mirror_of`). A `run-id` annotation naming anything else is ignored (a Warning
     Event when `warn`; the start handler overwrites it)."""
     meta = body.metadata
@@ -493,15 +524,32 @@ async def _send_decision(
     log.info("approval sent", run=state.run, step=step, approved=approved, by=by)
 
 
-async def mirror_triggered_run(
+async def mirror_started_run(
     ctx: OperatorContext, wf: CompiledWorkflow, run_id: str, info: Mapping[str, Any]
 ) -> None:
-    """Triggers' on_started hook: make a WorkflowRun for a run a trigger started."""
-    manifest = mirrored_run_manifest(wf, run_id, str(info.get("source") or "trigger"))
+    """The engine's on_started hook: make a WorkflowRun for a run a trigger or a retry
+    (`info["source"] == "retry"`) started. Once: a second start of the same run (a
+    redelivered trigger event, a retry asked again) finds it there (409)."""
+    source = str(info.get("source") or "trigger")
+    if source == "retry":
+        retry_of = str(info.get("retryOf") or "")
+        retried = await ctx.client.get(retry_of)
+        name = retried.labels.get(WORKFLOWRUN_LABEL, "") if retried is not None else ""
+        from_step = info.get("from")
+        manifest = mirrored_run_manifest(
+            wf,
+            run_id,
+            source,
+            retry_of=retry_of,
+            retried_name=name or mirrored_run_name(retry_of),
+            from_step=from_step if isinstance(from_step, str) else None,
+        )
+    else:
+        manifest = mirrored_run_manifest(wf, run_id, source)
     try:
         await ctx.api.create(workflowrun_path(wf.namespace), manifest)
     except ApiError as exc:
-        if exc.status != 409:  # already mirrored (a redelivered trigger event)
-            log.warning("could not mirror a triggered run", run=run_id, error=str(exc))
+        if exc.status != 409:  # already mirrored
+            log.warning("could not mirror a started run", run=run_id, source=source, error=str(exc))
             return
-    log.info("triggered run mirrored", run=run_id, workflow=wf.name, info=json.dumps(dict(info), default=str))
+    log.info("started run mirrored", run=run_id, workflow=wf.name, info=json.dumps(dict(info), default=str))
