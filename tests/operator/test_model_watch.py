@@ -70,8 +70,11 @@ async def test_a_changed_model_reaches_the_deployment_and_a_deleted_one_is_named
     await wait_for(lambda: _models_env(kube_emulator, "writer-agent") == {"fast": moved}, timeout=20)
 
     kube_emulator.delete_object(MODELS, NAMESPACE, "fast")
+    # A bound, not a speed: kopf handles the Model's events one at a time and may wait up
+    # to its consistency timeout (5 s) after each of its own patches; on a machine running
+    # two test workers that backlog once took longer than 20 s.
     missing = await wait_for(
-        lambda: (c := _ready(kube_emulator, "writer")) and c["reason"] == "InvalidSpec" and c, timeout=20
+        lambda: (c := _ready(kube_emulator, "writer")) and c["reason"] == "InvalidSpec" and c, timeout=60
     )
     assert missing["status"] == "False"
     assert "spec.models[0]" in missing["message"] and "'fast'" in missing["message"]
