@@ -7,12 +7,10 @@ nats-server, PromQL against a PromQL parser, and the RBAC against the operator's
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import pytest
 import yaml
 from cadenza_operator.security.nats_auth import AuthKeys, server_config
 
+from .nats import local_config, statefulset_server
 from .rbac import Rule, allows, rendered_rules, rules_of
 from .render import CHART, CI_SCENARIOS, NAMESPACE, REPO, of_kind, one, render, render_files, scenario_values
 
@@ -663,47 +662,16 @@ def test_nats_server_rejects_a_broken_config(tmp_path: Path) -> None:
     assert result.returncode != 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @needs_nats_server
 async def test_bundled_nats_config_serves_jetstream(tmp_path: Path) -> None:
     """Start the real nats-server with the StatefulSet's arguments on the rendered config,
     with only its addresses and paths moved to this machine, and use JetStream."""
     nats = pytest.importorskip("nats")
     objects = render({"nats": {"auth": {"enabled": False}}})  # anonymous: tests/chart/test_nats_auth.py
-    (container,) = one(objects, "StatefulSet")["spec"]["template"]["spec"]["containers"]
-    port = _free_port()
-    config = nats_config(objects)
-    for old, new in [
-        ("listen: 0.0.0.0:4222", f"listen: 127.0.0.1:{port}"),
-        ("http: 0.0.0.0:8222", f"http: 127.0.0.1:{_free_port()}"),
-        ("pid_file: /tmp/nats.pid", f"pid_file: {tmp_path / 'nats.pid'}"),
-        ("store_dir: /data", f"store_dir: {tmp_path / 'store'}"),
-    ]:
-        assert old in config
-        config = config.replace(old, new)
+    config, port = local_config(nats_config(objects), tmp_path)
     conf = tmp_path / "nats.conf"
     conf.write_text(config)
-    args = [str(conf) if a == "/etc/nats/nats.conf" else a for a in container["args"]]
-    server = await asyncio.create_subprocess_exec(
-        str(NATS_SERVER),
-        *args,
-        env={**os.environ, "SERVER_NAME": "cadenza-nats-0"},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert server.stderr is not None
-        log: list[str] = []
-        async with asyncio.timeout(30):
-            while not any("Server is ready" in line for line in log):
-                line = (await server.stderr.readline()).decode()
-                assert line, f"nats-server exited: {''.join(log)}"
-                log.append(line)
+    async with statefulset_server(objects, conf) as log:
         assert any("Starting JetStream" in line for line in log), "".join(log)
         # jetstream.maxMemoryStore (256Mi) reached the server.
         assert any(re.search(r"Max Memory:\s+256\.00 MB", line) for line in log), "".join(log)
@@ -716,9 +684,6 @@ async def test_bundled_nats_config_serves_jetstream(tmp_path: Path) -> None:
             assert (await js.account_info()).streams == 1
         finally:
             await nc.close()
-    finally:
-        server.terminate()
-        await server.wait()
 
 
 # --------------------------------------------------------------------------- monitoring

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import posixpath
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,9 @@ from cadenza.nats import inbox_prefix
 from cadenza.wire import TASKS_STREAM, consumer_name, task_subject
 from cadenza_operator.engine.infra import ensure_agent_consumer, ensure_infrastructure
 from cadenza_operator.kube import nats_credentials
-from cadenza_operator.local.nats_server import free_port, nats_server_binary
 from cadenza_operator.security.nats_auth import AuthKeys
 
+from .nats import local_config, statefulset_server
 from .rbac import allows, rules_of
 from .render import NAMESPACE, of_kind, one, render, scenario_values
 
@@ -192,37 +191,14 @@ async def test_the_rendered_config_with_the_init_keys_authenticates_every_client
     engine_creds.write_text(data["engine.creds"])
 
     objects = render()
-    (container,) = _pod(objects, "StatefulSet")["containers"]
-    config = one(objects, "ConfigMap", "cadenza-nats-config")["data"]["nats.conf"]
-    port = free_port()
-    for old, new in [  # only this machine's addresses and paths
-        ("listen: 0.0.0.0:4222", f"listen: 127.0.0.1:{port}"),
-        ("http: 0.0.0.0:8222", f"http: 127.0.0.1:{free_port()}"),
-        ("pid_file: /tmp/nats.pid", f"pid_file: {tmp_path / 'nats.pid'}"),
-        ("store_dir: /data", f"store_dir: {tmp_path / 'store'}"),
-    ]:
-        assert old in config
-        config = config.replace(old, new)
+    config, port = local_config(
+        one(objects, "ConfigMap", "cadenza-nats-config")["data"]["nats.conf"], tmp_path
+    )
     conf = tmp_path / "nats" / "nats.conf"  # so that the include ../nats-auth/auth.conf resolves
     conf.parent.mkdir()
     conf.write_text(config)
-    args = [str(conf) if a == "/etc/nats/nats.conf" else a for a in container["args"]]
-    server = await asyncio.create_subprocess_exec(
-        nats_server_binary(),
-        *args,
-        env={**os.environ, "SERVER_NAME": "cadenza-nats-0"},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
     url = f"nats://127.0.0.1:{port}"
-    try:
-        assert server.stderr is not None
-        log: list[str] = []
-        async with asyncio.timeout(30):
-            while not any("Server is ready" in line for line in log):
-                line = (await server.stderr.readline()).decode()
-                assert line, f"nats-server exited: {''.join(log)}"
-                log.append(line)
+    async with statefulset_server(objects, conf):
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
             await _connect(url)
 
@@ -258,6 +234,3 @@ async def test_the_rendered_config_with_the_init_keys_authenticates_every_client
                 await agent.close()
         finally:
             await engine.close()
-    finally:
-        server.terminate()
-        await server.wait()
