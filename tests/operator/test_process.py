@@ -4,6 +4,7 @@ health endpoint, SIGTERM), and kopf peering between two replicas."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cadenza_operator.local.nats_server import NatsServer, free_port
 
 from ..kube.emulator import KubeEmulator
@@ -88,8 +90,11 @@ async def test_cadenza_operator_command_runs_from_its_environment(
 
 
 async def test_peering_lets_one_replica_act_and_the_other_take_over(
-    kube_emulator: KubeEmulator, cadenza_crds: Any, nats_server: NatsServer
+    kube_emulator: KubeEmulator, cadenza_crds: Any, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # kopf says at INFO when a replica pauses or resumes and when a handler runs: should a
+    # wait below run out, the report shows which replica stood where.
+    caplog.set_level(logging.INFO, logger="kopf")
     kube_emulator.load_crds(ROOT / "charts" / "cadenza" / "files" / "kopf")
     kube_emulator.create_object(
         PEERINGS,
@@ -119,7 +124,10 @@ async def test_peering_lets_one_replica_act_and_the_other_take_over(
             timeout=60,
         )
         kube_emulator.create_object(AGENTS, manifest("Agent", "relay", {"image": "registry.example/a:1"}))
-        env = await wait_for(lambda: _agent_env(kube_emulator, "relay"), timeout=20)
+        # Bounded like the waits above: two operators, an emulator and two engines share
+        # one event loop with whatever the other test worker runs (once, under two
+        # workers, no Deployment within 20 s; not reproduced in 20 runs under a CPU hog).
+        env = await wait_for(lambda: _agent_env(kube_emulator, "relay"), timeout=60)
         assert env["CADENZA_NATS_URL"] == "nats://leader:4222"
         await asyncio.sleep(1.0)  # several handler/timer rounds of a standby that would act
         assert _agent_env(kube_emulator, "relay")["CADENZA_NATS_URL"] == "nats://leader:4222"
@@ -128,7 +136,7 @@ async def test_peering_lets_one_replica_act_and_the_other_take_over(
         kube_emulator.patch_object(AGENTS, NAMESPACE, "relay", {"spec": {"concurrency": 7}})
         env = await wait_for(
             lambda: (e := _agent_env(kube_emulator, "relay")).get("CADENZA_CONCURRENCY") == "7" and e,
-            timeout=30,
+            timeout=60,
         )
         assert env["CADENZA_NATS_URL"] == "nats://standby:4222"
     finally:
