@@ -50,6 +50,7 @@ from cadenza import configure_logging  # noqa: E402
 from cadenza._protocol import TASKS_STREAM, consumer_name  # noqa: E402
 from cadenza_operator.engine.client import new_run_id  # noqa: E402
 from cadenza_operator.engine.definition import CompiledWorkflow, compile_workflow  # noqa: E402
+from cadenza_operator.engine.host import tune_gc  # noqa: E402
 from cadenza_operator.engine.infra import ensure_agent_consumer, ensure_infrastructure  # noqa: E402
 from cadenza_operator.engine.runtime import Engine, EngineSettings  # noqa: E402
 from cadenza_operator.engine.state import TERMINAL_RUN, RunState  # noqa: E402
@@ -637,6 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("console", "WARNING")  # the engine's warnings go to stderr, the table to stdout
     signal.signal(signal.SIGTERM, _terminate)  # outside the event loop: unwind through the finally below
+    # This process hosts the engine, tuned as `cadenza engine` tunes its process; the
+    # baseline's orchestrator runs in it too, under the same collector.
+    tune_gc()
     procs = Processes(secure=args.secure)
     try:
         doc = asyncio.run(bench(args, procs))

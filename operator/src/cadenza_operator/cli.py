@@ -91,6 +91,16 @@ def _load(paths: list[str], err: Console) -> Any:  # -> Bundle | None
         return None
 
 
+def _hosting_engine(args: argparse.Namespace) -> None:
+    """This process is about to spend its life hosting an engine: tune the garbage
+    collector for it (engine.host.tune_gc), after the command's imports. Only when the
+    command is the process (`cadenza ...`), not a call of `main` from other code."""
+    if getattr(args, "own_process", False):
+        from .engine.host import tune_gc
+
+        tune_gc()
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     bundle = _load(args.paths, err)
@@ -200,6 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         secure=args.secure,
     )
     progress = Progress(err, wf.name, agent_steps(wf)) if tty else None
+    _hosting_engine(args)
     # SIGTERM, SIGINT and SIGHUP stop the run: agents and the embedded server go with it.
     try:
         if progress is not None:
@@ -721,6 +732,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     if not args.name and "name" not in settings.model_fields_set:
         settings.name = f"engine-{socket.gethostname()}-{os.getpid()}"
+    _hosting_engine(args)
     asyncio.run(serve(settings))
     return EXIT_OK
 
@@ -817,6 +829,7 @@ def cmd_nats_auth_mint_client(args: argparse.Namespace) -> int:
 def cmd_operator(args: argparse.Namespace) -> int:
     from .kube.main import run_operator
 
+    _hosting_engine(args)
     return int(run_operator())
 
 
@@ -831,6 +844,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     if not _references_resolve(args.env_file, [agent for agent, _ in bundle.agents.values()], err, bundle):
         return EXIT_INVALID
+    _hosting_engine(args)
     try:
         return int(
             asyncio.run(
@@ -1146,6 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
     from cadenza import configure_logging
 
     args = build_parser().parse_args(argv)
+    args.own_process = argv is None  # run as `cadenza ...`, not called by other code
     creds = getattr(args, "creds", None)
     if creds:
         if not os.path.isfile(creds):
