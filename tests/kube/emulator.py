@@ -34,6 +34,9 @@ client depend on and the stock emulator lacks or gets wrong:
 * CustomResourceDefinitions: :meth:`KubeEmulator.register_crd` and
   :meth:`KubeEmulator.load_crds` (from ``crds/*.yaml``), or creating a CRD over HTTP,
   serve its custom resources; deleting the CRD removes them.
+* SubjectAccessReviews (``authorization.k8s.io/v1``) are answered by evaluating the
+  Roles, ClusterRoles, RoleBindings and ClusterRoleBindings the emulator holds (rbac.py:
+  what is and is not modelled); :attr:`KubeEmulator.access_reviews` keeps each review's spec.
 * :attr:`KubeEmulator.request_log` records every API request as an RBAC verb, group,
   resource, subresource and namespace, to check a chart's RBAC against what was used.
 
@@ -43,7 +46,8 @@ What it does NOT do -- it is an emulator for tests, not a cluster:
   ``apiVersion``/``kind``/``metadata`` are checked). A test passing here can still be
   rejected by a real API server's OpenAPI schema.
 * No admission (mutating/validating webhooks, ValidatingAdmissionPolicy), no quotas,
-  no RBAC enforcement (every request is allowed; the request log only records them),
+  no RBAC enforcement (every request is allowed; the request log only records them, and
+  only SubjectAccessReviews evaluate RBAC),
   no authentication (any token is accepted).
 * No built-in controllers: a Deployment never gets a ReplicaSet or Pods, never gets
   ``status.readyReplicas``, a Job never runs, a Service gets no endpoints -- unless the
@@ -93,6 +97,9 @@ import yaml
 # below must unwrap it as kmock's own request entry point does.
 from kmock._internal.rendering import StreamingError
 
+from .rbac import Policy
+from .rbac import Request as AccessRequest
+
 __all__ = [
     "CRD_RESOURCE",
     "ApiCall",
@@ -110,6 +117,9 @@ ResourceRef = str | kmock.resource
 
 CRD_RESOURCE = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 """Where CustomResourceDefinitions live; creating one there registers its resources."""
+
+SUBJECT_ACCESS_REVIEWS = kmock.resource("authorization.k8s.io", "v1", "subjectaccessreviews")
+RBAC_GROUP = "rbac.authorization.k8s.io"
 
 CRD_VERBS = frozenset({"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"})
 """The verbs a real API server advertises in discovery for every custom resource."""
@@ -506,6 +516,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _created: set[kmock.Request] = attrs.field(factory=set, init=False)
     # CRD name -> the resources it serves, to unserve them when the CRD changes or goes.
     _crds: dict[str, list[kmock.resource]] = attrs.field(factory=dict, init=False)
+    # The spec of every SubjectAccessReview asked, in order.
+    _reviews: list[JsonObject] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -644,6 +656,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         params = request.params
         dry_run = params.get("dryRun") == "All"
         verb = rbac_verb(str(request.method.value), path, params)
+        if path.resource == SUBJECT_ACCESS_REVIEWS and verb == "create":
+            review = self._review(_json_body(request))
+            self._created.add(request)
+            return review
         if path.subresource is not None and verb not in {"get", "update", "patch"}:
             raise _not_found(f"subresource {path.subresource!r} is not served for {verb!r} by the emulator")
         match verb:
@@ -670,6 +686,38 @@ class KubeEmulator(kmock.KubernetesEmulator):
             case "deletecollection":
                 return self._delete_collection(request, path)
         raise _error(405, "MethodNotAllowed", f"the server does not allow this method: {request.method}")
+
+    # ---------------------------------------------------------------- access reviews
+
+    def _review(self, body: Any) -> JsonObject:
+        """A SubjectAccessReview answered from the RBAC objects held (not stored, as upstream)."""
+        spec = body.get("spec") if isinstance(body, dict) else None
+        if not isinstance(spec, dict):
+            raise _bad_request("a SubjectAccessReview needs a spec")
+        try:
+            request = AccessRequest.of_review(spec)
+        except ValueError as exc:
+            raise _bad_request(str(exc)) from None
+        self._reviews.append(copy.deepcopy(spec))
+        policy = Policy(
+            *(
+                self.list_objects(kmock.resource(RBAC_GROUP, "v1", plural))
+                for plural in ("roles", "clusterroles", "rolebindings", "clusterrolebindings")
+            )
+        )
+        allowed, reason = policy.decide(request)
+        return {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "metadata": {},
+            "spec": spec,
+            "status": {"allowed": allowed, **({"reason": reason} if reason else {})},
+        }
+
+    @property
+    def access_reviews(self) -> list[JsonObject]:
+        """The spec of every SubjectAccessReview asked so far, in order."""
+        return list(self._reviews)
 
     # ---------------------------------------------------------------- request log
 
