@@ -186,6 +186,8 @@ async def apply_agent(ctx: OperatorContext, agent: Agent, owner: kopf.Body) -> N
         nats_creds=await _agent_nats_creds(ctx, agent, owner),
         models=await agent_models(ctx.api, agent),
         nats_ca=nats_credentials.AGENT_CA_KEY if _carries_nats_ca(ctx.settings) else None,
+        otel_env=ctx.settings.agent_otel_env,
+        otel_headers=ctx.settings.agents_otel_headers,
     )
     settings = ctx.settings
     for where, message in violations(

@@ -90,6 +90,29 @@ def model_env(agent: Agent, models: Mapping[str, ModelSpec]) -> list[Manifest]:
     return env
 
 
+OTEL_ENDPOINT_VARIABLES = frozenset({"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"})
+
+
+def tracing_env(
+    agent: Agent, otel_env: Mapping[str, str], headers: tuple[str, str] | None = None
+) -> list[Manifest]:
+    """The operator's trace collector for an Agent's pods (`OperatorSettings.agent_otel_env`),
+    so its handler spans reach the backend holding the engine's attempt spans; `headers`
+    the (Secret, key) of OTEL_EXPORTER_OTLP_HEADERS, referenced `optional`: it must exist
+    in the Agent's namespace, and an agent without it still starts. Nothing when the
+    operator exports no traces, and nothing when the Agent's own `env` names a collector:
+    a traces endpoint passed on would override its general one, and the operator's
+    headers (a token) must not go to a collector the Agent chose."""
+    if not otel_env or any(var.name in OTEL_ENDPOINT_VARIABLES for var in agent.spec.env):
+        return []
+    env: list[Manifest] = [{"name": k, "value": v} for k, v in sorted(otel_env.items())]
+    if headers is not None:
+        secret, key = headers
+        ref = {"name": secret, "key": key, "optional": True}
+        env.append({"name": "OTEL_EXPORTER_OTLP_HEADERS", "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
 def agent_env(
     agent: Agent,
     *,
@@ -98,6 +121,8 @@ def agent_env(
     nats_creds: tuple[str, str] | None = None,
     models: Mapping[str, ModelSpec] | None = None,
     nats_ca: str | None = None,
+    otel_env: Mapping[str, str] | None = None,
+    otel_headers: tuple[str, str] | None = None,
 ) -> list[Manifest]:
     """The agent's environment: the SDK's connection settings, then the spec's own `env`
     (which may override them on purpose, e.g. a different NATS URL for one agent). A
@@ -119,6 +144,7 @@ def agent_env(
             base["CADENZA_NATS_CA"] = f"{NATS_CREDS_DIR}/{nats_ca}"
     rendered: dict[str, Manifest] = {k: {"name": k, "value": v} for k, v in base.items()}
     rendered.update({var["name"]: var for var in model_env(agent, models or {})})
+    rendered.update({var["name"]: var for var in tracing_env(agent, otel_env or {}, otel_headers)})
     for var in agent.spec.env:
         if var.valueFrom is not None:
             rendered[var.name] = {"name": var.name, "valueFrom": var.valueFrom.model_dump(exclude_none=True)}
@@ -171,11 +197,14 @@ def build_deployment(
     nats_creds: tuple[str, str] | None = None,
     models: Mapping[str, ModelSpec] | None = None,
     nats_ca: str | None = None,
+    otel_env: Mapping[str, str] | None = None,
+    otel_headers: tuple[str, str] | None = None,
 ) -> Manifest:
     """The Deployment running an Agent's replicas; `replicas` is decided by the caller
     (the spec, or the autoscaler when `spec.autoscaling` is set). `nats_creds` is the
     (Secret name, key) of a NATS credentials file to mount, when NATS wants one;
-    `nats_ca` the key of the NATS CA (TLS) in that same Secret."""
+    `nats_ca` the key of the NATS CA (TLS) in that same Secret; `otel_env` and
+    `otel_headers` the operator's trace collector (`tracing_env`)."""
     if not agent.spec.image:
         raise SpecError("spec.image", "an Agent needs an image to run in a cluster")
     name = agent.metadata.name
@@ -190,6 +219,8 @@ def build_deployment(
             nats_creds=nats_creds,
             models=models,
             nats_ca=nats_ca if nats_creds is not None else None,
+            otel_env=otel_env,
+            otel_headers=otel_headers,
         ),
         "securityContext": container_security_context(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],

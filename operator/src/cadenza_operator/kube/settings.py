@@ -12,7 +12,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from cadenza.tracing import enabled as tracing_enabled
+
 from .agent_policy import parse_patterns
+
+AGENT_OTEL_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+"""The operator's OTLP variables its agents get too (`OperatorSettings.agent_otel_env`)."""
 
 
 class SettingsError(ValueError):
@@ -141,6 +146,27 @@ class OperatorSettings:
     """CADENZA_AGENT_SERVICE_ACCOUNTS: JSON, namespace (or `*`) -> glob patterns of the
     ServiceAccounts an Agent may name there; empty allows any."""
 
+    agent_otel_env: Mapping[str, str] = field(default_factory=dict)
+    """OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: the operator's own
+    collector, passed on to every Agent's pods (kube/builders.py `tracing_env`), so that an
+    agent's handler and model-call spans reach the backend that holds the engine's attempt
+    spans they nest under. Filled only when the operator itself exports traces
+    (`cadenza.tracing.enabled`); empty, agents get no OTEL_* variable at all. Only the
+    endpoints travel: the operator's OTEL_SERVICE_NAME and resource attributes name the
+    operator, not the agent (the SDK names an agent's service after the Agent), and its
+    headers may hold a token (`agent_otel_headers_secret`)."""
+
+    agent_otel_headers_secret: str = ""
+    """CADENZA_AGENT_OTEL_HEADERS_SECRET: a Secret whose key holds OTEL_EXPORTER_OTLP_HEADERS
+    (e.g. the collector's token) for agents, referenced with `optional: true`: a pod reads
+    Secrets of its own namespace only and the operator never reads them, so the Secret must
+    be created in each namespace that has Agents; where it is missing an agent still runs
+    and exports without headers (traces are not worth an agent that does not start).
+    Unused unless `agent_otel_env` is set."""
+
+    agent_otel_headers_key: str = "headers"
+    """CADENZA_AGENT_OTEL_HEADERS_KEY: the key of the headers in that Secret."""
+
     @property
     def agents_nats_url(self) -> str:
         """The NATS URL agents get: `agent_nats_url`, else the operator's own."""
@@ -152,6 +178,14 @@ class OperatorSettings:
         if not self.agent_nats_creds_secret:
             return None
         return self.agent_nats_creds_secret, self.agent_nats_creds_key
+
+    @property
+    def agents_otel_headers(self) -> tuple[str, str] | None:
+        """(Secret name, key) of the OTLP headers agents reference, or None: only when
+        agents export traces at all."""
+        if not (self.agent_otel_env and self.agent_otel_headers_secret):
+            return None
+        return self.agent_otel_headers_secret, self.agent_otel_headers_key
 
     @property
     def clusterwide(self) -> bool:
@@ -191,6 +225,10 @@ class OperatorSettings:
         text("CADENZA_CONSOLE_GROUPS_HEADER", "console_groups_header")
         text("CADENZA_CONSOLE_ADDRESS", "console_address")
         text("POD_ID", "peer_id")
+        text("CADENZA_AGENT_OTEL_HEADERS_SECRET", "agent_otel_headers_secret")
+        text("CADENZA_AGENT_OTEL_HEADERS_KEY", "agent_otel_headers_key")
+        if tracing_enabled(env):
+            values["agent_otel_env"] = {var: env[var] for var in AGENT_OTEL_VARIABLES if env.get(var)}
         if "CADENZA_PEERING" in env:  # set but empty means standalone, not the default name
             values["peering"] = env["CADENZA_PEERING"].strip()
         namespaces = env.get("CADENZA_WATCH_NAMESPACES", "")
