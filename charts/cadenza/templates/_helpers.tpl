@@ -200,6 +200,9 @@ the engine's from the keys Secret, else `nats.credentialsSecret` (either may be 
 {{- if and .Values.nats.enabled .Values.nats.tls.enabled (not .Values.nats.auth.enabled) }}
 {{- fail "nats.tls.enabled needs nats.auth.enabled: each Agent gets the CA in its own credential Secret (<agent>-nats), which the operator writes only with authentication on" }}
 {{- end }}
+{{- if and .Values.tracing.headersSecret.name (not .Values.tracing.otlpEndpoint) }}
+{{- fail "tracing.headersSecret.name is set but tracing.otlpEndpoint is empty: set tracing.otlpEndpoint to the collector's OTLP/HTTP URL (http://collector:4318), or clear tracing.headersSecret.name" }}
+{{- end }}
 {{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.peering.enabled) }}
 {{- fail "operator.replicas > 1 requires operator.peering.enabled=true: without kopf peering every replica would handle every resource" }}
 {{- end }}
