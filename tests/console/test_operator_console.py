@@ -1,6 +1,7 @@
 """The console served by the real operator (kopf + engine, Kubernetes API emulator, real
 nats-server) when CADENZA_CONSOLE_PORT is set: behind a proxy whose user header it trusts,
-the header's user is the approver the engine checks."""
+the header's user is the approver the engine checks (and RBAC, through the emulator's
+answers to SubjectAccessReviews, what they may see and steer: test_console_rbac.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 from typing import Any
 
 import aiohttp
+import kmock
 from cadenza_operator.engine.definition import compile_workflow
 from cadenza_operator.kube.settings import OperatorSettings
 from cadenza_operator.local.nats_server import NatsServer
@@ -20,6 +22,30 @@ from ..operator.harness import running_operator
 from .test_console_access import notice
 
 __all__ = ["cadenza_crds", "kube_emulator"]
+
+RBAC = "rbac.authorization.k8s.io"
+
+
+def grant(
+    emulator: KubeEmulator, namespace: str, name: str, verbs: list[str], subject: dict[str, str]
+) -> None:
+    """A Role on workflowruns in `namespace` and its RoleBinding to `subject`."""
+    rule = {"apiGroups": ["cadenza.dev"], "resources": ["workflowruns"], "verbs": verbs}
+    meta = {"name": name, "namespace": namespace}
+    emulator.create_object(
+        kmock.resource(RBAC, "v1", "roles"),
+        {"apiVersion": f"{RBAC}/v1", "kind": "Role", "metadata": meta, "rules": [rule]},
+    )
+    emulator.create_object(
+        kmock.resource(RBAC, "v1", "rolebindings"),
+        {
+            "apiVersion": f"{RBAC}/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": RBAC, "kind": "Role", "name": name},
+            "subjects": [{**subject, "apiGroup": RBAC}],
+        },
+    )
 
 
 def free_port() -> int:
@@ -40,6 +66,8 @@ def test_the_settings_read_the_console_from_the_environment() -> None:
 async def test_the_operator_serves_the_console_with_the_proxy_user(
     kube_emulator: KubeEmulator, cadenza_crds: Any, fresh_nats: NatsServer
 ) -> None:
+    for user in ("ada", "mallory"):  # both may steer runs here; only ada may approve this one
+        grant(kube_emulator, "default", user, ["get", "list", "update"], {"kind": "User", "name": user})
     port = free_port()
     wf = compile_workflow(
         "guarded",
@@ -57,7 +85,7 @@ async def test_the_operator_serves_the_console_with_the_proxy_user(
         async with aiohttp.ClientSession() as http:
 
             async def listed() -> bool:
-                reply = await http.get(f"{base}/?namespace=default")
+                reply = await http.get(f"{base}/?namespace=default", headers={"X-Forwarded-User": "ada"})
                 return reply.status == 200 and f'data-run="{run}"' in await reply.text()
 
             await poll(listed)

@@ -157,9 +157,11 @@ async def serve(
 async def serve_console(settings: OperatorSettings, ctx: OperatorContext) -> web.AppRunner:
     """The web console on `console_address:console_port` (a Service in front), over the
     engine this process hosts once kopf's startup handler has started it (until then the
-    pages say it is starting)."""
+    pages say it is starting). With a user header, each namespace's runs are shown and
+    steered only as Kubernetes RBAC allows that user (kube/access.py: SubjectAccessReviews)."""
     from ..observe.web import Console, Identity
     from ..observe.web import serve as serve_web
+    from .access import AccessReviews
 
     def engine() -> Any:
         return ctx.engine if ctx.started else None
@@ -168,8 +170,11 @@ async def serve_console(settings: OperatorSettings, ctx: OperatorContext) -> web
         user_header=settings.console_user_header or None,
         groups_header=settings.console_groups_header or None,
     )
+    # Who the proxy vouches for may see and steer what RBAC grants them (kube/access.py);
+    # without a user header there is nobody to ask about.
+    authorize = AccessReviews(ctx.api) if identity.user_header else None
     address = settings.console_address
-    runner, port = await serve_web(Console(engine, identity), address, settings.console_port)
+    runner, port = await serve_web(Console(engine, identity, authorize), address, settings.console_port)
     log.info("console serving", address=address, port=port, user_header=settings.console_user_header or None)
     return runner
 

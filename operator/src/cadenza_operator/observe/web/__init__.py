@@ -13,7 +13,7 @@ a CDN: the stylesheet and the script ship in the package (static/), so the conso
 air-gapped.
 """
 
-from .access import UNVERIFIED, Identity
+from .access import UNVERIFIED, Authorizer, Identity, Permission
 from .app import Console, serve
 
-__all__ = ["UNVERIFIED", "Console", "Identity", "serve"]
+__all__ = ["UNVERIFIED", "Authorizer", "Console", "Identity", "Permission", "serve"]

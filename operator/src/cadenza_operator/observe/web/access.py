@@ -16,14 +16,26 @@ Cross-site requests: every POST must come from the console's own pages. Browsers
 a request comes from (`Sec-Fetch-Site`, else `Origin`); a form on another site posting to
 the console is refused before anything is done, so a page a user visits cannot approve or
 cancel in their name. A request saying neither (not a browser) is refused too.
+
+Authorization (who may see and steer which namespace's runs): in a cluster the console
+asks the API server, as Kubernetes tools do, whether the header's user and groups may
+`get`/`list` WorkflowRuns in a namespace (to see its runs) or `update` them (to approve,
+reject, signal, cancel, resume or retry there): `Permission`, answered by an `Authorizer`
+the operator hands in (kube/access.py: SubjectAccessReviews, cached briefly). `update`
+because that is what steering a run through kubectl takes (approvals and cancellations
+are patches of the WorkflowRun): the console grants no one more than kubectl would.
+Without an authorizer (`cadenza dev`, or no user header) nothing is checked.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from aiohttp import web
+
+from ...models import API_GROUP
 
 UNVERIFIED = "console"
 """The `by` of actions when no identity is known: a display name, never an approver."""
@@ -56,6 +68,32 @@ class Identity:
             return []
         raw = request.headers.get(self.groups_header, "")
         return [g.strip() for g in raw.split(",") if g.strip() and "]" not in g]
+
+
+@dataclass(frozen=True)
+class Permission:
+    """What the console asks the API server before showing or doing something: `verb` on
+    `resource` of `group` in `namespace` (a SubjectAccessReview's resourceAttributes)."""
+
+    verb: str
+    namespace: str
+    resource: str = "workflowruns"
+    group: str = API_GROUP
+
+    def __str__(self) -> str:
+        return f"{self.verb} {self.resource}.{self.group} in namespace {self.namespace}"
+
+
+Authorizer = Callable[[str, tuple[str, ...], Permission], Awaitable[bool]]
+"""(user, groups, permission) -> whether the API server allows it. Raises when it cannot
+be asked (the console then refuses: it never guesses yes)."""
+
+VIEW = "get"
+"""The verb to see one run (its page, its live fragment)."""
+LIST = "list"
+"""The verb to see a namespace's runs in the list, and its diagnose page."""
+ACT = "update"
+"""The verb to approve, reject, signal, cancel, resume or retry a run."""
 
 
 def cross_site_refusal(request: web.Request) -> str | None:

@@ -5,12 +5,17 @@ name, input, output and error is user data). Actions are HTML forms posted to
 `/runs/<ns>/<run>/<op>`: the request goes to the engine's control responder
 (engine/control.py `ControlResponder.answer`), the same check `cadenza approve|signal|
 cancel|resume` gets (run state, namespace, approvers), and the page shows the engine's
-answer, a refusal included. `/metrics` is prometheus_client's exposition of the default
-registry, so `cadenza dev` needs one port for both.
+answer, a refusal included. With an `authorize` hook (the operator's, kube/access.py),
+each namespace's runs are shown and steered only as the API server allows the viewer
+(access.py `Permission`): a refusal is a 403 page naming the permission missing, and the
+runs list leaves out, without a word, the namespaces the viewer may not list.
+`/metrics` is prometheus_client's exposition of the default registry, so `cadenza dev`
+needs one port for both.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -32,7 +37,7 @@ from ...engine.decide.events import GROUP_PREFIX, is_approver
 from ...engine.state import RUN_ID
 from ...engine.view import run_view
 from . import layout
-from .access import Identity, cross_site_refusal
+from .access import ACT, LIST, VIEW, Authorizer, Identity, Permission, cross_site_refusal
 from .data import AUDIT_IDLE, MAX_LISTED, RefCache, Shown, kept_apart, matches, shown
 
 if TYPE_CHECKING:
@@ -81,6 +86,9 @@ class Console:
 
     engine: Callable[[], Engine | None]
     identity: Identity = field(default_factory=Identity)
+    authorize: Authorizer | None = None
+    """Asked before a namespace's runs are shown or steered; None: nothing is checked
+    (`cadenza dev`, or an operator console without a user header)."""
     title: str = "Cadenza"
     refs: RefCache = field(default_factory=RefCache)
     _inputs: dict[str, tuple[str, Shown]] = field(default_factory=dict)
@@ -109,12 +117,53 @@ class Console:
             raise web.HTTPServiceUnavailable(text="the engine is starting; try again in a moment")
         return engine
 
+    # ---------------------------------------------------------- authorization
+    async def _allowed(self, request: web.Request, permissions: list[Permission]) -> list[bool]:
+        """Whether the viewer holds each permission (all True without `authorize`)."""
+        if self.authorize is None:
+            return [True] * len(permissions)
+        user, _ = self.identity.viewer(request)
+        if user is None:
+            raise self._refusal(
+                f"no user in header {self.identity.user_header}: the console is reached past its proxy"
+            )
+        groups = tuple(self.identity.groups(request))
+        authorize = self.authorize
+        try:
+            return list(await asyncio.gather(*(authorize(user, groups, p) for p in permissions)))
+        except Exception as exc:  # the API server unreachable or refusing the review: never guess yes
+            log.warning("console access review failed", user=user, error=repr(exc))
+            raise web.HTTPServiceUnavailable(
+                text=f"the console could not ask the Kubernetes API whether {user} may do this: {exc}"
+            ) from None
+
+    async def _require(self, request: web.Request, verb: str, namespace: str) -> None:
+        """403, naming the permission, unless the viewer holds `verb` in `namespace`."""
+        permission = Permission(verb, namespace)
+        (ok,) = await self._allowed(request, [permission])
+        if not ok:
+            user, _ = self.identity.viewer(request)
+            log.info("console access refused", user=user, permission=str(permission))
+            raise self._refusal(f"{user} may not {permission}", permission)
+
+    def _refusal(self, reason: str, permission: Permission | None = None) -> web.HTTPForbidden:
+        html = self._env.get_template("forbidden.html").render(
+            title=self.title, reason=reason, permission=permission
+        )
+        return web.HTTPForbidden(text=html, content_type="text/html", headers=NO_STORE)
+
     # ------------------------------------------------------------------ runs
     async def _runs(self, request: web.Request) -> dict[str, Any]:
         q = request.query
         workflow, phase, namespace = q.get("workflow", ""), q.get("phase", ""), q.get("namespace", "")
+        if namespace:
+            await self._require(request, LIST, namespace)
         states = await self._engine().client.list()
-        namespaces = sorted({s.namespace for s in states} | ({namespace} if namespace else set()))
+        present = sorted({s.namespace for s in states})
+        allowed = await self._allowed(request, [Permission(LIST, ns) for ns in present])
+        visible = {ns for ns, ok in zip(present, allowed, strict=True) if ok}
+        states = [s for s in states if s.namespace in visible]
+        namespaces = sorted(visible | ({namespace} if namespace else set()))
         workflows = sorted({s.workflow for s in states if not namespace or s.namespace == namespace})
         found = sorted(
             (s for s in states if matches(s, workflow, phase, namespace)),
@@ -141,6 +190,7 @@ class Console:
     # ------------------------------------------------------------------- run
     async def _run(self, request: web.Request) -> dict[str, Any]:
         namespace, run = request.match_info["namespace"], request.match_info["run"]
+        await self._require(request, VIEW, namespace)
         client = self._engine().client
         state = await client.get(run) if RUN_ID.match(run) else None
         if state is None or state.namespace != namespace:
@@ -283,6 +333,7 @@ class Console:
             raise web.HTTPForbidden(
                 text=f"no user in header {self.identity.user_header}: the console is reached past its proxy"
             )
+        await self._require(request, ACT, namespace)
         form = await request.post()
         try:
             command = _command(op, run, form)
@@ -337,6 +388,7 @@ class Console:
         from ..diagnose import UnknownWorkflow, diagnose
 
         namespace, workflow = request.match_info["namespace"], request.match_info["workflow"]
+        await self._require(request, LIST, namespace)
         since_text = request.query.get("since", "1h")
         try:
             since = parse_duration(since_text)
