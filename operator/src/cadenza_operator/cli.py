@@ -1066,7 +1066,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_logs,
         "print what a run's handlers logged (task.log), of one STEP when given; exit 2 for an unknown run",
     )
-    logs.add_argument("step", nargs="?", help="only this step's lines")
+    logs.add_argument("step", nargs="?", help="only this step's lines; STEP#ITEM: a forEach item's (each#3)")
     logs.add_argument("--attempt", type=int, metavar="N", help="only attempt N (from 1)")
     logs.add_argument(
         "-f", "--follow", action="store_true", help="print new lines as they come until the run ends"

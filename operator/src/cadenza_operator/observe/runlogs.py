@@ -51,9 +51,29 @@ class LogRecord:
         return asdict(self)
 
 
-def log_filter(namespace: str, run: str, step: str | None = None, attempt: int | None = None) -> str:
-    """The subjects of a run's records (of one step, one attempt): cadenza.wire.log_subject."""
-    return f"cadenza.log.{namespace}.*.{log_token(run)}.{step or '*'}.*.{'*' if attempt is None else attempt}"
+def log_filter(
+    namespace: str, run: str, step: str | None = None, attempt: int | None = None, item: int | None = None
+) -> str:
+    """The subjects of a run's records (of one step, one forEach item of it, one attempt):
+    cadenza.wire.log_subject."""
+    items = "*" if item is None else item
+    attempts = "*" if attempt is None else attempt
+    return f"cadenza.log.{namespace}.*.{log_token(run)}.{step or '*'}.{items}.{attempts}"
+
+
+def split_step(step: str | None) -> tuple[str | None, int | None]:
+    """`STEP` or `STEP#ITEM` (a forEach item, as a record's line names it) as (step, item);
+    LogsRequestError for anything else."""
+    import re
+
+    if step is None:
+        return None, None
+    name, hashed, item = step.partition("#")
+    if not re.fullmatch(STEP_NAME_PATTERN, name) or (hashed and not item.isdecimal()):
+        raise LogsRequestError(
+            f"STEP {step!r} is not a step name ({STEP_NAME_PATTERN}), nor STEP#ITEM (a forEach item: each#3)"
+        )
+    return name, int(item) if hashed else None
 
 
 def parse_record(subject: str, data: bytes, seq: int, run: str) -> LogRecord | None:
@@ -156,11 +176,13 @@ async def read_logs(
     step: str | None = None,
     attempt: int | None = None,
     limit: int = 10_000,
+    *,
+    item: int | None = None,
 ) -> list[LogRecord]:
-    """The run's records (of `step`, of `attempt`) the stream holds, oldest first: the
-    newest `limit` of them."""
+    """The run's records (of `step`, of its forEach `item`, of `attempt`) the stream holds,
+    oldest first: the newest `limit` of them."""
     kept: deque[LogRecord] = deque(maxlen=max(limit, 0))
-    async for record in _records(js, log_filter(namespace, run, step, attempt), run):
+    async for record in _records(js, log_filter(namespace, run, step, attempt, item), run):
         kept.append(record)
     return list(kept)
 
@@ -172,6 +194,7 @@ async def follow_logs(
     step: str | None = None,
     attempt: int | None = None,
     *,
+    item: int | None = None,
     ended: Callable[[], Awaitable[bool]] | None = None,
     poll: float = 0.5,
 ) -> AsyncIterator[LogRecord]:
@@ -184,7 +207,7 @@ async def follow_logs(
     from nats.errors import TimeoutError as NatsTimeout
 
     ended = ended or run_ended(js, run)
-    filter_subject = log_filter(namespace, run, step, attempt)
+    filter_subject = log_filter(namespace, run, step, attempt, item)
     last = 0
     reader = await _Reader(js, filter_subject).open()
     try:
@@ -240,13 +263,12 @@ async def show_logs(
     write: Callable[[str], None],
 ) -> int:
     """`cadenza logs`: each record written as a line (text, or one JSON object per line),
-    read once or followed until the run ends; the number written. Raises LogsRequestError
-    for a step that is not a step name, a run no NATS holds or one of another namespace."""
+    read once or followed until the run ends; the number written. `step` may be
+    `STEP#ITEM`: one forEach item's lines. Raises LogsRequestError for a step that is not a
+    step name, a run no NATS holds or one of another namespace."""
     import json
-    import re
 
-    if step is not None and not re.fullmatch(STEP_NAME_PATTERN, step):
-        raise LogsRequestError(f"STEP {step!r} is not a step name ({STEP_NAME_PATTERN})")
+    step, item = split_step(step)
     if attempt is not None and attempt < 1:
         raise LogsRequestError(f"--attempt {attempt}: attempts count from 1")
     where = await run_namespace(js, run)
@@ -268,10 +290,10 @@ async def show_logs(
 
     try:
         if follow:
-            async for record in follow_logs(js, namespace, run, step, attempt):
+            async for record in follow_logs(js, namespace, run, step, attempt, item=item):
                 emit(record)
         else:
-            for record in await read_logs(js, namespace, run, step, attempt):
+            for record in await read_logs(js, namespace, run, step, attempt, item=item):
                 emit(record)
     except NotFoundError:  # the stream: NATS holds runs, but no engine of this version started
         raise LogsRequestError(
@@ -328,4 +350,5 @@ __all__ = [
     "run_ended",
     "run_namespace",
     "show_logs",
+    "split_step",
 ]
