@@ -1,6 +1,7 @@
 """The chart's console: nothing of it unless `console.enabled`; enabled, a Service on the
 operator's `console` port, the environment the operator reads (kube/settings.py), and a
-NetworkPolicy rule only for the peers named."""
+NetworkPolicy rule only for the peers named; the operator may ask SubjectAccessReviews
+when the console reads a user header, and example Roles for its users."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import kubernetes_validate
 import pytest
 from cadenza_operator.kube.settings import OperatorSettings
 
+from ..chart.rbac import allows, rendered_rules
 from ..chart.render import CHART, of_kind, one, render
 from ..chart.test_chart import KUBERNETES_VERSIONS, env_of, operator_container
 
@@ -108,3 +110,32 @@ def test_the_console_objects_are_valid_kubernetes(version: str) -> None:
     objects = render({"console": {"enabled": True, "networkPolicyFrom": PROXY}})
     for obj in [*console_services(objects), one(objects, "Deployment"), operator_policy(objects)]:
         kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_the_operator_may_ask_subject_access_reviews_only_when_the_console_reads_a_user() -> None:
+    review = ("create", "authorization.k8s.io", "subjectaccessreviews")
+    on = {"console": {"enabled": True, "auth": {"userHeader": "X-Forwarded-User"}}}
+    assert allows(rendered_rules(on), *review)
+    # Namespaced: the review is cluster-scoped, granted by the ClusterRole all the same.
+    assert allows(rendered_rules({**on, "watchNamespaces": ["team-a"]}), *review)
+    assert not allows(rendered_rules({"console": {"enabled": True}}), *review)  # nobody to ask about
+    assert not allows(rendered_rules(), *review)
+
+
+def test_the_example_console_roles_grant_what_the_console_checks_and_are_bound_to_nobody() -> None:
+    objects = render({"console": {"enabled": True}})
+    roles = {o["metadata"]["name"]: o for o in of_kind(objects, "ClusterRole")}
+    viewer, operator = roles["cadenza-console-viewer"], roles["cadenza-console-operator"]
+
+    def verbs(role: dict[str, Any]) -> set[str]:
+        (rule,) = role["rules"]
+        assert (rule["apiGroups"], rule["resources"]) == (["cadenza.dev"], ["workflowruns"])
+        return set(rule["verbs"])
+
+    assert {"get", "list"} <= verbs(viewer) and "update" not in verbs(viewer)
+    assert {"get", "list", "update"} <= verbs(operator)
+    bound = {b["roleRef"]["name"] for b in objects if b["kind"] in ("RoleBinding", "ClusterRoleBinding")}
+    assert not bound & set(roles) - {"cadenza"}
+    assert "cadenza-console-viewer" not in {o["metadata"]["name"] for o in of_kind(render(), "ClusterRole")}
+    for role in (viewer, operator):
+        kubernetes_validate.validate(role, KUBERNETES_VERSIONS[-1], strict=True)
