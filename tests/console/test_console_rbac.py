@@ -12,12 +12,12 @@ import aiohttp
 import kmock
 from cadenza_operator.engine.definition import compile_workflow
 from cadenza_operator.kube.access import AccessReviews
-from cadenza_operator.kube.api import KubeApi
+from cadenza_operator.kube.api import ApiError, KubeApi
 from cadenza_operator.local.dev import DevServer, serve_console
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.manifests import load
 from cadenza_operator.models import WorkflowSpec
-from cadenza_operator.observe.web import Permission
+from cadenza_operator.observe.web import Console, Identity, Permission, serve
 
 from ..integration.harness import poll, unique_namespace, write_project
 from ..kube.emulator import KubeEmulator
@@ -206,3 +206,42 @@ async def test_dev_console_asks_nobody(tmp_path: Path, nats_server: NatsServer) 
                 assert notice(reply) == ("1", f"cancellation of {run} requested")
         finally:
             await runner.cleanup()
+
+
+async def test_a_review_that_fails_refuses_and_nobody_past_the_proxy_is_asked_about() -> None:
+    """The API server unreachable (or the operator lacking the permission): 503, never a
+    guessed yes; a request without the user header is refused before anyone is asked."""
+    asked: list[tuple[str, tuple[str, ...], Permission]] = []
+
+    async def unreachable(user: str, groups: tuple[str, ...], permission: Permission) -> bool:
+        asked.append((user, groups, permission))
+        raise ApiError(403, "Forbidden", "cannot create subjectaccessreviews")
+
+    started: list[bool] = []
+
+    def engine() -> Any:
+        started.append(True)  # the engine is asked only once access is granted
+        return None
+
+    console = Console(engine, Identity(user_header=USER, groups_header=GROUPS), unreachable)
+    runner, port = await serve(console, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            reply = await http.get(f"{base}/runs/team-a/x-0123456789", headers={USER: "alice", GROUPS: "g"})
+            assert reply.status == 503
+            assert "could not ask the Kubernetes API whether alice may do this" in await reply.text()
+            reply = await http.post(
+                f"{base}/runs/team-a/x-0123456789/cancel", headers={USER: "alice", "Origin": base}
+            )
+            assert reply.status == 503
+            assert asked == [
+                ("alice", ("g",), Permission("get", "team-a")),
+                ("alice", (), Permission("update", "team-a")),
+            ]
+            assert not started
+            reply = await http.get(f"{base}/runs/team-a/x-0123456789")
+            assert reply.status == 403 and f"no user in header {USER}" in await reply.text()
+            assert len(asked) == 2
+    finally:
+        await runner.cleanup()
