@@ -98,6 +98,7 @@ async def test_each_namespace_is_seen_and_steered_only_as_rbac_allows(
             assert (await page(f"/runs/team-b/{run_b}", bob))[0] == 200
             assert (await page(f"/runs/team-b/{run_b}", {USER: "bob"}))[0] == 403  # the group is the grant
             assert (await page("/", {}))[0] == 403  # past the proxy: nobody to ask about
+            assert (await page("/metrics", alice))[0] == 404  # every namespace's series: not here
 
             async def post(path: str, headers: dict[str, str], **form: str) -> aiohttp.ClientResponse:
                 return await http.post(f"{base}{path}", data=form, headers=headers, allow_redirects=False)

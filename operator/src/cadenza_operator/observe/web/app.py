@@ -102,7 +102,10 @@ class Console:
         app.router.add_get("/runs/{namespace}/{run}/live", self.run_fragment)
         app.router.add_post("/runs/{namespace}/{run}/{op}", self.act)
         app.router.add_get("/diagnose/{namespace}/{workflow}", self.diagnose_page)
-        app.router.add_get("/metrics", metrics)
+        if self.authorize is None:
+            # Metrics name every namespace's workflows: with per-namespace access they are
+            # not the console's to show (the operator serves them on its metrics port).
+            app.router.add_get("/metrics", metrics)
         app.router.add_static("/static", str(resources.files(__package__) / "static"))
         return app
 
