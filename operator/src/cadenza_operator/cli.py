@@ -579,7 +579,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         state = await client.get(args.run)
         if state is not None:
             found.extend([state, await client.outputs(state) if args.output == "json" else None])
-            if args.output == "json" and state.namespace == args.namespace:
+            if state.namespace == args.namespace:  # each step's input: in the JSON and the tree
                 inputs.update(await _step_inputs(client, state))
 
     _read_runs(args, read)
@@ -596,7 +596,7 @@ def cmd_get(args: argparse.Namespace) -> int:
                 entry["input"] = inputs[name]
         print(json.dumps({**doc, "outputs": outputs}, indent=2, default=str))
     else:
-        show(run_tree(view, now=time.time()))
+        show(run_tree(view, now=time.time(), inputs=inputs))
     return EXIT_OK
 
 

@@ -1,5 +1,6 @@
 """The run tree of `cadenza get RUN`: a run's steps with their phases, attempts (and
-retries), waiting vs executing time, usage, messages, forEach counts and child runs.
+retries), waiting vs executing time, usage, messages, forEach counts, child runs and each
+step's input (observe/step_input.py) on one line, cut to MAX_INPUT_CHARS.
 
 Rendered from the engine's `RunView` (engine/view.py), the one reading of a run record
 that the WorkflowRun status, `cadenza run` and the web console share, so a number here
@@ -10,6 +11,8 @@ message prints as written.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any
 
 from rich.text import Text
@@ -30,6 +33,9 @@ PHASE_STYLES = {
 }
 MAX_DETAIL_CHARS = 2000
 """Characters of one message or error shown; the JSON form (`--output json`) has them whole."""
+MAX_INPUT_CHARS = 120
+"""Characters of a step's input (compact JSON) shown on its line: a glance, not the value;
+`--output json` and the console have it whole."""
 
 
 def seconds(value: float | None) -> str:
@@ -53,9 +59,19 @@ def phase_text(phase: str) -> Text:
     return Text(str(phase), style=PHASE_STYLES.get(str(phase), ""))
 
 
-def _clip(text: str) -> str:
+def _clip(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
     text = " ".join(text.split())  # one line: a multi-line traceback stays one tree node
-    return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def input_line(step_input: Mapping[str, Any]) -> Text:
+    """`input: {...}  (label)`: a step input's document (StepInput.document()) on one line,
+    labelled as the JSON labels it (rendered, its template and why, a forEach's items)."""
+    value = json.dumps(step_input.get("value"), separators=(",", ":"), ensure_ascii=False, default=str)
+    line = Text("input: ", style="dim")
+    line.append(_clip(value, MAX_INPUT_CHARS))
+    line.append(f"  ({step_input.get('label', '')})", style="dim")
+    return line
 
 
 def _timing(t: Timing | None) -> Text:
@@ -114,8 +130,10 @@ def attempt_label(a: Attempt) -> Text:
     return label
 
 
-def step_node(s: StepView) -> Tree:
+def step_node(s: StepView, step_input: Mapping[str, Any] | None = None) -> Tree:
     node = Tree(step_label(s))
+    if step_input is not None and step_input.get("value") is not None:  # None: it takes no input
+        node.add(input_line(step_input))
     if s.reason:
         node.add(Text(_clip(s.reason), style="red" if s.phase == "Failed" else "italic"))
     if s.error and s.message and _error(s.error) not in s.message:
@@ -150,13 +168,16 @@ def run_label(view: RunView, now: float | None = None) -> Text:
     return label
 
 
-def run_tree(view: RunView, *, now: float | None = None) -> Tree:
-    """The tree of `cadenza get`: the run, then each step in the workflow's order."""
+def run_tree(
+    view: RunView, *, now: float | None = None, inputs: Mapping[str, Mapping[str, Any]] | None = None
+) -> Tree:
+    """The tree of `cadenza get`: the run, then each step in the workflow's order, with its
+    input from `inputs` (step name -> StepInput.document()) when given."""
     tree = Tree(run_label(view, now))
     if view.retry_of:
         tree.add(Text(f"retry of run {view.retry_of}", style="italic"))
     if view.message:
         tree.add(Text(_clip(view.message), style="red" if view.phase == "Failed" else "italic"))
     for step in view.steps.values():
-        tree.add(step_node(step))
+        tree.add(step_node(step, (inputs or {}).get(step.name)))
     return tree
