@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from cadenza.wire import log_subject
-from cadenza_operator.observe.runlogs import LogRecord, format_record, log_filter, parse_record
+from cadenza_operator.observe.runlogs import (
+    LogRecord,
+    LogsRequestError,
+    format_record,
+    log_filter,
+    parse_record,
+    split_step,
+)
 
 
 def test_a_line_names_the_item_and_attempt_and_stays_one_line() -> None:
@@ -41,3 +49,19 @@ def test_a_subject_is_parsed_back_and_the_filter_matches_it() -> None:
     assert all(p in ("*", s) for p, s in zip(pattern, subject.split("."), strict=True))
     assert parse_record("cadenza.log.ns.a.r", b"{}", 1, "r") is None
     assert parse_record(subject, b"not json", 1, "r") is None
+
+
+def test_step_hash_item_names_one_forEach_item_and_its_filter_matches_only_it() -> None:
+    assert split_step("each#3") == ("each", 3) and split_step("each") == ("each", None)
+    assert split_step(None) == (None, None)
+    for bad in ("each#", "each#x", "each#-1", "#3", "a b#1"):
+        with pytest.raises(LogsRequestError, match="STEP#ITEM"):
+            split_step(bad)
+    pattern = log_filter("ns", "r", "each", None, 3).split(".")
+
+    def matches(subject: str) -> bool:
+        return all(p in ("*", s) for p, s in zip(pattern, subject.split("."), strict=True))
+
+    assert matches(log_subject("ns", "a", "r", "each", 3, 2))
+    assert not matches(log_subject("ns", "a", "r", "each", 13, 1))
+    assert not matches(log_subject("ns", "a", "r", "each", None, 1))
