@@ -86,4 +86,10 @@ async def give_up(pub: Any, key: str) -> None:
     """The engine gives the attempt `key` up, whoever holds its claim: no agent may start
     it from now on (one already started is stopped by the engine's cancel notice).
     `pub`: a `Publisher`."""
-    await pub.kv_put(CLAIMS_BUCKET, key, ABANDONED)
+    await pub.acked(await send_give_up(pub, key))
+
+
+async def send_give_up(pub: Any, key: str) -> Any:
+    """`give_up`, put on the connection: the future of its PubAck (`Publisher.acked`), so
+    that a write sent after it reaches the server after it."""
+    return await pub.send(f"$KV.{CLAIMS_BUCKET}.{key}", ABANDONED)

@@ -46,7 +46,14 @@ class Publisher:
                 self._sub = await self.nc.subscribe(f"{prefix}*", cb=self._on_reply)
                 self._prefix = prefix
 
-    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+    async def send(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None
+    ) -> asyncio.Future[Any]:
+        """Put a publish on the connection and return the future of the server's reply,
+        for `acked`. Publishes sent one after another reach the server in that order, and
+        their PubAcks are awaited together afterwards: no task per publish (the engine
+        sends a decision's claim marks ahead of its record write, and its tasks and audit
+        message after it)."""
         if self._sub is None:
             await self._subscribe()
         token = str(next(self._tokens))
@@ -60,27 +67,63 @@ class Publisher:
         except BaseException:
             self._pending.pop(token, None)
             raise
-        msg = await future
+        return future
+
+    async def send_kv_update(self, bucket: str, key: str, value: bytes, last: int) -> asyncio.Future[Any]:
+        """`send` of ``KeyValue.update`` (``last=0``: create); its `acked(kv=True)` raises
+        KeyWrongLastSequenceError when the key's revision is not ``last``."""
+        return await self.send(
+            f"$KV.{bucket}.{key}", value, {"Nats-Expected-Last-Subject-Sequence": str(last)}
+        )
+
+    async def acked(self, sent: asyncio.Future[Any], *, kv: bool = False) -> int:
+        """The stream sequence of a `send` once its PubAck is in; raises what ``js.publish``
+        raises (``kv``: what ``KeyValue.update`` raises)."""
+        msg = await sent
         if msg.headers and msg.headers.get("Status") == "503":
             raise nats.js.errors.NoStreamResponseError
         resp = json.loads(msg.data)
         if "error" in resp:
-            nats.js.errors.APIError.from_error(resp["error"])  # raises the matching subclass
+            try:
+                nats.js.errors.APIError.from_error(resp["error"])  # raises the matching subclass
+            except nats.js.errors.APIError as err:
+                if kv and err.err_code in _WRONG_LAST_SEQUENCE:
+                    raise nats.js.errors.KeyWrongLastSequenceError(description=err.description) from None
+                raise
         return int(resp["seq"])
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+        return await self.acked(await self.send(subject, data, headers))
 
     async def kv_update(self, bucket: str, key: str, value: bytes, last: int) -> int:
         """``KeyValue.update`` (``last=0``: create): write only if the key's revision is ``last``."""
-        try:
-            return await self.publish(
-                f"$KV.{bucket}.{key}", value, {"Nats-Expected-Last-Subject-Sequence": str(last)}
-            )
-        except nats.js.errors.APIError as err:
-            if err.err_code in _WRONG_LAST_SEQUENCE:
-                raise nats.js.errors.KeyWrongLastSequenceError(description=err.description) from None
-            raise
+        return await self.acked(await self.send_kv_update(bucket, key, value, last), kv=True)
 
     async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
         return await self.publish(f"$KV.{bucket}.{key}", value)
+
+    @staticmethod
+    def discard(sent: list[asyncio.Future[Any]]) -> None:
+        """Give up waiting for the PubAcks of `sent` (what was sent stays sent): the
+        caller fails before it would have awaited them, and none may be left with an
+        outcome nobody observes."""
+        for future in sent:
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # observed: asyncio does not report it as lost
+
+    async def settle(self, sent: list[asyncio.Future[Any]]) -> None:
+        """Await the PubAcks of `sent` (`send`s), all of them, then raise the first
+        failure in their order, if any: none is left unobserved."""
+        failure: BaseException | None = None
+        for future in sent:
+            try:
+                await self.acked(future)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     async def _on_reply(self, msg: Any) -> None:
         entry = self._pending.pop(msg.subject[len(self._prefix) :], None)

@@ -14,7 +14,7 @@ engine and the operator use the very code agents use, rather than a copy that dr
 - large values: what does not fit in a message travels through the object store as a
   reference (`offload_payload`, `resolve_payload`);
 - claims: one per attempt, deciding whether an agent starts it or the engine has given
-  it up (`claim_attempt`, `give_up_attempt`, `Claim`).
+  it up (`claim_attempt`, `give_up_attempt`, `send_give_up_attempt`, `Claim`).
 
 The implementation lives in the SDK's private modules; this module is its public face.
 The names these use (streams, buckets, subjects) and the JSON encoding are in
@@ -27,6 +27,7 @@ from ._ackinfo import deliveries, stored_at
 from ._claims import Claim
 from ._claims import claim as claim_attempt
 from ._claims import give_up as give_up_attempt
+from ._claims import send_give_up as send_give_up_attempt
 from ._connect import (
     INBOX_PREFIX,
     NatsUnreachable,
@@ -72,6 +73,7 @@ __all__ = [
     "inbox_prefix",
     "offload_payload",
     "resolve_payload",
+    "send_give_up_attempt",
     "store_payload",
     "stored_at",
     "tls_context",

@@ -35,6 +35,7 @@ from cadenza.nats import (
     give_up_attempt,
     offload_payload,
     resolve_payload,
+    send_give_up_attempt,
     stored_at,
 )
 from cadenza.protocol import (
@@ -595,17 +596,26 @@ class Engine:
 
     async def _write_after(self, marks: list[str], run: str, data: bytes, last: int) -> int:
         """Write the run record after marking the claims `marks` abandoned, without waiting
-        for the marks to be stored first: each publish is a task, and tasks start in the
-        order they were made, so the marks are on the connection ahead of the write. An
-        engine killed after the write left has sent them too (the soak kills engines: a
-        finished attempt left unmarked was started again from a redelivered task)."""
-        sent = [asyncio.ensure_future(give_up_attempt(self.pub, key)) for key in marks]
-        write = asyncio.ensure_future(self.pub.kv_update(RUNS_BUCKET, run, data, last=last))
-        outcomes = await asyncio.gather(write, *sent, return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome  # the write's first: a lost CAS is decided again
-        return write.result()
+        for the marks to be stored first: they are put on the connection ahead of the
+        write (`Publisher.send`, one after another), and all the PubAcks are awaited
+        together. An engine killed after the write left has sent them too (the soak kills
+        engines: a finished attempt left unmarked was started again from a redelivered
+        task)."""
+        sent: list[asyncio.Future[Any]] = []
+        try:
+            for key in marks:
+                sent.append(await send_give_up_attempt(self.pub, key))
+            write = await self.pub.send_kv_update(RUNS_BUCKET, run, data, last)
+        except BaseException:
+            self.pub.discard(sent)
+            raise
+        try:
+            revision = await self.pub.acked(write, kv=True)  # the write's first: a lost CAS is decided again
+        except BaseException:
+            self.pub.discard(sent)
+            raise
+        await self.pub.settle(sent)
+        return revision
 
     async def _give_up(self, keys: list[str]) -> None:
         """Mark the attempts `keys` (claims) `abandoned` (cadenza._claims): an agent that
@@ -622,8 +632,15 @@ class Engine:
         start ends by its timers, as a lost task would)."""
         if len(keys) == 1:
             await give_up_attempt(self.pub, keys[0])
-        else:
-            await asyncio.gather(*(give_up_attempt(self.pub, key) for key in keys))
+            return
+        sent: list[asyncio.Future[Any]] = []
+        try:
+            for key in keys:
+                sent.append(await send_give_up_attempt(self.pub, key))
+        except BaseException:
+            self.pub.discard(sent)
+            raise
+        await self.pub.settle(sent)
 
     async def _initial(self, events: list[Event]) -> _Cached | None:
         start = next((e for e in events if isinstance(e, StartEvent)), None)
@@ -723,24 +740,41 @@ class Engine:
         committed: float | None = None,
     ) -> None:
         jobs = []
+        # Publishes put on the connection in the outbox's order; their PubAcks are awaited
+        # together below (Publisher.send: no task per publish).
+        sent: list[asyncio.Future[Any]] = []
         records = list(audit or ())
-        for cmd in todo:
-            if isinstance(cmd, commands.Dispatch | commands.Publish):
-                jobs.append(self._publish(cmd, state.namespace, self._traceparent(state, cmd)))
-            elif isinstance(cmd, commands.CancelTasks):
-                jobs.append(self.nc.publish(cmd.subject, dumps(cmd.body)))
-            elif isinstance(cmd, commands.StartChild):
-                jobs.append(self._start_child(cmd))
-            elif isinstance(cmd, commands.Audit):  # a stored outbox carried out again
-                records.extend(cmd.records)
-        if records:
-            jobs.append(self._audit(state, records, committed))
-            if self.tracer is not None:  # the spans the committed decision finished
-                self.tracer.emit(state, records)
-        if len(jobs) == 1:
-            await jobs[0]  # the usual case (one task to send): no gather, which wraps it in a task
-        elif jobs:
-            await asyncio.gather(*jobs)
+        try:
+            for cmd in todo:
+                if isinstance(cmd, commands.Dispatch | commands.Publish):
+                    body, data = self._message(cmd, self._traceparent(state, cmd))
+                    if isinstance(cmd, commands.Dispatch) and len(data) > OFFLOAD_BYTES:
+                        # The object store write first; several of them at once.
+                        jobs.append(self._publish_offloaded(cmd, body, state.namespace))
+                    else:
+                        sent.append(await self.pub.send(cmd.subject, data, {"Nats-Msg-Id": cmd.msg_id}))
+                elif isinstance(cmd, commands.CancelTasks):
+                    await self.nc.publish(cmd.subject, dumps(cmd.body))
+                elif isinstance(cmd, commands.StartChild):
+                    jobs.append(self._start_child(cmd))
+                elif isinstance(cmd, commands.Audit):  # a stored outbox carried out again
+                    records.extend(cmd.records)
+            if records:
+                sent.append(await self._send_audit(state, records, committed))
+        except BaseException:
+            # The outbox is carried out again (the batch is not acknowledged): the PubAcks
+            # of what was sent are of no interest now; the jobs (children, large tasks)
+            # were not started.
+            self.pub.discard(sent)
+            for job in jobs:
+                job.close()
+            raise
+        if records and self.tracer is not None:  # the spans the committed decision finished
+            self.tracer.emit(state, records)
+        if jobs:
+            await asyncio.gather(*jobs, self.pub.settle(sent))
+        else:
+            await self.pub.settle(sent)
 
     def _traceparent(self, state: RunState, cmd: commands.Dispatch | commands.Publish) -> str | None:
         """The trace context of a task (the attempt's span), when traces are on: added
@@ -750,9 +784,10 @@ class Engine:
         body = cmd.body
         return traceparent(state, body["step"], body.get("item"), body["attempt"])
 
-    async def _publish(
-        self, cmd: commands.Dispatch | commands.Publish, namespace: str, trace: str | None = None
-    ) -> None:
+    def _message(
+        self, cmd: commands.Dispatch | commands.Publish, trace: str | None = None
+    ) -> tuple[dict[str, Any], bytes]:
+        """The body of a task or an event, and its bytes."""
         body = cmd.body
         if isinstance(cmd, commands.Dispatch):
             # A secret of this dispatch: the agent's outcome carries it in its Nats-Msg-Id
@@ -763,16 +798,17 @@ class Engine:
             body = {**body, "nonce": secrets.token_hex(8)}
             if trace is not None:
                 body["traceparent"] = trace
-        data = dumps(body)
-        if isinstance(cmd, commands.Dispatch) and len(data) > OFFLOAD_BYTES:
-            offloaded = await offload_payload(
-                self.js, f"{cmd.msg_id}.input", body["input"], namespace=namespace
-            )
-            body = {**body, "input": offloaded}
-            data = dumps(body)
-        await self.pub.publish(cmd.subject, data, {"Nats-Msg-Id": cmd.msg_id})
+        return body, dumps(body)
 
-    async def _audit(self, state: RunState, records: list[dict[str, Any]], committed: float | None) -> None:
+    async def _publish_offloaded(self, cmd: commands.Dispatch, body: dict[str, Any], namespace: str) -> None:
+        """Publish a task too large for a message: its input goes to the object store
+        first, and the task carries the reference."""
+        offloaded = await offload_payload(self.js, f"{cmd.msg_id}.input", body["input"], namespace=namespace)
+        await self.pub.publish(cmd.subject, dumps({**body, "input": offloaded}), {"Nats-Msg-Id": cmd.msg_id})
+
+    async def _send_audit(
+        self, state: RunState, records: list[dict[str, Any]], committed: float | None
+    ) -> asyncio.Future[Any]:
         """Append a decision's audit records to the trail: one message, published only after
         the decision was committed, and again whenever its outbox is carried out again. The
         id (run and seq range) lets JetStream drop a repeat within its duplicate window;
@@ -786,7 +822,7 @@ class Engine:
         msg_id = f"audit:{state.namespace}:{state.run}:{records[0]['seq']}-{records[-1]['seq']}"
         subject = audit_subject(state.namespace, state.run)
         stamped = [{**rec, "committedAt": committed or time.time()} for rec in records]
-        await self.pub.publish(subject, dumps(stamped), {"Nats-Msg-Id": msg_id})
+        return await self.pub.send(subject, dumps(stamped), {"Nats-Msg-Id": msg_id})
 
     async def _start_child(self, cmd: commands.StartChild) -> None:
         parent = cmd.parent
