@@ -15,16 +15,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from cadenza_operator.engine.definition import compile_workflow
-from cadenza_operator.engine.infra import ensure_agent_consumer
 from cadenza_operator.engine.runtime import Engine
 from cadenza_operator.local.processes import AgentProcesses
 from cadenza_operator.models import Agent, WorkflowSpec
 
 from ..conftest import ROOT, cadenza
-from .harness import poll, unique_namespace
+from .harness import poll, running_engine, unique_namespace
 
 AGENT = """
 import asyncio
@@ -92,18 +90,18 @@ async def stack(nats_server: Any, tmp_path: Path) -> AsyncIterator[dict[str, Any
             },
         }
     )
-    nc = await nats.connect(nats_server.url)
-    engine = Engine(nc)
-    await engine.start()
-    await ensure_agent_consumer(nc.jetstream(), namespace, "talker")
-    agents = AgentProcesses(nats_server.url, namespace, tmp_path)
-    agents.start(agent, tmp_path)
-    try:
-        yield {"engine": engine, "namespace": namespace, "gates": tmp_path / "gates", "url": nats_server.url}
-    finally:
-        agents.stop()
-        await engine.stop()
-        await nc.close()
+    async with running_engine(nats_server.url, namespace, "talker") as engine:
+        agents = AgentProcesses(nats_server.url, namespace, tmp_path)
+        agents.start(agent, tmp_path)
+        try:
+            yield {
+                "engine": engine,
+                "namespace": namespace,
+                "gates": tmp_path / "gates",
+                "url": nats_server.url,
+            }
+        finally:
+            agents.stop()
 
 
 async def finished(engine: Engine, run: str) -> str:

@@ -17,17 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import nats
 import pytest
 from cadenza_operator.engine.definition import compile_workflow
-from cadenza_operator.engine.infra import ensure_agent_consumer
-from cadenza_operator.engine.runtime import Engine
 from cadenza_operator.local.processes import AgentProcesses
 from cadenza_operator.models import Agent, WorkflowSpec
 from cadenza_operator.observe.web import Console, serve
 
 from ..conftest import cadenza
-from .harness import poll, unique_namespace
+from .harness import poll, running_engine, unique_namespace
 
 AGENT = """
 import asyncio
@@ -81,26 +78,21 @@ async def finished_run(nats_server: Any, tmp_path: Path) -> AsyncIterator[dict[s
             "spec": {"command": [sys.executable, "agents.py"], "replicas": 1, "concurrency": 4},
         }
     )
-    nc = await nats.connect(nats_server.url)
-    engine = Engine(nc)
-    await engine.start()
-    await ensure_agent_consumer(nc.jetstream(), namespace, "itemizer")
-    agents = AgentProcesses(nats_server.url, namespace, tmp_path)
-    agents.start(agent, tmp_path)
-    try:
-        wf = compile_workflow("itemized", WorkflowSpec.model_validate(EACH), namespace)
-        run = await engine.client.start(wf, {"names": NAMES})
+    async with running_engine(nats_server.url, namespace, "itemizer") as engine:
+        agents = AgentProcesses(nats_server.url, namespace, tmp_path)
+        agents.start(agent, tmp_path)
+        try:
+            wf = compile_workflow("itemized", WorkflowSpec.model_validate(EACH), namespace)
+            run = await engine.client.start(wf, {"names": NAMES})
 
-        async def ended() -> str | None:
-            state = await engine.client.get(run)
-            return state.phase if state is not None and state.phase.is_terminal else None
+            async def ended() -> str | None:
+                state = await engine.client.get(run)
+                return state.phase if state is not None and state.phase.is_terminal else None
 
-        assert await poll(ended, timeout=90) == "Succeeded"
-        yield {"engine": engine, "namespace": namespace, "url": nats_server.url, "run": run}
-    finally:
-        agents.stop()
-        await engine.stop()
-        await nc.close()
+            assert await poll(ended, timeout=90) == "Succeeded"
+            yield {"engine": engine, "namespace": namespace, "url": nats_server.url, "run": run}
+        finally:
+            agents.stop()
 
 
 async def logs(stack: dict[str, Any], *args: str) -> Any:
