@@ -567,10 +567,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_get(args: argparse.Namespace) -> int:
     import time
 
-    from .engine.view import document, run_view
+    from .engine.view import run_view
     from .observe.terminal import show
     from .observe.tree import run_tree
 
+    if args.watch:
+        return _watch_get(args)
     found: list[Any] = []
 
     inputs: dict[str, Any] = {}
@@ -590,13 +592,72 @@ def cmd_get(args: argparse.Namespace) -> int:
     state, outputs = found
     view = run_view(state)
     if args.output == "json":
-        doc = document(view)
-        for name, entry in doc["steps"].items():
-            if name in inputs:
-                entry["input"] = inputs[name]
-        print(json.dumps({**doc, "outputs": outputs}, indent=2, default=str))
+        print(json.dumps(_get_document(view, inputs, outputs), indent=2, default=str))
     else:
         show(run_tree(view, now=time.time(), inputs=inputs))
+    return EXIT_OK
+
+
+def _get_document(view: Any, inputs: dict[str, Any], outputs: Any) -> dict[str, Any]:
+    """`get -o json`'s document: the run's view, each step with its input, the outputs."""
+    from .engine.view import document
+
+    doc = document(view)
+    for name, entry in doc["steps"].items():
+        if name in inputs:
+            entry["input"] = inputs[name]
+    return {**doc, "outputs": outputs}
+
+
+def _watch_get(args: argparse.Namespace) -> int:
+    """`get --watch`: each new state of the run (observe/watch.py) until it ends, redrawn in
+    place on a terminal; piped, a tree per state a blank line apart, or one JSON document
+    a line (-o json). A client credential may not watch the runs bucket: it polls."""
+    import contextlib
+    import time
+
+    from .engine.view import run_view
+    from .observe.terminal import show
+    from .observe.tree import run_tree
+    from .observe.watch import LiveTree, RunRemoved, run_records
+
+    seen: list[str] = []  # the namespace of each state shown
+    screen = contextlib.ExitStack()
+    live: list[LiveTree] = []
+
+    async def follow(client: Any) -> None:
+        records = run_records(client.kv, args.run, poll=_credential_user() is not None)
+        async with contextlib.aclosing(records):  # its watch stopped before the connection closes
+            async for state in records:
+                if state.namespace != args.namespace:
+                    seen.append(state.namespace)
+                    return
+                inputs, view = await _step_inputs(client, state), run_view(state)
+                if args.output == "json":
+                    doc = _get_document(view, inputs, await client.outputs(state))
+                    print(json.dumps(doc, default=str), flush=True)
+                elif sys.stdout.isatty():
+                    if not live:
+                        live.append(screen.enter_context(LiveTree()))
+                    live[0].show(view, inputs)
+                else:
+                    print("\n" if seen else "", end="")
+                    show(run_tree(view, now=time.time(), inputs=inputs))
+                    sys.stdout.flush()
+                seen.append(state.namespace)
+
+    try:
+        with screen:
+            _read_runs(args, follow)
+    except KeyboardInterrupt:
+        return 130
+    except RunRemoved as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if not seen or seen[0] != args.namespace:
+        where = f" (run {args.run} is in namespace {seen[0]})" if seen else ""
+        print(f"error: no run {args.run} in namespace {args.namespace}{where}", file=sys.stderr)
+        return EXIT_INVALID
     return EXIT_OK
 
 
@@ -1092,6 +1153,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     get.add_argument("-n", dest="namespace", default="default", help="the run's namespace (as --namespace)")
     get.add_argument("--output", "-o", choices=["text", "json"], default="text")
+    get.add_argument(
+        "--watch",
+        "-w",
+        action="store_true",
+        help="show each change of the run until it ends: redrawn on a terminal; piped, a tree "
+        "per change, or with -o json one JSON document a line",
+    )
 
     rt = engine_command(
         "retry",

@@ -1,0 +1,199 @@
+"""`cadenza get RUN --watch`, piped, as a subprocess on a real nats-server: it prints each
+new state of the run as it is committed (one JSON document a line, or a tree per state a
+blank line apart) and ends by itself, exit 0, once the run has ended; a finished run is
+printed once; Ctrl-C is exit 130 without a traceback; a run it does not hold is exit 2."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from cadenza import Agent
+from cadenza_operator.engine.definition import compile_workflow
+from cadenza_operator.engine.runtime import Engine
+from cadenza_operator.local.nats_server import NatsServer
+from cadenza_operator.models import WorkflowSpec
+
+from ..conftest import ROOT, cadenza
+from .harness import poll, running_engine, serving, unique_namespace
+
+SPEC = {
+    "steps": [
+        {"name": "held", "agent": "worker", "input": {"v": "${{ input.v }}"}},
+        {"name": "after", "agent": "worker", "dependsOn": ["held"]},
+    ]
+}
+WAIT = 60  # bounded waits for what must happen, not timings
+
+
+def worker(gate: asyncio.Event) -> Agent:
+    agent = Agent("worker", concurrency=4)
+
+    @agent.handler
+    async def handle(task: Any) -> str:
+        if task.step == "held":  # waits for the test's go, so the run is seen Running
+            await gate.wait()
+        return str(task.step)
+
+    return agent
+
+
+@pytest.fixture
+async def stack(nats_server: NatsServer) -> AsyncIterator[dict[str, Any]]:
+    namespace = unique_namespace()
+    gate = asyncio.Event()
+    async with (
+        running_engine(nats_server.url, namespace) as engine,
+        serving(worker(gate), nats_server.url, namespace),
+    ):
+        wf = compile_workflow("watched", WorkflowSpec.model_validate(SPEC), namespace)
+        yield {"engine": engine, "gate": gate, "url": nats_server.url, "namespace": namespace, "wf": wf}
+        gate.set()
+
+
+async def watch(stack: dict[str, Any], run: str, *more: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cadenza_operator.cli",
+        "get",
+        run,
+        "--watch",
+        *more,
+        "--nats",
+        stack["url"],
+        "-n",
+        stack["namespace"],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "CADENZA_LOG_FORMAT": "json"},
+    )
+
+
+async def held_running(engine: Engine, run: str) -> bool:
+    state = await engine.client.get(run)
+    return state is not None and state.steps["held"].phase == "Running"
+
+
+async def next_document(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), WAIT)
+    assert line, "the watch ended before the run did"
+    doc: dict[str, Any] = json.loads(line)
+    return doc
+
+
+async def ended(proc: asyncio.subprocess.Process) -> tuple[int, bytes, bytes]:
+    assert proc.stdout is not None and proc.stderr is not None
+    code = await asyncio.wait_for(proc.wait(), WAIT)
+    return code, await proc.stdout.read(), await proc.stderr.read()
+
+
+async def killed(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_json_watch_prints_each_state_and_ends_with_the_run(stack: dict[str, Any]) -> None:
+    engine = stack["engine"]
+    run = await engine.client.start(stack["wf"], {"v": "[red]x[/red]"})
+    await poll(lambda: held_running(engine, run), WAIT)
+    proc = await watch(stack, run, "-o", "json")
+    try:
+        first = await next_document(proc)
+        # printed while the step is still executing: watched, not read at the end
+        assert first["phase"] == "Running" and first["steps"]["held"]["phase"] == "Running", first
+        assert first["steps"]["held"]["input"]["value"] == {"v": "[red]x[/red]"}, first
+        stack["gate"].set()
+        docs = [first]
+        while docs[-1]["phase"] == "Running":
+            docs.append(await next_document(proc))
+        # the run's end is printed, with what `get -o json` prints for it, and ends the watch
+        assert docs[-1]["phase"] == "Succeeded", docs[-1]
+        assert docs[-1]["steps"]["after"]["phase"] == "Succeeded", docs[-1]
+        code, rest, err = await ended(proc)
+        assert (code, rest) == (0, b""), err
+        assert b"Traceback" not in err
+        once = await asyncio.to_thread(
+            cadenza, "get", run, "--nats", stack["url"], "-n", stack["namespace"], "-o", "json"
+        )
+        assert json.loads(once.stdout) == docs[-1]
+    finally:
+        await killed(proc)
+
+
+async def test_text_watch_prints_a_tree_per_state_without_redraw_codes(stack: dict[str, Any]) -> None:
+    engine = stack["engine"]
+    run = await engine.client.start(stack["wf"], {"v": 1})
+    await poll(lambda: held_running(engine, run), WAIT)
+    proc = await watch(stack, run)
+    assert proc.stdout is not None
+    try:
+        first = await asyncio.wait_for(proc.stdout.readline(), WAIT)
+        assert first.decode().startswith(run) and "Running" in first.decode(), first
+        stack["gate"].set()
+        code, rest, err = await ended(proc)
+        assert code == 0 and b"Traceback" not in err, err
+        text = (first + rest).decode()
+        trees = text.split("\n\n")
+        assert len(trees) >= 2 and all(tree.startswith(run) for tree in trees), text
+        assert "Succeeded" in trees[-1].splitlines()[0], trees[-1]
+        assert "\x1b" not in text  # piped: no cursor movement, no colour
+    finally:
+        await killed(proc)
+
+
+async def test_a_finished_run_is_printed_once(stack: dict[str, Any]) -> None:
+    engine = stack["engine"]
+    stack["gate"].set()
+    run = await engine.client.start(stack["wf"], {"v": 2})
+
+    async def succeeded() -> bool:
+        state = await engine.client.get(run)
+        return state is not None and state.phase == "Succeeded"
+
+    await poll(succeeded, WAIT)
+    proc = await watch(stack, run, "-o", "json")
+    try:
+        code, out, err = await ended(proc)
+        assert code == 0, err
+        lines = out.decode().splitlines()
+        assert len(lines) == 1 and json.loads(lines[0])["phase"] == "Succeeded", lines
+    finally:
+        await killed(proc)
+
+
+async def test_ctrl_c_ends_the_watch_with_130_and_no_traceback(stack: dict[str, Any]) -> None:
+    engine = stack["engine"]
+    run = await engine.client.start(stack["wf"], {"v": 3})
+    await poll(lambda: held_running(engine, run), WAIT)
+    proc = await watch(stack, run, "-o", "json")
+    try:
+        assert (await next_document(proc))["phase"] == "Running"  # watching now
+        proc.send_signal(signal.SIGINT)
+        code, _, err = await ended(proc)
+        assert code == 130, err
+        assert b"Traceback" not in err, err
+    finally:
+        await killed(proc)
+
+
+async def test_a_run_it_does_not_hold_is_exit_2(stack: dict[str, Any]) -> None:
+    url, ns = stack["url"], stack["namespace"]
+    missing = await asyncio.to_thread(cadenza, "get", "no-such-run-123", "--watch", "--nats", url, "-n", ns)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing
+    assert f"no run no-such-run-123 in namespace {ns}" in missing.stderr
+    stack["gate"].set()
+    run = await stack["engine"].client.start(stack["wf"], {"v": 4})
+    elsewhere = await asyncio.to_thread(cadenza, "get", run, "-w", "--nats", url, "-n", "another")
+    assert elsewhere.returncode == 2 and f"(run {run} is in namespace {ns})" in elsewhere.stderr, elsewhere
+    assert elsewhere.stdout == ""
