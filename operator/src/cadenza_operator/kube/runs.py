@@ -68,6 +68,8 @@ RETRY_OF_RUN_ANNOTATION = "cadenza.dev/retry-of-run"
 """On the mirror of a retry: the retried run's id."""
 RETRY_FROM_ANNOTATION = "cadenza.dev/retry-from"
 """On the mirror of a `retry --from STEP`: the step."""
+RETRIED_REASON = "Retried"
+"""The Event on a WorkflowRun whose run was retried, naming the retry's WorkflowRun."""
 MIRRORED_KEYS = frozenset({"stepsNotListed"})
 """Status keys the mirror writes only sometimes: removed when no longer wanted."""
 WORKFLOWRUN_LABEL = "cadenza.dev/workflowrun"
@@ -528,21 +530,20 @@ async def mirror_started_run(
     ctx: OperatorContext, wf: CompiledWorkflow, run_id: str, info: Mapping[str, Any]
 ) -> None:
     """The engine's on_started hook: make a WorkflowRun for a run a trigger or a retry
-    (`info["source"] == "retry"`) started. Once: a second start of the same run (a
-    redelivered trigger event, a retry asked again) finds it there (409)."""
+    (`info["source"] == "retry"`) started, and for a retry a `Retried` Event on the retried
+    run's WorkflowRun. Once: a second start of the same run (a redelivered trigger event, a
+    retry asked again, two engines answering it) finds both there (409)."""
     source = str(info.get("source") or "trigger")
+    retry_of, retried_name, from_step = "", "", None
     if source == "retry":
         retry_of = str(info.get("retryOf") or "")
         retried = await ctx.client.get(retry_of)
         name = retried.labels.get(WORKFLOWRUN_LABEL, "") if retried is not None else ""
-        from_step = info.get("from")
+        retried_name = name or mirrored_run_name(retry_of)
+        step = info.get("from")
+        from_step = step if isinstance(step, str) and step else None
         manifest = mirrored_run_manifest(
-            wf,
-            run_id,
-            source,
-            retry_of=retry_of,
-            retried_name=name or mirrored_run_name(retry_of),
-            from_step=from_step if isinstance(from_step, str) else None,
+            wf, run_id, source, retry_of=retry_of, retried_name=retried_name, from_step=from_step
         )
     else:
         manifest = mirrored_run_manifest(wf, run_id, source)
@@ -553,3 +554,54 @@ async def mirror_started_run(
             log.warning("could not mirror a started run", run=run_id, source=source, error=str(exc))
             return
     log.info("started run mirrored", run=run_id, workflow=wf.name, info=json.dumps(dict(info), default=str))
+    if source == "retry":
+        by = info.get("by")
+        try:
+            await announce_retry(
+                ctx,
+                wf.namespace,
+                retried_name,
+                retry_of,
+                run_id,
+                from_step=from_step,
+                by=by if isinstance(by, str) else "",
+            )
+        except ApiError as exc:
+            log.warning("could not post the Retried Event", run=run_id, retry_of=retry_of, error=str(exc))
+
+
+def retried_message(new_name: str, run_id: str, from_step: str | None, by: str) -> str:
+    """The `Retried` Event's message: where the retry is followed, and how it was asked for."""
+    start = f" --from {from_step}" if from_step else ""
+    who = f" by {by}" if by else ""
+    return f"retried{start}{who}: WorkflowRun {new_name} follows the new run {run_id}"
+
+
+async def announce_retry(
+    ctx: OperatorContext,
+    namespace: str,
+    retried_name: str,
+    retry_of: str,
+    run_id: str,
+    *,
+    from_step: str | None,
+    by: str,
+) -> bool:
+    """Post a `Retried` Event on the WorkflowRun of the retried run `retry_of`, if there is
+    one (a run started by `cadenza run` has none: nothing is posted). Named after the new
+    run (`events.once_name`), so that being told of the same retry again posts nothing
+    (False). A WorkflowRun of that name following another run is not the retried one."""
+    body = await ctx.api.get(workflowrun_path(namespace, retried_name))
+    if body is None:
+        return False
+    meta = body.get("metadata") or {}
+    follows = (meta.get("annotations") or {}).get(RUN_ID_ANNOTATION)
+    own = run_id_for(namespace, str(meta.get("name") or ""), str(meta.get("uid") or ""))
+    if retry_of not in (follows, own):
+        return False
+    message = retried_message(mirrored_run_name(run_id), run_id, from_step, by)
+    name = events.once_name(retried_name, RETRIED_REASON, run_id)
+    posted = await events.post_once(ctx.api, body, "Normal", RETRIED_REASON, message, name=name)
+    if posted:
+        log.info("retry announced", run=run_id, retry_of=retry_of, workflowrun=retried_name)
+    return posted

@@ -1,0 +1,159 @@
+"""A retry of a run that a WorkflowRun follows leaves a `Retried` Event on that WorkflowRun,
+naming the retry's WorkflowRun: once per retry, however often the operator is told of it (a
+request asked again, two engines answering it), and none on a WorkflowRun that does not follow
+the retried run. The real operator, the Kubernetes API emulator and a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from cadenza.wire import dumps, loads
+from cadenza_operator.engine.control import control_subject
+from cadenza_operator.kube.events import MAX_NAME, once_name
+from cadenza_operator.kube.runs import RUN_ID_ANNOTATION, mirror_started_run, mirrored_run_name
+
+from ..kube.emulator import KubeEmulator
+from ..kube.fixtures import wait_for
+from .harness import EVENTS, NAMESPACE, WORKFLOWRUNS, WORKFLOWS, RunningOperator, get, manifest, status_of
+
+pytestmark = pytest.mark.timeout(120)
+
+GATE = {"steps": [{"name": "gate", "approval": {}}]}
+
+
+def _valid(emulator: KubeEmulator, workflow: str) -> bool:
+    conditions = status_of(emulator, WORKFLOWS, workflow).get("conditions") or []
+    return any(c["type"] == "Valid" and c["status"] == "True" for c in conditions)
+
+
+def _step_phase(emulator: KubeEmulator, name: str, step: str) -> str:
+    return str(((status_of(emulator, WORKFLOWRUNS, name).get("steps") or {}).get(step) or {}).get("phase"))
+
+
+def _retried(emulator: KubeEmulator) -> list[dict[str, Any]]:
+    """Every `Retried` Event in the namespace, whichever object it is about."""
+    return [e for e in emulator.list_objects(EVENTS, NAMESPACE) if e.get("reason") == "Retried"]
+
+
+async def _ask(operator: RunningOperator, request: dict[str, Any]) -> dict[str, Any]:
+    """A control request on the subject `cadenza retry` uses, answered by the operator's engine."""
+
+    async def send(ctx: Any) -> dict[str, Any]:
+        msg = await ctx.nc.request(control_subject(NAMESPACE), dumps(request), timeout=10)
+        reply: dict[str, Any] = loads(msg.data)
+        return reply
+
+    return await operator.call(send)
+
+
+async def _workflow(emulator: KubeEmulator, name: str) -> None:
+    emulator.create_object(WORKFLOWS, manifest("Workflow", name, GATE))
+    await wait_for(lambda: _valid(emulator, name), timeout=20)
+
+
+async def test_a_retry_posts_one_retried_event_on_the_retried_workflowrun(
+    kube_emulator: KubeEmulator, operator: RunningOperator
+) -> None:
+    await _workflow(kube_emulator, "gated-events")
+    kube_emulator.create_object(
+        WORKFLOWRUNS, manifest("WorkflowRun", "first", {"workflowRef": "gated-events"})
+    )
+    await wait_for(lambda: _step_phase(kube_emulator, "first", "gate") == "WaitingApproval", timeout=30)
+    kube_emulator.patch_object(
+        WORKFLOWRUNS, NAMESPACE, "first", {"metadata": {"annotations": {"cadenza.dev/reject": "gate"}}}
+    )
+    await wait_for(
+        lambda: status_of(kube_emulator, WORKFLOWRUNS, "first").get("phase") == "Failed", timeout=30
+    )
+    first_run = status_of(kube_emulator, WORKFLOWRUNS, "first")["runId"]
+    assert _retried(kube_emulator) == []
+
+    # Asked twice (the engine tells its hook each time), then a second engine tells its own.
+    request = {"op": "retry", "run": first_run, "from": "gate", "by": "ada", "key": "retry-1"}
+    replies = [await _ask(operator, dict(request)) for _ in range(2)]
+    assert all(r["ok"] for r in replies), replies
+    (new_run,) = {r["newRun"] for r in replies}
+
+    async def second_engine(ctx: Any) -> None:
+        state = await ctx.client.get(new_run)
+        wf = await ctx.client.definition(state.definition)
+        info = {"source": "retry", "retryOf": first_run, "from": "gate", "by": "ada"}
+        await mirror_started_run(ctx, wf, new_run, info)
+
+    await operator.call(second_engine)
+
+    # Posted before the engine replied (the hook runs first): there now, and only once.
+    (event,) = _retried(kube_emulator)
+    first = get(kube_emulator, WORKFLOWRUNS, "first")
+    assert first is not None
+    involved = event["involvedObject"]
+    assert (involved["kind"], involved["name"], involved["uid"]) == (
+        "WorkflowRun",
+        "first",
+        first["metadata"]["uid"],
+    )
+    assert event["type"] == "Normal"
+    mirror = mirrored_run_name(new_run)
+    assert get(kube_emulator, WORKFLOWRUNS, mirror) is not None
+    message = event["message"]
+    assert f"WorkflowRun {mirror}" in message and new_run in message, message
+    assert "--from gate" in message and "by ada" in message, message
+
+    # Another retry of the same run (another key) is another Event, naming its own WorkflowRun.
+    other = await _ask(operator, {"op": "retry", "run": first_run, "by": "bo", "key": "retry-2"})
+    assert other["ok"] and other["newRun"] != new_run, other
+    events = _retried(kube_emulator)
+    assert len(events) == 2
+    (second,) = [e for e in events if e["metadata"]["name"] != event["metadata"]["name"]]
+    assert f"WorkflowRun {mirrored_run_name(other['newRun'])}" in second["message"]
+    assert "--from" not in second["message"] and "by bo" in second["message"]
+    assert second["involvedObject"]["name"] == "first"
+
+
+async def test_a_retry_of_a_run_no_workflowrun_follows_posts_no_event(
+    kube_emulator: KubeEmulator, operator: RunningOperator
+) -> None:
+    """A run started by `cadenza run` (no WorkflowRun): its retry is mirrored, nothing fails,
+    and no Event lands on a WorkflowRun that merely has the name the run would be mirrored
+    under while following a run of its own."""
+    await _workflow(kube_emulator, "gated-direct")
+
+    async def start(ctx: Any) -> str:
+        wf = await ctx.client.latest_definition(NAMESPACE, "gated-direct")
+        run: str = await ctx.client.start(wf, {"v": 1})
+        return run
+
+    first_run = await operator.call(start)
+    lookalike = mirrored_run_name(first_run)
+    kube_emulator.create_object(
+        WORKFLOWRUNS, manifest("WorkflowRun", lookalike, {"workflowRef": "gated-direct"})
+    )
+    await wait_for(lambda: _step_phase(kube_emulator, lookalike, "gate") == "WaitingApproval", timeout=30)
+    own = (get(kube_emulator, WORKFLOWRUNS, lookalike) or {})["metadata"]["annotations"][RUN_ID_ANNOTATION]
+    assert own != first_run
+
+    async def reject(ctx: Any) -> str:
+        await ctx.client.approve(NAMESPACE, first_run, "gate", False, by="ada")
+        for _ in range(600):  # a bounded poll, 30 s
+            state = await ctx.client.get(first_run)
+            if state is not None and state.phase == "Failed":
+                return str(state.phase)
+            await asyncio.sleep(0.05)
+        return "not failed"
+
+    assert await operator.call(reject) == "Failed"
+    reply = await _ask(operator, {"op": "retry", "run": first_run, "by": "ada", "key": "direct"})
+    assert reply["ok"], reply
+    new_run = reply["newRun"]
+    assert get(kube_emulator, WORKFLOWRUNS, mirrored_run_name(new_run)) is not None
+    assert _retried(kube_emulator) == []
+
+
+def test_an_events_once_name_is_a_subdomain_the_same_for_the_same_key() -> None:
+    long = "w" * 253
+    name = once_name(long, "Retried", "run-1")
+    assert len(name) <= MAX_NAME and name == once_name(long, "Retried", "run-1")
+    assert name != once_name(long, "Retried", "run-2")
+    assert once_name("first", "Retried", "run-1").startswith("first.retried-")
