@@ -11,6 +11,7 @@ so writes per run are bounded by the run's duration, never by its number of step
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -253,7 +254,10 @@ async def workflowrun_mirror(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
         await ctx.feed.refresh(follower)
         await _mirror(ctx, body, follower)
     finally:
-        ctx.feed.unfollow(follower)
+        # At shutdown the feed may stop before the daemon is cancelled: raising here would
+        # replace the cancellation, and kopf would retry the daemon instead of stopping.
+        with contextlib.suppress(RuntimeError):
+            ctx.feed.unfollow(follower)
 
 
 async def workflowrun_approve(body: kopf.Body, new: Any, memo: kopf.Memo, **_: Any) -> None:
