@@ -1,18 +1,26 @@
 """A retry of a run that a WorkflowRun follows leaves a `Retried` Event on that WorkflowRun,
 naming the retry's WorkflowRun: once per retry, however often the operator is told of it (a
 request asked again, two engines answering it), and none on a WorkflowRun that does not follow
-the retried run. The real operator, the Kubernetes API emulator and a real nats-server."""
+the retried run. A retry started by a program calling `RunClient.retry` itself (no engine's
+hook told) is found in the runs bucket by the operator's run feed, and mirrored the same way.
+The real operator, the Kubernetes API emulator and a real nats-server."""
 
 from __future__ import annotations
 
 import asyncio
+import types
 from typing import Any
 
+import nats
 import pytest
-from cadenza.wire import dumps, loads
+from cadenza.wire import RUNS_BUCKET, dumps, loads
+from cadenza_operator.engine.client import RunClient
 from cadenza_operator.engine.control import control_subject
+from cadenza_operator.engine.state import RunState
 from cadenza_operator.kube.events import MAX_NAME, once_name
+from cadenza_operator.kube.feed import RunFeed
 from cadenza_operator.kube.runs import RUN_ID_ANNOTATION, mirror_started_run, mirrored_run_name
+from cadenza_operator.local.nats_server import NatsServer
 
 from ..kube.emulator import KubeEmulator
 from ..kube.fixtures import wait_for
@@ -150,6 +158,67 @@ async def test_a_retry_of_a_run_no_workflowrun_follows_posts_no_event(
     assert get(kube_emulator, WORKFLOWRUNS, mirrored_run_name(new_run)) is not None
     assert _retried(kube_emulator) == []
 
+    # The same, found by the run feed: the mirror follows its run, still no Event anywhere.
+    async def retry(ctx: Any) -> str:
+        client = await RunClient(ctx.nc).open()
+        try:
+            run: str = await client.retry(NAMESPACE, first_run, by="script", key="direct-2")
+        finally:
+            await client.close()
+        return run
+
+    found = mirrored_run_name(await operator.call(retry))
+    await wait_for(lambda: status_of(kube_emulator, WORKFLOWRUNS, found).get("runId"), timeout=30)
+    assert _retried(kube_emulator) == []
+
+
+async def test_a_retry_started_by_calling_the_client_is_mirrored_with_its_event(
+    kube_emulator: KubeEmulator, operator: RunningOperator, fresh_nats: NatsServer
+) -> None:
+    """A program with its own connection calls `RunClient.retry`: no engine answers a request,
+    no hook is told; the operator finds the retry's record in the runs bucket."""
+    await _workflow(kube_emulator, "gated-client")
+    kube_emulator.create_object(
+        WORKFLOWRUNS, manifest("WorkflowRun", "asked", {"workflowRef": "gated-client"})
+    )
+    await wait_for(lambda: _step_phase(kube_emulator, "asked", "gate") == "WaitingApproval", timeout=30)
+    kube_emulator.patch_object(
+        WORKFLOWRUNS, NAMESPACE, "asked", {"metadata": {"annotations": {"cadenza.dev/reject": "gate"}}}
+    )
+    await wait_for(
+        lambda: status_of(kube_emulator, WORKFLOWRUNS, "asked").get("phase") == "Failed", timeout=30
+    )
+    first_run = status_of(kube_emulator, WORKFLOWRUNS, "asked")["runId"]
+
+    nc = await nats.connect(fresh_nats.url)
+    try:
+        client = await RunClient(nc).open()
+        new_run = await client.retry(NAMESPACE, first_run, "gate", by="script", key="from-a-program")
+        await client.close()
+    finally:
+        await nc.close()
+
+    mirror = mirrored_run_name(new_run)
+    await wait_for(lambda: len(_retried(kube_emulator)) == 1, timeout=30)
+    (event,) = _retried(kube_emulator)
+    assert event["involvedObject"]["name"] == "asked"
+    assert f"WorkflowRun {mirror}" in event["message"] and new_run in event["message"]
+    made = get(kube_emulator, WORKFLOWRUNS, mirror)
+    assert made is not None
+    assert made["metadata"]["labels"]["cadenza.dev/retry-of"] == "asked"
+    assert made["metadata"]["annotations"]["cadenza.dev/retry-of-run"] == first_run
+
+    # The mirror follows the retry: its gate waits, is approved through it, the run succeeds.
+    await wait_for(lambda: _step_phase(kube_emulator, mirror, "gate") == "WaitingApproval", timeout=30)
+    kube_emulator.patch_object(
+        WORKFLOWRUNS, NAMESPACE, mirror, {"metadata": {"annotations": {"cadenza.dev/approve": "gate"}}}
+    )
+    await wait_for(
+        lambda: status_of(kube_emulator, WORKFLOWRUNS, mirror).get("phase") == "Succeeded", timeout=30
+    )
+    assert status_of(kube_emulator, WORKFLOWRUNS, mirror)["runId"] == new_run
+    assert len(_retried(kube_emulator)) == 1
+
 
 def test_an_events_once_name_is_a_subdomain_the_same_for_the_same_key() -> None:
     long = "w" * 253
@@ -157,3 +226,37 @@ def test_an_events_once_name_is_a_subdomain_the_same_for_the_same_key() -> None:
     assert len(name) <= MAX_NAME and name == once_name(long, "Retried", "run-1")
     assert name != once_name(long, "Retried", "run-2")
     assert once_name("first", "Retried", "run-1").startswith("first.retried-")
+
+
+class _Write:
+    """A runs-bucket write as the feed's subscription hands it over."""
+
+    def __init__(self, run: str, data: bytes, sequence: int) -> None:
+        self.subject = f"$KV.{RUNS_BUCKET}.{run}"
+        self.data = data
+        self.metadata = types.SimpleNamespace(sequence=types.SimpleNamespace(stream=sequence))
+
+
+async def test_the_feed_tells_of_a_retry_once_and_of_nothing_else() -> None:
+    told: list[str] = []
+
+    async def on_retry(state: RunState) -> None:
+        told.append(state.run)
+
+    feed = RunFeed(None, on_retry, retry_grace=0)
+    plain = RunState(run="plain-1", workflow="w", namespace=NAMESPACE, definition="d", createdAt=1.0)
+    retry = plain.model_copy(update={"run": "again-1", "retryOf": "plain-1"})
+    assert b"retryOf" not in plain.to_bytes()  # what the bytes search relies on
+    writes = [_Write("plain-1", plain.to_bytes(), 1), _Write("again-1", b"", 2)]  # a delete marker
+    writes += [_Write("again-1", retry.to_bytes(), n) for n in (3, 4, 5)]
+    writes.append(_Write("engine.sweep", b'{"retryOf": 1}', 6))  # not a run record
+    for write in writes:
+        await feed._on_write(write)
+    for _ in range(100):  # a bounded poll: the telling runs as a task
+        if told:
+            break
+        await asyncio.sleep(0.01)
+    for _ in range(10):  # a second telling, made with the first, would be done by now
+        await asyncio.sleep(0)
+    await feed.stop()
+    assert told == ["again-1"]

@@ -24,9 +24,10 @@ from ..engine.client import RunClient
 from ..engine.host import EngineHost
 from ..engine.runtime import Engine, RunStarted
 from ..engine.settings import EngineSettings
+from ..engine.state import RunState
 from ..engine.triggers import Triggers, TriggerWarning
 from .api import KubeApi
-from .feed import RunFeed
+from .feed import RetrySeen, RunFeed
 from .settings import OperatorSettings
 
 log = structlog.get_logger("cadenza.operator")
@@ -87,7 +88,8 @@ class OperatorContext:
     ) -> None:
         """Connect to NATS (waiting while it is unreachable, until `stop`); start the
         engine, the run feed and the triggers (`on_started`/`on_warning` are theirs;
-        `on_started` is also told of the retries the engine starts)."""
+        `on_started` is also told of the retries the engine starts, and of those the run
+        feed sees that no hook may have been told of)."""
         settings = self.settings
         self._stopping.clear()
         engine_settings = EngineSettings(
@@ -99,11 +101,30 @@ class OperatorContext:
         self._host = EngineHost(engine_settings, connection_name=f"cadenza-operator-{settings.peer_id}")
         if not await self._host.start(self._stopping, on_started=on_started):  # retries, too
             return
-        feed = RunFeed(self._host.js)
+        feed = RunFeed(self._host.js, self._retry_seen(on_started))
         await feed.start()
         self._feed = feed
         await self._host.start_triggers(on_started=on_started, on_warning=on_warning)
         log.info("operator context started", nats=settings.nats_url, engine=settings.peer_id)
+
+    def _retry_seen(self, on_started: RunStarted | None) -> RetrySeen | None:
+        """What the feed tells of a retry seen in the runs bucket: `on_started`, as an engine
+        would (without the step or who asked: the record keeps neither), for a run of a
+        namespace this operator serves."""
+        if on_started is None:
+            return None
+        hook = on_started
+        served = self.settings.watch_namespaces
+
+        async def seen(state: RunState) -> None:
+            if served and state.namespace not in served:
+                return
+            wf = await self.client.definition(state.definition)
+            result = hook(wf, state.run, {"source": "retry", "retryOf": state.retryOf, "seen": "runs bucket"})
+            if asyncio.iscoroutine(result):
+                await result
+
+        return seen
 
     async def stop(self) -> None:
         """Stop everything started; safe to call twice, or after a failed start. The API

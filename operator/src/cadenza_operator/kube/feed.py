@@ -8,13 +8,21 @@ current record of each followed run with one KV get instead of replaying the buc
 
 A follower keeps the latest record of its run (raw) and wakes its reader, the
 WorkflowRun's mirror daemon, which reads it at most once per status interval.
+
+The same writes show the runs no engine hook told the operator of: a retry started by a
+program calling `RunClient.retry` itself, or answered by a standalone `cadenza engine`,
+reaches no operator's `on_run_started`. The first write of each run the feed sees is
+looked at (once: a bounded set of runs seen; a bytes search before any parse), and a
+retry is handed to `on_retry`, after `RETRY_GRACE` so that the hook of the engine that
+was asked (which knows `--from` and who asked) goes first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
@@ -26,6 +34,17 @@ from .status import RunEvent, phases_of, transitions
 log = structlog.get_logger("cadenza.operator")
 
 _PREFIX = f"$KV.{RUNS_BUCKET}."
+
+RetrySeen = Callable[[RunState], Awaitable[None]]
+"""Told of a retry (a run record with `retryOf`) the feed saw start or go on."""
+SEEN_RUNS = 10_000
+"""Runs whose first write was looked at, remembered so that later writes are not: beyond
+this many the oldest is forgotten, and looked at again on its next write (a second telling
+is harmless: the mirror and its Event are created once)."""
+RETRY_GRACE = 3.0
+"""Seconds a retry seen in the bucket waits before `on_retry` is told: the hook of the
+engine asked for it runs at once and knows more (the step, who asked)."""
+_RETRY_MARK = b'"retryOf"'
 
 
 class RunFollower:
@@ -71,11 +90,17 @@ class RunFollower:
 class RunFeed:
     """Fans the runs bucket's writes out to the followers of individual runs."""
 
-    def __init__(self, js: Any) -> None:
+    def __init__(
+        self, js: Any, on_retry: RetrySeen | None = None, *, retry_grace: float = RETRY_GRACE
+    ) -> None:
         self.js = js
         self._followers: dict[str, RunFollower] = {}
         self._sub: Any = None
         self._kv: Any = None
+        self._on_retry = on_retry
+        self._retry_grace = retry_grace
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._telling: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         from nats.js.api import DeliverPolicy
@@ -90,6 +115,9 @@ class RunFeed:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
+        for task in list(self._telling):
+            task.cancel()
+        await asyncio.gather(*self._telling, return_exceptions=True)
 
     def follow(self, run: str, known_phases: Mapping[str, str]) -> RunFollower:
         """Start following a run; `known_phases` are the phases already reported (no Events for them)."""
@@ -120,7 +148,35 @@ class RunFeed:
             follower.push(entry.value, entry.revision or 0)
 
     async def _on_write(self, msg: Any) -> None:
-        follower = self._followers.get(msg.subject[len(_PREFIX) :])
-        if follower is None or not msg.data:
-            return  # not mirrored here (or a delete marker)
-        follower.push(msg.data, msg.metadata.sequence.stream)
+        if not msg.data:
+            return  # a delete marker
+        run = msg.subject[len(_PREFIX) :]
+        if self._on_retry is not None and run not in self._seen:
+            self._first_seen(self._on_retry, run, msg.data)
+        follower = self._followers.get(run)
+        if follower is not None:
+            follower.push(msg.data, msg.metadata.sequence.stream)
+
+    def _first_seen(self, on_retry: RetrySeen, run: str, data: bytes) -> None:
+        """The first write of `run` seen here: a retry's is handed on, after the grace."""
+        self._seen[run] = None
+        if len(self._seen) > SEEN_RUNS:
+            self._seen.popitem(last=False)
+        if _RETRY_MARK not in data:  # records leave out a retryOf of None
+            return
+        try:
+            state = RunState.from_bytes(data)
+        except ValueError:
+            return  # not a run record
+        if not state.retryOf:
+            return
+        task = asyncio.create_task(self._tell(on_retry, state))
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
+
+    async def _tell(self, on_retry: RetrySeen, state: RunState) -> None:
+        await asyncio.sleep(self._retry_grace)
+        try:
+            await on_retry(state)
+        except Exception as exc:
+            log.warning("a retry seen in the runs bucket was not mirrored", run=state.run, error=repr(exc))
