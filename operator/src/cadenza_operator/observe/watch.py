@@ -10,6 +10,7 @@ always is, since the watch ends only on a terminal record.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
@@ -25,10 +26,6 @@ from .tree import run_tree
 
 POLL_SECONDS = 1.0
 """How often a credential that may not watch the runs bucket reads the run's record."""
-
-WATCH_IDLE_SECONDS = 5.0
-"""How long a watch waits for a revision before it checks that it still runs: a long
-quiet step (an approval) is no reason to end it."""
 
 
 class RunRemoved(LookupError):
@@ -46,10 +43,20 @@ async def run_records(kv: Any, run: str, *, poll: bool = False) -> AsyncGenerato
             yield state
             if state.terminal:
                 return
+            _cancelled_yet()  # the caller's reads (of inputs, outputs) may have lost a Ctrl-C
+
+
+def _cancelled_yet() -> None:
+    """Raise CancelledError in a task asked to cancel that is still running. Python 3.11's
+    asyncio.wait_for (which nats-py's requests use) drops a cancellation that arrives as
+    its result does (gh-86296): Ctrl-C would leave the watch running, the task only marked
+    `cancelling()`. Checked between states; 3.12's wait_for keeps the cancellation."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _watched(kv: Any, run: str) -> AsyncGenerator[RunState, None]:
-    from nats.errors import TimeoutError as NatsTimeout
     from nats.js.errors import InvalidKeyError
 
     try:
@@ -58,11 +65,10 @@ async def _watched(kv: Any, run: str) -> AsyncGenerator[RunState, None]:
         return
     seen = False
     try:
-        while True:
-            try:
-                entry = await watcher.updates(timeout=WATCH_IDLE_SECONDS)
-            except NatsTimeout:
-                continue
+        # the watcher's own iteration, not updates(timeout): that one is a wait_for, which
+        # on 3.11 can drop a Ctrl-C that comes with an entry (_cancelled_yet)
+        async for entry in watcher:
+            _cancelled_yet()
             if entry is None:  # the end of what the bucket held: nothing, for no such run
                 if not seen:
                     return
@@ -77,12 +83,11 @@ async def _watched(kv: Any, run: str) -> AsyncGenerator[RunState, None]:
 
 
 async def _polled(kv: Any, run: str) -> AsyncGenerator[RunState, None]:
-    import asyncio
-
     from nats.js.errors import InvalidKeyError, KeyNotFoundError
 
     revision = None
     while True:
+        _cancelled_yet()
         try:
             entry = await kv.get(run)
         except (KeyNotFoundError, InvalidKeyError):
