@@ -242,3 +242,18 @@ async def test_a_run_it_does_not_hold_is_exit_2(stack: dict[str, Any]) -> None:
     elsewhere = await asyncio.to_thread(cadenza, "get", run, "-w", "--nats", url, "-n", "another")
     assert elsewhere.returncode == 2 and f"(run {run} is in namespace {ns})" in elsewhere.stderr, elsewhere
     assert elsewhere.stdout == ""
+
+
+async def test_a_run_removed_while_watched_ends_the_watch_with_1(stack: dict[str, Any]) -> None:
+    engine = stack["engine"]
+    run = await engine.client.start(stack["wf"], {"v": 6})
+    await poll(lambda: held_running(engine, run), WAIT)
+    proc = await watch(stack, run, "-o", "json")
+    try:
+        assert (await next_document(proc))["phase"] == "Running"
+        await engine.client.kv.delete(run)  # as the bucket's TTL, or a person, would
+        code, _, err = await ended(proc)
+        assert code == 1 and f"run {run} was removed while watched" in err.decode(), err
+        assert b"Traceback" not in err
+    finally:
+        await killed(proc)
