@@ -17,12 +17,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cadenza.wire import dumps, loads
+from cadenza_operator.engine.control import control_subject
 from cadenza_operator.kube.api import KubeApi
 from cadenza_operator.kube.context import OperatorContext
 from cadenza_operator.kube.main import serve
 from cadenza_operator.kube.settings import OperatorSettings
 
 from ..kube.emulator import KubeEmulator
+from ..kube.fixtures import wait_for
 
 T = TypeVar("T")
 
@@ -186,3 +189,47 @@ def writes_to(emulator: KubeEmulator, plural: str, namespace: str = NAMESPACE) -
 def used_permissions(emulator: KubeEmulator) -> set[tuple[str, str, str, str | None]]:
     """(verb, group, resource, subresource) of every request in the log."""
     return {(c.verb, c.group, c.resource, c.subresource) for c in emulator.request_log}
+
+
+# --------------------------------------------------------- runs through the operator
+GATE = {"steps": [{"name": "gate", "approval": {}}]}
+"""A Workflow of one approval step: a run waits there until approved or rejected."""
+
+
+def workflow_valid(emulator: KubeEmulator, workflow: str) -> bool:
+    conditions = status_of(emulator, WORKFLOWS, workflow).get("conditions") or []
+    return any(c["type"] == "Valid" and c["status"] == "True" for c in conditions)
+
+
+def step_phase(emulator: KubeEmulator, workflowrun: str, step: str) -> str:
+    steps = status_of(emulator, WORKFLOWRUNS, workflowrun).get("steps") or {}
+    return str((steps.get(step) or {}).get("phase"))
+
+
+async def gate_workflow(emulator: KubeEmulator, name: str) -> None:
+    """The GATE Workflow `name`, once the operator has found it valid."""
+    emulator.create_object(WORKFLOWS, manifest("Workflow", name, GATE))
+    await wait_for(lambda: workflow_valid(emulator, name), timeout=20)
+
+
+async def rejected_workflowrun(emulator: KubeEmulator, workflow: str, name: str) -> str:
+    """A WorkflowRun `name` of the GATE Workflow `workflow`, its approval rejected by
+    annotation, once Failed: its run id."""
+    emulator.create_object(WORKFLOWRUNS, manifest("WorkflowRun", name, {"workflowRef": workflow}))
+    await wait_for(lambda: step_phase(emulator, name, "gate") == "WaitingApproval", timeout=30)
+    emulator.patch_object(
+        WORKFLOWRUNS, NAMESPACE, name, {"metadata": {"annotations": {"cadenza.dev/reject": "gate"}}}
+    )
+    await wait_for(lambda: status_of(emulator, WORKFLOWRUNS, name).get("phase") == "Failed", timeout=30)
+    return str(status_of(emulator, WORKFLOWRUNS, name)["runId"])
+
+
+async def ask_control(operator: RunningOperator, request: dict[str, Any]) -> dict[str, Any]:
+    """A control request on the subject `cadenza retry` uses, answered by the operator's engine."""
+
+    async def send(ctx: Any) -> dict[str, Any]:
+        msg = await ctx.nc.request(control_subject(NAMESPACE), dumps(request), timeout=10)
+        reply: dict[str, Any] = loads(msg.data)
+        return reply
+
+    return await operator.call(send)

@@ -43,6 +43,7 @@ from .harness import (
     reasons_for,
     running_operator,
     status_of,
+    workflow_valid,
     writes_to,
 )
 
@@ -115,12 +116,7 @@ async def _apply_hello(emulator: KubeEmulator, op: RunningOperator, agents: Agen
     for doc in _hello_documents():
         if doc["kind"] == "Agent" and not any(p.agent == doc["metadata"]["name"] for p in agents.procs):
             agents.start(Agent.model_validate(doc), HELLO)
-    await wait_for(lambda: _valid(emulator, "hello"), timeout=20)
-
-
-def _valid(emulator: KubeEmulator, workflow: str) -> bool:
-    conditions = status_of(emulator, WORKFLOWS, workflow).get("conditions") or []
-    return any(c["type"] == "Valid" and c["status"] == "True" for c in conditions)
+    await wait_for(lambda: workflow_valid(emulator, "hello"), timeout=20)
 
 
 # ------------------------------------------------------------------------- Agents
@@ -331,7 +327,7 @@ async def test_invalid_workflow_gets_an_invalid_condition_and_a_warning_event(
 
     # Fixed: valid again, and published for the engine.
     kube_emulator.patch_object(WORKFLOWS, NAMESPACE, "broken", {"spec": {"steps": steps[:1]}})
-    await wait_for(lambda: _valid(kube_emulator, "broken"), timeout=20)
+    await wait_for(lambda: workflow_valid(kube_emulator, "broken"), timeout=20)
     status = status_of(kube_emulator, WORKFLOWS, "broken")
     assert status["steps"] == 1
     assert status["observedGeneration"] == 2
@@ -447,7 +443,7 @@ async def test_workflowrun_succeeds_with_status_mirrored_and_bounded_api_writes(
         "output": {"items": "${{ size(input.texts) }}"},
     }
     kube_emulator.create_object(WORKFLOWS, manifest("Workflow", "fanout", fanout))
-    await wait_for(lambda: _valid(kube_emulator, "fanout"), timeout=20)
+    await wait_for(lambda: workflow_valid(kube_emulator, "fanout"), timeout=20)
     kube_emulator.clear_request_log()
     started = time.monotonic()
     texts = [f"item number {i}" for i in range(1000)]
@@ -536,7 +532,7 @@ async def _gated(kube_emulator: KubeEmulator, op: RunningOperator, agents: Agent
     await _apply_hello(kube_emulator, op, agents)
     if get(kube_emulator, WORKFLOWS, "gated") is None:
         kube_emulator.create_object(WORKFLOWS, manifest("Workflow", "gated", GATED))
-    await wait_for(lambda: _valid(kube_emulator, "gated"), timeout=20)
+    await wait_for(lambda: workflow_valid(kube_emulator, "gated"), timeout=20)
     kube_emulator.create_object(WORKFLOWRUNS, manifest("WorkflowRun", run, {"workflowRef": "gated"}))
     status = await wait_for(_waiting(kube_emulator, run, "gate"), timeout=30)
     assert status["phase"] == "Running"
@@ -640,7 +636,7 @@ async def test_triggered_runs_are_mirrored_and_garbage_collected(
         "runHistoryLimit": 1,
     }
     kube_emulator.create_object(WORKFLOWS, manifest("Workflow", "greet-on", spec))
-    await wait_for(lambda: _valid(kube_emulator, "greet-on"), timeout=20)
+    await wait_for(lambda: workflow_valid(kube_emulator, "greet-on"), timeout=20)
 
     def creates() -> int:
         return sum(
@@ -688,7 +684,7 @@ async def test_deleting_a_workflowrun_right_after_it_started_cancels_the_run(
     kube_emulator.create_object(
         WORKFLOWS, manifest("Workflow", "waits", {"steps": [{"name": "gate", "approval": {}}]})
     )
-    await wait_for(lambda: _valid(kube_emulator, "waits"), timeout=20)
+    await wait_for(lambda: workflow_valid(kube_emulator, "waits"), timeout=20)
     kube_emulator.create_object(
         WORKFLOWRUNS, manifest("WorkflowRun", "short-lived", {"workflowRef": "waits"})
     )

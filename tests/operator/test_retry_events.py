@@ -13,9 +13,8 @@ from typing import Any
 
 import nats
 import pytest
-from cadenza.wire import RUNS_BUCKET, dumps, loads
+from cadenza.wire import RUNS_BUCKET
 from cadenza_operator.engine.client import RunClient
-from cadenza_operator.engine.control import control_subject
 from cadenza_operator.engine.state import RunState
 from cadenza_operator.kube.events import MAX_NAME, once_name
 from cadenza_operator.kube.feed import RunFeed
@@ -24,20 +23,21 @@ from cadenza_operator.local.nats_server import NatsServer
 
 from ..kube.emulator import KubeEmulator
 from ..kube.fixtures import wait_for
-from .harness import EVENTS, NAMESPACE, WORKFLOWRUNS, WORKFLOWS, RunningOperator, get, manifest, status_of
+from .harness import (
+    EVENTS,
+    NAMESPACE,
+    WORKFLOWRUNS,
+    RunningOperator,
+    ask_control,
+    gate_workflow,
+    get,
+    manifest,
+    rejected_workflowrun,
+    status_of,
+    step_phase,
+)
 
 pytestmark = pytest.mark.timeout(120)
-
-GATE = {"steps": [{"name": "gate", "approval": {}}]}
-
-
-def _valid(emulator: KubeEmulator, workflow: str) -> bool:
-    conditions = status_of(emulator, WORKFLOWS, workflow).get("conditions") or []
-    return any(c["type"] == "Valid" and c["status"] == "True" for c in conditions)
-
-
-def _step_phase(emulator: KubeEmulator, name: str, step: str) -> str:
-    return str(((status_of(emulator, WORKFLOWRUNS, name).get("steps") or {}).get(step) or {}).get("phase"))
 
 
 def _retried(emulator: KubeEmulator) -> list[dict[str, Any]]:
@@ -45,42 +45,16 @@ def _retried(emulator: KubeEmulator) -> list[dict[str, Any]]:
     return [e for e in emulator.list_objects(EVENTS, NAMESPACE) if e.get("reason") == "Retried"]
 
 
-async def _ask(operator: RunningOperator, request: dict[str, Any]) -> dict[str, Any]:
-    """A control request on the subject `cadenza retry` uses, answered by the operator's engine."""
-
-    async def send(ctx: Any) -> dict[str, Any]:
-        msg = await ctx.nc.request(control_subject(NAMESPACE), dumps(request), timeout=10)
-        reply: dict[str, Any] = loads(msg.data)
-        return reply
-
-    return await operator.call(send)
-
-
-async def _workflow(emulator: KubeEmulator, name: str) -> None:
-    emulator.create_object(WORKFLOWS, manifest("Workflow", name, GATE))
-    await wait_for(lambda: _valid(emulator, name), timeout=20)
-
-
 async def test_a_retry_posts_one_retried_event_on_the_retried_workflowrun(
     kube_emulator: KubeEmulator, operator: RunningOperator
 ) -> None:
-    await _workflow(kube_emulator, "gated-events")
-    kube_emulator.create_object(
-        WORKFLOWRUNS, manifest("WorkflowRun", "first", {"workflowRef": "gated-events"})
-    )
-    await wait_for(lambda: _step_phase(kube_emulator, "first", "gate") == "WaitingApproval", timeout=30)
-    kube_emulator.patch_object(
-        WORKFLOWRUNS, NAMESPACE, "first", {"metadata": {"annotations": {"cadenza.dev/reject": "gate"}}}
-    )
-    await wait_for(
-        lambda: status_of(kube_emulator, WORKFLOWRUNS, "first").get("phase") == "Failed", timeout=30
-    )
-    first_run = status_of(kube_emulator, WORKFLOWRUNS, "first")["runId"]
+    await gate_workflow(kube_emulator, "gated-events")
+    first_run = await rejected_workflowrun(kube_emulator, "gated-events", "first")
     assert _retried(kube_emulator) == []
 
     # Asked twice (the engine tells its hook each time), then a second engine tells its own.
     request = {"op": "retry", "run": first_run, "from": "gate", "by": "ada", "key": "retry-1"}
-    replies = [await _ask(operator, dict(request)) for _ in range(2)]
+    replies = [await ask_control(operator, dict(request)) for _ in range(2)]
     assert all(r["ok"] for r in replies), replies
     (new_run,) = {r["newRun"] for r in replies}
 
@@ -110,7 +84,7 @@ async def test_a_retry_posts_one_retried_event_on_the_retried_workflowrun(
     assert "--from gate" in message and "by ada" in message, message
 
     # Another retry of the same run (another key) is another Event, naming its own WorkflowRun.
-    other = await _ask(operator, {"op": "retry", "run": first_run, "by": "bo", "key": "retry-2"})
+    other = await ask_control(operator, {"op": "retry", "run": first_run, "by": "bo", "key": "retry-2"})
     assert other["ok"] and other["newRun"] != new_run, other
     events = _retried(kube_emulator)
     assert len(events) == 2
@@ -126,7 +100,7 @@ async def test_a_retry_of_a_run_no_workflowrun_follows_posts_no_event(
     """A run started by `cadenza run` (no WorkflowRun): its retry is mirrored, nothing fails,
     and no Event lands on a WorkflowRun that merely has the name the run would be mirrored
     under while following a run of its own."""
-    await _workflow(kube_emulator, "gated-direct")
+    await gate_workflow(kube_emulator, "gated-direct")
 
     async def start(ctx: Any) -> str:
         wf = await ctx.client.latest_definition(NAMESPACE, "gated-direct")
@@ -138,7 +112,7 @@ async def test_a_retry_of_a_run_no_workflowrun_follows_posts_no_event(
     kube_emulator.create_object(
         WORKFLOWRUNS, manifest("WorkflowRun", lookalike, {"workflowRef": "gated-direct"})
     )
-    await wait_for(lambda: _step_phase(kube_emulator, lookalike, "gate") == "WaitingApproval", timeout=30)
+    await wait_for(lambda: step_phase(kube_emulator, lookalike, "gate") == "WaitingApproval", timeout=30)
     own = (get(kube_emulator, WORKFLOWRUNS, lookalike) or {})["metadata"]["annotations"][RUN_ID_ANNOTATION]
     assert own != first_run
 
@@ -152,7 +126,7 @@ async def test_a_retry_of_a_run_no_workflowrun_follows_posts_no_event(
         return "not failed"
 
     assert await operator.call(reject) == "Failed"
-    reply = await _ask(operator, {"op": "retry", "run": first_run, "by": "ada", "key": "direct"})
+    reply = await ask_control(operator, {"op": "retry", "run": first_run, "by": "ada", "key": "direct"})
     assert reply["ok"], reply
     new_run = reply["newRun"]
     assert get(kube_emulator, WORKFLOWRUNS, mirrored_run_name(new_run)) is not None
@@ -177,18 +151,8 @@ async def test_a_retry_started_by_calling_the_client_is_mirrored_with_its_event(
 ) -> None:
     """A program with its own connection calls `RunClient.retry`: no engine answers a request,
     no hook is told; the operator finds the retry's record in the runs bucket."""
-    await _workflow(kube_emulator, "gated-client")
-    kube_emulator.create_object(
-        WORKFLOWRUNS, manifest("WorkflowRun", "asked", {"workflowRef": "gated-client"})
-    )
-    await wait_for(lambda: _step_phase(kube_emulator, "asked", "gate") == "WaitingApproval", timeout=30)
-    kube_emulator.patch_object(
-        WORKFLOWRUNS, NAMESPACE, "asked", {"metadata": {"annotations": {"cadenza.dev/reject": "gate"}}}
-    )
-    await wait_for(
-        lambda: status_of(kube_emulator, WORKFLOWRUNS, "asked").get("phase") == "Failed", timeout=30
-    )
-    first_run = status_of(kube_emulator, WORKFLOWRUNS, "asked")["runId"]
+    await gate_workflow(kube_emulator, "gated-client")
+    first_run = await rejected_workflowrun(kube_emulator, "gated-client", "asked")
 
     nc = await nats.connect(fresh_nats.url)
     try:
@@ -209,7 +173,7 @@ async def test_a_retry_started_by_calling_the_client_is_mirrored_with_its_event(
     assert made["metadata"]["annotations"]["cadenza.dev/retry-of-run"] == first_run
 
     # The mirror follows the retry: its gate waits, is approved through it, the run succeeds.
-    await wait_for(lambda: _step_phase(kube_emulator, mirror, "gate") == "WaitingApproval", timeout=30)
+    await wait_for(lambda: step_phase(kube_emulator, mirror, "gate") == "WaitingApproval", timeout=30)
     kube_emulator.patch_object(
         WORKFLOWRUNS, NAMESPACE, mirror, {"metadata": {"annotations": {"cadenza.dev/approve": "gate"}}}
     )

@@ -8,8 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from cadenza.wire import dumps, loads
-from cadenza_operator.engine.control import control_subject
 from cadenza_operator.kube.runs import mirrored_run_name
 
 from ..kube.emulator import KubeEmulator
@@ -17,59 +15,28 @@ from ..kube.fixtures import wait_for
 from .harness import (
     NAMESPACE,
     WORKFLOWRUNS,
-    WORKFLOWS,
     RunningOperator,
+    ask_control,
+    gate_workflow,
     get,
-    manifest,
     reasons_for,
+    rejected_workflowrun,
     status_of,
+    step_phase,
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-GATE = {"steps": [{"name": "gate", "approval": {}}]}
-
-
-def _valid(emulator: KubeEmulator, workflow: str) -> bool:
-    conditions = status_of(emulator, WORKFLOWS, workflow).get("conditions") or []
-    return any(c["type"] == "Valid" and c["status"] == "True" for c in conditions)
-
-
-def _step_phase(emulator: KubeEmulator, name: str, step: str) -> str:
-    return str(((status_of(emulator, WORKFLOWRUNS, name).get("steps") or {}).get(step) or {}).get("phase"))
-
-
-async def _ask(operator: RunningOperator, request: dict[str, Any]) -> dict[str, Any]:
-    """A control request on the subject `cadenza retry` uses, answered by the operator's engine."""
-
-    async def send(ctx: Any) -> dict[str, Any]:
-        msg = await ctx.nc.request(control_subject(NAMESPACE), dumps(request), timeout=10)
-        reply: dict[str, Any] = loads(msg.data)
-        return reply
-
-    return await operator.call(send)
 
 
 async def test_a_retry_of_a_failed_workflowrun_appears_as_a_workflowrun_that_follows_it(
     kube_emulator: KubeEmulator, operator: RunningOperator
 ) -> None:
-    kube_emulator.create_object(WORKFLOWS, manifest("Workflow", "gated-retry", GATE))
-    await wait_for(lambda: _valid(kube_emulator, "gated-retry"), timeout=20)
-    kube_emulator.create_object(
-        WORKFLOWRUNS, manifest("WorkflowRun", "first", {"workflowRef": "gated-retry"})
-    )
-    await wait_for(lambda: _step_phase(kube_emulator, "first", "gate") == "WaitingApproval", timeout=30)
-    kube_emulator.patch_object(
-        WORKFLOWRUNS, NAMESPACE, "first", {"metadata": {"annotations": {"cadenza.dev/reject": "gate"}}}
-    )
-    await wait_for(
-        lambda: status_of(kube_emulator, WORKFLOWRUNS, "first").get("phase") == "Failed", timeout=30
-    )
-    first_run = status_of(kube_emulator, WORKFLOWRUNS, "first")["runId"]
+    await gate_workflow(kube_emulator, "gated-retry")
+    first_run = await rejected_workflowrun(kube_emulator, "gated-retry", "first")
 
     # Asked twice (a client asking again after a lost reply): one new run, one WorkflowRun.
     request = {"op": "retry", "run": first_run, "from": "gate", "by": "ada", "key": "retry-1"}
-    replies = [await _ask(operator, dict(request)) for _ in range(2)]
+    replies = [await ask_control(operator, dict(request)) for _ in range(2)]
     assert all(r["ok"] for r in replies), replies
     (new_run,) = {r["newRun"] for r in replies}
 
@@ -90,7 +57,7 @@ async def test_a_retry_of_a_failed_workflowrun_appears_as_a_workflowrun_that_fol
     assert mirror["spec"] == {"workflowRef": "gated-retry"}
 
     # It follows the retry (not a run of its own): the step waits, is approved through it, succeeds.
-    await wait_for(lambda: _step_phase(kube_emulator, name, "gate") == "WaitingApproval", timeout=30)
+    await wait_for(lambda: step_phase(kube_emulator, name, "gate") == "WaitingApproval", timeout=30)
     assert status_of(kube_emulator, WORKFLOWRUNS, name)["runId"] == new_run
     kube_emulator.patch_object(
         WORKFLOWRUNS, NAMESPACE, name, {"metadata": {"annotations": {"cadenza.dev/approve": "gate"}}}
