@@ -16,9 +16,9 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -59,6 +59,8 @@ from .models import ModelRegistry, load_model_specs
 from .protocol import TaskFailure
 
 Handler = Callable[[Task], Any]
+
+T = TypeVar("T")
 
 STALE_AFTER = 0.5
 """Seconds a task may have waited in the queue before the agent reads the run record to
@@ -240,8 +242,12 @@ class Agent:
         pub = Publisher(nc)  # results and heartbeats: PubAcks awaited without a request each
         ns = settings.namespace
         durable = consumer_name(ns, self.name)
-        await self._ensure_consumer(js, durable, ns, settings.ack_wait, stop, create=not settings.nats_creds)
-        runs_kv = await _run_reads(js, ns, bool(settings.nats_creds))  # one read per burst of a run's tasks
+        runs_kv = await self._until_answered(stop, lambda: self._prepare(js, durable, settings, stop))
+        if runs_kv is None:
+            self.log.info("agent stopped before JetStream answered", nats=settings.nats_url)
+            with contextlib.suppress(Exception):
+                await nc.close()
+            return
         # task.model(): limits shared in NATS
         models = ModelRegistry(load_model_specs(), js, loop, bound=bool(settings.nats_creds))
         worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -531,6 +537,40 @@ class Agent:
                     raise
                 log.warning("outcome not stored yet, retrying", error=repr(exc), retry_in=delay)
                 await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _prepare(self, js: Any, durable: str, settings: AgentSettings, stop: asyncio.Event) -> Any:
+        """The task consumer, then the reads of run statuses (`_run_reads`: one read per
+        burst of a run's tasks); None when stopped first."""
+        ns = settings.namespace
+        await self._ensure_consumer(js, durable, ns, settings.ack_wait, stop, create=not settings.nats_creds)
+        if stop.is_set():
+            return None
+        return await _run_reads(js, ns, bool(settings.nats_creds))
+
+    async def _until_answered(self, stop: asyncio.Event, call: Callable[[], Awaitable[T]]) -> T | None:
+        """`call()`, again while JetStream does not answer, until `stop` is set (None).
+
+        A server restarting accepts connections before its streams answer: a JetStream
+        request then times out, or finds no responder. At startup that is no reason for
+        an agent to exit (its supervisor would count a crash, and a Deployment a restart);
+        the engine's host waits the same way (engine/host.py)."""
+        import nats.errors
+        import nats.js.errors
+
+        not_answering = (TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError)
+        delay = 0.25
+        while True:
+            try:
+                return await call()
+            except not_answering as exc:
+                if stop.is_set():
+                    return None
+                self.log.warning("JetStream not answering yet; trying again", error=repr(exc), retry_in=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    return None
                 delay = min(delay * 2, 5.0)
 
     async def _ensure_consumer(
