@@ -194,8 +194,12 @@ async def test_a_retry_asked_twice_of_two_engines_starts_one_run(nats_server: Na
         request = {"op": "retry", "run": first, "namespace": namespace, "by": "ada", "key": "req-1"}
         # The same request delivered twice, each time to another engine (a client that
         # asked again after a lost reply, or a redelivery).
-        replies = [await ControlResponder(e).answer(dict(request)) for e in (one, two, one)]
-        assert all(r["ok"] for r in replies), replies
+        replies = []
+        for e in (one, two, one):
+            replies.append(reply := await ControlResponder(e).answer(dict(request)))
+            # Answered once the new run has a record: what the answer names can be read
+            # at once (`cadenza get`, the console's redirect to its page).
+            assert reply["ok"] and await e.client.get(reply["newRun"]) is not None, reply
         new = {r["newRun"] for r in replies}
         assert len(new) == 1
         (again,) = new

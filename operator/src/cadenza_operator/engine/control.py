@@ -43,6 +43,8 @@ CONTROL_QUEUE = "cadenza-engines"
 """The queue group every engine's responder joins: one answer per request."""
 OPERATIONS = frozenset({"approve", "signal", "cancel", "resume", "retry", "list"})
 MAX_LISTED = 500
+RECORDED_WAIT = 5.0
+"""Seconds a retry's answer waits for the new run's record (see `_until_recorded`)."""
 """Runs one `list` answer carries at most: their summaries fit one NATS message."""
 
 
@@ -226,6 +228,22 @@ class ControlResponder:
         states = await self.engine.client.recent(request["namespace"], limit, lambda s: wanted.keeps(s, now))
         return {"ok": True, "runs": [summary(run_view(s), now) for s in states]}
 
+    async def _until_recorded(self, run: str, within: float = RECORDED_WAIT) -> bool:
+        """Wait until `run` has a record (an engine has decided its start event), at most
+        `within` seconds: the answer to a retry then names a run that `cadenza get` and the
+        console's page find, instead of "no run" for the moment it takes an engine to
+        take the event. An engine behind on its events starts the run all the same later."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        delay = 0.005
+        while await self.engine.client.get(run) is None:
+            if loop.time() >= deadline:
+                log.warning("retry started, its record not yet written", run=run, waited=within)
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        return True
+
     async def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """Check the request against the committed run record; publish its event if accepted."""
         op, run, namespace = request.get("op"), request.get("run"), request["namespace"]
@@ -255,6 +273,7 @@ class ControlResponder:
                 state, from_step=from_step, by=by, key=key if isinstance(key, str) else None
             )
             reply["newRun"] = new
+            await self._until_recorded(new)
             if wf is not None:
                 await self._retry_started(
                     wf, new, {"source": "retry", "retryOf": run, "from": from_step, "by": by}
