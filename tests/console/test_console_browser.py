@@ -137,6 +137,7 @@ async def test_list_open_graph_timeline_approve_finish(
         )
         await page.screenshot(path=str(artifacts / "console-run.png"), full_page=True)
 
+        await expect(page.locator("#run-outputs")).to_have_text("(none yet)")  # still running
         approval = page.locator('section.approval[data-step="review"]')
         await approval.locator("input[name=comment]").fill("looks good")
         await approval.get_by_role("button", name="Approve").click()
@@ -145,6 +146,8 @@ async def test_list_open_graph_timeline_approve_finish(
         await expect(await node(page, "publish")).to_have_attribute("data-phase", "Succeeded")
         await expect(await node(page, "cleanup")).to_have_attribute("data-phase", "Succeeded")
         await expect(page.locator("table.audit")).to_contain_text("tester")
+        # The workflow declares no output: once it has ended, none is expected any more.
+        await expect(page.locator("#run-outputs")).to_have_text("(none)")
         await page.screenshot(path=str(artifacts / "console-run-done.png"), full_page=True)
 
         # The workflow's diagnosis, linked from the run page.
