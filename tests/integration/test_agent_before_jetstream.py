@@ -90,10 +90,12 @@ async def test_an_agent_waits_for_jetstream_then_serves(tmp_path: Any) -> None:
             assert not serving.done()
     finally:
         stop.set()
-        if serving is not None:
-            await asyncio.wait_for(serving, 30)  # ends cleanly: no exception
-        if plain.returncode is None:
-            plain.kill()
-            await plain.wait()
-        if server is not None:
-            server.stop()
+        try:
+            if serving is not None:
+                await asyncio.wait_for(serving, 30)  # ends cleanly: no exception
+        finally:  # the servers go even when the agent's serve raised
+            if plain.returncode is None:
+                plain.kill()
+                await plain.wait()
+            if server is not None:
+                server.stop()
