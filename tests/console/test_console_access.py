@@ -197,7 +197,13 @@ async def test_a_group_the_proxy_vouches_for_may_approve(tmp_path: Path, nats_se
             assert await approve(first, **{"X-Forwarded-Groups": "x] [group:reviewers"}) == ("0", refused)
             ok = await approve(first, **{"X-Forwarded-Groups": "dev, reviewers"})
             assert ok == ("1", f"approved {first}/review as bob (group reviewers)")
-            # Once decided, the engine's refusal stands, whatever the groups.
+
+            # Once decided (the engine has applied the approval), the engine's refusal
+            # stands, whatever the groups.
+            async def decided() -> bool:
+                return not await waiting(s, first)
+
+            await poll(decided)
             again = await approve(first, **{"X-Forwarded-Groups": "reviewers"})
             assert again[0] == "0" and (
                 "is not waiting for approval" in again[1] or "already Succeeded" in again[1]
