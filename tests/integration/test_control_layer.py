@@ -168,7 +168,7 @@ spec:
     try:
         engine = await stack.start({"worker"})
         run = await engine.client.start(wf, {})
-        for _ in range(100):
+        for _ in range(1200):  # bounded: 60 s
             state = await engine.client.get(run)
             if state and state.steps.get("gate") and state.steps["gate"].phase == "WaitingApproval":
                 break
@@ -180,7 +180,7 @@ spec:
         successor = Engine(successor_nc)
         await successor.start()
         try:
-            for _ in range(200):
+            for _ in range(1200):  # bounded: 60 s
                 state = await successor.client.get(run)
                 if state and state.terminal:
                     break
@@ -256,7 +256,7 @@ async def test_dev_triggers_dedup_forbid_and_cli_approval(tmp_path: Path, nats_s
             )
             assert result.returncode == 0, result.stderr
             state = None
-            for _ in range(100):
+            for _ in range(600):  # bounded: 60 s
                 state = await dev.engine.client.get(run)
                 if state and state.terminal:
                     break
@@ -302,7 +302,7 @@ spec:
     finished: list[RunState] = []
     async with DevServer(bundle, nats_server.url, namespace) as dev:
         dev.engine.on_state(lambda s: finished.append(s) if s.phase == "Succeeded" else None)
-        for _ in range(100):
+        for _ in range(600):  # bounded: 60 s
             if len({s.run for s in finished}) >= 2:
                 break
             await asyncio.sleep(0.1)
@@ -399,13 +399,13 @@ spec:
     try:
         engine = await stack.start({"worker"})
         run = await engine.client.start(wf, {"marker": str(marker)})
-        for _ in range(300):
+        for _ in range(1200):  # bounded: 60 s
             if Path(f"{marker}.started").exists():
                 break
             await asyncio.sleep(0.05)
         await RunClient(stack.nc).cancel(wf.namespace, run, by="ops", reason="not needed")
         state = None
-        for _ in range(200):
+        for _ in range(1200):  # bounded: 60 s
             state = await engine.client.get(run)
             if state and state.terminal and marker.exists():
                 break

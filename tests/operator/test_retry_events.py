@@ -216,7 +216,7 @@ async def test_the_feed_tells_of_a_retry_once_and_of_nothing_else() -> None:
     writes.append(_Write("engine.sweep", b'{"retryOf": 1}', 6))  # not a run record
     for write in writes:
         await feed._on_write(write)
-    for _ in range(100):  # a bounded poll: the telling runs as a task
+    for _ in range(1000):  # a bounded poll (10 s): the telling runs as a task
         if told:
             break
         await asyncio.sleep(0.01)
