@@ -38,7 +38,7 @@ def start_engine(url: str, name: str, log_dir: Path, **env: str) -> subprocess.P
         )
 
 
-async def poll(probe: Callable[[], Awaitable[T | None]], timeout: float = 20.0) -> T:
+async def poll(probe: Callable[[], Awaitable[T | None]], timeout: float = 60.0) -> T:
     """An async probe's first truthy value, waited for a bounded time (a wait for something
     that must happen, not a performance assertion)."""
     loop = asyncio.get_running_loop()

@@ -114,7 +114,7 @@ def cadenza_crds(kube_emulator: KubeEmulator) -> list[kmock.resource]:
 
 async def wait_for(
     predicate: Callable[[], T | None],
-    timeout: float = 10.0,
+    timeout: float = 30.0,
     *,
     interval: float = 0.02,
 ) -> T:

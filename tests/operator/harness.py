@@ -209,7 +209,7 @@ def step_phase(emulator: KubeEmulator, workflowrun: str, step: str) -> str:
 async def gate_workflow(emulator: KubeEmulator, name: str) -> None:
     """The GATE Workflow `name`, once the operator has found it valid."""
     emulator.create_object(WORKFLOWS, manifest("Workflow", name, GATE))
-    await wait_for(lambda: workflow_valid(emulator, name), timeout=20)
+    await wait_for(lambda: workflow_valid(emulator, name), timeout=60)
 
 
 async def rejected_workflowrun(emulator: KubeEmulator, workflow: str, name: str) -> str:

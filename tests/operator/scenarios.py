@@ -63,7 +63,7 @@ async def representative_scenario(emulator: KubeEmulator, op: RunningOperator) -
     emulator.create_object(
         AGENTS, manifest("Agent", "worker", {"image": "registry.example/a:1", "metrics": {"enabled": True}})
     )
-    await wait_for(lambda: get(emulator, SERVICES, "worker-agent"), timeout=20)
+    await wait_for(lambda: get(emulator, SERVICES, "worker-agent"), timeout=60)
     emulator.patch_object(
         DEPLOYMENTS, NAMESPACE, "worker-agent", {"status": {"readyReplicas": 1}}, subresource="status"
     )
@@ -73,7 +73,7 @@ async def representative_scenario(emulator: KubeEmulator, op: RunningOperator) -
         "worker",
         {"spec": {"metrics": {"enabled": False}, "autoscaling": {"minReplicas": 0, "maxReplicas": 2}}},
     )
-    await wait_for(lambda: get(emulator, SERVICES, "worker-agent") is None, timeout=20)
+    await wait_for(lambda: get(emulator, SERVICES, "worker-agent") is None, timeout=60)
     await wait_for(
         lambda: (get(emulator, DEPLOYMENTS, "worker-agent") or {})["spec"]["replicas"] == 0, timeout=20
     )
@@ -85,7 +85,7 @@ async def representative_scenario(emulator: KubeEmulator, op: RunningOperator) -
     emulator.create_object(
         AGENTS, manifest("Agent", "caller", {"image": "registry.example/a:1", "models": ["fast"]})
     )
-    await wait_for(lambda: get(emulator, DEPLOYMENTS, "caller-agent"), timeout=20)
+    await wait_for(lambda: get(emulator, DEPLOYMENTS, "caller-agent"), timeout=60)
 
     # Workflows: one invalid (condition + Warning Event), two valid.
     emulator.create_object(
@@ -95,7 +95,7 @@ async def representative_scenario(emulator: KubeEmulator, op: RunningOperator) -
     emulator.create_object(WORKFLOWS, manifest("Workflow", "gated", APPROVAL_ONLY))
     emulator.create_object(WORKFLOWS, manifest("Workflow", "auto", AUTO_APPROVED))
     for name in ("broken", "gated", "auto"):
-        await wait_for(lambda name=name: status_of(emulator, WORKFLOWS, name).get("conditions"), timeout=20)
+        await wait_for(lambda name=name: status_of(emulator, WORKFLOWS, name).get("conditions"), timeout=60)
 
     # A run approved by annotation; a run deleted while it waits (cancelled).
     emulator.create_object(WORKFLOWRUNS, manifest("WorkflowRun", "approved", {"workflowRef": "gated"}))
@@ -115,7 +115,7 @@ async def representative_scenario(emulator: KubeEmulator, op: RunningOperator) -
     emulator.create_object(WORKFLOWRUNS, manifest("WorkflowRun", "early", {"workflowRef": "later"}))
     await wait_for(
         lambda: "waiting for Workflow" in str(status_of(emulator, WORKFLOWRUNS, "early").get("message")),
-        timeout=20,
+        timeout=60,
     )
     emulator.create_object(WORKFLOWS, manifest("Workflow", "later", {**AUTO_APPROVED, "triggers": []}))
     await wait_for(lambda: _phase(emulator, "early") == "Succeeded", timeout=30)

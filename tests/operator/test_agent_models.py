@@ -44,7 +44,7 @@ async def test_the_deployment_carries_the_models_and_references_their_keys(
     kube_emulator.create_object(MODELS, manifest("Model", "fast", MODEL))
     spec = {"image": "registry.example/agents:1", "models": ["fast"]}
     kube_emulator.create_object(AGENTS, manifest("Agent", "writer", spec))
-    deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "writer-agent"), timeout=20)
+    deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "writer-agent"), timeout=60)
 
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container["env"]}
@@ -71,7 +71,7 @@ async def test_an_unknown_model_is_an_invalid_spec(
                 return dict(c)
         return None
 
-    found = await wait_for(condition, timeout=20)
+    found = await wait_for(condition, timeout=60)
     assert "spec.models[0]" in found["message"] and "'missing'" in found["message"]
     assert get(kube_emulator, DEPLOYMENTS, "lost-agent") is None
 
@@ -102,8 +102,8 @@ async def test_env_envfrom_and_a_models_key_stay_references_and_no_value_is_writ
         "envFrom": [{"secretRef": {"name": "crm"}, "prefix": "CRM_"}],
     }
     kube_emulator.create_object(AGENTS, manifest("Agent", "triage", spec))
-    deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "triage-agent"), timeout=20)
-    await wait_for(lambda: status_of(kube_emulator, AGENTS, "triage").get("conditions"), timeout=20)
+    deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "triage-agent"), timeout=60)
+    await wait_for(lambda: status_of(kube_emulator, AGENTS, "triage").get("conditions"), timeout=60)
 
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container["env"]}

@@ -35,10 +35,10 @@ async def test_each_agents_secret_carries_the_ca_and_its_pods_trust_it(
     settings = {"nats_account_seed_file": str(seed), "nats_ca": str(ca)}
     async with running_operator(kube_emulator, fresh_nats.url, **settings):
         kube_emulator.create_object(AGENTS, manifest("Agent", "alpha", SPEC))
-        secret = await wait_for(lambda: get_object(kube_emulator, "v1/secrets", "alpha-nats"), timeout=20)
+        secret = await wait_for(lambda: get_object(kube_emulator, "v1/secrets", "alpha-nats"), timeout=60)
         assert base64.b64decode(secret["data"]["ca.crt"]).decode() == ca.read_text()
         assert "nats.creds" in secret["data"]
-        deployment = await wait_for(lambda: get_object(kube_emulator, DEPLOYMENTS, "alpha-agent"), timeout=20)
+        deployment = await wait_for(lambda: get_object(kube_emulator, DEPLOYMENTS, "alpha-agent"), timeout=60)
     pod = deployment["spec"]["template"]["spec"]
     (volume,) = [v for v in pod["volumes"] if "secret" in v]
     assert volume["secret"]["secretName"] == "alpha-nats"

@@ -54,7 +54,7 @@ async def test_each_agent_gets_its_own_credential_with_exactly_its_permissions(
         kube_emulator.create_object(AGENTS, manifest("Agent", name, SPEC))
     secrets = {}
     for name in ("alpha", "beta"):
-        secrets[name] = await wait_for(lambda n=name: get(kube_emulator, SECRETS, f"{n}-nats"), timeout=20)
+        secrets[name] = await wait_for(lambda n=name: get(kube_emulator, SECRETS, f"{n}-nats"), timeout=60)
         agent = get(kube_emulator, AGENTS, name)
         assert agent is not None
         # owned by its Agent: it goes with it
@@ -69,7 +69,7 @@ async def test_each_agent_gets_its_own_credential_with_exactly_its_permissions(
         own = [f"_INBOX_{claims['sub']}.>" if sub == "_INBOX.>" else sub for sub in wanted.subscribe]
         assert claims["nats"]["sub"]["allow"] == own
 
-        deployment = await wait_for(lambda n=name: get(kube_emulator, DEPLOYMENTS, f"{n}-agent"), timeout=20)
+        deployment = await wait_for(lambda n=name: get(kube_emulator, DEPLOYMENTS, f"{n}-agent"), timeout=60)
         pod = deployment["spec"]["template"]["spec"]
         (volume,) = [v for v in pod["volumes"] if "secret" in v]
         assert volume["secret"]["secretName"] == f"{name}-nats"
@@ -98,12 +98,12 @@ async def test_a_secret_of_that_name_it_did_not_make_is_left_alone(
     kube_emulator.create_object(SECRETS, theirs)
     kube_emulator.create_object(AGENTS, manifest("Agent", "gamma", SPEC))
     kube_emulator.create_object(AGENTS, manifest("Agent", "delta", SPEC))
-    await wait_for(lambda: get(kube_emulator, SECRETS, "delta-nats"), timeout=20)
+    await wait_for(lambda: get(kube_emulator, SECRETS, "delta-nats"), timeout=60)
     await wait_for(
         lambda: (
             [c for c in kube_emulator.request_log if c.verb == "patch" and c.resource == "secrets"] or None
         ),
-        timeout=20,
+        timeout=60,
     )
     secret = get(kube_emulator, SECRETS, "gamma-nats")
     assert secret is not None and secret["data"] == theirs["data"]

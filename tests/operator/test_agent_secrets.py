@@ -42,7 +42,7 @@ async def test_the_deployment_references_secrets_and_never_holds_a_value(
         },
     }
     kube_emulator.create_object(AGENTS, manifest("Agent", "keyed", spec))
-    deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "keyed-agent"), timeout=20)
+    deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "keyed-agent"), timeout=60)
 
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -74,6 +74,6 @@ async def test_a_pod_template_overriding_the_command_is_an_invalid_spec(
         conditions = status_of(kube_emulator, AGENTS, "greedy").get("conditions") or []
         return next((c for c in conditions if c["reason"] == "InvalidSpec"), None)
 
-    condition = await wait_for(reported, timeout=20)
+    condition = await wait_for(reported, timeout=60)
     assert "podTemplate.spec.containers[0].command" in condition["message"]
     assert get(kube_emulator, DEPLOYMENTS, "greedy-agent") is None

@@ -81,7 +81,7 @@ async def test_a_paused_run_is_resumed_by_annotation(
     assert status["steps"]["greet"]["attempts"] == 0  # held: nothing was sent
     paused = await wait_for(
         lambda: [e for e in events_for(kube_emulator, "capped-run") if e["reason"] == "BudgetExceeded"],
-        timeout=20,
+        timeout=60,
     )
     assert paused[0]["type"] == "Warning" and "20 tokens used of a budget of 10" in paused[0]["message"]
 
@@ -91,7 +91,7 @@ async def test_a_paused_run_is_resumed_by_annotation(
         "capped-run",
         {"metadata": {"annotations": {"cadenza.dev/resume": "tokens=x"}}},
     )
-    await wait_for(lambda: "InvalidResume" in reasons_for(kube_emulator, "capped-run"), timeout=20)
+    await wait_for(lambda: "InvalidResume" in reasons_for(kube_emulator, "capped-run"), timeout=60)
     kube_emulator.patch_object(
         WORKFLOWRUNS,
         NAMESPACE,
@@ -102,7 +102,7 @@ async def test_a_paused_run_is_resumed_by_annotation(
     await wait_for(
         lambda: status_of(kube_emulator, WORKFLOWRUNS, "capped-run")["steps"]["greet"]["attempts"] == 1
     )
-    await wait_for(lambda: "ResumeSent" in reasons_for(kube_emulator, "capped-run"), timeout=20)
+    await wait_for(lambda: "ResumeSent" in reasons_for(kube_emulator, "capped-run"), timeout=60)
     resumed = await wait_for(
         lambda: [e for e in events_for(kube_emulator, "capped-run") if e["reason"] == "Resumed"], timeout=20
     )

@@ -71,9 +71,9 @@ async def test_a_crash_looping_agent_is_a_condition_and_a_message_on_the_runs_wa
 ) -> None:
     async with running_operator(kube_emulator, fresh_nats.url) as op:
         kube_emulator.create_object(AGENTS, manifest("Agent", "flaky", {"image": "registry.example/a:1"}))
-        deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "flaky-agent"), timeout=20)
+        deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "flaky-agent"), timeout=60)
         labels = deployment["spec"]["template"]["metadata"]["labels"]
-        await wait_for(lambda: _condition(kube_emulator, "flaky", "Degraded"), timeout=20)
+        await wait_for(lambda: _condition(kube_emulator, "flaky", "Degraded"), timeout=60)
 
         # A run whose step waits for the agent (no agent process: its task stays queued),
         # and a run on another agent, which must not be told about this one.
@@ -106,16 +106,16 @@ async def test_a_crash_looping_agent_is_a_condition_and_a_message_on_the_runs_wa
                 (c := _condition(kube_emulator, "flaky", "Degraded")).get("reason") == "CrashLoopBackOff"
                 and c
             ),
-            timeout=20,
+            timeout=60,
         )
         assert degraded["status"] == "True"
         assert "exit code 2 (Error)" in degraded["message"] and "5 restarts" in degraded["message"]
         assert degraded["message"].endswith(LAST_LINE)
         assert "flaky-agent-7d9f-abcde" in degraded["message"]
-        await wait_for(lambda: "CrashLoopBackOff" in reasons_for(kube_emulator, "flaky"), timeout=20)
+        await wait_for(lambda: "CrashLoopBackOff" in reasons_for(kube_emulator, "flaky"), timeout=60)
 
         expected = f"step classify waits for agent flaky, which is crash-looping: {LAST_LINE}"
-        await wait_for(lambda: _run_message(kube_emulator, "t1") == expected, timeout=20)
+        await wait_for(lambda: _run_message(kube_emulator, "t1") == expected, timeout=60)
         status = status_of(kube_emulator, WORKFLOWRUNS, "t1")
         assert status["phase"] == "Running"  # not failed: Kubernetes keeps restarting it
         assert "crash-looping" not in _run_message(kube_emulator, "o1")
@@ -144,7 +144,7 @@ async def test_a_crash_looping_agent_is_a_condition_and_a_message_on_the_runs_wa
         )
         await wait_for(
             lambda: _condition(kube_emulator, "flaky", "Degraded").get("reason") != "CrashLoopBackOff",
-            timeout=20,
+            timeout=60,
         )
-        await wait_for(lambda: "crash-looping" not in _run_message(kube_emulator, "t1"), timeout=20)
+        await wait_for(lambda: "crash-looping" not in _run_message(kube_emulator, "t1"), timeout=60)
         assert status_of(kube_emulator, WORKFLOWRUNS, "t1")["phase"] == "Running"

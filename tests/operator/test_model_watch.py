@@ -42,11 +42,11 @@ async def test_an_agent_created_before_its_model_becomes_ready_when_the_model_ap
     kube_emulator: KubeEmulator, operator: RunningOperator
 ) -> None:
     kube_emulator.create_object(AGENTS, manifest("Agent", "early", AGENT))
-    await wait_for(lambda: (_ready(kube_emulator, "early") or {}).get("reason") == "InvalidSpec", timeout=20)
+    await wait_for(lambda: (_ready(kube_emulator, "early") or {}).get("reason") == "InvalidSpec", timeout=60)
     assert get(kube_emulator, DEPLOYMENTS, "early-agent") is None
 
     kube_emulator.create_object(MODELS, manifest("Model", "fast", MODEL))
-    assert await wait_for(lambda: _models_env(kube_emulator, "early-agent"), timeout=20) == {"fast": MODEL}
+    assert await wait_for(lambda: _models_env(kube_emulator, "early-agent"), timeout=60) == {"fast": MODEL}
     kube_emulator.patch_object(
         DEPLOYMENTS, NAMESPACE, "early-agent", {"status": {"readyReplicas": 1}}, subresource="status"
     )
@@ -54,7 +54,7 @@ async def test_an_agent_created_before_its_model_becomes_ready_when_the_model_ap
         lambda: (c := _ready(kube_emulator, "early")) and c["status"] == "True" and c, timeout=20
     )
     assert ready["reason"] == "ReplicasReady"
-    model = await wait_for(lambda: status_of(kube_emulator, MODELS, "fast").get("agents"), timeout=20)
+    model = await wait_for(lambda: status_of(kube_emulator, MODELS, "fast").get("agents"), timeout=60)
     assert model == ["early"]
 
 
@@ -63,11 +63,11 @@ async def test_a_changed_model_reaches_the_deployment_and_a_deleted_one_is_named
 ) -> None:
     kube_emulator.create_object(MODELS, manifest("Model", "fast", MODEL))
     kube_emulator.create_object(AGENTS, manifest("Agent", "writer", AGENT))
-    assert await wait_for(lambda: _models_env(kube_emulator, "writer-agent"), timeout=20) == {"fast": MODEL}
+    assert await wait_for(lambda: _models_env(kube_emulator, "writer-agent"), timeout=60) == {"fast": MODEL}
 
     moved = {**MODEL, "baseURL": "http://llm-b.example/v1"}
     kube_emulator.patch_object(MODELS, NAMESPACE, "fast", {"spec": {"baseURL": moved["baseURL"]}})
-    await wait_for(lambda: _models_env(kube_emulator, "writer-agent") == {"fast": moved}, timeout=20)
+    await wait_for(lambda: _models_env(kube_emulator, "writer-agent") == {"fast": moved}, timeout=60)
 
     kube_emulator.delete_object(MODELS, NAMESPACE, "fast")
     # A bound, not a speed: kopf handles the Model's events one at a time and may wait up
@@ -78,7 +78,7 @@ async def test_a_changed_model_reaches_the_deployment_and_a_deleted_one_is_named
     )
     assert missing["status"] == "False"
     assert "spec.models[0]" in missing["message"] and "'fast'" in missing["message"]
-    await wait_for(lambda: "InvalidSpec" in reasons_for(kube_emulator, "writer"), timeout=20)  # posted async
+    await wait_for(lambda: "InvalidSpec" in reasons_for(kube_emulator, "writer"), timeout=60)  # posted async
     # The Deployment stays as it was: its agents keep the Model's last spec.
     assert _models_env(kube_emulator, "writer-agent") == {"fast": moved}
 
@@ -95,5 +95,5 @@ async def test_a_pod_template_the_kubernetes_schema_rejects_is_an_invalid_spec(
     )
     assert found["status"] == "False"
     assert "spec.podTemplate.spec.containers[0].readinessProbe.periodSeconds" in found["message"]
-    await wait_for(lambda: "InvalidSpec" in reasons_for(kube_emulator, "typo"), timeout=20)  # posted async
+    await wait_for(lambda: "InvalidSpec" in reasons_for(kube_emulator, "typo"), timeout=60)  # posted async
     assert get(kube_emulator, DEPLOYMENTS, "typo-agent") is None

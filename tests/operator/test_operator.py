@@ -52,7 +52,7 @@ T = TypeVar("T")
 pytestmark = pytest.mark.timeout(120)
 
 
-async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 20.0) -> T:
+async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 60.0) -> T:
     """Poll an async probe until it returns something truthy (a bound on waiting, not a timing test)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -111,12 +111,12 @@ async def _apply_hello(emulator: KubeEmulator, op: RunningOperator, agents: Agen
         emulator.create_object(resource, {**doc, "metadata": {**doc["metadata"], "namespace": NAMESPACE}})
     await wait_for(
         lambda: get(emulator, DEPLOYMENTS, "greeter-agent") and get(emulator, DEPLOYMENTS, "analyst-agent"),
-        timeout=20,
+        timeout=60,
     )
     for doc in _hello_documents():
         if doc["kind"] == "Agent" and not any(p.agent == doc["metadata"]["name"] for p in agents.procs):
             agents.start(Agent.model_validate(doc), HELLO)
-    await wait_for(lambda: workflow_valid(emulator, "hello"), timeout=20)
+    await wait_for(lambda: workflow_valid(emulator, "hello"), timeout=60)
 
 
 # ------------------------------------------------------------------------- Agents
@@ -135,7 +135,7 @@ async def test_agent_becomes_a_deployment_with_owner_env_and_security(
         "metrics": {"enabled": True, "port": 9100},
     }
     agent = kube_emulator.create_object(AGENTS, manifest("Agent", "scribe", spec))
-    deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "scribe-agent"), timeout=20)
+    deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "scribe-agent"), timeout=60)
 
     (owner,) = deployment["metadata"]["ownerReferences"]
     assert owner == {
@@ -203,7 +203,7 @@ async def test_agents_mount_the_nats_credentials_the_operator_is_told_of(
         kube_emulator, fresh_nats.url, agent_nats_creds_secret="agents-nats", agent_nats_creds_key="a.creds"
     ):
         kube_emulator.create_object(AGENTS, manifest("Agent", "vault", {"image": "registry.example/a:1"}))
-        deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "vault-agent"), timeout=20)
+        deployment = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "vault-agent"), timeout=60)
     pod = deployment["spec"]["template"]["spec"]
     volume = next(v for v in pod["volumes"] if v["name"] == "nats-creds")
     assert volume["secret"]["secretName"] == "agents-nats"
@@ -219,7 +219,7 @@ async def test_agent_spec_change_updates_the_deployment(
         "metrics": {"enabled": True},
     }
     kube_emulator.create_object(AGENTS, manifest("Agent", "editor", spec))
-    first = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "editor-agent"), timeout=20)
+    first = await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "editor-agent"), timeout=60)
     await wait_for(lambda: get(kube_emulator, SERVICES, "editor-agent"))
 
     kube_emulator.patch_object(
@@ -241,13 +241,13 @@ async def test_agent_spec_change_updates_the_deployment(
         deployment = get(kube_emulator, DEPLOYMENTS, "editor-agent")
         return deployment if deployment and _env(deployment)["CADENZA_CONCURRENCY"] == "2" else None
 
-    deployment = await wait_for(updated, timeout=20)
+    deployment = await wait_for(updated, timeout=60)
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "registry.example/agents:2.0"
     assert "MODEL" not in _env(deployment)  # a removed variable goes (lists are replaced, not merged)
     assert container["resources"] == {"limits": {"memory": "256Mi"}}
     assert deployment["metadata"]["uid"] == first["metadata"]["uid"]  # patched in place, not re-created
-    await wait_for(lambda: get(kube_emulator, SERVICES, "editor-agent") is None, timeout=20)
+    await wait_for(lambda: get(kube_emulator, SERVICES, "editor-agent") is None, timeout=60)
     await wait_for(
         lambda: status_of(kube_emulator, AGENTS, "editor").get("observedGeneration") == 2, timeout=20
     )
@@ -262,24 +262,24 @@ async def test_agent_autoscales_on_queue_depth_to_zero_and_back(
         "autoscaling": {"minReplicas": 0, "maxReplicas": 3, "targetPendingPerReplica": 2},
     }
     kube_emulator.create_object(AGENTS, manifest("Agent", "bursty", spec))
-    await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "bursty-agent"), timeout=20)
+    await wait_for(lambda: get(kube_emulator, DEPLOYMENTS, "bursty-agent"), timeout=60)
 
     def replicas() -> int:
         return int((get(kube_emulator, DEPLOYMENTS, "bursty-agent") or {})["spec"]["replicas"])
 
     # Nothing queued and no replica running: scaled to zero.
-    await wait_for(lambda: replicas() == 0, timeout=20)
+    await wait_for(lambda: replicas() == 0, timeout=60)
     for n in range(5):  # 5 tasks, 2 per replica: ceil(5/2) = 3 = maxReplicas
         await operator.call(
             lambda ctx, n=n: ctx.js.publish(task_subject(NAMESPACE, "bursty"), dumps({"n": n}))
         )
-    await wait_for(lambda: replicas() == 3, timeout=20)
-    await wait_for(lambda: status_of(kube_emulator, AGENTS, "bursty").get("pending") == 5, timeout=20)
+    await wait_for(lambda: replicas() == 3, timeout=60)
+    await wait_for(lambda: status_of(kube_emulator, AGENTS, "bursty").get("pending") == 5, timeout=60)
     await wait_for(lambda: "Scaled" in reasons_for(kube_emulator, "bursty"))
     await operator.call(
         lambda ctx: ctx.js.purge_stream(TASKS_STREAM, subject=task_subject(NAMESPACE, "bursty"))
     )
-    await wait_for(lambda: replicas() == 0, timeout=20)
+    await wait_for(lambda: replicas() == 0, timeout=60)
     status = await wait_for(
         lambda: (s := status_of(kube_emulator, AGENTS, "bursty")).get("pending") == 0 and s
     )
@@ -296,7 +296,7 @@ async def test_agent_without_image_is_reported_not_crash_looped(
         conditions = status_of(kube_emulator, AGENTS, "imageless").get("conditions") or []
         return next((c for c in conditions if c["reason"] == "InvalidSpec"), None)
 
-    ready = await wait_for(reported, timeout=20)
+    ready = await wait_for(reported, timeout=60)
     assert ready["type"] == "Ready" and ready["status"] == "False"
     assert ready["message"].startswith("spec.image:")
     await wait_for(lambda: "InvalidSpec" in reasons_for(kube_emulator, "imageless"))
@@ -316,7 +316,7 @@ async def test_invalid_workflow_gets_an_invalid_condition_and_a_warning_event(
         conditions = status_of(kube_emulator, WORKFLOWS, "broken").get("conditions") or []
         return next((c for c in conditions if c["type"] == "Valid"), None)
 
-    valid = await wait_for(condition, timeout=20)
+    valid = await wait_for(condition, timeout=60)
     assert valid["status"] == "False" and valid["reason"] == "Invalid"
     assert valid["message"] == "spec.steps[1].dependsOn[0]: unknown step 'nope'"
     warnings = await wait_for(
@@ -327,7 +327,7 @@ async def test_invalid_workflow_gets_an_invalid_condition_and_a_warning_event(
 
     # Fixed: valid again, and published for the engine.
     kube_emulator.patch_object(WORKFLOWS, NAMESPACE, "broken", {"spec": {"steps": steps[:1]}})
-    await wait_for(lambda: workflow_valid(kube_emulator, "broken"), timeout=20)
+    await wait_for(lambda: workflow_valid(kube_emulator, "broken"), timeout=60)
     status = status_of(kube_emulator, WORKFLOWS, "broken")
     assert status["steps"] == 1
     assert status["observedGeneration"] == 2
@@ -346,7 +346,7 @@ async def test_workflow_failing_the_model_names_the_field(
         conditions = status_of(kube_emulator, WORKFLOWS, "misnamed").get("conditions") or []
         return next((c["message"] for c in conditions if c["type"] == "Valid" and c["status"] == "False"), "")
 
-    assert (await wait_for(message, timeout=20)).startswith("spec.steps[0].name:")
+    assert (await wait_for(message, timeout=60)).startswith("spec.steps[0].name:")
 
 
 # ------------------------------------------------------------------- WorkflowRuns
@@ -367,7 +367,7 @@ async def test_editing_a_started_workflowrun_is_refused_with_an_event(
         lambda: next(
             (e for e in events_for(kube_emulator, "hello-edit") if e["reason"] == "SpecChangeIgnored"), None
         ),
-        timeout=20,
+        timeout=60,
     )
     assert event["type"] == "Warning"
     assert event["message"].startswith("spec.input changed after the WorkflowRun was created")
@@ -443,7 +443,7 @@ async def test_workflowrun_succeeds_with_status_mirrored_and_bounded_api_writes(
         "output": {"items": "${{ size(input.texts) }}"},
     }
     kube_emulator.create_object(WORKFLOWS, manifest("Workflow", "fanout", fanout))
-    await wait_for(lambda: workflow_valid(kube_emulator, "fanout"), timeout=20)
+    await wait_for(lambda: workflow_valid(kube_emulator, "fanout"), timeout=60)
     kube_emulator.clear_request_log()
     started = time.monotonic()
     texts = [f"item number {i}" for i in range(1000)]
@@ -482,7 +482,7 @@ async def test_run_input_rejected_by_the_schema_fails_the_workflowrun(
     kube_emulator.create_object(
         WORKFLOWRUNS, manifest("WorkflowRun", "hello-empty", {"workflowRef": "hello", "input": {"name": ""}})
     )
-    status = await wait_for(_phase(kube_emulator, "hello-empty", "Failed"), timeout=20)
+    status = await wait_for(_phase(kube_emulator, "hello-empty", "Failed"), timeout=60)
     assert status["message"].startswith("spec.input.name:")
     await wait_for(lambda: "InvalidInput" in reasons_for(kube_emulator, "hello-empty"))
 
@@ -495,7 +495,7 @@ async def test_workflowrun_spec_its_model_rejects_fails_naming_the_field(
     kube_emulator.create_object(
         WORKFLOWRUNS, manifest("WorkflowRun", "typo", {"workflowRef": "hello", "inptu": {"name": "Ada"}})
     )
-    status = await wait_for(_phase(kube_emulator, "typo", "Failed"), timeout=20)
+    status = await wait_for(_phase(kube_emulator, "typo", "Failed"), timeout=60)
     assert status["message"] == "spec.inptu: unknown field"
     (failed,) = status["conditions"]
     assert (failed["type"], failed["status"], failed["reason"]) == ("Succeeded", "False", "InvalidSpec")
@@ -510,7 +510,7 @@ async def test_workflowrun_waits_for_its_workflow(
         lambda: (
             "waiting for Workflow later" in status_of(kube_emulator, WORKFLOWRUNS, "early").get("message", "")
         ),
-        timeout=20,
+        timeout=60,
     )
     await wait_for(lambda: "WorkflowNotFound" in reasons_for(kube_emulator, "early"))
     # An approval that times out into "approve" needs no agent: the run just succeeds.
@@ -532,7 +532,7 @@ async def _gated(kube_emulator: KubeEmulator, op: RunningOperator, agents: Agent
     await _apply_hello(kube_emulator, op, agents)
     if get(kube_emulator, WORKFLOWS, "gated") is None:
         kube_emulator.create_object(WORKFLOWS, manifest("Workflow", "gated", GATED))
-    await wait_for(lambda: workflow_valid(kube_emulator, "gated"), timeout=20)
+    await wait_for(lambda: workflow_valid(kube_emulator, "gated"), timeout=60)
     kube_emulator.create_object(WORKFLOWRUNS, manifest("WorkflowRun", run, {"workflowRef": "gated"}))
     status = await wait_for(_waiting(kube_emulator, run, "gate"), timeout=30)
     assert status["phase"] == "Running"
@@ -586,7 +586,7 @@ async def test_deleting_a_running_workflowrun_cancels_the_run(
         "cadenza.dev/finalizer" in get(kube_emulator, WORKFLOWRUNS, "gated-delete")["metadata"]["finalizers"]
     )
     kube_emulator.delete_object(WORKFLOWRUNS, NAMESPACE, "gated-delete")
-    await wait_for(lambda: get(kube_emulator, WORKFLOWRUNS, "gated-delete") is None, timeout=20)
+    await wait_for(lambda: get(kube_emulator, WORKFLOWRUNS, "gated-delete") is None, timeout=60)
 
     async def cancelled() -> Any:
         state = await operator.call(lambda ctx: ctx.engine.client.get(run_id))
@@ -636,7 +636,7 @@ async def test_triggered_runs_are_mirrored_and_garbage_collected(
         "runHistoryLimit": 1,
     }
     kube_emulator.create_object(WORKFLOWS, manifest("Workflow", "greet-on", spec))
-    await wait_for(lambda: workflow_valid(kube_emulator, "greet-on"), timeout=20)
+    await wait_for(lambda: workflow_valid(kube_emulator, "greet-on"), timeout=60)
 
     def creates() -> int:
         return sum(
@@ -670,7 +670,7 @@ async def test_triggered_runs_are_mirrored_and_garbage_collected(
         status = status_of(kube_emulator, WORKFLOWS, "greet-on")
         return status if status.get("runs") == {"Succeeded": 1} else None
 
-    status = await wait_for(counted, timeout=20)
+    status = await wait_for(counted, timeout=60)
     assert status["lastRun"] == kept["metadata"]["name"]
     assert status["activeRuns"] == 0
     assert status["lastRunPhase"] == "Succeeded"
@@ -684,7 +684,7 @@ async def test_deleting_a_workflowrun_right_after_it_started_cancels_the_run(
     kube_emulator.create_object(
         WORKFLOWS, manifest("Workflow", "waits", {"steps": [{"name": "gate", "approval": {}}]})
     )
-    await wait_for(lambda: workflow_valid(kube_emulator, "waits"), timeout=20)
+    await wait_for(lambda: workflow_valid(kube_emulator, "waits"), timeout=60)
     kube_emulator.create_object(
         WORKFLOWRUNS, manifest("WorkflowRun", "short-lived", {"workflowRef": "waits"})
     )
@@ -694,9 +694,9 @@ async def test_deleting_a_workflowrun_right_after_it_started_cancels_the_run(
         annotations = obj.get("metadata", {}).get("annotations") or {}
         return obj if "operator.cadenza.dev/last-handled-configuration" in annotations else None
 
-    obj = await wait_for(handled, timeout=20)
+    obj = await wait_for(handled, timeout=60)
     kube_emulator.delete_object(WORKFLOWRUNS, NAMESPACE, "short-lived")
-    await wait_for(lambda: get(kube_emulator, WORKFLOWRUNS, "short-lived") is None, timeout=20)
+    await wait_for(lambda: get(kube_emulator, WORKFLOWRUNS, "short-lived") is None, timeout=60)
 
     run_id = run_id_of(kopf.Body(obj))
 

@@ -27,11 +27,11 @@ async def test_a_trigger_event_whose_dedup_key_fails_gives_the_workflow_a_warnin
         conditions = status_of(kube_emulator, WORKFLOWS, "paged").get("conditions") or []
         return any(c["type"] == "Valid" and c["status"] == "True" for c in conditions)
 
-    await wait_for(valid, timeout=20)
+    await wait_for(valid, timeout=60)
     await operator.call(lambda ctx: ctx.nc.publish("test.operator.paged", dumps({"other": 1})))
     warnings = await wait_for(
         lambda: [e for e in events_for(kube_emulator, "paged") if e["reason"] == "TriggerEventFailed"],
-        timeout=20,
+        timeout=60,
     )
     (event,) = warnings
     assert event["type"] == "Warning"
