@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cadenza_operator.local.nats_server import NatsServer
@@ -77,4 +79,22 @@ def cadenza(
         cwd=cwd or ROOT,
         env=env if env is not None else {**os.environ, "CADENZA_LOG_FORMAT": "json"},
         stdin=subprocess.DEVNULL,
+    )
+
+
+async def cadenza_process(
+    *args: str, stdout: Any = asyncio.subprocess.PIPE, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """`cadenza` started as a user would (as `cadenza()` does) for a test that reads its
+    output while it runs: stdout (piped unless given) and stderr piped, stdin closed."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cadenza_operator.cli",
+        *args,
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env if env is not None else {**os.environ, "CADENZA_LOG_FORMAT": "json"},
     )

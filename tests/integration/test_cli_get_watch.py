@@ -11,7 +11,6 @@ import json
 import os
 import pty
 import signal
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +21,7 @@ from cadenza_operator.engine.runtime import Engine
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.models import WorkflowSpec
 
-from ..conftest import ROOT, cadenza
+from ..conftest import cadenza, cadenza_process
 from .harness import poll, running_engine, serving, unique_namespace
 
 SPEC = {
@@ -60,23 +59,8 @@ async def stack(nats_server: NatsServer) -> AsyncIterator[dict[str, Any]]:
 
 
 async def watch(stack: dict[str, Any], run: str, *more: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cadenza_operator.cli",
-        "get",
-        run,
-        "--watch",
-        *more,
-        "--nats",
-        stack["url"],
-        "-n",
-        stack["namespace"],
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-        cwd=ROOT,
-        env={**os.environ, "CADENZA_LOG_FORMAT": "json"},
+    return await cadenza_process(
+        "get", run, "--watch", *more, "--nats", stack["url"], "-n", stack["namespace"]
     )
 
 
@@ -161,10 +145,7 @@ async def test_on_a_terminal_the_tree_is_redrawn_in_place(stack: dict[str, Any])
     controller, terminal = pty.openpty()
     env = {**os.environ, "CADENZA_LOG_FORMAT": "json", "COLUMNS": "120", "LINES": "40", "TERM": "xterm"}
     args = ("get", run, "--watch", "--nats", stack["url"], "-n", stack["namespace"])
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cadenza_operator.cli", *args, stdout=terminal, stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL, cwd=ROOT, env=env,
-    )  # fmt: skip
+    proc = await cadenza_process(*args, stdout=terminal, env=env)
     os.close(terminal)
     screen = bytearray()
 

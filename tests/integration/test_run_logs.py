@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from cadenza_operator.engine.runtime import Engine
 from cadenza_operator.local.processes import AgentProcesses
 from cadenza_operator.models import Agent, WorkflowSpec
 
-from ..conftest import ROOT, cadenza
+from ..conftest import cadenza, cadenza_process
 from .harness import poll, running_engine, unique_namespace
 
 AGENT = """
@@ -156,23 +155,7 @@ async def test_follow_prints_lines_as_they_come_and_ends_with_the_run(stack: dic
     engine, ns, url = stack["engine"], stack["namespace"], stack["url"]
     wf = compile_workflow("gate", WorkflowSpec.model_validate(GATED), ns)
     run = await engine.client.start(wf, {})
-    follower = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cadenza_operator.cli",
-        "logs",
-        run,
-        "gated",
-        "--follow",
-        "--nats",
-        url,
-        "-n",
-        ns,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-        env={**os.environ, "CADENZA_LOG_FORMAT": "json"},
-    )
+    follower = await cadenza_process("logs", run, "gated", "--follow", "--nats", url, "-n", ns)
     assert follower.stdout is not None
     try:
         first = await asyncio.wait_for(follower.stdout.readline(), 60)

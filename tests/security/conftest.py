@@ -4,6 +4,7 @@ with Cadenza's streams and buckets created by the engine's credential."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,13 @@ from typing import Any
 import nats
 import pytest
 from cadenza.nats import inbox_prefix
+from cadenza_operator.local.dev import DevServer
 from cadenza_operator.local.nats_server import NatsServer
+from cadenza_operator.local.secure import LocalCredentials
+from cadenza_operator.manifests import load
 from cadenza_operator.security.nats_auth import AuthKeys, Permissions, mint_user, server_config, write_creds
+
+from ..integration.harness import poll
 
 
 @dataclass
@@ -81,3 +87,24 @@ async def connect(secure_bus: SecureBus) -> AsyncIterator[Callable[[str | None],
     for conn in opened:
         if conn.nc is not None and not conn.nc.is_closed:
             await conn.nc.close()
+
+
+@contextlib.asynccontextmanager
+async def held_at_gate(
+    tmp_path: Path, workflow: str, run: str
+) -> AsyncIterator[tuple[DevServer, LocalCredentials]]:
+    """A `dev --secure` stack (operator mode, one credential per identity) with `run` of
+    `workflow` (the Workflow `gated`, whose step `gate` is an approval) waiting at the gate."""
+    (tmp_path / "workflow.yaml").write_text(workflow)
+    bundle = load([tmp_path], namespace="default")
+    async with DevServer(bundle, secure=True) as server:
+        assert server.stack.credentials is not None
+        client = server.engine.client
+        await client.start(bundle.compiled["gated"], {}, run_id=run)
+
+        async def waiting() -> bool:
+            state = await client.get(run)
+            return state is not None and state.steps["gate"].phase == "WaitingApproval"
+
+        await poll(waiting, 60)
+        yield server, server.stack.credentials

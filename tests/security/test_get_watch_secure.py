@@ -6,16 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from cadenza_operator.local.dev import DevServer
-from cadenza_operator.manifests import load
-
-from ..conftest import ROOT
-from ..integration.harness import poll
+from ..conftest import cadenza_process
+from .conftest import held_at_gate
 
 WORKFLOW = """
 apiVersion: cadenza.dev/v1alpha1
@@ -30,38 +25,12 @@ WAIT = 60  # bounded waits for what must happen, not timings
 
 
 async def test_a_client_credential_watches_by_polling(tmp_path: Path) -> None:
-    (tmp_path / "workflow.yaml").write_text(WORKFLOW)
-    bundle = load([tmp_path], namespace="default")
-    async with DevServer(bundle, secure=True) as server:
-        credentials = server.stack.credentials
-        assert credentials is not None
+    run = "gated-watched"
+    async with held_at_gate(tmp_path, WORKFLOW, run) as (server, credentials):
         engine = server.engine
-        run = "gated-watched"
-        await engine.client.start(bundle.compiled["gated"], {}, run_id=run)
-
-        async def waiting() -> bool:
-            state = await engine.client.get(run)
-            return state is not None and state.steps["gate"].phase == "WaitingApproval"
-
-        await poll(waiting, WAIT)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "cadenza_operator.cli",
-            "get",
-            run,
-            "--watch",
-            "-o",
-            "json",
-            "--nats",
-            server.url,
-            "--creds",
-            credentials.client("alice"),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL,
-            cwd=ROOT,
-            env={**os.environ, "CADENZA_LOG_FORMAT": "json"},
+        creds = credentials.client("alice")
+        proc = await cadenza_process(
+            "get", run, "--watch", "-o", "json", "--nats", server.url, "--creds", creds
         )
         assert proc.stdout is not None and proc.stderr is not None
         try:
