@@ -9,12 +9,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cadenza_operator.engine.control import as_user
+from cadenza_operator.engine.control import MAX_LISTED, as_user
+from cadenza_operator.engine.state import RunState
 from cadenza_operator.local.dev import DevServer
 from cadenza_operator.manifests import load
 
 from ..conftest import cadenza
 from ..integration.harness import poll
+from .conftest import held_at_gate
 
 WORKFLOW = """
 apiVersion: cadenza.dev/v1alpha1
@@ -36,22 +38,15 @@ def test_a_request_on_a_users_subject_decides_as_that_user() -> None:
 
 
 async def test_the_cli_approves_as_its_credentials_user(tmp_path: Path) -> None:
-    (tmp_path / "workflow.yaml").write_text(WORKFLOW)
-    bundle = load([tmp_path], namespace="default")
-    async with DevServer(bundle, secure=True) as server:
-        credentials = server.stack.credentials
-        assert credentials is not None
+    run = "gated-1"
+    async with held_at_gate(tmp_path, WORKFLOW, run) as (server, credentials):
         engine = server.engine
-        run = "gated-1"
-        await engine.client.start(bundle.compiled["gated"], {}, run_id=run)
 
         async def phase_of(step: str | None = None) -> Any:
             state = await engine.client.get(run)
             if state is None:
                 return None
             return state.steps[step].phase if step else state.phase
-
-        assert await poll(lambda: _equals(phase_of("gate"), "WaitingApproval"))
 
         async def approve(user: str, by: str) -> Any:
             creds = credentials.client(user)
@@ -102,3 +97,28 @@ async def _phase(engine: Any, run: str) -> Any:
 
 async def _equals(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
+
+
+async def test_a_client_credential_is_told_when_its_list_is_cut(tmp_path: Path) -> None:
+    """An engine answers `list` with MAX_LISTED runs at most (one message): a client asking
+    for more gets those and a note saying so, never a silently shorter list."""
+    (tmp_path / "workflow.yaml").write_text(WORKFLOW)
+    async with DevServer(load([tmp_path], namespace="default"), secure=True) as server:
+        assert server.stack.credentials is not None
+        kv = server.engine.client.kv
+        for n in range(MAX_LISTED + 1):  # records as an engine writes them, of ended runs
+            done = RunState(
+                run=f"old-{n:04d}", workflow="gated", definition="d", createdAt=1000.0 + n, phase="Succeeded"
+            )
+            await kv.put(done.run, done.to_bytes())
+        common = ("--nats", server.url, "--creds", server.stack.credentials.client("alice"), "-n", "default")
+
+        cut = await asyncio.to_thread(cadenza, "list", *common, "--limit", "1000", "--output", "json")
+        assert cut.returncode == 0, cut.stderr
+        runs = [r["run"] for r in json.loads(cut.stdout)]
+        assert runs == [f"old-{n:04d}" for n in range(MAX_LISTED, 0, -1)]  # the newest, newest first
+        assert f"at most {MAX_LISTED} runs" in cut.stderr
+
+        whole = await asyncio.to_thread(cadenza, "list", *common, "--limit", "20", "--output", "json")
+        assert whole.returncode == 0 and len(json.loads(whole.stdout)) == 20, whole.stderr
+        assert "at most" not in whole.stderr

@@ -506,6 +506,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     from nats.errors import TimeoutError as NatsTimeout
 
+    from .engine.control import MAX_LISTED
     from .engine.view import RunFilter, run_view, summary
     from .observe.listing import parse_since, run_table
     from .observe.terminal import show
@@ -537,6 +538,12 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"error: {reply.get('error')}", file=sys.stderr)
             return EXIT_FAILED
         rows = list(reply.get("runs") or [])
+        if args.limit > MAX_LISTED and len(rows) >= MAX_LISTED:
+            print(
+                f"note: an engine lists at most {MAX_LISTED} runs for a client credential (one "
+                "message); narrow the list with --workflow, --phase or --since",
+                file=sys.stderr,
+            )
     else:
 
         async def read(client: Any) -> None:

@@ -43,9 +43,9 @@ CONTROL_QUEUE = "cadenza-engines"
 """The queue group every engine's responder joins: one answer per request."""
 OPERATIONS = frozenset({"approve", "signal", "cancel", "resume", "retry", "list"})
 MAX_LISTED = 500
+"""Runs one `list` answer carries at most: their summaries fit one NATS message."""
 RECORDED_WAIT = 5.0
 """Seconds a retry's answer waits for the new run's record (see `_until_recorded`)."""
-"""Runs one `list` answer carries at most: their summaries fit one NATS message."""
 
 
 def control_subject(namespace: str, user: str | None = None) -> str:
