@@ -1059,7 +1059,7 @@ def build_parser() -> argparse.ArgumentParser:
         for positional in positionals:
             cmd.add_argument(positional)
         nats_option(cmd)
-        cmd.add_argument("--namespace", default="default")
+        cmd.add_argument("-n", "--namespace", default="default", help="the run's namespace")
         cmd.add_argument(
             "--kubeconfig",
             metavar="FILE",
@@ -1140,7 +1140,6 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--follow", action="store_true", help="print new lines as they come until the run ends"
     )
     logs.add_argument("--output", choices=["text", "json"], default="text", help="json: one object per line")
-    logs.add_argument("-n", dest="namespace", default="default", help="the run's namespace (as --namespace)")
 
     lst = sub.add_parser("list", help="list runs, newest first (like argo list)")
     nats_option(lst)
@@ -1158,7 +1157,6 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_get,
         "show a run as a tree of steps: phases, attempts, waiting vs executing, usage, messages",
     )
-    get.add_argument("-n", dest="namespace", default="default", help="the run's namespace (as --namespace)")
     get.add_argument("--output", "-o", choices=["text", "json"], default="text")
     get.add_argument(
         "--watch",
@@ -1180,7 +1178,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEP",
         help="re-run STEP and what depends on it too, even if they succeeded",
     )
-    rt.add_argument("-n", dest="namespace", default="default", help="the run's namespace (as --namespace)")
     rt.add_argument("--by", default="cli")
 
     dead = sub.add_parser("dead-letters", help="list tasks and events given up on, with the reason")
