@@ -144,9 +144,9 @@ def test_ids_are_the_same_for_every_engine_and_distinct_per_thing() -> None:
     assert len(ids) == 7 and span_id("r1", "step", "a") == span_id("r1", "step", "a")
     tp = traceparent(state(), "a", None, 2)
     assert tp == f"00-{trace_id('root'):032x}-{span_id('r1', 'attempt', 'a', None, 2):016x}-01"
-    # An item of a forEach has no attempt span (the record keeps no item attempts): its
-    # work nests under the step.
-    assert attempt_parent("r1", "a", 3, 1) == span_id("r1", "step", "a")
+    # A forEach item's work nests under that item's attempt, not under the step.
+    assert attempt_parent("r1", "a", 3, 1) == span_id("r1", "attempt", "a", 3, 1)
+    assert len({attempt_parent("r1", "a", i, n) for i in (None, 0, 3) for n in (1, 2)}) == 6
 
 
 @pytest.mark.parametrize(

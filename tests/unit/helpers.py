@@ -60,6 +60,7 @@ class Driver:
     parent: dict[str, Any] | None = None
     now: float = T0
     parse_every: int = 1  # decide on a fresh parse of the record every N events (1: always)
+    trace: bool = False  # decide as an engine with traces on (Decision.item_attempts)
 
     state: RunState = field(init=False)
     store: dict[str, Any] = field(default_factory=dict)  # the outputs bucket
@@ -136,7 +137,7 @@ class Driver:
         state = RunState.from_bytes(data) if fresh else self.state
         for _ in range(5):
             try:
-                return decide(state, ev, self.wf, self.loaded, memo=self.memo, copy=False)
+                return decide(state, ev, self.wf, self.loaded, memo=self.memo, copy=False, trace=self.trace)
             except MissingOutputs as missing:
                 state = RunState.from_bytes(data)  # the failed call may have changed it
                 for key in missing.keys:

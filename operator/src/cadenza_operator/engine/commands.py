@@ -13,7 +13,7 @@ asks agents to stop what may already have stopped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -88,8 +88,13 @@ class Audit:
     decision is committed (again when its outbox is carried out again)."""
 
     records: list[dict[str, Any]]
+    # The forEach item attempts the decision ended (Decision.item_attempts), for their spans
+    # (engine/tracing.py); not published. Absent from the outboxes of older engines.
+    item_attempts: list[dict[str, Any]] = field(default_factory=list)
 
     def wire(self) -> dict[str, Any]:
+        if self.item_attempts:
+            return {"op": "audit", "records": self.records, "itemAttempts": self.item_attempts}
         return {"op": "audit", "records": self.records}
 
 
@@ -111,5 +116,5 @@ def from_wire(cmd: dict[str, Any]) -> Command | None:
             cmd["run"], cmd.get("workflow"), cmd["namespace"], cmd.get("input"), cmd["scope"], cmd["parent"]
         )
     if op == "audit":
-        return Audit(cmd.get("records") or [])
+        return Audit(cmd.get("records") or [], cmd.get("itemAttempts") or [])
     return None

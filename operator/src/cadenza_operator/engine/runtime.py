@@ -481,7 +481,7 @@ class Engine:
             committed = time.time()
             fresh = _Cached(data, revision, executed=False, memo=cached.memo, outputs=cached.outputs)
             await self._put_status(new, wf, cached.revision, revision)  # before the decision's tasks
-            await self._execute(new, decision.commands, decision.audit, committed)
+            await self._execute(new, decision.commands, decision.audit, committed, decision.item_attempts)
             fresh.executed = True
             fresh.state = new
             self._remember(run, fresh, new.terminal)
@@ -690,6 +690,7 @@ class Engine:
                         memo=cached.memo,
                         copy=False,
                         max_value_bytes=self.settings.max_value_bytes,
+                        trace=self.tracer is not None,
                     )
                     total.absorb(d)
                     cached.outputs.update(d.stores)
@@ -738,12 +739,14 @@ class Engine:
         todo: list[commands.Command],
         audit: list[dict[str, Any]] | None = None,
         committed: float | None = None,
+        item_attempts: list[dict[str, Any]] | None = None,
     ) -> None:
         jobs = []
         # Publishes put on the connection in the outbox's order; their PubAcks are awaited
         # together below (Publisher.send: no task per publish).
         sent: list[asyncio.Future[Any]] = []
         records = list(audit or ())
+        ended = list(item_attempts or ())  # forEach item attempts the decision ended (spans)
         try:
             for cmd in todo:
                 if isinstance(cmd, commands.Dispatch | commands.Publish):
@@ -759,6 +762,7 @@ class Engine:
                     jobs.append(self._start_child(cmd))
                 elif isinstance(cmd, commands.Audit):  # a stored outbox carried out again
                     records.extend(cmd.records)
+                    ended.extend(cmd.item_attempts)
             if records:
                 sent.append(await self._send_audit(state, records, committed))
         except BaseException:
@@ -769,8 +773,8 @@ class Engine:
             for job in jobs:
                 job.close()
             raise
-        if records and self.tracer is not None:  # the spans the committed decision finished
-            self.tracer.emit(state, records)
+        if (records or ended) and self.tracer is not None:  # the spans the committed decision finished
+            self.tracer.emit(state, records, ended)
         if jobs:
             await asyncio.gather(*jobs, self.pub.settle(sent))
         else:

@@ -10,7 +10,10 @@ again by another engine) has the same ids as the first.
 
 Which spans a decision finishes is read from its audit records, which travel in the
 record's outbox (engine/runtime.py carries them out after the commit, and again when
-another engine loads an outbox not carried out): `finished_spans` is pure.
+another engine loads an outbox not carried out): `finished_spans` is pure. The record
+keeps no attempts of forEach items (it stays bounded for 10,000 of them): the times of an
+item attempt the decision ended travel beside its audit records instead
+(`Decision.item_attempts`, kept only when traces are on).
 
 Off unless the standard OTLP variables are set (`enabled`: the agents' rule, from
 cadenza.tracing): opentelemetry is then not even imported, and tasks carry no
@@ -61,12 +64,9 @@ def span_id(run: str, kind: str, step: str = "", item: int | None = None, attemp
 
 
 def attempt_parent(run: str, step: str, item: int | None, attempt: int) -> int:
-    """The span a step's attempt nests its work under (the agent's handler, a child run):
-    the attempt's span, or for a forEach item, the step's (the record keeps no attempts of
-    items, to stay bounded for 10,000 of them, so there is no item attempt span)."""
-    if item is not None:
-        return span_id(run, "step", step)
-    return span_id(run, "attempt", step, None, attempt)
+    """The span a step's attempt, or a forEach item's, nests its work under (the agent's
+    handler, a child run): that attempt's span."""
+    return span_id(run, "attempt", step, item, attempt)
 
 
 def traceparent(state: RunState, step: str, item: int | None, attempt: int) -> str:
@@ -137,7 +137,9 @@ def _run_span(state: RunState, tid: int) -> SpanData:
 
 def _step_span(state: RunState, name: str, st: StepState, tid: int, at: float) -> SpanData:
     end = st.finishedAt or at
-    starts = [t for t in (st.attempts[0].readyAt if st.attempts else None, st.firstQueuedAt) if t]
+    # A forEach keeps no attempts: its items are ready when it starts.
+    first = st.attempts[0].readyAt if st.attempts else (st.startedAt if st.forEach is not None else None)
+    starts = [t for t in (first, st.firstQueuedAt) if t]
     start = min([*starts, end])
     attributes: dict[str, Any] = {
         **_base(state, name),
@@ -165,15 +167,20 @@ def _step_span(state: RunState, name: str, st: StepState, tid: int, at: float) -
     )
 
 
-def _attempt_spans(state: RunState, name: str, a: Attempt, tid: int, at: float) -> list[SpanData]:
-    """The attempt, and its waiting (ready -> started) and executing (started -> finished)
-    in it. Times come from two clocks (the engine's and the agent's): each is clamped into
-    the attempt so that the children stay inside their parent."""
+def _attempt_spans(
+    state: RunState, name: str, a: Attempt, tid: int, at: float, item: int | None = None
+) -> list[SpanData]:
+    """The attempt (of the step, or of its forEach item `item`), and its waiting (ready ->
+    started) and executing (started -> finished) in it. Times come from two clocks (the
+    engine's and the agent's): each is clamped into the attempt so that the children stay
+    inside their parent."""
     ready = a.readyAt if a.readyAt is not None else a.queuedAt
     end = max(ready, a.finishedAt if a.finishedAt is not None else at)
     started = min(max(a.startedAt, ready), end) if a.startedAt is not None else None
-    own = span_id(state.run, "attempt", name, None, a.n)
+    own = span_id(state.run, "attempt", name, item, a.n)
     base = {**_base(state, name), "cadenza.attempt": a.n}
+    if item is not None:
+        base["cadenza.item"] = item
     outcome = a.outcome or ("Cancelled" if a.finishedAt is None else "Unknown")
     attributes = {
         **base,
@@ -188,7 +195,7 @@ def _attempt_spans(state: RunState, name: str, a: Attempt, tid: int, at: float) 
         error = str((a.error or {}).get("message") or outcome)
     spans = [
         SpanData(
-            f"attempt {name} #{a.n}",
+            f"attempt {name} #{a.n}" if item is None else f"attempt {name}#{item} #{a.n}",
             tid,
             own,
             span_id(state.run, "step", name),
@@ -204,7 +211,7 @@ def _attempt_spans(state: RunState, name: str, a: Attempt, tid: int, at: float) 
         SpanData(
             "waiting",
             tid,
-            span_id(state.run, "waiting", name, None, a.n),
+            span_id(state.run, "waiting", name, item, a.n),
             own,
             ready,
             waiting_end,
@@ -215,7 +222,7 @@ def _attempt_spans(state: RunState, name: str, a: Attempt, tid: int, at: float) 
     if started is not None:
         spans.append(
             SpanData(
-                "executing", tid, span_id(state.run, "executing", name, None, a.n), own, started, end, base
+                "executing", tid, span_id(state.run, "executing", name, item, a.n), own, started, end, base
             )
         )
     return spans
@@ -230,14 +237,26 @@ def _base(state: RunState, step: str) -> dict[str, Any]:
     }
 
 
-def finished_spans(state: RunState, records: Iterable[dict[str, Any]]) -> list[SpanData]:
-    """The spans that the decision whose audit `records` are given finished, from the
-    record `state` it wrote: an attempt a record names (a retry, a timeout, a cancel, a
-    budget stop), a step that reached a final phase (with its last attempt, unless a retry
-    record already ended that one), the run when it ended. Pure."""
+def finished_spans(
+    state: RunState, records: Iterable[dict[str, Any]], item_attempts: Iterable[dict[str, Any]] = ()
+) -> list[SpanData]:
+    """The spans that the decision whose audit `records` and `item_attempts` (the forEach
+    item attempts it ended, `Decision.item_attempts`) are given finished, from the record
+    `state` it wrote: each item attempt, an attempt a record names (a retry, a timeout, a
+    cancel, a budget stop), a step that reached a final phase (with its last attempt,
+    unless a retry record already ended that one), the run when it ended. Pure."""
     tid = trace_id(state.scope or state.run)
     spans: list[SpanData] = []
     attempts: set[tuple[str, int]] = set()
+    items: set[tuple[str, int, int]] = set()
+    for ended in item_attempts:
+        step, item = ended.get("step"), ended.get("item")
+        if not isinstance(step, str) or not isinstance(item, int) or step not in state.steps:
+            continue
+        a = Attempt.model_validate(ended)
+        if (step, item, a.n) not in items:
+            items.add((step, item, a.n))
+            spans.extend(_attempt_spans(state, step, a, tid, a.finishedAt or 0.0, item))
 
     def attempt(name: str, n: int, at: float) -> None:
         st = state.steps.get(name)
@@ -297,11 +316,16 @@ class Tracer:
         log.info("exporting traces by OTLP", service=resource.attributes.get("service.name"))
         return cls(BatchSpanProcessor(OTLPSpanExporter()), resource)
 
-    def emit(self, state: RunState, records: Iterable[dict[str, Any]]) -> None:
-        """Make the spans a committed decision finished; never raises (traces are not
-        worth a run)."""
+    def emit(
+        self,
+        state: RunState,
+        records: Iterable[dict[str, Any]],
+        item_attempts: Iterable[dict[str, Any]] = (),
+    ) -> None:
+        """Make the spans a committed decision finished (`finished_spans`); never raises
+        (traces are not worth a run)."""
         try:
-            for data in finished_spans(state, records):
+            for data in finished_spans(state, records, item_attempts):
                 with self._lock:
                     if data.span_id in self._recent:
                         continue

@@ -75,6 +75,7 @@ def decide(
     copy: bool = True,
     size_of: Callable[[Any], int] | None = None,
     max_value_bytes: int = MAX_VALUE_BYTES,
+    trace: bool = False,
 ) -> Decision:
     """Apply one event to a copy of `state`; return the new state and what to do.
 
@@ -83,6 +84,8 @@ def decide(
     `memo` caches values that cannot change once computed (a started forEach's list);
     `copy=False` lets a caller that parsed `state` for this call skip the deep copy.
     A step input or run output that renders larger than `max_value_bytes` fails.
+    `trace` (traces are on) keeps the times of the forEach item attempts it ends, for
+    their spans (`Decision.item_attempts`); off, nothing of them is kept.
     `event` is a parsed `cadenza.protocol.Event` (the runtime parses each event once), or
     its JSON object, validated here.
     """
@@ -98,18 +101,22 @@ def decide(
         size_of=size_of or json_size,
         memo=memo if memo is not None else {},
         max_value_bytes=max_value_bytes,
+        trace=trace,
     )
     apply(d)
     return d.decision
 
 
-def audit_commands(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def audit_commands(
+    records: list[dict[str, Any]], item_attempts: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """A decision's audit records, kept in the run record's outbox: the runtime publishes
     them to the audit stream after the write, and again whenever it carries out the outbox
-    again, so a committed decision's records cannot be lost on the way."""
-    return [Audit(records).wire()] if records else []
+    again, so a committed decision's records cannot be lost on the way. The item attempts
+    it ended (traces on) go along, for their spans only."""
+    return [Audit(records, item_attempts or []).wire()] if records or item_attempts else []
 
 
 def outbox(decision: Decision) -> list[dict[str, Any]]:
     """What the run record keeps of a decision: its commands and audit records, as JSON."""
-    return [cmd.wire() for cmd in decision.commands] + audit_commands(decision.audit)
+    return [cmd.wire() for cmd in decision.commands] + audit_commands(decision.audit, decision.item_attempts)

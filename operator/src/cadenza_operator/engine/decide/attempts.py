@@ -293,6 +293,19 @@ def finish_attempt(
         worker=ev.worker if isinstance(ev, AttemptEvent) else None,
         agent=ev.agent if isinstance(ev, AttemptEvent) else None,
     )
+    if item is not None:
+        item_attempt_ended(
+            d,
+            name,
+            item,
+            slot,
+            outcome,
+            started=started,
+            finished=finished,
+            error=error,
+            worker=ev.worker if isinstance(ev, AttemptEvent) else None,
+            agent=ev.agent if isinstance(ev, AttemptEvent) else None,
+        )
     stages = attempt_stages(slot.readyAt, slot.queuedAt, started, finished)
     st = d.st(name)
     st.timing = st.timing or Timing()
@@ -301,6 +314,43 @@ def finish_attempt(
     slot.running = False
     if started is not None:
         slot.startedAt = started
+
+
+def item_attempt_ended(
+    d: Decider,
+    name: str,
+    item: int,
+    slot: Slot,
+    outcome: str,
+    *,
+    started: float | None,
+    finished: float,
+    error: dict[str, Any] | None = None,
+    worker: str | None = None,
+    agent: str | None = None,
+) -> None:
+    """Keep, when traces are on, what the span of a forEach item's attempt needs: the
+    record keeps no attempts of items, and the slot holding its times is emptied or gone
+    once the decision is made. It travels in the decision's outbox (commands.Audit) to
+    engine/tracing.py, and is not kept afterwards."""
+    if not d.trace:
+        return
+    ready = slot.readyAt if slot.readyAt is not None else slot.queuedAt
+    fields = {
+        "step": name,
+        "item": item,
+        "n": slot.attempt,
+        "readyAt": ready,
+        "queuedAt": slot.queuedAt if slot.queuedAt is not None else ready,
+        "startedAt": started,
+        "finishedAt": finished,
+        "outcome": outcome,
+        # What a span shows of an error (its type and message), not its traceback.
+        "error": {k: error[k] for k in ("type", "message") if k in error} if error else None,
+        "worker": worker,
+        "agent": agent,
+    }
+    d.decision.item_attempts.append({k: v for k, v in fields.items() if v is not None})
 
 
 def abandon(d: Decider, name: str, item: int | None, slot: Slot, error: dict[str, Any]) -> None:

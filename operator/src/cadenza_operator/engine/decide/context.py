@@ -68,6 +68,11 @@ class Decision:
     # (model, HTTP requests by outcome, seconds waited for rate limits, seconds of the last
     # exchange) of each usage event counted that measured its call (metrics)
     calls: list[tuple[str, dict[str, int], float | None, float | None]] = field(default_factory=list)
+    # Each forEach item attempt this decision ended, as an Attempt's fields plus `step` and
+    # `item`, when traces are on (`Decider.trace`): the record keeps no attempts of items
+    # (bounded for 10,000 of them), so their spans get their times from here, through the
+    # outbox (engine/tracing.py).
+    item_attempts: list[dict[str, Any]] = field(default_factory=list)
     changed: bool = False
 
     def absorb(self, later: Decision) -> None:
@@ -78,6 +83,7 @@ class Decision:
         self.timings += later.timings
         self.usage += later.usage
         self.calls += later.calls
+        self.item_attempts += later.item_attempts
         self.stores.update(later.stores)
         self.changed |= later.changed
 
@@ -125,9 +131,11 @@ class Decider:
         size_of: Callable[[Any], int],
         memo: dict[str, Any],
         max_value_bytes: int = MAX_VALUE_BYTES,
+        trace: bool = False,
     ) -> None:
         self.memo = memo
         self.max_value_bytes = max_value_bytes
+        self.trace = trace  # keep what item attempts' spans need (Decision.item_attempts)
         self.s = state
         self.wf = wf
         self.ev = event

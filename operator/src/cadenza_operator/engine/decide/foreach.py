@@ -91,6 +91,10 @@ def cancel_items(d: Decider, name: str, reason: str) -> None:
     for key, slot in list(st.forEach.running.items()):
         if is_workflow and slot.running:  # items of a sub-workflow step are child runs
             d.cancel_child(d.child_id(name, int(key), slot.attempt), reason)
+        if slot.running:
+            attempts.item_attempt_ended(
+                d, name, int(key), slot, "Cancelled", started=slot.startedAt, finished=d.now
+            )
         d.disarm_slot(name, int(key), slot.attempt)
         d.disarm(timer_id("retry", name, int(key), slot.attempt + 1))
     st.forEach.running.clear()
