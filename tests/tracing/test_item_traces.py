@@ -3,7 +3,8 @@ engine` processes and an agent process exporting by OTLP/HTTP to the test receiv
 items; item 1 fails once and is retried; the engine is killed while item 2 works and
 another one finishes the run. Each attempt of each item must be a span under the step,
 and the agent's handler for it must nest under that span, including the handler whose
-task the first engine sent and whose attempt span the second engine made."""
+task the first engine sent and whose attempt span the second engine made. And an outbox
+carried out again by the next engine repeats the item attempt spans, with the same ids."""
 
 from __future__ import annotations
 
@@ -15,11 +16,18 @@ from collections import defaultdict
 from pathlib import Path
 
 import nats
+from cadenza_operator.engine import commands
+from cadenza_operator.engine.audit import read_audit
 from cadenza_operator.engine.definition import compile_workflow
 from cadenza_operator.engine.infra import ensure_agent_consumer
 from cadenza_operator.engine.runtime import Engine
+from cadenza_operator.engine.state import ForEachState, RunState, StepState
+from cadenza_operator.engine.tracing import Tracer, span_id
 from cadenza_operator.local.nats_server import NatsServer
 from cadenza_operator.models import WorkflowSpec
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ..integration.harness import poll, start_engine, unique_namespace
 from .otlp_receiver import STATUS_ERROR, OtlpReceiver, Span
@@ -158,3 +166,52 @@ async def test_each_item_attempt_is_a_span_and_its_handler_nests_under_it_across
         assert handler.name == "handler each"
         assert (handler.attributes["cadenza.item"], handler.attributes["cadenza.attempt"]) == (item, n)
     assert len([s for s in spans.values() if s.name == "handler each"]) == 4
+
+
+async def test_an_outbox_carried_out_again_makes_the_item_attempt_again_and_publishes_none(
+    nats_server: NatsServer,
+) -> None:
+    """The engine that committed a decision dies before it made its spans: the next engine,
+    carrying out the stored outbox, makes the item attempt's span with the same ids. The
+    item attempts are for spans only: the audit trail gets the records alone."""
+    namespace = unique_namespace()
+    state = RunState(
+        run="r1",
+        namespace=namespace,
+        workflow="fan",
+        definition="fan",
+        createdAt=0.0,
+        steps={"each": StepState(phase="Running", startedAt=1.0, forEach=ForEachState(total=3, next=3))},
+    )
+    record = {"seq": 1, "run": "r1", "step": "each", "from": "Running", "to": "Running", "at": 3.0}
+    record |= {"item": 1, "attempt": 1, "retry": True}
+    ended = {"step": "each", "item": 1, "n": 1, "readyAt": 1.0, "queuedAt": 1.0, "startedAt": 2.0}
+    ended |= {"finishedAt": 3.0, "outcome": "Failed", "error": {"type": "RuntimeError", "message": "boom"}}
+    stored = commands.from_wire(commands.Audit([record], [ended]).wire())  # as the record keeps it
+    assert stored is not None
+    nc = await nats.connect(nats_server.url)
+    made: list[list[tuple[str, int, int | None]]] = []
+    try:
+        for carry_out in (
+            lambda e: e._execute(state, [], [record], 4.0, [ended]),  # the committing engine
+            lambda e: e._execute(state, [stored]),  # the next one, from the stored outbox
+        ):
+            exporter = InMemorySpanExporter()
+            engine = Engine(nc)
+            await engine.open()
+            engine.tracer = Tracer(SimpleSpanProcessor(exporter), Resource.create({}))
+            await carry_out(engine)
+            made.append(
+                sorted(
+                    (s.name, s.context.span_id, s.parent.span_id if s.parent else None)
+                    for s in exporter.get_finished_spans()
+                )
+            )
+        records = await read_audit(nc.jetstream(), namespace, "r1")
+    finally:
+        await nc.close()
+    attempt = span_id("r1", "attempt", "each", 1, 1)
+    assert made[0] == made[1]
+    assert ("attempt each#1 #1", attempt, span_id("r1", "step", "each")) in made[0]
+    assert {(name, parent) for name, _, parent in made[0]} >= {("waiting", attempt), ("executing", attempt)}
+    assert [{k: v for k, v in r.items() if k != "committedAt"} for r in records] == [record]
