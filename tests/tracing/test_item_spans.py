@@ -14,6 +14,7 @@ from typing import Any
 from cadenza_operator.engine import commands
 from cadenza_operator.engine.decide import Decision, outbox
 from cadenza_operator.engine.definition import CompiledWorkflow
+from cadenza_operator.engine.state import RunState
 from cadenza_operator.engine.tracing import SpanData, finished_spans, span_id, trace_id, traceparent
 
 from ..unit.helpers import T0, Driver, Failure, Task, agent_step, compile_spec
@@ -227,3 +228,16 @@ def test_ten_thousand_items_with_traces_on_leave_the_record_as_small_as_a_hundre
     # the count is the digits of a few numbers.
     assert large.max_size < small.max_size + 200, (large.max_size, small.max_size)
     assert large.outbox_bytes < small.outbox_bytes + 200, (large.outbox_bytes, small.outbox_bytes)
+
+
+def test_the_child_run_of_a_workflow_items_attempt_is_under_that_attempt() -> None:
+    wf = compile_spec({"steps": [{"name": "sub", "workflow": "child", "forEach": "input.xs"}]})
+    d = Traced(wf, input={"xs": ["a", "b"]})
+    d.start()
+    d.succeed("sub", "out", item=1)  # the child run of item 1 ended
+    attempt = d.named("attempt sub#1 #1")
+    child = RunState(run="r1-c", workflow="child", definition="child", createdAt=T0, scope="r1")
+    child.parent = {"run": "r1", "namespace": "default", "step": "sub", "item": 1, "attempt": 1}
+    child.phase, child.finishedAt = "Succeeded", T0 + 1
+    (run_span,) = finished_spans(child, [{"step": None, "from": "Running", "to": "Succeeded", "at": T0 + 1}])
+    assert run_span.parent_id == attempt.span_id and run_span.trace_id == attempt.trace_id
