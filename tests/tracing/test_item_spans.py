@@ -13,6 +13,7 @@ from typing import Any
 
 from cadenza_operator.engine import commands
 from cadenza_operator.engine.decide import Decision, outbox
+from cadenza_operator.engine.decide.attempts import SPAN_ERROR_CHARS
 from cadenza_operator.engine.definition import CompiledWorkflow
 from cadenza_operator.engine.state import RunState
 from cadenza_operator.engine.tracing import SpanData, finished_spans, span_id, trace_id, traceparent
@@ -175,6 +176,16 @@ def test_a_timed_out_item_attempt_is_in_error() -> None:
     assert timed_out.attributes["outcome"] == "TimedOut" and timed_out.error is not None
     d.run_agents()
     assert d.named("attempt each#0 #2").error is None and d.phase == "Succeeded"
+
+
+def test_an_item_attempts_long_error_is_kept_short_for_its_span() -> None:
+    d = Traced(each(), input={"xs": ["a"]})
+    d.start()
+    d.fail("each", item=0, retryable=True, message="x" * 10_000)
+    d.advance(5)
+    (ended,) = carried(d.fail("each", item=0, retryable=True, message="y" * 10_000))[1]
+    assert ended["error"] == {"type": "RetryableError", "message": "y" * SPAN_ERROR_CHARS}
+    assert d.named("attempt each#0 #1").error == "x" * SPAN_ERROR_CHARS
 
 
 def test_traces_off_keep_nothing_of_item_attempts_and_on_the_record_is_the_same() -> None:

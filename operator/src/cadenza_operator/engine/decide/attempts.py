@@ -30,6 +30,8 @@ START_REPORT_AFTER = 0.25
 """Seconds after which an attempt with no timer still running reports its start."""
 MAX_ERROR_BYTES = 16 * 1024
 """An attempt's error larger than this (as JSON) is cut down before the record keeps it."""
+SPAN_ERROR_CHARS = 1024
+"""Characters of a forEach item attempt's error type and message kept for its span."""
 
 
 def timed_out(kind: str, message: str) -> dict[str, Any]:
@@ -335,18 +337,22 @@ def item_attempt_ended(
     engine/tracing.py, and is not kept afterwards."""
     if not d.trace:
         return
-    ready = slot.readyAt if slot.readyAt is not None else slot.queuedAt
+    queued = slot.queuedAt if slot.queuedAt is not None else finished
+    # What a span shows of an error: its type and the start of its message (a batch may end
+    # many items, and the outbox is part of the record), not its traceback.
+    shown = (
+        {k: str(error[k])[:SPAN_ERROR_CHARS] for k in ("type", "message") if k in error} if error else None
+    )
     fields = {
         "step": name,
         "item": item,
         "n": slot.attempt,
-        "readyAt": ready,
-        "queuedAt": slot.queuedAt if slot.queuedAt is not None else ready,
+        "readyAt": slot.readyAt if slot.readyAt is not None else queued,
+        "queuedAt": queued,
         "startedAt": started,
         "finishedAt": finished,
         "outcome": outcome,
-        # What a span shows of an error (its type and message), not its traceback.
-        "error": {k: error[k] for k in ("type", "message") if k in error} if error else None,
+        "error": shown,
         "worker": worker,
         "agent": agent,
     }
