@@ -22,10 +22,13 @@ def test_help_describes_timeouts_retryable_errors_shared_context_and_timing() ->
         assert phrase in text, phrase
 
 
+NATS = ["--nats", "nats://127.0.0.1:4222"]
+
+
 def test_every_command_about_runs_takes_n_for_the_namespace() -> None:
     """`-n NS` as kubectl, argo and `cadenza list` take it, on every command naming a run."""
     parser = build_parser()
-    for argv in (
+    for command in (
         ["approve", "r1", "gate"],
         ["signal", "r1", "go"],
         ["cancel", "r1"],
@@ -37,7 +40,21 @@ def test_every_command_about_runs_takes_n_for_the_namespace() -> None:
         ["list"],
         ["diagnose", "wf"],
     ):
-        argv += ["--nats", "nats://127.0.0.1:4222"]
+        argv = [*command, *NATS]
         assert parser.parse_args([*argv, "-n", "team-a"]).namespace == "team-a", argv
         assert parser.parse_args([*argv, "--namespace", "team-b"]).namespace == "team-b", argv
         assert parser.parse_args(argv).namespace == "default", argv
+
+
+def test_every_command_with_an_output_format_takes_o() -> None:
+    parser = build_parser()
+    for command in (
+        ["audit", "r1"],
+        ["diagnose", "wf"],
+        ["logs", "r1"],
+        ["list"],
+        ["get", "r1"],
+        ["dead-letters"],
+    ):
+        assert parser.parse_args([*command, *NATS, "-o", "json"]).output == "json", command
+    assert parser.parse_args(["run", ".", "-o", "json"]).output == "json"

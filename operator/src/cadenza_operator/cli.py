@@ -994,7 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("paths", nargs="+", help="manifest files or folders")
     run.add_argument("--workflow", help="workflow to run when the paths define several")
     run.add_argument("--input", help="run input: JSON, or @FILE")
-    run.add_argument("--output", choices=["text", "json"], default="text")
+    run.add_argument("--output", "-o", choices=["text", "json"], default="text")
     run.add_argument(
         "--approve", action="append", default=[], metavar="STEP", help="approve this step when it waits"
     )
@@ -1113,7 +1113,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_audit,
         "print the decisions taken for a run (or every run with '>'); exit 2 for an unknown run",
     )
-    aud.add_argument("--output", choices=["text", "json"], default="text")
+    aud.add_argument("--output", "-o", choices=["text", "json"], default="text")
 
     diag = sub.add_parser(
         "diagnose",
@@ -1126,7 +1126,7 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument(
         "--since", default="1h", metavar="DURATION", help="runs started within this (default 1h; 30m, 2h, 1d)"
     )
-    diag.add_argument("--output", choices=["text", "json"], default="text")
+    diag.add_argument("--output", "-o", choices=["text", "json"], default="text")
     diag.set_defaults(fn=cmd_diagnose)
 
     logs = run_command(
@@ -1139,7 +1139,9 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument(
         "-f", "--follow", action="store_true", help="print new lines as they come until the run ends"
     )
-    logs.add_argument("--output", choices=["text", "json"], default="text", help="json: one object per line")
+    logs.add_argument(
+        "--output", "-o", choices=["text", "json"], default="text", help="json: one object per line"
+    )
 
     lst = sub.add_parser("list", help="list runs, newest first (like argo list)")
     nats_option(lst)
@@ -1183,7 +1185,7 @@ def build_parser() -> argparse.ArgumentParser:
     dead = sub.add_parser("dead-letters", help="list tasks and events given up on, with the reason")
     nats_option(dead)
     dead.add_argument("--limit", type=int, default=100, help="show the newest N (default 100)")
-    dead.add_argument("--output", choices=["text", "json"], default="text")
+    dead.add_argument("--output", "-o", choices=["text", "json"], default="text")
     dead.set_defaults(fn=cmd_dead_letters)
 
     pub = sub.add_parser("publish", help="publish a JSON event on a subject (to exercise NATS triggers)")
