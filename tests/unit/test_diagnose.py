@@ -8,13 +8,21 @@ history the record keeps only in part, and 10,000 runs of 10 steps.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tracemalloc
 
 import pytest
 from cadenza_operator.engine.state import Attempt, ForEachState, RunState, StepState, Timing, attempt_stages
-from cadenza_operator.observe.diagnose import MIN_LOAD_SAMPLES, analyse, render, top_traced_runs
+from cadenza_operator.observe.diagnose import (
+    MIN_LOAD_SAMPLES,
+    Report,
+    analyse,
+    render,
+    report_from_answer,
+    top_traced_runs,
+)
 from rich.console import Console
 
 NOW = 100_000.0
@@ -338,3 +346,30 @@ def test_the_text_escapes_user_data_and_states_the_rules() -> None:
     buf = io.StringIO()
     render(analyse([], {}, NOW, workflow="wf", namespace="ns"), Console(file=buf, width=200))
     assert buf.getvalue().strip() == "no runs of workflow wf in namespace ns started in the last 1h"
+
+
+def test_a_report_carried_in_an_engines_answer_is_the_same_report() -> None:
+    """`cadenza diagnose` under a client credential gets the report from an engine, as JSON
+    (`dataclasses.asdict`): every part of it (steps, load halves, output groups with their
+    (count, runs) pairs, traced runs, notes) comes back as it was, and prints the same."""
+    runs = load_runs(100, 100)
+    for i in range(12):
+        t = NOW - 100 + i
+        runs.append(simple(f"nd{i:02}", t, random=step(attempt(1, t, t + 1, t + 2, out=f"o{i % 3}"))))
+    counts = {r.run: 7 for r in runs}
+    report = analyse(runs, counts, NOW, audit_steps={runs[-1].run: {"random": 3, "": 2}})
+    report.notes.append("a note")
+    assert report.nondeterministic and report.load_steps and report.topRuns  # every part there
+    wire = json.loads(json.dumps(dataclasses.asdict(report)))
+    again = report_from_answer(wire)
+    assert again == report
+    assert again.to_dict() == report.to_dict()
+
+    def printed(r: Report) -> str:
+        console = Console(file=io.StringIO(), width=200)
+        render(r, console)
+        return console.file.getvalue()  # type: ignore[attr-defined]
+
+    assert printed(again) == printed(report)
+    with pytest.raises(ValueError):
+        report_from_answer({**wire, "steps": [{"step": 3}]})

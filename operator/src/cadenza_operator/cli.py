@@ -36,6 +36,9 @@ SECURE_HELP = (
 )
 CONTROL_WAIT = 5.0
 """Seconds approve, signal and cancel wait for an engine's answer before exit 3."""
+DIAGNOSE_WAIT = 60.0
+"""Seconds `cadenza diagnose` under a client credential waits for an engine's report (it
+may read thousands of runs)."""
 CONTROL_HELP = (
     "A running engine checks the command against the run and answers: exit 0 when it was "
     "applied, 1 when it was refused (unknown or finished run, step not waiting, decider not "
@@ -718,7 +721,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     --since; no runs in the window is a report (exit 0)."""
     from .engine.client import RunClient
     from .models import parse_duration
-    from .observe.diagnose import UnknownWorkflow, diagnose, renderable
+    from .observe.diagnose import UnknownWorkflow, diagnose, renderable, report_from_answer
     from .observe.terminal import show
 
     err = Console(stderr=True)
@@ -736,11 +739,31 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         client = await RunClient(nc).open()
         reports.append(await diagnose(client, args.namespace, args.workflow, since))
 
-    try:
-        asyncio.run(_with_nc(args.nats, read))
-    except UnknownWorkflow as exc:
-        err.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return EXIT_INVALID
+    if _credential_user() is not None:
+        # A client credential reads no run records in bulk and no audit stream: an engine
+        # makes the report, over the namespace the credential may send requests for.
+        request = {"op": "diagnose", "workflow": args.workflow, "since": since}
+        reply = asyncio.run(_ask_engine(args.nats, args.namespace, request, DIAGNOSE_WAIT))
+        if reply is None:
+            err.print(
+                f"[red]error[/red]: no engine answered on NATS {escape(args.nats)} within {DIAGNOSE_WAIT:g}s"
+            )
+            return EXIT_UNREACHABLE
+        if not reply.get("ok"):
+            err.print(f"[red]error[/red]: {escape(str(reply.get('error')))}", highlight=False, soft_wrap=True)
+            return EXIT_INVALID if reply.get("unknownWorkflow") else EXIT_FAILED
+        try:
+            reports.append(report_from_answer(reply.get("report")))
+        except ValueError as exc:
+            bad = f"engine {reply.get('engine')} answered with no report I can read: {exc}"
+            err.print(f"[red]error[/red]: {escape(bad)}", highlight=False, soft_wrap=True)
+            return EXIT_FAILED
+    else:
+        try:
+            asyncio.run(_with_nc(args.nats, read))
+        except UnknownWorkflow as exc:
+            err.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False, soft_wrap=True)
+            return EXIT_INVALID
     if args.output == "json":
         print(json.dumps(reports[0].to_dict(), indent=2))
     else:
@@ -790,6 +813,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
     from .engine.serve import serve
     from .engine.settings import EngineSettings, SettingsError
+    from .observe.diagnose import ENGINE_OPERATIONS
 
     # Options win over the environment; the rest comes from it (CADENZA_ENGINE_*, ...).
     given = {"nats_url": args.nats, "nats_creds": args.creds, "name": args.name}
@@ -801,7 +825,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
     if not args.name and "name" not in settings.model_fields_set:
         settings.name = f"engine-{socket.gethostname()}-{os.getpid()}"
     _hosting_engine(args)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, ENGINE_OPERATIONS))
     return EXIT_OK
 
 

@@ -44,6 +44,9 @@ CONTROL_QUEUE = "cadenza-engines"
 OPERATIONS = frozenset({"approve", "signal", "cancel", "resume", "retry", "list"})
 MAX_LISTED = 500
 """Runs one `list` answer carries at most: their summaries fit one NATS message."""
+MAX_ADDED_WAITING = 8
+"""Requests for added operations (the diagnose report) an engine holds at once; more are
+refused as busy, so that a client asking in a loop cannot pile work on an engine."""
 RECORDED_WAIT = 5.0
 """Seconds a retry's answer waits for the new run's record (see `_until_recorded`)."""
 
@@ -157,6 +160,10 @@ class ControlResponder:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sub: Any = None
+        self._added = asyncio.Semaphore(1)
+        """The process's added operations (`Engine.operations`: the diagnose report) one at a
+        time: each may read thousands of records, and decisions share this event loop."""
+        self._background: set[asyncio.Task[None]] = set()  # their requests, waiting or answered
 
     async def start(self) -> None:
         self._sub = await self.engine.nc.subscribe(CONTROL_SUBJECTS, queue=CONTROL_QUEUE, cb=self._on_request)
@@ -166,6 +173,9 @@ class ControlResponder:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _on_request(self, msg: Any) -> None:
         if not msg.reply:
@@ -179,7 +189,26 @@ class ControlResponder:
                 raise ValueError(f"subject {msg.subject}: expected {CONTROL_PREFIX}.<namespace>[.<user>]")
             if user:
                 request = as_user(request, user)
-            reply = await self.answer({**request, "namespace": namespace})
+            request = {**request, "namespace": namespace}
+        except ValueError as exc:
+            await self._respond(msg, {"ok": False, "error": f"malformed request: {exc}"})
+            return
+        if request.get("op") in self.engine.operations:
+            # Read-only and maybe long (a report over thousands of runs): answered beside
+            # the requests that change runs, which keep their order and their answer time.
+            if len(self._background) >= MAX_ADDED_WAITING:
+                busy = f"engine {self.engine.settings.name} is busy with {MAX_ADDED_WAITING} such requests"
+                await self._respond(msg, {"ok": False, "error": busy})
+                return
+            task = asyncio.create_task(self._answer_and_respond(msg, request))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        await self._answer_and_respond(msg, request)
+
+    async def _answer_and_respond(self, msg: Any, request: dict[str, Any]) -> None:
+        try:
+            reply = await self.answer(request)
         except asyncio.CancelledError:
             raise
         except ValueError as exc:
@@ -187,9 +216,17 @@ class ControlResponder:
         except Exception as exc:
             log.warning("control request failed", subject=msg.subject, error=repr(exc))
             reply = {"ok": False, "error": f"engine {self.engine.settings.name} failed: {exc}"}
+        await self._respond(msg, reply)
+
+    async def _respond(self, msg: Any, reply: dict[str, Any]) -> None:
         reply["engine"] = self.engine.settings.name
+        data = dumps(reply)
+        limit = self.engine.nc.max_payload
+        if len(data) > limit:  # refused by the server: the asker would hear nothing at all
+            error = f"the answer ({len(data):,} bytes) exceeds the NATS server's max_payload ({limit:,})"
+            data = dumps({"ok": False, "error": error, "engine": self.engine.settings.name})
         with contextlib.suppress(Exception):
-            await msg.respond(dumps(reply))
+            await msg.respond(data)
 
     async def _retry_started(self, wf: CompiledWorkflow, new: str, info: dict[str, Any]) -> None:
         """Tell the process's hook (the operator's: a WorkflowRun for the retry) of the new
@@ -247,6 +284,10 @@ class ControlResponder:
     async def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """Check the request against the committed run record; publish its event if accepted."""
         op, run, namespace = request.get("op"), request.get("run"), request["namespace"]
+        added = self.engine.operations.get(op) if isinstance(op, str) else None
+        if added is not None:
+            async with self._added:
+                return await added(self.engine.client, request)
         if op not in OPERATIONS:
             return {"ok": False, "error": f"unknown command {op!r}"}
         if op == "list":

@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
 from cadenza.nats import connect_once, connect_until_stopped
 
 from .client import RunClient
-from .runtime import Engine, RunStarted, StateListener
+from .runtime import Engine, Operation, RunStarted, StateListener
 from .settings import EngineSettings
 from .triggers import Triggers, TriggerWarning
 
@@ -115,12 +116,14 @@ class EngineHost:
         *,
         on_state: StateListener | None = None,
         on_started: RunStarted | None = None,
+        operations: Mapping[str, Operation] | None = None,
         triggers: bool = False,
     ) -> bool:
         """Connect, open, start the engine (and the triggers, or later: `start_triggers`).
         With `stop`, wait for NATS and JetStream until they answer or `stop` is set
         (False); without, fail at once. `on_started` is told of each retry the engine
-        starts when asked (the triggers take theirs in `start_triggers`)."""
+        starts when asked (the triggers take theirs in `start_triggers`); `operations`
+        are the control operations the process adds (`Engine.operations`)."""
         if not await self.connect(stop):
             self.log.info("engine stopped before reaching NATS", nats=self.settings.nats_url)
             return False
@@ -130,6 +133,7 @@ class EngineHost:
             engine.on_state(on_state)
         if on_started is not None:
             engine.on_run_started = on_started
+        engine.operations.update(operations or {})
         if stop is None:
             await self.open()
             await engine.start()

@@ -98,6 +98,10 @@ RunStarted = Callable[[CompiledWorkflow, str, dict[str, Any]], Awaitable[None] |
 started: `{"source": "nats"|"schedule", ...}` from a trigger, `{"source": "retry", "retryOf":
 RUN, "from": STEP|None, "by": WHO}` from a retry asked of the engine). The operator hands one
 in, to mirror such runs as WorkflowRuns; the engine knows nothing of Kubernetes."""
+Operation = Callable[[RunClient, dict[str, Any]], Awaitable[dict[str, Any]]]
+"""A control operation the hosting process adds (`Engine.operations`): given the engine's
+client and the request (its `namespace` the one it came on), the answer. The diagnose
+report is one: observe/ computes it, and the engine does not import observe/."""
 
 
 EVENT_TYPES = frozenset(
@@ -219,6 +223,8 @@ class Engine:
         self._listeners: list[StateListener] = []
         self.on_run_started: RunStarted | None = None
         """Called after the control responder starts a retry (see `RunStarted`)."""
+        self.operations: dict[str, Operation] = {}
+        """Control operations beyond the engine's own, by name (see `Operation`)."""
         self._consumer: PullConsumer | None = None
         self._timer_watch: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None

@@ -26,6 +26,7 @@ from ..engine.runtime import Engine, RunStarted
 from ..engine.settings import EngineSettings
 from ..engine.state import RunState
 from ..engine.triggers import Triggers, TriggerWarning
+from ..observe.diagnose import ENGINE_OPERATIONS
 from .api import KubeApi
 from .feed import RetrySeen, RunFeed
 from .settings import OperatorSettings
@@ -99,7 +100,8 @@ class OperatorContext:
             nats_ca=settings.nats_ca or None,
         )
         self._host = EngineHost(engine_settings, connection_name=f"cadenza-operator-{settings.peer_id}")
-        if not await self._host.start(self._stopping, on_started=on_started):  # retries, too
+        started = self._host.start(self._stopping, on_started=on_started, operations=ENGINE_OPERATIONS)
+        if not await started:  # waits for NATS, retrying
             return
         feed = RunFeed(self._host.js, self._retry_seen(on_started))
         await feed.start()

@@ -30,6 +30,7 @@ from ..engine.view import SUMMARY_OUTPUT_BYTES as SUMMARY_OUTPUT_BYTES  # noqa: 
 from ..engine.view import document, run_view
 from ..manifests import Bundle
 from ..models import parse_duration
+from ..observe.diagnose import ENGINE_OPERATIONS
 from .nats_server import NatsServer
 from .processes import AgentProcesses
 from .secure import LocalCredentials
@@ -153,7 +154,7 @@ class LocalStack:
             if self.credentials:
                 self.agents.creds[name] = self.credentials.agent(name)
             self.agents.start(agent, path.parent)
-        await self.host.start(on_state=self.waiting.observe)
+        await self.host.start(on_state=self.waiting.observe, operations=ENGINE_OPERATIONS)
         for wf in self.bundle.compiled.values():
             await self.engine.client.publish_definition(wf)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())

@@ -802,3 +802,35 @@ async def diagnose(
     if len(every) >= MAX_RUNS:
         report.notes.append(f"only the newest {MAX_RUNS:,} runs were read: narrow --since")
     return report
+
+
+# ------------------------------------------------------- over an engine's answer
+async def diagnose_operation(client: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """The control operation `diagnose` that the processes hosting an engine add to it
+    (`Engine.operations`): `cadenza diagnose` under a client credential, which may read no
+    run records in bulk and no audit stream, asks an engine for the report. The namespace
+    is the one the request came on, so a credential diagnoses its own namespace only."""
+    import dataclasses
+
+    workflow, since = request.get("workflow"), request.get("since")
+    if not isinstance(workflow, str) or not workflow:
+        return {"ok": False, "error": "diagnose: 'workflow' must be a workflow name"}
+    if not isinstance(since, int | float) or isinstance(since, bool) or not 0 < since < math.inf:
+        return {"ok": False, "error": f"diagnose: 'since' must be seconds above 0, not {since!r}"}
+    try:
+        report = await diagnose(client, request["namespace"], workflow, float(since))
+    except UnknownWorkflow as exc:
+        return {"ok": False, "error": str(exc), "unknownWorkflow": True}
+    return {"ok": True, "report": dataclasses.asdict(report)}
+
+
+def report_from_answer(data: Any) -> Report:
+    """The `Report` an engine's `diagnose` answer carries (`dataclasses.asdict` of it),
+    checked by pydantic against the dataclasses (a malformed answer raises ValueError)."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Report).validate_python(data)
+
+
+ENGINE_OPERATIONS = {"diagnose": diagnose_operation}
+"""What a process hosting an engine adds to it (`Engine.operations`)."""
