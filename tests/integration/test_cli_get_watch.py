@@ -72,7 +72,11 @@ async def held_running(engine: Engine, run: str) -> bool:
 async def next_document(proc: asyncio.subprocess.Process) -> dict[str, Any]:
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), WAIT)
-    assert line, "the watch ended before the run did"
+    if not line:  # say why: the exit code and what it printed
+        assert proc.stderr is not None
+        code = await asyncio.wait_for(proc.wait(), WAIT)
+        err = (await proc.stderr.read()).decode()
+        raise AssertionError(f"the watch ended before the run did (exit {code}): {err}")
     doc: dict[str, Any] = json.loads(line)
     return doc
 

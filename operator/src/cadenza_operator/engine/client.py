@@ -22,6 +22,7 @@ import builtins
 import hashlib
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any
 
 from cadenza.nats import Publisher, offload_payload, resolve_payload
@@ -41,6 +42,7 @@ from .audit import read_audit
 from .control import control_subject, retry_refusal
 from .decide.reuse import reused_steps
 from .definition import CompiledWorkflow, compile_workflow, definition_document
+from .infra import current_entries
 from .inputs import validate_input
 from .payloads import store_apart
 from .state import RunState
@@ -250,35 +252,28 @@ class RunClient:
         return RunState.from_bytes(entry.value) if entry.value else None
 
     async def list(self, namespace: str | None = None) -> list[RunState]:
-        """Every run the bucket holds (of `namespace`, when given), in key order."""
-        from nats.js.errors import NoKeysError
-
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return []
+        """Every run the bucket holds (of `namespace`, when given), in key order: one pass
+        over the bucket's current values (`infra.current_entries`)."""
         runs = []
-        for key in sorted(keys):
-            state = await self.get(key)
-            if state is not None and (namespace is None or state.namespace == namespace):
-                runs.append(state)
-        return runs
+        async with aclosing(current_entries(self.js, RUNS_BUCKET, self.kv)) as entries:
+            async for entry in entries:
+                state = RunState.from_bytes(entry.value) if entry.value else None
+                if state is not None and (namespace is None or state.namespace == namespace):
+                    runs.append(state)
+        return sorted(runs, key=lambda state: state.run)
 
     async def recent(
         self, namespace: str | None = None, limit: int = 500, keep: Any = None
     ) -> builtins.list[RunState]:
         """The newest `limit` runs (of `namespace`, when given; those `keep(state)` accepts),
-        newest first: one pass over the bucket's current values (an ordered consumer), not
-        one read per key. Needs a consumer on the runs bucket, which a client credential
+        newest first: one pass over the bucket's current values (`infra.current_entries`),
+        not one read per key. Needs a consumer on the runs bucket, which a client credential
         may not create (nats.errors.TimeoutError then)."""
         import heapq
 
-        watcher = await self.kv.watch(">", include_history=False, ignore_deletes=True)
         newest: builtins.list[tuple[float, str, RunState]] = []
-        try:
-            async for entry in watcher:
-                if entry is None:  # every current value delivered
-                    break
+        async with aclosing(current_entries(self.js, RUNS_BUCKET, self.kv)) as entries:
+            async for entry in entries:
                 if not entry.value:
                     continue
                 state = RunState.from_bytes(entry.value)
@@ -291,8 +286,6 @@ class RunClient:
                     heapq.heappush(newest, item)
                 elif item[:2] > newest[0][:2]:
                     heapq.heapreplace(newest, item)
-        finally:
-            await watcher.stop()
         return [state for _, _, state in sorted(newest, key=lambda i: i[:2], reverse=True)]
 
     async def outputs(self, state: RunState) -> Any:

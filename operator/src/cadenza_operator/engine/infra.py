@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from cadenza.models import LIMITS_BUCKET
@@ -238,3 +239,69 @@ async def _ensure_consumer(js: Any, stream: str, config: Any) -> None:
     have = info.config
     if abs((have.ack_wait or 0) - config.ack_wait) > 1e-3 or have.max_deliver != config.max_deliver:
         await js.add_consumer(stream, config)
+
+
+SCAN_IDLE = 0.5
+"""Seconds `current_entries` waits for its watcher before asking again where the scan ends."""
+
+
+async def current_entries(
+    js: Any, bucket: str, kv: Any, keys: str = ">", *, deletes: bool = False
+) -> AsyncGenerator[Any, None]:
+    """Each current entry of the bucket `bucket` (`kv`, opened on it) whose key matches
+    `keys`, one per key, in revision order; then the iteration ends. With `deletes`, the
+    delete and purge markers of keys too.
+
+    Written here, not as nats-py's `watch(...)` read up to its first None: that None comes
+    from consumer info and from each message's pending count, and under load it comes too
+    early (nats.py issue 842: values already sent when the consumer is created; pull
+    request 995: a pending count that drops to 0 and rises again while other keys are
+    written), so a scan saw some values or none (`tests/integration/test_kv_scan.py`
+    shows it). Here the end is a stream sequence: that of the last message matching `keys`
+    when the scan begins (STREAM.MSG.GET last_by_subj, which takes wildcards). The watch
+    delivers in sequence order, so once an entry at or past it has come, every value
+    current at the start has come, except those whose key was written `history` times
+    since (their revision is gone before its turn; the runs bucket keeps 8). Those keys'
+    newer values come after the end: the scan goes on once more, to the last sequence when
+    it got there, and takes the keys it has not yet given. If the end message has gone
+    meanwhile (a bucket's max age), the end is asked again while the watcher is idle."""
+    import nats.errors
+
+    stream, subject = f"KV_{bucket}", f"$KV.{bucket}.{keys}"
+
+    async def last() -> int | None:
+        try:
+            return int((await js.get_last_msg(stream, subject)).seq)
+        except NotFoundError:
+            return None
+
+    end = await last()
+    if end is None:
+        return
+    watcher = await kv.watch(keys, include_history=False)
+    seen, given, rounds = 0, set(), 0
+    try:
+        while True:
+            if seen >= end:
+                rounds += 1
+                then = await last() if rounds == 1 else None
+                if then is None or then <= seen:
+                    return
+                end = then
+            try:
+                entry = await watcher.updates(timeout=SCAN_IDLE)
+            except nats.errors.TimeoutError:
+                now = await last()
+                end = 0 if now is None else min(end, now)
+                continue
+            if entry is None:  # nats-py's marker: not trusted (see above)
+                continue
+            seen = max(seen, entry.revision)
+            if entry.key in given:
+                continue
+            given.add(entry.key)
+            if deletes or entry.operation not in ("DEL", "PURGE"):
+                yield entry
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()

@@ -21,6 +21,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,7 @@ from cadenza.wire import (
     CLAIMS_BUCKET,
     EVENTS_STREAM,
     OFFLOAD_BYTES,
+    OUTPUTS_BUCKET,
     REF_KEY,
     RUN_STATUS_BUCKET,
     RUNS_BUCKET,
@@ -78,6 +80,7 @@ from .infra import (
     ENGINE_CONSUMER,
     TIMERS_BUCKET,
     TRIGGERS_BUCKET,
+    current_entries,
     ensure_infrastructure,
 )
 from .payloads import fit_record, store_apart
@@ -713,15 +716,13 @@ class Engine:
                 ref = {REF_KEY: key[len(OBJECT_REF_PREFIX) :]}
                 into[key] = await resolve_payload(self.js, ref, namespace=namespace)
             elif key.endswith(".*"):
-                watcher = await self.outputs_kv.watch(key)
-                async for entry in watcher:
-                    if entry is None:
-                        break
-                    if entry.value is not None:
-                        into[entry.key] = await resolve_payload(
-                            self.js, loads(entry.value), namespace=namespace
-                        )
-                await watcher.stop()
+                items = current_entries(self.js, OUTPUTS_BUCKET, self.outputs_kv, key)
+                async with aclosing(items) as entries:
+                    async for entry in entries:
+                        if entry.value is not None:
+                            into[entry.key] = await resolve_payload(
+                                self.js, loads(entry.value), namespace=namespace
+                            )
             else:
                 try:
                     entry = await self.outputs_kv.get(key)
@@ -968,11 +969,8 @@ class Engine:
         now = time.time() if now is None else now
         round_ = int(now // max(grace, 1e-3))
         fired = 0
-        watcher = await self.kv.watch(">", include_history=False, ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
+        async with aclosing(current_entries(self.js, RUNS_BUCKET, self.kv)) as entries:
+            async for entry in entries:
                 for tid, at, namespace in _overdue_timers(entry.value, now - grace):
                     body = {"type": "timer", "run": entry.key, "timer": tid, "due": at}
                     await self.pub.publish(
@@ -981,9 +979,6 @@ class Engine:
                         {"Nats-Msg-Id": f"sweep:{entry.key}:{tid}:{at:.3f}:{round_}"},
                     )
                     fired += 1
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
         return fired
 
     # ------------------------------------------------------------------- metrics

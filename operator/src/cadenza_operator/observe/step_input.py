@@ -12,14 +12,16 @@ shows its template instead, labelled.
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from cadenza.nats import resolve_payload
-from cadenza.wire import PAYLOADS_STORE, REF_KEY, is_ref, loads, payloads_store
+from cadenza.wire import OUTPUTS_BUCKET, PAYLOADS_STORE, REF_KEY, is_ref, loads, payloads_store
 
 from ..engine.decide import OBJECT_REF_PREFIX, MissingOutputs, step_input_now, value_hash
+from ..engine.infra import current_entries
 from ..expressions import ExpressionError
 
 if TYPE_CHECKING:
@@ -135,15 +137,10 @@ async def _load(client: RunClient, key: str, state: RunState, budget: list[int])
         return {key: await _object(client, {REF_KEY: key[len(OBJECT_REF_PREFIX) :]}, state.namespace, budget)}
     if key.endswith(".*"):
         found: dict[str, Any] = {}
-        watcher = await client.outputs_kv.watch(key)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
+        async with aclosing(current_entries(client.js, OUTPUTS_BUCKET, client.outputs_kv, key)) as entries:
+            async for entry in entries:
                 if entry.value is not None:
                     found[entry.key] = await _entry(client, entry.value, state.namespace, budget)
-        finally:
-            await watcher.stop()
         return found
     try:
         entry = await client.outputs_kv.get(key)

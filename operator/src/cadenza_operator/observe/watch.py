@@ -57,26 +57,36 @@ def _cancelled_yet() -> None:
 
 
 async def _watched(kv: Any, run: str) -> AsyncGenerator[RunState, None]:
-    from nats.js.errors import InvalidKeyError
+    from nats.js.errors import InvalidKeyError, KeyNotFoundError
 
     try:
         watcher = await kv.watch(run)
     except InvalidKeyError:  # not a run id at all: no such run
         return
-    seen = False
+    seen = 0  # the revision last yielded
     try:
         # the watcher's own iteration, not updates(timeout): that one is a wait_for, which
         # on 3.11 can drop a Ctrl-C that comes with an entry (_cancelled_yet)
         async for entry in watcher:
             _cancelled_yet()
-            if entry is None:  # the end of what the bucket held: nothing, for no such run
-                if not seen:
+            if entry is None:  # nats-py's "nothing current": maybe no such run
+                if seen:
+                    continue
+                # That marker can come before a value the server has already sent
+                # (engine/infra.current_entries says why), so the key is read to tell.
+                try:
+                    current = await kv.get(run)
+                except KeyNotFoundError:  # no such run, or its delete marker
                     return
+                if not current.value:
+                    return
+                seen = current.revision
+                yield RunState.from_bytes(current.value)
                 continue
             if entry.operation in ("DEL", "PURGE"):
                 raise RunRemoved(f"run {run} was removed while watched")
-            if entry.value:
-                seen = True
+            if entry.value and entry.revision > seen:  # not the one read by key again
+                seen = entry.revision
                 yield RunState.from_bytes(entry.value)
     finally:
         await watcher.stop()
