@@ -18,7 +18,7 @@ PROBE = textwrap.dedent(
     import cadenza_operator.engine.serve as serve_module
     from cadenza_operator import cli
 
-    async def serve(settings):  # stands in for the engine: reports the collector it runs under
+    async def serve(settings, operations=None):  # stands in for the engine: reports its collector
         print(json.dumps({"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()}))
 
     serve_module.serve = serve
