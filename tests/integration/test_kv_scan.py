@@ -15,6 +15,8 @@ import pytest
 from cadenza_operator.engine.infra import current_entries
 from cadenza_operator.local.nats_server import NatsServer
 
+from .harness import poll
+
 STABLE, HOT_WRITERS, HOT_KEYS, SCANS = 40, 3, 50, 30
 
 
@@ -90,5 +92,43 @@ async def test_a_filter_deletes_and_an_empty_bucket(fresh_nats: NatsServer) -> N
             ("run1.fan.3", "DEL")
         ]
         assert await scan(js, "outputs-like", kv, "nosuch.*") == []
+    finally:
+        await nc.close()
+
+
+class WatchedLate:
+    """A bucket handle whose watch starts only after `before` has run: the interleaving
+    of a scan that learns where it ends, then finds that message gone before its turn."""
+
+    def __init__(self, kv: Any, before: Any) -> None:
+        self._kv, self._before = kv, before
+
+    async def watch(self, *args: Any, **kwargs: Any) -> Any:
+        await self._before()
+        return await self._kv.watch(*args, **kwargs)
+
+
+@pytest.mark.parametrize("written_meanwhile", [False, True])
+async def test_a_scan_whose_end_expires_before_its_turn_still_ends(
+    fresh_nats: NatsServer, written_meanwhile: bool
+) -> None:
+    nc = await nats.connect(fresh_nats.url)
+    js = nc.jetstream()
+    try:
+        kv = await js.create_key_value(bucket="aging", history=1, ttl=1.0)  # max age 1 s
+        for key in ("a", "b"):
+            await kv.put(key, b"old")
+
+        async def expired() -> None:
+            async def gone() -> bool:  # the server removes both by age about a second on
+                return not (await js.stream_info("KV_aging")).state.messages
+
+            await poll(gone, timeout=30)
+            if written_meanwhile:
+                await kv.put("c", b"new")
+
+        # Without asking again where the scan ends, it would wait for message 2 forever.
+        entries = await asyncio.wait_for(scan(js, "aging", WatchedLate(kv, expired)), timeout=30)
+        assert [(e.key, e.value) for e in entries] == ([("c", b"new")] if written_meanwhile else [])
     finally:
         await nc.close()
