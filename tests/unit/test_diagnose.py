@@ -373,3 +373,35 @@ def test_a_report_carried_in_an_engines_answer_is_the_same_report() -> None:
     assert printed(again) == printed(report)
     with pytest.raises(ValueError):
         report_from_answer({**wire, "steps": [{"step": 3}]})
+
+
+def test_a_foreach_step_shows_no_empty_percentiles_and_no_timeouts_it_does_not_keep() -> None:
+    """Its items keep no per-attempt history: the report has no percentiles and no timeouts
+    for it, and neither the console's page nor the text shows them as blank or as 0. A step
+    flagged for waiting is named under that heading too."""
+    from cadenza_operator.observe.web.app import _templates
+
+    t = NOW - 100
+    each = StepState(
+        phase="Succeeded",
+        forEach=ForEachState(total=3, next=3, counts={"Succeeded": 3}),
+        timing=Timing(scheduling=0.010, queued=0.004, executing=0.004, attempts=3),
+    )
+    plain = step(attempt(1, t, t + 1, t + 2))
+    report = analyse([run("r1", t, t + 10, {"fan": each, "plain": plain})], {}, NOW, workflow="wf")
+    html = (
+        _templates()
+        .get_template("diagnose.html")
+        .render(title="t", live_every=1, report=report.to_dict(), namespace="ns", workflow="wf", since="1h")
+    )
+    assert "( / )" not in html and '<p id="diagnose-waiting">fan</p>' in html
+    fan_row = html.split('data-step="fan"')[1].split("</tr>")[0]
+    assert "not kept" in fan_row and "<td>4 ms</td>" in fan_row and '>14 ms <span class="phase' in fan_row
+    plain_row = html.split('data-step="plain"')[1].split("</tr>")[0]
+    assert "<td>1.0 s (1.0 s / 1.0 s)</td>" in plain_row
+    assert "0 0.0%" in plain_row  # its timeouts are kept: none
+
+    buf = io.StringIO()
+    render(report, Console(file=buf, width=400))
+    fan_line = next(line for line in buf.getvalue().splitlines() if "fan (forEach)" in line)
+    assert "0 (-)" not in fan_line and " - " in fan_line

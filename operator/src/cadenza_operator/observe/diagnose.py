@@ -631,7 +631,7 @@ def renderable(report: Report) -> Any:
             _spread(s.waiting),
             _spread(s.executing),
             f"{s.retries} ({_pct(s.retry_rate)})",
-            f"{s.timeouts} ({_pct(s.timeout_rate)})",
+            "-" if s.forEach and s.timeout_rate is None else f"{s.timeouts} ({_pct(s.timeout_rate)})",
             load,
             "[red]" + ", ".join(flags[s.step]) + "[/red]" if flags[s.step] else "",
         )
