@@ -128,7 +128,8 @@ async def test_a_scan_whose_end_expires_before_its_turn_still_ends(
                 await kv.put("c", b"new")
 
         # Without asking again where the scan ends, it would wait for message 2 forever.
-        entries = await asyncio.wait_for(scan(js, "aging", WatchedLate(kv, expired)), timeout=30)
+        # Bounded past the wait for expiry inside, so that wait's own message is what fails.
+        entries = await asyncio.wait_for(scan(js, "aging", WatchedLate(kv, expired)), timeout=60)
         assert [(e.key, e.value) for e in entries] == ([("c", b"new")] if written_meanwhile else [])
     finally:
         await nc.close()

@@ -23,6 +23,7 @@ from cadenza_operator.observe.diagnose import (
     report_from_answer,
     top_traced_runs,
 )
+from cadenza_operator.observe.web.app import _templates
 from rich.console import Console
 
 NOW = 100_000.0
@@ -379,8 +380,6 @@ def test_a_foreach_step_shows_no_empty_percentiles_and_no_timeouts_it_does_not_k
     """Its items keep no per-attempt history: the report has no percentiles and no timeouts
     for it, and neither the console's page nor the text shows them as blank or as 0. A step
     flagged for waiting is named under that heading too."""
-    from cadenza_operator.observe.web.app import _templates
-
     t = NOW - 100
     each = StepState(
         phase="Succeeded",
